@@ -1,0 +1,7 @@
+"""Export the unet of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
+
+from utils.export import export_cli
+from utils.specs import UNET
+
+if __name__ == "__main__":
+    export_cli(UNET)

@@ -1,0 +1,40 @@
+"""Client of the server-side BLS pipeline (triton/models/pipeline_text_to_image).
+
+One gRPC request carries the prompts and settings; the whole loop runs inside Triton, where
+the networks are called as BLS sub-requests with tensors passed by DLPack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+from pipelines.request import GenerationRequest, request_to_arrays
+from utils import specs
+
+
+class BlsPipeline:
+    spec = specs.TEXT_TO_IMAGE
+
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 600.0):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.timeout = timeout
+
+    def __call__(self, prompt: str | list[str], **options) -> np.ndarray:
+        """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
+        (negative_prompt, guidance_scale, num_inference_steps, seed)."""
+        request = GenerationRequest(prompt=prompt, **options)
+        return self.infer(request_to_arrays(request))
+
+    def infer(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Send these input tensors as they are (the server validates them)."""
+        inputs = []
+        for name, array in arrays.items():
+            infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        (output,) = self.spec.outputs
+        result = self.client.infer(self.spec.name, inputs, outputs=[grpcclient.InferRequestedOutput(output.name)],
+                                   client_timeout=self.timeout)
+        return result.as_numpy(output.name)

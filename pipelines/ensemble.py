@@ -1,0 +1,68 @@
+"""Client-side pipeline: this process runs the loop and calls each network on Triton over gRPC.
+
+Every step crosses the network (2 tensors of latents and one of text embeddings per UNet call),
+which is what the server-side BLS pipeline (pipelines/bls.py) saves. The loop itself is the one
+in pipelines/stable_diffusion.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import triton_to_np_dtype
+
+from pipelines.request import GenerationRequest
+from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from utils import specs
+from utils.networks import TORCH_DTYPES
+
+
+class TritonNetworks:
+    """Calls the component models over gRPC, in the dtypes their served configs declare."""
+
+    def __init__(self, url: str, timeout: float | None = 60.0):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.timeout = timeout
+        self._configs: dict[str, dict] = {}
+
+    def served_config(self, name: str) -> dict:
+        if name not in self._configs:
+            self._configs[name] = self.client.get_model_config(name, as_json=True)["config"]
+        return self._configs[name]
+
+    def precision(self) -> str:
+        """The precision the networks are served at: the UNet's sample dtype (FP32 or FP16)."""
+        sample = next(t for t in self.served_config(specs.UNET.name)["input"] if t["name"] == specs.UNET.inputs[0].name)
+        return sample["data_type"].removeprefix("TYPE_")
+
+    def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        served = {t["name"]: t for t in self.served_config(network.name)["input"]}
+        inputs = []
+        for spec, tensor in zip(network.inputs, tensors):
+            dtype = served[spec.name]["data_type"].removeprefix("TYPE_")
+            array = spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(dtype), copy=False))
+            array = np.ascontiguousarray(array)
+            infer_input = grpcclient.InferInput(spec.name, list(array.shape), dtype)
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
+        result = self.client.infer(network.name, inputs, outputs=outputs, client_timeout=self.timeout)
+        return tuple(torch.from_numpy(result.as_numpy(name).copy()) for name in network.output_names)
+
+
+class ClientSidePipeline:
+    """Text to image, orchestrated here, each network served by Triton."""
+
+    def __init__(self, model_dir: str | Path, url: str = "127.0.0.1:8001", timeout: float | None = 60.0):
+        self.networks = TritonNetworks(url, timeout)
+        dtype = TORCH_DTYPES[self.networks.precision()]
+        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir), self.networks, dtype=dtype)
+
+    def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
+        """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
+        (negative_prompt, guidance_scale, num_inference_steps, seed)."""
+        request = GenerationRequest(prompt=prompt, **options)
+        return self.loop(request, progress=progress).numpy()

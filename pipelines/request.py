@@ -1,0 +1,155 @@
+"""A text-to-image request and its checks, shared by the client-side pipeline and the BLS model.
+
+Every error names the argument, the value received and what is allowed, so that a client can
+fix its request from the message alone (no traceback, no server path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+from tritonclient.utils import triton_to_np_dtype
+
+from utils import specs
+
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_NUM_INFERENCE_STEPS = 50
+MAX_PROMPT_BYTES = 2048  # far above what the tokenizer keeps (77 tokens), small enough to be harmless
+GUIDANCE_SCALE_RANGE = (0.0, 100.0)
+SEED_RANGE = (0, 2**63 - 1)
+
+
+class InvalidRequest(ValueError):
+    """The request itself is wrong: a client error, reported as INVALID_ARG."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Sequence[str]
+    negative_prompt: Sequence[str] | None = None
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
+    seed: int | None = None  # None: a fresh random seed
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0  # as diffusers: guidance 1 (or less) needs no unconditional pass
+
+    def negative_prompts(self) -> list[str]:
+        """One negative prompt per prompt ('' when none was given, as diffusers does)."""
+        if not self.negative_prompt:
+            return [""] * self.batch_size
+        if len(self.negative_prompt) == 1:
+            return list(self.negative_prompt) * self.batch_size
+        return list(self.negative_prompt)
+
+
+def check_request(request: GenerationRequest, max_prompts: int, max_steps: int) -> GenerationRequest:
+    """Validate every field; return the request with its types normalized (str, float, int)."""
+    prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)
+    negatives = None
+    if request.negative_prompt is not None and len(request.negative_prompt) > 0:
+        negatives = _check_texts("negative_prompt", request.negative_prompt, max_prompts, required=False)
+        if len(negatives) not in (1, len(prompts)):
+            raise InvalidRequest(
+                f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}: "
+                f"send one negative prompt per prompt, or a single one for all."
+            )
+    guidance = _number("guidance_scale", request.guidance_scale, float)
+    low, high = GUIDANCE_SCALE_RANGE
+    if not (math.isfinite(guidance) and low <= guidance <= high):
+        raise InvalidRequest(f"guidance_scale={guidance!r} is not allowed: use a finite number in [{low:g}, {high:g}].")
+    steps = _number("num_inference_steps", request.num_inference_steps, int)
+    if not 1 <= steps <= max_steps:
+        raise InvalidRequest(f"num_inference_steps={steps} is not allowed: use an integer in [1, {max_steps}].")
+    seed = request.seed
+    if seed is not None:
+        seed = _number("seed", seed, int)
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise InvalidRequest(f"seed={seed} is not allowed: use an integer in [0, 2**63 - 1].")
+    return replace(request, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
+                   num_inference_steps=steps, seed=seed)
+
+
+def request_to_arrays(request: GenerationRequest) -> dict[str, np.ndarray]:
+    """The input tensors of the pipeline model for ``request``; its fields are named as the inputs."""
+    arrays = {}
+    for tensor in specs.TEXT_TO_IMAGE.inputs:
+        value = getattr(request, tensor.name)
+        if value is None:
+            continue
+        values = [v.encode("utf-8") if isinstance(v, str) else v for v in _as_list(value)]
+        arrays[tensor.name] = np.array(values, dtype=triton_to_np_dtype(tensor.dtype))
+    return arrays
+
+
+def request_from_arrays(arrays: Mapping[str, np.ndarray | None]) -> GenerationRequest:
+    """Build a request from the input tensors of the pipeline model.
+
+    Values are not range-checked here: check_request does that for every pipeline.
+    """
+    fields = {}
+    for tensor in specs.TEXT_TO_IMAGE.inputs:
+        array = arrays.get(tensor.name)
+        if array is None:
+            if not tensor.optional:
+                raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape {list(tensor.dims)}.")
+        elif tensor.dtype == "BYTES":
+            fields[tensor.name] = _decode(tensor.name, array)
+        elif array.size != 1:
+            raise InvalidRequest(f"{tensor.name} has {array.size} values: send exactly one, shape [1].")
+        else:
+            fields[tensor.name] = array.reshape(-1)[0].item()
+    return GenerationRequest(**fields)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _decode(name: str, array: np.ndarray) -> list[str]:
+    texts = []
+    for index, item in enumerate(array.reshape(-1)):
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise InvalidRequest(f"{name}[{index}] has {len(raw)} bytes: the limit is {MAX_PROMPT_BYTES} bytes.")
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidRequest(
+                f"{name}[{index}] is not valid UTF-8 (byte {raw[error.start]:#04x} at position {error.start}): "
+                f"send text encoded as UTF-8."
+            ) from None
+    return texts
+
+
+def _check_texts(name: str, texts, max_count: int, required: bool) -> list[str]:
+    texts = _as_list(texts)
+    if required and not texts:
+        raise InvalidRequest(f"{name} is empty: send 1 to {max_count} prompts.")
+    if len(texts) > max_count:
+        raise InvalidRequest(
+            f"{name} has {len(texts)} entries: at most {max_count} per request (the engines' batch profiles); "
+            f"split the request."
+        )
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{name}[{index}] is {type(text).__name__}, not text: send strings.")
+        if len(text.encode("utf-8")) > MAX_PROMPT_BYTES:
+            raise InvalidRequest(f"{name}[{index}] is longer than {MAX_PROMPT_BYTES} UTF-8 bytes: shorten it.")
+    return texts
+
+
+def _number(name: str, value, kind: type):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise InvalidRequest(f"{name}={value!r} is not a number.")
+    if kind is int and isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise InvalidRequest(f"{name}={value!r} is not an integer.")
+    return kind(value)

@@ -1,0 +1,48 @@
+"""Step 4: start Triton on the model repository, with no Docker (or with it: --docker).
+
+Without Docker this runs the tritonserver of the nvidia-pytriton wheel (release 2.51.0, the
+NGC 24.10 one) on 127.0.0.1, waits until every model is ready, and serves until Ctrl+C.
+"""
+
+import argparse
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+from utils.server import TritonServer, TritonServerError, docker_command
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", default=Path("triton/models"), type=Path, help="Triton model repository")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--docker", action="store_true",
+                        help="run the NGC Triton image instead (needs Docker and the NVIDIA container toolkit)")
+    args = parser.parse_args(argv)
+
+    if args.docker:
+        command = docker_command(args.repository)
+        print("$", shlex.join(command), flush=True)
+        raise SystemExit(subprocess.call(command))
+
+    server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port)
+    try:
+        server.start()
+    except TritonServerError as error:
+        raise SystemExit(f"error: {error}")
+    print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
+          f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+        print("Triton stopped.")
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    main()

@@ -1,0 +1,80 @@
+"""Server-side text-to-image pipeline (BLS): the whole loop runs inside Triton.
+
+A thin adapter around pipelines/stable_diffusion.py: parse and validate the request, run the
+shared loop with networks called as BLS sub-requests (tensors passed by DLPack), pack the image.
+Errors become per-request responses: INVALID_ARG for a bad request, UNAVAILABLE when a
+sub-model fails, INTERNAL otherwise; never a traceback.
+"""
+
+import json
+import traceback
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from pipelines.request import InvalidRequest, request_from_arrays
+from pipelines.stable_diffusion import Cancelled, PipelineComponents, StableDiffusion
+from utils import specs
+from utils.networks import TORCH_DTYPES
+from utils.repository import PIPELINE_FILES, SERVING_FILE
+
+SPEC = specs.TEXT_TO_IMAGE
+
+
+class SubModelError(RuntimeError):
+    pass
+
+
+def run_network(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One BLS sub-request; the only place that calls another model, so errors are checked once."""
+    request = pb_utils.InferenceRequest(
+        model_name=network.name,
+        requested_output_names=network.output_names,
+        inputs=[
+            pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
+            for spec, tensor in zip(network.inputs, inputs)
+        ],
+    )
+    response = request.exec()
+    if response.has_error():
+        raise SubModelError(f"model '{network.name}' failed: {response.error().message()}")
+    return tuple(
+        torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
+        for name in network.output_names
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        serving = json.loads((version_dir / SERVING_FILE).read_text())
+        components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
+        self.pipeline = StableDiffusion(components, run_network, dtype=TORCH_DTYPES[serving["precision"]])
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests):
+        return [self._generate(request) for request in requests]
+
+    def _generate(self, request):
+        try:
+            arrays = {}
+            for tensor in SPEC.inputs:
+                value = pb_utils.get_input_tensor_by_name(request, tensor.name)
+                arrays[tensor.name] = None if value is None else value.as_numpy()
+            images = self.pipeline(request_from_arrays(arrays), is_cancelled=request.is_cancelled)
+            (output,) = SPEC.outputs
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(output.name, images)])
+        except InvalidRequest as error:
+            return _error(str(error), pb_utils.TritonError.INVALID_ARG)
+        except Cancelled as error:
+            return _error(str(error), pb_utils.TritonError.CANCELLED)
+        except SubModelError as error:
+            return _error(str(error), pb_utils.TritonError.UNAVAILABLE)
+        except Exception as error:  # a bug: log it in full, answer without internals
+            self.logger.log_error(f"{SPEC.name}: unexpected error\n{traceback.format_exc()}")
+            return _error(f"{SPEC.name}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
+
+
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -1,0 +1,83 @@
+"""config.pbtxt files generated from the specs, with Triton's own schema.
+
+One generator, three serving backends for the four networks (DESIGN.md section 4):
+
+- ``python``: the portable default, a Python-backend model that runs ``1/model.onnx`` with ONNX
+  Runtime, so the tritonserver of the ``nvidia-pytriton`` wheel can serve it with no Docker;
+- ``onnxruntime``: Triton's ONNX Runtime backend on ``1/model.onnx`` (NGC Triton image);
+- ``tensorrt``: ``2/model.plan`` built by trtexec (NGC images).
+
+The pipeline models and their clients are the same whichever backend runs the networks.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from utils import specs
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+ONNX_VERSION = 1  # 1/model.onnx
+ENGINE_VERSION = 2  # 2/model.plan
+GENERATED_HEADER = "# Generated from utils/specs.py by utils/configs.py: edit those, not this file.\n"
+
+
+def data_type(dtype: str) -> int:
+    """Triton's config enum for a wire dtype (the wire's BYTES is the config's TYPE_STRING)."""
+    return mc.DataType.Value("TYPE_STRING" if dtype == "BYTES" else f"TYPE_{dtype}")
+
+
+def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDims | None) -> dict:
+    shape = dims.resolve(tensor.wire_dims) if dims is not None else tensor.wire_dims
+    fields = dict(name=tensor.name, data_type=data_type(tensor.resolved_dtype(precision)), dims=shape)
+    if tensor.wire_dims != tensor.dims:
+        fields["reshape"] = mc.ModelTensorReshape(shape=tensor.dims)
+    return fields
+
+
+def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, backend: str) -> mc.ModelConfig:
+    """The config of one network for one serving backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}.")
+    config = mc.ModelConfig(
+        name=network.name,
+        max_batch_size=network.profile.max,
+        input=[mc.ModelInput(**_tensor_fields(t, precision, dims)) for t in network.inputs],
+        output=[mc.ModelOutput(**_tensor_fields(t, precision, dims)) for t in network.outputs],
+    )
+    version = ENGINE_VERSION if backend == "tensorrt" else ONNX_VERSION
+    config.version_policy.specific.versions.append(version)
+    if backend == "python":
+        config.backend = "python"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    elif backend == "onnxruntime":
+        config.platform = "onnxruntime_onnx"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    else:
+        config.platform = "tensorrt_plan"
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    return config
+
+
+def pipeline_config(pipeline: specs.PipelineSpec) -> mc.ModelConfig:
+    """The config of a Python-backend pipeline model (BLS): no batch dim, one request per image set."""
+    config = mc.ModelConfig(
+        name=pipeline.name,
+        backend="python",
+        max_batch_size=0,
+        input=[mc.ModelInput(**_tensor_fields(t, "FP32", None), optional=t.optional) for t in pipeline.inputs],
+        output=[mc.ModelOutput(**_tensor_fields(t, "FP32", None)) for t in pipeline.outputs],
+    )
+    config.version_policy.specific.versions.append(ONNX_VERSION)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    return config
+
+
+def to_pbtxt(config: mc.ModelConfig) -> str:
+    return GENERATED_HEADER + text_format.MessageToString(config)
+
+
+def parse_pbtxt(text: str) -> mc.ModelConfig:
+    """Parse a config.pbtxt with Triton's schema: unknown fields or bad values raise."""
+    return text_format.Parse(text, mc.ModelConfig())

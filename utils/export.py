@@ -1,0 +1,194 @@
+"""Export one network to ONNX with the names and dynamic batch axis of its spec, then prove it.
+
+Shared by the four ``optim/convert_*_to_onnx.py`` scripts. After exporting, the graph goes
+through ``onnx.checker`` and ONNX Runtime is compared with torch on fresh random inputs at a
+batch size other than the one traced, which also proves that the batch axis is really dynamic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import specs
+from utils.models import DEFAULT_MODELS_DIR, model_slug, resolve_model
+from utils.networks import TORCH_DTYPES, load_network
+
+DEFAULT_ONNX_DIR = Path("onnx")
+OPSET = 17
+# Largest |onnxruntime - torch| allowed, as a fraction of the largest |torch| output (at least 1).
+TOLERANCE = {"FP32": 1e-3, "FP16": 2e-2}
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: larger graphs keep their weights in an external data file
+
+
+class ExportParityError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    skipped: bool
+    max_abs_error: float | None = None
+    seconds: float = 0.0
+
+
+def onnx_path(onnx_dir: str | Path, model: str, network: str) -> Path:
+    return Path(onnx_dir) / model_slug(model) / f"{network}.onnx"
+
+
+def export_network(
+    network: specs.NetworkSpec,
+    model_dir: str | Path,
+    output: str | Path,
+    precision: str = "FP32",
+    device: str = "cpu",
+    force: bool = False,
+) -> ExportResult:
+    """Export ``network`` of the diffusers folder ``model_dir`` to ``output`` and check it.
+
+    Finished work is skipped unless ``force``: the file is moved into place only after the checks
+    pass, so an existing file is always a checked one.
+    """
+    output = Path(output)
+    if output.exists() and not force:
+        return ExportResult(output, skipped=True)
+    if precision not in specs.PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; use one of {specs.PRECISIONS}.")
+    if precision == "FP16" and device == "cpu":
+        raise ValueError("precision='FP16' needs device='cuda': export FP32 on a CPU (the CPU default).")
+    start = time.perf_counter()
+    dims = specs.ModelDims.from_pretrained(model_dir)
+    module = load_network(network.name, model_dir, precision, device)
+    generator = torch.Generator().manual_seed(0)
+    trace_inputs = _on(module.example_inputs(network.profile.opt, dims, generator), precision, device)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.stem}-") as staging:
+        staged = Path(staging) / output.name
+        with torch.inference_mode():
+            torch.onnx.export(
+                module,
+                trace_inputs,
+                str(staged),
+                input_names=network.input_names,
+                output_names=network.output_names,
+                dynamic_axes=network.dynamic_axes(),
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,  # the TorchScript exporter: ~10x faster here, same numbers
+            )
+        staged = _single_file_or_external_data(staged)
+        _set_static_dims(staged, network, dims)
+        import onnx
+
+        onnx.checker.check_model(str(staged))  # by path: works above the 2 GB protobuf limit
+        check_inputs = module.example_inputs(network.profile.max, dims, generator)
+        error, scale = compare_with_torch(module, staged, _on(check_inputs, precision, device))
+        allowed = TOLERANCE[precision] * max(1.0, scale)
+        if not error <= allowed:  # also catches NaN
+            raise ExportParityError(
+                f"{network.name}: ONNX Runtime differs from torch by up to {error:.3g}, above the "
+                f"{precision} tolerance {allowed:.3g} (outputs up to {scale:.3g}). "
+                f"The ONNX file was not written."
+            )
+        for produced in Path(staging).iterdir():  # the graph, and its weights if stored apart
+            os.replace(produced, output.parent / produced.name)
+    return ExportResult(output, skipped=False, max_abs_error=error, seconds=time.perf_counter() - start)
+
+
+def compare_with_torch(module: torch.nn.Module, onnx_file: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """Max |onnxruntime - torch| over all outputs, and the largest |torch| output."""
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(onnx_file), providers=providers)
+    feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    got = session.run(None, feeds)
+    with torch.inference_mode():
+        expected = module(*inputs)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    error = scale = 0.0
+    for g, e in zip(got, expected):
+        e = e.float().cpu().numpy()
+        error = max(error, float(np.abs(g.astype(np.float32) - e).max()))
+        scale = max(scale, float(np.abs(e).max()))
+    return error, scale
+
+
+def _on(inputs: tuple[torch.Tensor, ...], precision: str, device: str) -> tuple[torch.Tensor, ...]:
+    """Move example inputs to the device, float ones to the export precision."""
+    dtype = TORCH_DTYPES[precision]
+    return tuple((t.to(dtype) if t.is_floating_point() else t).to(device) for t in inputs)
+
+
+def _single_file_or_external_data(path: Path) -> Path:
+    """Past the 2 GB protobuf limit, the exporter scatters one file per weight: gather them
+    into a single ``<name>.onnx.data`` beside the graph, the layout Triton and trtexec expect."""
+    if not any(p != path for p in path.parent.iterdir()):
+        return path
+    import onnx
+
+    model = onnx.load(str(path))
+    gathered = path.parent / "gathered"
+    gathered.mkdir()
+    target = gathered / path.name
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+    for scattered in path.parent.iterdir():
+        if scattered != gathered:
+            scattered.unlink() if scattered.is_file() else shutil.rmtree(scattered)
+    for produced in gathered.iterdir():
+        os.replace(produced, path.parent / produced.name)
+    gathered.rmdir()
+    return path
+
+
+def _set_static_dims(path: Path, network: specs.NetworkSpec, dims: specs.ModelDims) -> None:
+    """Write the spec's sizes into the graph's inputs and outputs: the exporter sometimes leaves an
+    output dim symbolic (e.g. the text encoder's sequence length), which configs and TensorRT
+    profiles would then have to guess. Only the batch stays dynamic."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for tensors, specs_ in ((model.graph.input, network.inputs), (model.graph.output, network.outputs)):
+        for tensor, spec in zip(tensors, specs_):
+            shape = tensor.type.tensor_type.shape.dim
+            for dim, size in zip(list(shape)[1:], dims.resolve(spec.dims)):
+                dim.Clear()
+                dim.dim_value = size
+            shape[0].Clear()
+            shape[0].dim_param = specs.BATCH_AXIS
+    onnx.save_model(model, str(path))  # external weights, if any, stay where they are
+
+
+def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None) -> ExportResult:
+    """The command line shared by the four optim/convert_*_to_onnx.py scripts."""
+    parser = argparse.ArgumentParser(description=f"Export the {network.name} to ONNX (dynamic batch) and check it.")
+    parser.add_argument("--model", default="tiny",
+                        help="preset (tiny, sd15-random), local diffusers folder or hub id (default: tiny)")
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path, help="where presets are written")
+    parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path,
+                        help="output folder; the file is <onnx-dir>/<model>/<network>.onnx")
+    parser.add_argument("--precision", default="FP32", choices=specs.PRECISIONS,
+                        help="FP32 for the CPU default, FP16 for GPU engines (needs --device cuda)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--force", action="store_true", help="export again even if the file exists")
+    args = parser.parse_args(argv)
+    model_dir = resolve_model(args.model, args.models_dir)
+    output = onnx_path(args.onnx_dir, args.model, network.name)
+    result = export_network(network, model_dir, output, args.precision, args.device, args.force)
+    if result.skipped:
+        print(f"{network.name}: {output} exists, skipped (pass --force to export again)")
+    else:
+        print(f"{network.name}: wrote {output} in {result.seconds:.1f} s; "
+              f"max |onnxruntime - torch| = {result.max_abs_error:.2e}")
+    return result

@@ -1,0 +1,185 @@
+"""Where a Stable Diffusion checkpoint comes from: a built-in preset, a local folder or the hub.
+
+Every source ends up as an ordinary diffusers folder (model_index.json, text_encoder/, unet/,
+vae/, tokenizer/, scheduler/), so everything downstream loads a preset exactly like the real
+SD1.5. The presets need no download:
+
+- ``tiny``: a few-MB random pipeline, deterministic from a seed, that runs in seconds on a CPU
+  (the default for the quickstart, the tests and CI);
+- ``sd15-random``: the exact SD1.5 architecture with random weights, for GPU benchmarks that
+  need the real compute cost but cannot reach the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MODELS_DIR = Path("models")
+
+# The scheduler SD1.5 ships (scheduler/scheduler_config.json of the hub checkpoint).
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    trained_betas=None,
+)
+
+# Architectures. SD1.5's values are those of its config.json files; "tiny" keeps the same
+# structure (4 VAE levels, so h = H/8; cross-attention in the UNet) at toy widths.
+PRESETS = {
+    "tiny": dict(
+        text_encoder=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, vocab_size=1000, projection_dim=32,
+        ),
+        unet=dict(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16,
+        ),
+        vae=dict(
+            sample_size=64, block_out_channels=(16, 16, 32, 32), layers_per_block=1, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=16,
+        ),
+    ),
+    "sd15-random": dict(
+        text_encoder=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, vocab_size=49408, projection_dim=768, hidden_act="quick_gelu",
+        ),
+        unet=dict(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
+        ),
+        vae=dict(
+            sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=32,
+        ),
+    ),
+}
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model source: 'tiny', 'my-model', 'stable-diffusion-v1-5--stable-...'."""
+    path = Path(model)
+    name = path.name if path.is_dir() else model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed: int = 0) -> Path:
+    """Return a local diffusers folder for ``model``: a preset name, a folder or a hub id."""
+    if model in PRESETS:
+        target = Path(models_dir) / model
+        if not (target / "model_index.json").exists():
+            build_preset(model, target, seed=seed)
+        return target
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ValueError(
+                f"--model {model!r} is a folder but not a diffusers pipeline (no model_index.json). "
+                f"Pass a folder written by DiffusionPipeline.save_pretrained, a hub id such as "
+                f"{SD15_HUB_ID!r}, or a preset: {', '.join(PRESETS)}."
+            )
+        return path
+    if "/" not in model:
+        raise ValueError(
+            f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), nor an existing folder, "
+            f"nor a hub id of the form 'owner/name' (for SD1.5: {SD15_HUB_ID!r})."
+        )
+    return download_from_hub(model)
+
+
+def download_from_hub(model_id: str) -> Path:
+    """Download only what the project uses: configs, tokenizer and safetensors weights."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*"] + [
+        f"{sub}/{name}"
+        for sub in ("text_encoder", "unet", "vae")
+        for name in ("config.json", "*.safetensors")
+    ]
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns, ignore_patterns=["*.fp16.*", "*non_ema*"]))
+    except Exception as error:  # network, auth or unknown repo: one message with the ways out
+        raise RuntimeError(
+            f"--model {model_id!r}: could not download it from the Hugging Face hub ({error}). "
+            f"Check the id and your network, log in with `huggingface-cli login` (HF_TOKEN) if the "
+            f"repository is gated, or pass a local diffusers folder or an offline preset "
+            f"({', '.join(PRESETS)})."
+        ) from error
+
+
+def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight pipeline of the preset's architecture as a diffusers folder.
+
+    Deterministic: the same seed writes the same weights. The folder appears atomically, so a
+    half-written preset is never mistaken for a finished one.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    architecture = PRESETS[name]
+    text_config = architecture["text_encoder"]
+    torch.manual_seed(seed)
+    tokenizer = make_byte_level_clip_tokenizer(model_max_length=text_config["max_position_embeddings"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **text_config,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(**architecture["unet"])
+    vae = AutoencoderKL(**architecture["vae"])
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        pipeline.save_pretrained(staging)
+        (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def make_byte_level_clip_tokenizer(model_max_length: int):
+    """A CLIP tokenizer with no merges, made locally: one token per byte, like CLIP's base vocab.
+
+    The real CLIP vocabulary (49408 tokens) cannot be downloaded here; this one has CLIP's layout
+    (256 byte symbols, the same with the end-of-word suffix, then the two special tokens) and
+    tokenizes any text, so the pipelines run unchanged.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=model_max_length)

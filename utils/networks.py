@@ -1,0 +1,99 @@
+"""The four networks as torch modules whose signature is their spec.
+
+Each wrapper's ``forward`` takes the spec's inputs in order and returns its outputs in order,
+so ``torch.onnx.export`` and the GPU runtime can treat every network the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils import specs
+
+
+class TextEncoder(nn.Module):
+    spec = specs.TEXT_ENCODER
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype)
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        vocab = self.text_encoder.config.vocab_size
+        return (torch.randint(0, vocab, (batch, dims.text_length), generator=generator, dtype=torch.int32),)
+
+
+class UNet(nn.Module):
+    spec = specs.UNET
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+        timestep = torch.randint(0, 1000, (batch,), generator=generator).float()
+        return sample, timestep, hidden
+
+
+class VaeEncoder(nn.Module):
+    spec = specs.VAE_ENCODER
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+
+    def forward(self, image):
+        # The distribution's parameters (mean, logvar), not a sample: the pipeline samples with its
+        # own seeded generator, because noise traced into the graph would be frozen.
+        return self.vae.encode(image, return_dict=False)[0].parameters
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+
+
+class VaeDecoder(nn.Module):
+    spec = specs.VAE_DECODER
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+
+    def forward(self, sample):
+        # Unscaled latents in: the pipeline divides by vae.config.scaling_factor, as diffusers does.
+        return self.vae.decode(sample, return_dict=False)[0]
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+
+
+WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEncoder, VaeDecoder)}
+
+TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
+
+
+def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, dims: specs.ModelDims,
+                 generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(spec.shape(tensor, batch, dims), generator=generator)
+
+
+def load_network(name: str, model_dir: str | Path, precision: str = "FP32", device: str = "cpu") -> nn.Module:
+    """The named network of a diffusers folder, in eval mode, on ``device`` at ``precision``."""
+    return WRAPPERS[name](Path(model_dir), TORCH_DTYPES[precision]).to(device).eval()

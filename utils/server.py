@@ -1,0 +1,250 @@
+"""Start and stop a real Triton Inference Server with no Docker: the one in ``nvidia-pytriton``.
+
+The ``nvidia-pytriton`` wheel ships tritonserver 2.51.0 (the NGC 24.10 release) with the Python
+backend and ensembles, but not ready to run as a plain server. What it needs (DESIGN.md section 5):
+
+- a writable copy of ``pytriton/tritonserver`` whose ``backends/python/`` holds the stub built
+  for this Python (``python_backend_stubs/3.X/triton_python_backend_stub``);
+- ``LD_LIBRARY_PATH`` with, first, the folder of this interpreter's shared ``libpython3.X.so``
+  (else the stub may load another libpython 3.X and fail with "undefined symbol"), then the
+  wheel's ``nvidia_pytriton.libs``;
+- this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``.
+
+For users with Docker, the NGC image runs the same repository (``docker_command``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+LOCALHOST = "127.0.0.1"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-triton"
+
+
+class TritonServerError(RuntimeError):
+    """The server could not start or stopped: the message says why and how to fix it."""
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = LOCALHOST) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def shared_libpython() -> Path:
+    """The shared libpython of this interpreter, which the Python backend stub must load."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    name = sysconfig.get_config_var("LDLIBRARY") or ""
+    library = Path(libdir) / name
+    if not name.endswith(".so") and not name.endswith(".so.1.0") or not library.exists():
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise TritonServerError(
+            f"This Python ({sys.executable}) has no shared libpython{version}.so (LDLIBRARY={name!r} in "
+            f"{libdir!r}); the Triton Python backend stub needs one. Use a Python built with "
+            f"--enable-shared (python.org or distribution builds are; with pyenv: "
+            f"PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install {version}), or run the server "
+            f"with Docker (`python scripts/launch_triton_server.py --docker`)."
+        )
+    return library
+
+
+def install_tritonserver(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """A writable tritonserver folder from the wheel, with this Python's backend stub in place."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise TritonServerError(
+            "nvidia-pytriton is not installed in this environment: `pip install -r requirements.txt` "
+            "(or `make venv`) installs it; on glibc older than 2.35 use Docker instead."
+        )
+    wheel_server = Path(spec.origin).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel_server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonServerError(f"nvidia-pytriton has no Python backend stub for Python {version}: use Python 3.8-3.13.")
+    target = cache_dir / f"tritonserver-py{version}-{_fingerprint(wheel_server)}"
+    if not (target / "backends" / "python" / stub.name).exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tritonserver-"))
+        try:
+            shutil.copytree(wheel_server, staging / "server", symlinks=True)
+            shutil.copy2(stub, staging / "server" / "backends" / "python" / stub.name)
+            os.replace(staging / "server", target) if not target.exists() else None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _fingerprint(path: Path) -> str:
+    binary = path / "bin" / "tritonserver"
+    return f"{binary.stat().st_size:x}-{int(binary.stat().st_mtime):x}"
+
+
+def server_environment(libpython: Path) -> dict[str, str]:
+    import pytriton
+
+    libs = Path(pytriton.__file__).resolve().parents[1] / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libpython.parent), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+@dataclass
+class TritonServer:
+    """A local tritonserver process: ``with TritonServer(repo) as server: server.grpc_url``."""
+
+    model_repository: Path
+    host: str = LOCALHOST
+    http_port: int | None = None
+    grpc_port: int | None = None
+    metrics_port: int | None = None
+    startup_timeout: float = 180.0
+    log_file: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def command(self, server_dir: Path) -> list[str]:
+        return [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={Path(self.model_repository).resolve()}",
+            f"--backend-directory={server_dir / 'backends'}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--allow-cpu-metrics=false",
+            "--log-info=true",
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        repository = Path(self.model_repository)
+        if not repository.is_dir():
+            raise TritonServerError(
+                f"model repository {repository} does not exist: create it with "
+                f"`python scripts/move_onnx_models_to_triton.py` (after the ONNX export)."
+            )
+        libpython = shared_libpython()
+        server_dir = install_tritonserver()
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is None:
+                setattr(self, name, free_port(self.host))
+            elif port_in_use(port, self.host):
+                flag = "--" + name.replace("_", "-")
+                raise TritonServerError(
+                    f"port {port} on {self.host} is already in use ({flag}): stop what is using it "
+                    f"(another tritonserver?) or pass another {flag}, or leave it out to pick a free port."
+                )
+        if self.log_file is None:
+            self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        log = open(self.log_file, "wb")
+        self.process = subprocess.Popen(
+            self.command(server_dir), stdout=log, stderr=subprocess.STDOUT, env=server_environment(libpython),
+            start_new_session=True,  # its own process group: stop() ends the stubs with it
+        )
+        log.close()
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise TritonServerError(self._explain_failure(f"tritonserver exited with code {self.process.returncode}"))
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TritonServerError(self._explain_failure(f"tritonserver was not ready after {self.startup_timeout:.0f} s"))
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_file is None or not Path(self.log_file).exists():
+            return ""
+        return "\n".join(Path(self.log_file).read_text(errors="replace").splitlines()[-lines:])
+
+    def _explain_failure(self, what: str) -> str:
+        log = Path(self.log_file).read_text(errors="replace") if self.log_file else ""
+        hints = []
+        for model, reason in re.findall(r"failed to load '([^']+)' version \d+: (.+)", log):
+            hints.append(f"model '{model}' failed to load: {reason.strip()}")
+        if re.search(r"undefined symbol|libpython\S* cannot open", log):
+            hints.append("the Python backend stub loaded the wrong libpython: run it through this launcher, which "
+                         "puts this interpreter's LIBDIR first on LD_LIBRARY_PATH")
+        if re.search(r"already in use|Address already in use", log):
+            hints.append("a port is already in use: pass other --http-port/--grpc-port/--metrics-port, or none")
+        if re.search(r"ModuleNotFoundError|No module named", log):
+            hints.append("a model could not import a package: install the project into this environment "
+                         "(`make venv`) and start the server from it")
+        hint = "; ".join(hints) if hints else "see the log"
+        return f"{what}: {hint}.\nLog: {self.log_file}\n--- last lines ---\n{self.log_tail()}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the process this object started (and its stubs), nothing else."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()  # the server stops its Python-backend stubs itself
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        try:  # anything of its process group still alive (a stuck stub) goes too
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def docker_command(model_repository: Path, gpus: str = "all") -> list[str]:
+    """The seed's launch command on the NGC Triton image, bound to localhost only."""
+    return [
+        "docker", "run", "--rm", f"--gpus={gpus}", "--shm-size=1g",
+        "-p", f"{LOCALHOST}:8000:8000", "-p", f"{LOCALHOST}:8001:8001", "-p", f"{LOCALHOST}:8002:8002",
+        "-v", f"{Path(model_repository).resolve()}:/models",
+        TRITON_IMAGE, "tritonserver", "--model-repository=/models",
+    ]
