@@ -56,12 +56,13 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int) 
     prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)
     negatives = None
     if request.negative_prompt is not None and len(request.negative_prompt) > 0:
-        negatives = _check_texts("negative_prompt", request.negative_prompt, max_prompts, required=False)
+        negatives = _as_list(request.negative_prompt)
         if len(negatives) not in (1, len(prompts)):
             raise InvalidRequest(
                 f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}: "
                 f"send one negative prompt per prompt, or a single one for all."
             )
+        negatives = _check_texts("negative_prompt", negatives, max_prompts, required=False)
     guidance = _number("guidance_scale", request.guidance_scale, float)
     low, high = GUIDANCE_SCALE_RANGE
     if not (math.isfinite(guidance) and low <= guidance <= high):

@@ -1,0 +1,71 @@
+"""The whole walkthrough in one command, on the offline tiny model and a CPU (`make demo`).
+
+Builds the tiny random pipeline, exports its four networks to ONNX, writes the Triton model
+repository (portable python backend), starts the local Triton server, generates one image with
+the client-side pipeline and one with the BLS pipeline, saves both, and stops the server.
+Each step is the code of one numbered script of the README; this just runs them in a row.
+"""
+
+import argparse
+from pathlib import Path
+
+from pipelines.bls import BlsPipeline
+from pipelines.ensemble import ClientSidePipeline
+from utils import specs
+from utils.cli import add_generation_arguments, generation_options, save_images
+from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
+from utils.repository import write_repository
+from utils.server import TritonServer
+from utils.timing import StepTimer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="preset, local diffusers folder or hub id (default: tiny)")
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
+    parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path)
+    parser.add_argument("--repository", default=Path("triton/models"), type=Path)
+    parser.add_argument("--outputs", default=Path("outputs"), type=Path)
+    parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
+    add_generation_arguments(parser)
+    args = parser.parse_args(argv)
+    timer = StepTimer()
+    saved = []
+
+    with timer.step(f"1. model: {args.model}"):
+        model_dir = resolve_model(args.model, args.models_dir)
+        print(f"    {model_dir}")
+    with timer.step("2. export the four networks to ONNX"):
+        onnx_files = {}
+        for name, network in specs.NETWORKS.items():
+            result = export_network(network, model_dir, onnx_path(args.onnx_dir, args.model, name), force=args.force)
+            onnx_files[name] = result.path
+            status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
+            print(f"    {result.path}: {status}")
+    with timer.step(f"3. model repository: {args.repository}"):
+        report = write_repository(args.repository, model_dir, onnx_files, backend="python", force=args.force)
+        print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
+    with timer.step("4. start Triton (nvidia-pytriton's tritonserver, 127.0.0.1)"):
+        server = TritonServer(args.repository).start()
+        print(f"    gRPC {server.grpc_url}, log {server.log_file}")
+    try:
+        with timer.step("5. client-side pipeline (each network over gRPC)"):
+            images = ClientSidePipeline(model_dir, server.grpc_url)(**generation_options(args))
+            saved += save_images(images, args.outputs / "client_side.png")
+        with timer.step("6. BLS pipeline (the loop inside Triton)"):
+            images = BlsPipeline(server.grpc_url)(**generation_options(args))
+            saved += save_images(images, args.outputs / "bls.png")
+    finally:
+        with timer.step("7. stop Triton"):
+            server.stop()
+
+    print("\nImages:")
+    for path in saved:
+        print(f"  {path}")
+    print("\nTimes:")
+    print(timer.table())
+
+
+if __name__ == "__main__":
+    main()

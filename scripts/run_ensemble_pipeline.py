@@ -1,0 +1,26 @@
+"""Step 5: text to image, orchestrated by this client: each network is a gRPC call to Triton."""
+
+import argparse
+from pathlib import Path
+
+from pipelines.ensemble import ClientSidePipeline
+from utils.cli import add_generation_arguments, generate_and_save
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--model", default="tiny", help="the model served (its tokenizer and scheduler are used here)")
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
+    parser.add_argument("--output", default=Path("outputs/client_side.png"), type=Path)
+    add_generation_arguments(parser)
+    args = parser.parse_args(argv)
+
+    model_dir = resolve_model(args.model, args.models_dir)
+    pipeline = ClientSidePipeline(model_dir, args.url)
+    generate_and_save(pipeline, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Shared fixtures: one tiny model, one export, one repository and one real Triton server per run.
+
+A server start costs ~10 s and ~360 MiB on a 2-core machine, so every end-to-end test shares
+the session's server; tests that need a server of their own (launcher failures) start small ones.
+"""
+
+from __future__ import annotations
+
+import utils  # noqa: F401  (first: keeps the repository's triton/ folder from shadowing a package)
+
+import pytest
+
+from utils import specs
+from utils.export import export_network, onnx_path
+from utils.models import build_preset
+from utils.repository import write_repository
+from utils.server import TritonServer
+
+REPORT: list[str] = []  # figures printed at the end of the run (pytest_terminal_summary)
+
+
+def report(line: str) -> None:
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("measured")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_preset("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_model, tmp_path_factory):
+    """ExportResult per network, exported once for the whole run."""
+    onnx_dir = tmp_path_factory.mktemp("onnx")
+    return {
+        name: export_network(network, tiny_model, onnx_path(onnx_dir, "tiny", name))
+        for name, network in specs.NETWORKS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_model, exports, tmp_path_factory):
+    path = tmp_path_factory.mktemp("repository")
+    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()}, backend="python")
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton_server(repository):
+    server = TritonServer(repository)
+    server.start()
+    yield server
+    server.stop()

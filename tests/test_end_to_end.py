@@ -1,0 +1,93 @@
+"""Images from the real Triton server equal diffusers' images for the same model and seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import report
+from tritonclient.utils import InferenceServerException
+
+from pipelines.bls import BlsPipeline
+from pipelines.ensemble import ClientSidePipeline
+
+MAX_PIXEL_DIFFERENCE = 2  # on 0-255: the ONNX graphs and batched calls differ from torch by ~1e-6
+CASES = {
+    "one prompt": dict(prompt="a photo of an astronaut riding a horse on mars", seed=7,
+                       num_inference_steps=20, guidance_scale=7.5),
+    "two prompts, negative prompts": dict(prompt=["a red cube", "a blue sphere"],
+                                          negative_prompt=["blurry", "low quality"], seed=123,
+                                          num_inference_steps=12, guidance_scale=5.0),
+    "no guidance": dict(prompt="a lighthouse", seed=3, num_inference_steps=10, guidance_scale=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipeline(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def diffusers_images(pipeline, prompt, seed, **options) -> np.ndarray:
+    output = pipeline(prompt, generator=torch.Generator().manual_seed(seed), output_type="pil", **options)
+    return np.stack([np.asarray(image) for image in output.images])
+
+
+@pytest.fixture(scope="module")
+def client_side(tiny_model, triton_server):
+    return ClientSidePipeline(tiny_model, triton_server.grpc_url)
+
+
+@pytest.fixture(scope="module")
+def bls(triton_server):
+    return BlsPipeline(triton_server.grpc_url)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS"])
+def test_triton_image_equals_diffusers(kind, case, client_side, bls, diffusers_pipeline):
+    options = CASES[case]
+    pipeline = client_side if kind == "client-side" else bls
+    images = pipeline(**options) if kind == "BLS" else pipeline(progress=False, **options)
+    expected = diffusers_images(diffusers_pipeline, **options)
+    assert images.dtype == np.uint8 and images.shape == expected.shape
+    assert expected.std() > 5, "the reference image is flat: the comparison would prove nothing"
+    difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
+    report(f"{kind:<12} vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_same_seed_same_image_and_other_seed_other_image(bls):
+    first = bls("a cat", seed=42, num_inference_steps=5)
+    assert np.array_equal(first, bls("a cat", seed=42, num_inference_steps=5))
+    assert not np.array_equal(first, bls("a cat", seed=43, num_inference_steps=5))
+
+
+def test_client_side_and_bls_agree(client_side, bls):
+    options = dict(prompt="a watercolor fox", seed=11, num_inference_steps=8)
+    difference = np.abs(client_side(progress=False, **options).astype(int) - bls(**options)).max()
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_client_side_rejects_bad_input_before_calling_the_server(client_side):
+    with pytest.raises(ValueError, match=r"num_inference_steps=0 .* \[1, 1000\]"):
+        client_side("a cat", num_inference_steps=0, progress=False)
+
+
+def test_bls_image_shape_follows_the_model(bls, tiny_model):
+    from utils.specs import ModelDims
+
+    dims = ModelDims.from_pretrained(tiny_model)
+    images = bls(["a", "b"], num_inference_steps=2, seed=1)
+    assert images.shape == (2, dims.image_height, dims.image_width, 3)
+
+
+def test_unknown_model_name_is_a_clear_client_error(triton_server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    with pytest.raises(InferenceServerException, match="unknown model|not found"):
+        client.get_model_config("no_such_model")
