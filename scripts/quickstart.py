@@ -26,7 +26,7 @@ def main(argv=None):
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path)
     parser.add_argument("--repository", default=Path("triton/models"), type=Path)
-    parser.add_argument("--outputs", default=Path("outputs"), type=Path)
+    parser.add_argument("--output-dir", default=Path("outputs"), type=Path, help="where the images go")
     parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
@@ -52,10 +52,10 @@ def main(argv=None):
     try:
         with timer.step("5. client-side pipeline (each network over gRPC)"):
             images = ClientSidePipeline(model_dir, server.grpc_url)(**generation_options(args))
-            saved += save_images(images, args.outputs / "client_side.png")
+            saved += save_images(images, args.output_dir / "client_side.png")
         with timer.step("6. BLS pipeline (the loop inside Triton)"):
             images = BlsPipeline(server.grpc_url)(**generation_options(args))
-            saved += save_images(images, args.outputs / "bls.png")
+            saved += save_images(images, args.output_dir / "bls.png")
     finally:
         with timer.step("7. stop Triton"):
             server.stop()

@@ -1,0 +1,85 @@
+"""Every config.pbtxt parses with Triton's own schema and agrees with the specs and the ONNX graphs."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from utils import configs, specs
+from utils.repository import PROJECT_MODELS
+
+TINY = specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8, latent_width=8,
+                       vae_scale_factor=8)
+ONNX_TYPES = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, "INT32": onnx.TensorProto.INT32}
+
+
+def assert_tensor_matches(config_tensor, spec_tensor: specs.TensorSpec, precision: str, dims: specs.ModelDims):
+    assert config_tensor.name == spec_tensor.name
+    assert config_tensor.data_type == configs.data_type(spec_tensor.resolved_dtype(precision))
+    assert list(config_tensor.dims) == list(dims.resolve(spec_tensor.wire_dims))
+    if spec_tensor.dims != spec_tensor.wire_dims:  # what the model sees after Triton's reshape
+        assert list(config_tensor.reshape.shape) == list(dims.resolve(spec_tensor.dims))
+    else:
+        assert not config_tensor.HasField("reshape")
+
+
+@pytest.mark.parametrize("backend", configs.BACKENDS)
+@pytest.mark.parametrize("network", specs.NETWORKS.values(), ids=list(specs.NETWORKS))
+@pytest.mark.parametrize("precision", specs.PRECISIONS)
+def test_network_config_parses_and_matches_the_spec(network, backend, precision):
+    text = configs.to_pbtxt(configs.network_config(network, TINY, precision, backend))
+    config = configs.parse_pbtxt(text)  # Triton's schema: a wrong field name or value raises
+    assert config.name == network.name
+    assert config.max_batch_size == network.profile.max
+    assert len(config.input) == len(network.inputs) and len(config.output) == len(network.outputs)
+    for config_tensor, spec_tensor in zip([*config.input, *config.output], network.tensors):
+        assert_tensor_matches(config_tensor, spec_tensor, precision, TINY)
+    expected = {
+        "python": ("python", "", configs.ONNX_VERSION, mc.ModelInstanceGroup.KIND_CPU),
+        "onnxruntime": ("", "onnxruntime_onnx", configs.ONNX_VERSION, mc.ModelInstanceGroup.KIND_GPU),
+        "tensorrt": ("", "tensorrt_plan", configs.ENGINE_VERSION, mc.ModelInstanceGroup.KIND_GPU),
+    }[backend]
+    assert (config.backend, config.platform, *config.version_policy.specific.versions,
+            config.instance_group[0].kind) == expected
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match=r"backend='torchscript' is not supported; use one of"):
+        configs.network_config(specs.UNET, TINY, "FP32", "torchscript")
+
+
+def test_schema_is_enforced():
+    with pytest.raises(text_format.ParseError):
+        configs.parse_pbtxt('name: "x"\nmax_batch_sise: 4\n')
+
+
+@pytest.mark.parametrize("pipeline", specs.PIPELINES.values(), ids=list(specs.PIPELINES))
+def test_committed_pipeline_config_is_generated_from_the_specs(pipeline):
+    committed = (PROJECT_MODELS / pipeline.name / "config.pbtxt").read_text()
+    assert committed == configs.to_pbtxt(configs.pipeline_config(pipeline)), \
+        "run `python scripts/write_pipeline_configs.py`"
+    config = configs.parse_pbtxt(committed)
+    assert config.backend == "python" and config.max_batch_size == 0
+    for config_tensor, spec_tensor in zip(config.input, pipeline.inputs):
+        assert config_tensor.name == spec_tensor.name
+        assert config_tensor.optional == spec_tensor.optional
+    assert [t.name for t in config.input if not t.optional] == ["prompt"]
+
+
+@pytest.mark.parametrize("name", specs.NETWORKS)
+def test_served_configs_agree_with_the_exported_onnx_graphs(name, repository):
+    """The configs the repository step wrote, against the graphs it copied next to them."""
+    config = configs.parse_pbtxt((repository / name / "config.pbtxt").read_text())
+    graph = onnx.load(str(repository / name / "1" / "model.onnx"), load_external_data=False).graph
+    network = specs.NETWORKS[name]
+    for config_tensors, graph_tensors in ((config.input, graph.input), (config.output, graph.output)):
+        assert [t.name for t in config_tensors] == [t.name for t in graph_tensors]
+        for config_tensor, graph_tensor in zip(config_tensors, graph_tensors):
+            graph_type = graph_tensor.type.tensor_type
+            graph_dims = [d.dim_param or d.dim_value for d in graph_type.shape.dim]
+            model_dims = list(config_tensor.reshape.shape) if config_tensor.HasField("reshape") else list(config_tensor.dims)
+            assert graph_dims == ["batch", *model_dims]
+            assert graph_type.elem_type == ONNX_TYPES[mc.DataType.Name(config_tensor.data_type).removeprefix("TYPE_")]
+    assert config.max_batch_size == network.profile.max

@@ -1,0 +1,70 @@
+"""The model repository step: layout, idempotence, and nothing overwritten silently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from utils import configs, specs
+from utils.repository import PIPELINE_FILES, SERVING_FILE, RepositoryConflict, write_repository
+
+
+def onnx_files(exports):
+    return {name: result.path for name, result in exports.items()}
+
+
+def test_layout(repository):
+    for name in specs.NETWORKS:
+        assert (repository / name / "config.pbtxt").is_file()
+        assert (repository / name / "1" / "model.onnx").is_file()
+        assert (repository / name / "1" / "model.py").is_file()  # python backend
+        assert (repository / name / "2").is_dir()  # where trtexec puts model.plan
+    pipeline = repository / specs.TEXT_TO_IMAGE.name
+    assert (pipeline / "config.pbtxt").is_file() and (pipeline / "1" / "model.py").is_file()
+    files = pipeline / "1" / PIPELINE_FILES
+    assert (files / "tokenizer" / "tokenizer.json").is_file()
+    assert (files / "scheduler" / "scheduler_config.json").is_file()
+    assert not list(files.rglob("*.safetensors")), "the pipeline model needs no weights"
+    assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {"precision": "FP32"}
+
+
+def test_second_run_changes_nothing(repository, tiny_model, exports):
+    report = write_repository(repository, tiny_model, onnx_files(exports))
+    assert report.written == [] and len(report.unchanged) > 10
+
+
+def test_edited_file_is_not_overwritten_without_force(repository, tiny_model, exports, tmp_path):
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    config = copy / "unet" / "config.pbtxt"
+    config.write_text(config.read_text() + "# my tuning\n")
+    with pytest.raises(RepositoryConflict, match=r"unet/config.pbtxt exists with other content .* Pass --force"):
+        write_repository(copy, tiny_model, onnx_files(exports), backend="python")
+    assert config.read_text().endswith("# my tuning\n")
+    write_repository(copy, tiny_model, onnx_files(exports), backend="python", force=True)
+    assert not config.read_text().endswith("# my tuning\n")
+
+
+def test_other_backend_needs_force(repository, tiny_model, exports, tmp_path):
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    with pytest.raises(RepositoryConflict):
+        write_repository(copy, tiny_model, onnx_files(exports), backend="onnxruntime")
+    write_repository(copy, tiny_model, onnx_files(exports), backend="onnxruntime", force=True)
+    config = configs.parse_pbtxt((copy / "unet" / "config.pbtxt").read_text())
+    assert config.platform == "onnxruntime_onnx"
+
+
+def test_graph_that_does_not_match_its_spec_is_refused(tiny_model, exports, tmp_path):
+    swapped = onnx_files(exports) | {"unet": exports["vae_decoder"].path}
+    with pytest.raises(ValueError, match=r"does not match the unet spec: tensors \['sample'\], the spec says "
+                                         r"\['sample', 'timestep', 'encoder_hidden_states'\].*--force"):
+        write_repository(tmp_path, tiny_model, swapped)
+
+
+def test_missing_onnx_file_names_the_export_script(tiny_model, exports, tmp_path):
+    missing = onnx_files(exports) | {"unet": tmp_path / "nowhere.onnx"}
+    with pytest.raises(FileNotFoundError, match=r"python optim/convert_unet_to_onnx.py"):
+        write_repository(tmp_path / "repository", tiny_model, missing)

@@ -1,0 +1,95 @@
+"""The local Triton launcher: where it binds, how it stops, and how it explains failures."""
+
+from __future__ import annotations
+
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from utils import server as server_module
+from utils.server import TritonServer, TritonServerError, docker_command, shared_libpython
+
+FAILING_MODEL = '''
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("weights are missing")
+'''
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on ``port``, from /proc/net/tcp and tcp6
+    (gRPC listens on an IPv6 socket: 127.0.0.1 shows as ::ffff:127.0.0.1)."""
+    addresses = set()
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path("/proc/net", table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            hex_address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(hex_address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addresses.add(socket.inet_ntop(family, raw).removeprefix("::ffff:"))
+    return addresses
+
+
+def test_binds_loopback_only(triton_server):
+    for port in (triton_server.http_port, triton_server.grpc_port, triton_server.metrics_port):
+        assert listening_addresses(port) == {"127.0.0.1"}
+
+
+def test_stop_ends_the_server_and_frees_its_ports(repository):
+    server = TritonServer(repository).start()
+    process, port = server.process, server.grpc_port
+    server.stop()
+    assert process.poll() is not None
+    assert not server_module.port_in_use(port)
+    server.stop()  # stopping twice is harmless
+
+
+def test_port_in_use_is_explained_before_starting(repository):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = TritonServer(repository, grpc_port=port)
+        with pytest.raises(TritonServerError, match=rf"port {port} on 127.0.0.1 is already in use \(--grpc-port\)"):
+            server.start()
+        assert server.process is None
+
+
+def test_model_that_fails_to_load_is_named_with_its_reason(tmp_path):
+    model = tmp_path / "broken_model"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(FAILING_MODEL)
+    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+                                        'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+                                        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n')
+    with pytest.raises(TritonServerError, match=r"model 'broken_model' failed to load: .*weights are missing"):
+        TritonServer(tmp_path, startup_timeout=60).start()
+
+
+def test_missing_repository_names_the_step_that_makes_it(tmp_path):
+    with pytest.raises(TritonServerError, match=r"does not exist: create it with `python scripts/move_onnx"):
+        TritonServer(tmp_path / "nowhere").start()
+
+
+def test_python_without_shared_libpython_is_explained(monkeypatch):
+    real = sysconfig.get_config_var
+    monkeypatch.setattr(sysconfig, "get_config_var",
+                        lambda name: "libpython3.11.a" if name == "LDLIBRARY" else real(name))
+    with pytest.raises(TritonServerError, match=r"no shared libpython3\.\d+\.so .* --enable-shared"):
+        shared_libpython()
+
+
+def test_this_python_has_the_shared_libpython():
+    assert shared_libpython().exists()
+
+
+def test_docker_command_is_the_seed_command_on_localhost(tmp_path):
+    command = docker_command(tmp_path)
+    assert command[:3] == ["docker", "run", "--rm"] and "--shm-size=1g" in command
+    assert {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(command)
+    assert command[-2:] == ["tritonserver", "--model-repository=/models"]
+    assert f"{tmp_path.resolve()}:/models" in command
