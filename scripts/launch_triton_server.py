@@ -36,13 +36,16 @@ def main(argv=None):
         raise SystemExit(f"error: {error}")
     print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
           f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl+C
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        code = server.process.wait()  # returns only if the server dies on its own
+        raise SystemExit(f"error: tritonserver exited with code {code}.\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        pass
     finally:
         server.stop()
         print("Triton stopped.")
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     main()

@@ -49,39 +49,34 @@ class UNet(nn.Module):
         return sample, timestep, hidden
 
 
-class VaeEncoder(nn.Module):
-    spec = specs.VAE_ENCODER
+class _Vae(nn.Module):
+    """One half of the AutoencoderKL; both halves take random float inputs."""
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()
         from diffusers import AutoencoderKL
 
         self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+
+
+class VaeEncoder(_Vae):
+    spec = specs.VAE_ENCODER
 
     def forward(self, image):
         # The distribution's parameters (mean, logvar), not a sample: the pipeline samples with its
         # own seeded generator, because noise traced into the graph would be frozen.
         return self.vae.encode(image, return_dict=False)[0].parameters
 
-    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
-        return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
 
-
-class VaeDecoder(nn.Module):
+class VaeDecoder(_Vae):
     spec = specs.VAE_DECODER
-
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
-        super().__init__()
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
 
     def forward(self, sample):
         # Unscaled latents in: the pipeline divides by vae.config.scaling_factor, as diffusers does.
         return self.vae.decode(sample, return_dict=False)[0]
-
-    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
-        return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
 
 
 WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEncoder, VaeDecoder)}

@@ -182,17 +182,24 @@ class TritonServer:
     def _wait_until_ready(self) -> None:
         import tritonclient.http as httpclient
 
+        # Closed when ready: an open keep-alive connection would hold up the server's shutdown
+        # for its whole exit timeout (30 s).
         client = httpclient.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TritonServerError(self._explain_failure(f"tritonserver exited with code {self.process.returncode}"))
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:  # not listening yet
-                pass
-            time.sleep(0.25)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise TritonServerError(
+                        self._explain_failure(f"tritonserver exited with code {self.process.returncode}")
+                    )
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
         self.stop()
         raise TritonServerError(self._explain_failure(f"tritonserver was not ready after {self.startup_timeout:.0f} s"))
 
