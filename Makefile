@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test images engines clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,13 @@ demo: venv
 
 test: venv
 	$(BIN)/pytest
+
+# The production path (needs Docker, an NVIDIA GPU and the NVIDIA container toolkit):
+images: venv
+	$(BIN)/python scripts/build_docker_images.py
+
+engines: venv
+	$(BIN)/python scripts/build_tensorrt_engines.py --docker
 
 clean:
 	rm -rf $(VENV) models onnx outputs

@@ -10,7 +10,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from utils.server import TritonServer, TritonServerError, docker_command
+from utils.docker import TENSORRT_VERSION, serve_command
+from utils.engines import EngineMismatch, Target, check_engines, local_gpu, tensorrt_networks
+from utils.server import TritonServer, TritonServerError
 
 
 def main(argv=None):
@@ -20,11 +22,18 @@ def main(argv=None):
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--docker", action="store_true",
-                        help="run the NGC Triton image instead (needs Docker and the NVIDIA container toolkit)")
+                        help="run the project's serving image instead, on ports 8000-8002 (needs Docker, an NVIDIA "
+                             "GPU and the NVIDIA container toolkit; `make images` builds it)")
     args = parser.parse_args(argv)
 
     if args.docker:
-        command = docker_command(args.repository)
+        if tensorrt_networks(args.repository):  # plans only run on the GPU and TensorRT they were built for
+            try:
+                checked = check_engines(args.repository, Target(*local_gpu(), TENSORRT_VERSION))
+            except EngineMismatch as error:
+                raise SystemExit(f"error: {error}")
+            print(f"TensorRT engines match this GPU and TensorRT {TENSORRT_VERSION}: {', '.join(checked)}")
+        command = serve_command(args.repository)
         print("$", shlex.join(command), flush=True)
         raise SystemExit(subprocess.call(command))
 

@@ -8,7 +8,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import configs, specs
-from utils.repository import PROJECT_MODELS
+from utils.repository import PROJECT_MODELS, write_repository
 
 TINY = specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8, latent_width=8,
                        vae_scale_factor=8)
@@ -33,6 +33,12 @@ def test_network_config_parses_and_matches_the_spec(network, backend, precision)
     config = configs.parse_pbtxt(text)  # Triton's schema: a wrong field name or value raises
     assert config.name == network.name
     assert config.max_batch_size == network.profile.max
+    if config.platform == "tensorrt_plan":  # a CUDA graph per batch size of the profile, a warm-up
+        assert [g.batch_size for g in config.optimization.cuda.graph_spec] == list(
+            range(network.profile.min, network.profile.max + 1))
+    if config.platform:
+        (warmup,) = config.model_warmup
+        assert warmup.batch_size == network.profile.opt and set(warmup.inputs) == set(network.input_names)
     assert len(config.input) == len(network.inputs) and len(config.output) == len(network.outputs)
     for config_tensor, spec_tensor in zip([*config.input, *config.output], network.tensors):
         assert_tensor_matches(config_tensor, spec_tensor, precision, TINY)
@@ -68,9 +74,20 @@ def test_committed_pipeline_config_is_generated_from_the_specs(pipeline):
     assert [t.name for t in config.input if not t.optional] == ["prompt"]
 
 
+@pytest.fixture(scope="module", params=configs.BACKENDS)
+def written_repository(request, repository, tiny_model, exports, tmp_path_factory):
+    """The repository step's output for each backend (the python one is the session's)."""
+    if request.param == "python":
+        return repository
+    path = tmp_path_factory.mktemp(request.param)
+    write_repository(path, tiny_model, {name: r.path for name, r in exports.items()}, backend=request.param)
+    return path
+
+
 @pytest.mark.parametrize("name", specs.NETWORKS)
-def test_served_configs_agree_with_the_exported_onnx_graphs(name, repository):
+def test_written_configs_agree_with_the_exported_onnx_graphs(name, written_repository):
     """The configs the repository step wrote, against the graphs it copied next to them."""
+    repository = written_repository
     config = configs.parse_pbtxt((repository / name / "config.pbtxt").read_text())
     graph = onnx.load(str(repository / name / "1" / "model.onnx"), load_external_data=False).graph
     network = specs.NETWORKS[name]
@@ -83,3 +100,9 @@ def test_served_configs_agree_with_the_exported_onnx_graphs(name, repository):
             assert graph_dims == ["batch", *model_dims]
             assert graph_type.elem_type == ONNX_TYPES[mc.DataType.Name(config_tensor.data_type).removeprefix("TYPE_")]
     assert config.max_batch_size == network.profile.max
+    if config.platform == "tensorrt_plan":  # a CUDA graph per batch size of the profile, a warm-up
+        assert [g.batch_size for g in config.optimization.cuda.graph_spec] == list(
+            range(network.profile.min, network.profile.max + 1))
+    if config.platform:
+        (warmup,) = config.model_warmup
+        assert warmup.batch_size == network.profile.opt and set(warmup.inputs) == set(network.input_names)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from utils import server as server_module
-from utils.server import TritonServer, TritonServerError, docker_command, shared_libpython
+from utils.server import TritonServer, TritonServerError, shared_libpython
 
 FAILING_MODEL = '''
 class TritonPythonModel:
@@ -89,9 +89,11 @@ def test_this_python_has_the_shared_libpython():
     assert shared_libpython().exists()
 
 
-def test_docker_command_is_the_seed_command_on_localhost(tmp_path):
-    command = docker_command(tmp_path)
-    assert command[:3] == ["docker", "run", "--rm"] and "--shm-size=1g" in command
-    assert {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(command)
-    assert command[-2:] == ["tritonserver", "--model-repository=/models"]
-    assert f"{tmp_path.resolve()}:/models" in command
+
+def test_repository_for_the_ngc_image_is_refused_locally_with_the_fix(repository, tiny_model, exports, tmp_path):
+    from utils.repository import write_repository
+
+    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, backend="tensorrt")
+    with pytest.raises(TritonServerError, match=r"uses platform 'tensorrt_plan', which the pip-installed "
+                                                r"tritonserver cannot serve .* --docker"):
+        TritonServer(tmp_path).start()

@@ -51,12 +51,28 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     if backend == "python":
         config.backend = "python"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    elif backend == "onnxruntime":
-        config.platform = "onnxruntime_onnx"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
-    else:
-        config.platform = "tensorrt_plan"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+        return config
+    config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    if backend == "tensorrt":
+        # Only the batch is dynamic, so each batch size of the profile is one static shape that a
+        # CUDA graph can replay: capture one per batch size (launch overhead dominates the UNet).
+        config.optimization.cuda.graphs = True
+        for batch in range(network.profile.min, network.profile.max + 1):
+            config.optimization.cuda.graph_spec.add(batch_size=batch)
+    # One request at the profile's optimal batch at load time, so the first user does not pay for
+    # lazy initialization (cuDNN/TensorRT tactics, memory pools). Token ids are zeros: random
+    # INT32 values would index past the vocabulary.
+    warmup = config.model_warmup.add(name=f"batch_{network.profile.opt}", batch_size=network.profile.opt, count=1)
+    for tensor in network.inputs:
+        fields = _tensor_fields(tensor, precision, dims)
+        warmup_input = warmup.inputs[tensor.name]
+        warmup_input.data_type = fields["data_type"]
+        warmup_input.dims.extend(fields["dims"])
+        if tensor.dtype == "INT32":
+            warmup_input.zero_data = True
+        else:
+            warmup_input.random_data = True
     return config
 
 

@@ -10,7 +10,7 @@ backend and ensembles, but not ready to run as a plain server. What it needs (DE
   wheel's ``nvidia_pytriton.libs``;
 - this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``.
 
-For users with Docker, the NGC image runs the same repository (``docker_command``).
+With Docker, the project's serving image runs the same repository (utils/docker.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 LOCALHOST = "127.0.0.1"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-triton"
 
@@ -69,6 +68,21 @@ def shared_libpython() -> Path:
             f"with Docker (`python scripts/launch_triton_server.py --docker`)."
         )
     return library
+
+
+def check_served_locally(repository: Path) -> None:
+    """The wheel's tritonserver has the Python backend only: say so before it fails to load."""
+    from utils import configs
+
+    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+        platform = configs.parse_pbtxt(config_file.read_text()).platform
+        if platform:
+            raise TritonServerError(
+                f"{config_file} uses platform {platform!r}, which the pip-installed tritonserver cannot serve "
+                f"(it has the Python backend only). Serve this repository with Docker "
+                f"(`python scripts/launch_triton_server.py --docker`), or write it for the local server with "
+                f"`python scripts/move_onnx_models_to_triton.py --backend python --force`."
+            )
 
 
 def install_tritonserver(cache_dir: Path = DEFAULT_CACHE) -> Path:
@@ -156,6 +170,7 @@ class TritonServer:
                 f"model repository {repository} does not exist: create it with "
                 f"`python scripts/move_onnx_models_to_triton.py` (after the ONNX export)."
             )
+        check_served_locally(repository)
         libpython = shared_libpython()
         server_dir = install_tritonserver()
         for name in ("http_port", "grpc_port", "metrics_port"):
@@ -246,12 +261,3 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def docker_command(model_repository: Path, gpus: str = "all") -> list[str]:
-    """The seed's launch command on the NGC Triton image, bound to localhost only."""
-    return [
-        "docker", "run", "--rm", f"--gpus={gpus}", "--shm-size=1g",
-        "-p", f"{LOCALHOST}:8000:8000", "-p", f"{LOCALHOST}:8001:8001", "-p", f"{LOCALHOST}:8002:8002",
-        "-v", f"{Path(model_repository).resolve()}:/models",
-        TRITON_IMAGE, "tritonserver", "--model-repository=/models",
-    ]

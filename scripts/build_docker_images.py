@@ -1,0 +1,16 @@
+"""Build the two images of this tutorial from one NGC release (utils/docker.py): export and serving."""
+
+import shlex
+import subprocess
+
+from utils.docker import build_commands
+
+
+def main():
+    for command in build_commands():
+        print("$", shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main()

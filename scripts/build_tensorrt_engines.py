@@ -1,0 +1,57 @@
+"""Step 3b: build one TensorRT engine per network with trtexec (fp16, the specs' batch profiles).
+
+Reads triton/models/<network>/1/model.onnx (step 3), writes triton/models/<network>/2/model.plan
+and, next to it, engine.json: the TensorRT version, GPU and compute capability it was built for.
+Runs trtexec directly where it is on PATH (inside the export image), or through that image
+with --docker. Serve the result with the configs of `move_onnx_models_to_triton.py --backend tensorrt`.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils import specs
+from utils.docker import export_command
+from utils.engines import DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path
+from utils.repository import PIPELINE_FILES
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", default=Path("triton/models"), type=Path)
+    parser.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS)
+    parser.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE, type=Path,
+                        help="reused across builds: later builds of similar layers are much faster")
+    parser.add_argument("--network", action="append", choices=list(specs.NETWORKS),
+                        help="build only this network (repeatable); default: all four")
+    parser.add_argument("--docker", action="store_true", help="run trtexec in the export image (docker run --gpus)")
+    parser.add_argument("--force", action="store_true", help="rebuild engines that exist")
+    args = parser.parse_args(argv)
+
+    if args.docker and args.repository.is_absolute():
+        raise SystemExit("error: with --docker, --repository must be inside this folder (it is mounted at /workspace).")
+    if not args.docker and shutil.which("trtexec") is None:
+        raise SystemExit("error: trtexec is not on PATH. Run this inside the export image "
+                         "(`make engines` does), or pass --docker to run it there.")
+    # The sizes of the checkpoint the repository serves (step 3 copied its config files).
+    dims = specs.ModelDims.from_pretrained(args.repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
+    wrap = export_command if args.docker else (lambda command: command)
+    networks = [specs.NETWORKS[name] for name in (args.network or specs.NETWORKS)]
+    for network in tqdm(networks, desc="engines", unit="engine"):
+        plan = plan_path(args.repository, network)
+        if plan.exists() and not args.force:
+            tqdm.write(f"{network.name}: {plan} exists, skipped (pass --force to rebuild)")
+            continue
+        log_file = Path("engines/logs") / f"{network.name}.log"
+        try:
+            built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap)
+        except RuntimeError as error:
+            raise SystemExit(f"error: {error}")
+        tqdm.write(f"{network.name}: wrote {plan} (TensorRT {built.tensorrt_version}, {built.gpu_name}, "
+                   f"compute capability {built.compute_capability})")
+
+
+if __name__ == "__main__":
+    main()
