@@ -5,15 +5,16 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+REQUIREMENTS ?= requirements.txt
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test images engines clean
+.PHONY: venv demo test test-docker-pins images engines clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: $(REQUIREMENTS) setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet $(addprefix -r ,$(REQUIREMENTS))
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
@@ -23,6 +24,10 @@ demo: venv
 test: venv
 	$(BIN)/pytest
 
+# The suite on Python 3.10 with the pins the NGC 24.10 images install (CPU; downloads a CUDA torch).
+test-docker-pins:
+	$(MAKE) test PYTHON=python3.10 VENV=.venv-py310 REQUIREMENTS="docker/requirements.txt docker/requirements-local-test.txt"
+
 # The production path (needs Docker, an NVIDIA GPU and the NVIDIA container toolkit):
 images: venv
 	$(BIN)/python scripts/build_docker_images.py
@@ -31,4 +36,4 @@ engines: venv
 	$(BIN)/python scripts/build_tensorrt_engines.py --docker
 
 clean:
-	rm -rf $(VENV) models onnx outputs
+	rm -rf $(VENV) .venv-py310 models onnx outputs engines

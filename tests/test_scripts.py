@@ -1,0 +1,62 @@
+"""The README's commands, run as a user runs them, against the session's server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils import specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_run_pipeline_scripts_save_the_same_image(triton_server, tiny_model, tmp_path):
+    common = ["--url", triton_server.grpc_url, "--steps", "3", "--seed", "5", "--prompt", "a red boat"]
+    out = run("scripts/run_ensemble_pipeline.py", *common, "--model", str(tiny_model),
+              "--output", str(tmp_path / "client.png"), cwd=tmp_path)
+    assert f"saved {tmp_path / 'client.png'} (64x64, 3 steps" in out
+    out = run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "bls.png"), cwd=tmp_path)
+    assert f"saved {tmp_path / 'bls.png'} (64x64, 3 steps" in out
+    client, bls = (np.asarray(Image.open(tmp_path / name)) for name in ("client.png", "bls.png"))
+    assert client.shape == (64, 64, 3) and np.abs(client.astype(int) - bls).max() <= 2
+
+
+@pytest.mark.parametrize("network", specs.NETWORKS)
+def test_query_model(network, triton_server, tmp_path):
+    out = run("scripts/query_model.py", network, "--url", triton_server.grpc_url, cwd=tmp_path)
+    batch = specs.NETWORKS[network].profile.opt
+    assert out.startswith(f"{network} (python), batch {batch}: ")
+    for name in specs.NETWORKS[network].output_names:
+        assert f"  {name}: float32 [{batch}, " in out
+
+
+def test_query_model_beyond_the_profile_is_a_clear_error(triton_server, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/query_model.py"), "unet", "--batch", "9",
+                             "--url", triton_server.grpc_url], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "batch-size must be <= 4 for 'unet'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quickstart_main_job(tmp_path):
+    """`make demo`: model, export, repository, server, both pipelines, images, times."""
+    out = run("scripts/quickstart.py", "--steps", "5", cwd=tmp_path)
+    assert "max pixel difference between the two images: 0" in out
+    for image in ("outputs/client_side.png", "outputs/bls.png"):
+        assert f"  {image}\n" in out and (tmp_path / image).is_file()
+    for step in range(1, 8):
+        assert f"\n{step}. " in out.split("Times:")[1]
+    assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir()) == sorted(
+        f"{name}.onnx" for name in specs.NETWORKS)
