@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -97,4 +98,5 @@ def test_serve_command_is_the_seed_command_on_localhost(tmp_path):
 def test_export_command_passes_the_token_by_name_only():
     command = docker.export_command(["trtexec", "--help"])
     assert command[command.index("--env") + 1] == "HF_TOKEN"  # the value stays in the caller's environment
+    assert command[command.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"  # files written stay the user's
     assert command[-3:] == [docker.EXPORT_IMAGE, "trtexec", "--help"]

@@ -7,6 +7,7 @@ silently mixing releases; every command below passes this one value.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 NGC_RELEASE = "24.10"
@@ -33,10 +34,11 @@ def build_commands() -> list[list[str]]:
 def export_command(command: list[str], gpus: str = "all") -> list[str]:
     """Run ``command`` in the export image with the repository mounted at /workspace.
 
-    A Hugging Face token is passed from the environment at run time only (never baked in).
+    A Hugging Face token is passed from the environment at run time only (never baked in), and
+    the command runs as the calling user, so what it writes in the repository stays yours.
     """
     return [
-        "docker", "run", "--rm", f"--gpus={gpus}", "--env", "HF_TOKEN",
+        "docker", "run", "--rm", f"--gpus={gpus}", "--env", "HF_TOKEN", "--user", f"{os.getuid()}:{os.getgid()}",
         "-v", f"{Path.cwd()}:{WORKDIR}", "-w", WORKDIR, EXPORT_IMAGE, *command,
     ]
 
