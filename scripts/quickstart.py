@@ -11,13 +11,12 @@ from pathlib import Path
 
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import ClientSidePipeline
-from utils import specs
 from utils.cli import add_generation_arguments, generation_options, save_images
-from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
-from utils.models import DEFAULT_MODELS_DIR, resolve_model
-from utils.repository import write_repository
+from utils.export import DEFAULT_ONNX_DIR
+from utils.models import DEFAULT_MODELS_DIR
 from utils.server import TritonServer
 from utils.timing import StepTimer
+from utils.workflow import prepare_repository
 
 
 def main(argv=None):
@@ -33,19 +32,8 @@ def main(argv=None):
     timer = StepTimer()
     saved = []
 
-    with timer.step(f"1. model: {args.model}"):
-        model_dir = resolve_model(args.model, args.models_dir)
-        print(f"    {model_dir}")
-    with timer.step("2. export the four networks to ONNX"):
-        onnx_files = {}
-        for name, network in specs.NETWORKS.items():
-            result = export_network(network, model_dir, onnx_path(args.onnx_dir, args.model, name), force=args.force)
-            onnx_files[name] = result.path
-            status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
-            print(f"    {result.path}: {status}")
-    with timer.step(f"3. model repository: {args.repository}"):
-        report = write_repository(args.repository, model_dir, onnx_files, backend="python", force=args.force)
-        print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
+    model_dir = prepare_repository(args.model, args.repository, args.models_dir, args.onnx_dir,
+                                   backend="python", force=args.force, timer=timer)
     with timer.step("4. start Triton (nvidia-pytriton's tritonserver, 127.0.0.1)"):
         server = TritonServer(args.repository).start()
         print(f"    gRPC {server.grpc_url}, log {server.log_file}")

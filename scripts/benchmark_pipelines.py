@@ -1,0 +1,64 @@
+"""Benchmark plain diffusers against the Triton pipelines (client-side and BLS) on the same work.
+
+Starts and stops a local Triton server on a freshly prepared repository unless --url is given.
+Prints a table; writes every raw figure and the environment to a JSON file, and a chart to a PNG.
+On the tiny default it takes about a minute on 2 CPU cores; the seed's settings on a GPU:
+  python scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16
+"""
+
+import argparse
+import contextlib
+from pathlib import Path
+
+from utils.benchmark import CONTENDERS, Settings, run_benchmark, table, write_results
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
+from utils.server import TritonServer
+from utils.workflow import prepare_repository
+
+
+def main(argv=None):
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
+    parser.add_argument("--repository", default=Path("triton/models"), type=Path,
+                        help="prepared (export + move) before the server starts, unless --url is given")
+    parser.add_argument("--url", default=None, help="benchmark a running server (gRPC) instead of starting one")
+    parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--device", default=defaults.device, help="diffusers' device (cpu or cuda)")
+    parser.add_argument("--precision", default=defaults.precision, choices=["FP32", "FP16"])
+    parser.add_argument("--prompt", default=defaults.prompt)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--runs", type=int, default=defaults.runs)
+    parser.add_argument("--concurrency", type=int, default=0, help="concurrent clients (0: no concurrency run)")
+    parser.add_argument("--requests", type=int, default=0, help="requests in the concurrency run")
+    parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
+    args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
+    if args.concurrency and args.requests < args.concurrency:
+        parser.error(f"--requests {args.requests} with --concurrency {args.concurrency}: send at least one "
+                     f"request per client")
+
+    settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                        seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=args.concurrency,
+                        requests=args.requests, device=args.device, precision=args.precision)
+    served = any(CONTENDERS[name].served for name in args.pipelines)
+    with contextlib.ExitStack() as stack:
+        url = args.url
+        if served and url is None:
+            model_dir = prepare_repository(args.model, args.repository, args.models_dir)
+            url = stack.enter_context(TritonServer(args.repository)).grpc_url
+        else:
+            model_dir = resolve_model(args.model, args.models_dir)
+        results = run_benchmark(settings, model_dir, url, args.pipelines)
+    json_path, png_path = write_results(results, args.output_dir)
+    print(table(results))
+    print(f"\nraw figures and environment: {json_path}\nchart: {png_path}")
+
+
+if __name__ == "__main__":
+    main()

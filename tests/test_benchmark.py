@@ -1,0 +1,52 @@
+"""scripts/benchmark_pipelines.py on the tiny default: its JSON and chart are complete and sane.
+
+No speed is asserted here: the benchmark prints speeds, tests check that they are measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from utils.benchmark import CONTENDERS, STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_writes_complete_results(tiny_model, tmp_path):
+    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
+               "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "2", "--requests", "2",
+               "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_path,) = (tmp_path / "out").glob("*.json")
+    (png_path,) = (tmp_path / "out").glob("*.png")
+    assert str(json_path) in result.stdout and str(png_path) in result.stdout  # the table is printed too
+    assert all(name in result.stdout for name in CONTENDERS)
+
+    results = json.loads(json_path.read_text())
+    assert set(results["pipelines"]) == set(CONTENDERS) == set(results["concurrency"])
+    assert results["settings"]["steps"] == 5 and results["settings"]["resolution"] == [64, 64]
+    assert results["environment"]["versions"]["tritonserver"] == "2.51.0"
+    for name, figures in results["pipelines"].items():
+        latency, stages = figures["latency"], figures["stages"]
+        assert len(latency["raw_s"]) == 2
+        for key in ("mean_s", "p50_s", "p90_s", "p99_s", "images_per_s", "raw_s"):
+            values = latency[key] if isinstance(latency[key], list) else [latency[key]]
+            assert all(math.isfinite(v) and v > 0 for v in values), (name, key, values)
+        for stage in (*STAGES, "unet_per_call"):
+            assert math.isfinite(stages[stage]) and stages[stage] > 0, (name, stage, stages)
+        assert stages["unet_calls_per_run"] == 6  # PNDM: 5 steps = 6 UNet calls
+        assert sum(stages[stage] for stage in STAGES) <= latency["mean_s"], (name, stages, latency)
+        assert stages["other"] >= 0
+    for name, run in results["concurrency"].items():
+        assert run["errors"] == 0 and run["requests"] == 2, run
+        assert math.isfinite(run["throughput_images_per_s"]) and run["throughput_images_per_s"] > 0
+
+    with Image.open(png_path) as chart:
+        assert chart.width > 1000 and chart.height > 300

@@ -1,0 +1,422 @@
+"""A fair benchmark of diffusers against the Triton pipelines: same work, figures that explain.
+
+Every contender generates the same images (same model, device, precision, scheduler, steps,
+guidance, resolution, seed; diffusers with its safety checker off and PIL output, like the
+Triton pipelines' uint8 images). Per contender: warm-up runs, then measured runs (latency mean,
+std, p50/p90/p99, images/s) and a stage breakdown (text encoder, UNet in total and per call, VAE
+decoder, and the rest: orchestration, transport, queueing), from Triton's statistics API for the
+served models and from timers around the networks for diffusers. A concurrency mode sends M
+requests from N client threads and reports throughput, latency percentiles and client-counted
+errors (Triton's metrics count error responses as successes).
+
+Adding a contender is one line in CONTENDERS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from utils import specs
+from utils.models import model_slug
+
+STAGES = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass
+class Settings:
+    model: str = "tiny"
+    prompt: str = "a photo of an astronaut riding a horse on mars"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    warmup: int = 5
+    runs: int = 20
+    concurrency: int = 0  # client threads; 0 = no concurrency run
+    requests: int = 0  # requests in the concurrency run
+    device: str = "cpu"
+    precision: str = "FP32"
+
+    def options(self) -> dict:
+        return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                    seed=self.seed)
+
+
+@dataclass
+class Context:
+    """What a contender needs: the model folder and, for the Triton ones, the server address."""
+
+    settings: Settings
+    model_dir: Path
+    url: str | None
+
+
+# ---------------------------------------------------------------- contenders
+
+
+class DiffusersContender:
+    """Plain diffusers.StableDiffusionPipeline in this process: the baseline."""
+
+    served = False
+
+    def __init__(self, context: Context):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        self.torch = torch
+        settings = context.settings
+        dtype = {"FP32": torch.float32, "FP16": torch.float16}[settings.precision]
+        self.pipeline = StableDiffusionPipeline.from_pretrained(
+            context.model_dir, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+        ).to(settings.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.lock = threading.Lock()  # one in-process pipeline serves one request at a time
+
+    def client(self):
+        return self
+
+    def __call__(self, prompt, seed, **options) -> np.ndarray:
+        with self.lock:
+            generator = self.torch.Generator().manual_seed(seed)
+            images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
+        return np.stack([np.asarray(image) for image in images])
+
+    @contextmanager
+    def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
+        """Time the three networks' forward calls (synchronizing the GPU, so only while profiling)."""
+        # vae.decoder: all of the VAE decoder network but its first 1x1 convolution (post_quant_conv).
+        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet,
+                   "vae_decoder": self.pipeline.vae.decoder}
+        starts, handles = {}, []
+
+        def sync():
+            if self.torch.cuda.is_available():
+                self.torch.cuda.synchronize()
+
+        for stage, module in modules.items():
+            def before(_module, _inputs, stage=stage):
+                sync()
+                starts[stage] = time.perf_counter()
+
+            def after(_module, _inputs, _outputs, stage=stage):
+                sync()
+                totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - starts[stage]
+                calls[stage] = calls.get(stage, 0) + 1
+
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class ClientSideContender:
+    """pipelines/ensemble.py: the loop here, each network a gRPC call."""
+
+    served = True
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def client(self):
+        from pipelines.ensemble import ClientSidePipeline
+
+        pipeline = ClientSidePipeline(self.context.model_dir, self.context.url, timeout=None)
+        return lambda **options: pipeline(progress=False, **options)
+
+
+class BlsContender:
+    """triton/models/pipeline_text_to_image: one request, the loop inside Triton."""
+
+    served = True
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def client(self):
+        from pipelines.bls import BlsPipeline
+
+        return BlsPipeline(self.context.url, timeout=None)
+
+
+CONTENDERS = {
+    "diffusers": DiffusersContender,
+    "triton-client-side": ClientSideContender,
+    "triton-bls": BlsContender,
+}
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def latency_summary(seconds: list[float], images_per_request: int = 1) -> dict:
+    values = np.asarray(seconds)
+    return {
+        "runs": len(values),
+        "mean_s": float(values.mean()),
+        "std_s": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "p50_s": float(np.percentile(values, 50)),
+        "p90_s": float(np.percentile(values, 90)),
+        "p99_s": float(np.percentile(values, 99)),
+        "images_per_s": float(images_per_request / values.mean()),
+        "raw_s": [float(v) for v in values],
+    }
+
+
+class TritonStatistics:
+    """Cumulative per-model figures from Triton's statistics API, to diff around measured runs."""
+
+    def __init__(self, url: str):
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        figures = {}
+        for model in self.client.get_inference_statistics(as_json=True).get("model_stats", []):
+            stats = model.get("inference_stats", {})
+            ns = lambda key: int(stats.get(key, {}).get("ns", 0))  # noqa: E731
+            figures[model["name"]] = {
+                "executions": int(model.get("execution_count", 0)),
+                "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
+                "queue_ns": ns("queue"),
+            }
+        return figures
+
+    @staticmethod
+    def stages(before: dict, after: dict, runs: int) -> dict:
+        """Seconds per run spent computing in each network, and per UNet call."""
+        delta = {name: {key: after[name][key] - before.get(name, {}).get(key, 0) for key in after[name]}
+                 for name in after}
+        stages = {stage: delta.get(stage, {}).get("compute_ns", 0) / 1e9 / runs for stage in STAGES}
+        calls = delta.get("unet", {}).get("executions", 0)
+        stages["unet_per_call"] = delta["unet"]["compute_ns"] / 1e9 / calls if calls else 0.0
+        stages["unet_calls_per_run"] = calls / runs
+        return stages
+
+
+def measure(name: str, contender, context: Context, statistics: TritonStatistics | None) -> dict:
+    """Warm-up, measured runs and stage breakdown of one contender."""
+    settings = context.settings
+    generate = contender.client()
+    options = settings.options()
+    for _ in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
+        generate(**options)
+    before = statistics.snapshot() if contender.served else None
+    latencies = []
+    for _ in tqdm(range(settings.runs), desc=f"{name}: runs", leave=False):
+        start = time.perf_counter()
+        generate(**options)
+        latencies.append(time.perf_counter() - start)
+    result = {"latency": latency_summary(latencies)}
+    if contender.served:
+        stages = TritonStatistics.stages(before, statistics.snapshot(), settings.runs)
+        stages_source = "Triton statistics API over the measured runs"
+    else:
+        totals, calls = {}, {}
+        profiled_runs = max(1, min(3, settings.runs))
+        with contender.stage_timers(totals, calls):  # separate runs: the timers synchronize the GPU
+            for _ in range(profiled_runs):
+                generate(**options)
+        stages = {stage: totals.get(stage, 0.0) / profiled_runs for stage in STAGES}
+        stages["unet_per_call"] = totals.get("unet", 0.0) / max(1, calls.get("unet", 0))
+        stages["unet_calls_per_run"] = calls.get("unet", 0) / profiled_runs
+        stages_source = f"timers around the networks' forward calls, {profiled_runs} extra runs"
+    stages["other"] = result["latency"]["mean_s"] - sum(stages[stage] for stage in STAGES)
+    result["stages"] = stages
+    result["stages_source"] = stages_source
+    return result
+
+
+def measure_concurrency(name: str, contender, settings: Settings) -> dict:
+    """``settings.requests`` requests from ``settings.concurrency`` threads, each with its own client."""
+    local = threading.local()
+    options = settings.options()
+    latencies, errors = [], []
+    ready = threading.Barrier(settings.concurrency)
+
+    def warm_up(_):
+        """One untimed request per client thread (each gets exactly one: they wait for each other),
+        so client set-up and per-thread runtime initialization stay out of the measurement."""
+        try:
+            local.generate = contender.client()
+            local.generate(**options)
+        finally:
+            ready.wait()
+
+    def one_request(_):
+        start = time.perf_counter()
+        try:
+            local.generate(**options)
+            latencies.append(time.perf_counter() - start)
+        except Exception as error:  # counted here: the server's own metrics count errors as successes
+            errors.append(f"{type(error).__name__}: {error}")
+
+    with ThreadPoolExecutor(settings.concurrency) as pool:
+        list(pool.map(warm_up, range(settings.concurrency)))
+        start = time.perf_counter()
+        list(tqdm(pool.map(one_request, range(settings.requests)), total=settings.requests,
+                  desc=f"{name}: {settings.concurrency} clients", leave=False))
+    wall = time.perf_counter() - start
+    summary = latency_summary(latencies) if latencies else {}
+    return {
+        "clients": settings.concurrency, "requests": settings.requests, "errors": len(errors),
+        "error_messages": errors[:5], "wall_s": wall, "throughput_images_per_s": len(latencies) / wall,
+        "latency": summary,
+    }
+
+
+# ---------------------------------------------------------------- environment and output
+
+
+def environment(url: str | None) -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    for package in ("torch", "diffusers", "transformers", "onnxruntime", "tritonclient", "nvidia-pytriton", "numpy"):
+        try:
+            env["versions"][package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env["versions"][package] = None
+    if url:
+        import tritonclient.grpc as grpcclient
+
+        env["versions"]["tritonserver"] = grpcclient.InferenceServerClient(url).get_server_metadata().version
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def table(results: dict) -> str:
+    header = (f"{'pipeline':<20} {'mean ± std (s)':>16} {'p50':>7} {'p90':>7} {'p99':>7} {'img/s':>7} │ "
+              f"{'text enc':>8} {'unet':>8} {'per call':>9} {'vae dec':>8} {'other':>8}")
+    lines = [header, "─" * len(header)]
+    for name, result in results["pipelines"].items():
+        latency, stages = result["latency"], result["stages"]
+        lines.append(
+            f"{name:<20} {latency['mean_s']:>8.3f} ± {latency['std_s']:<5.3f} {latency['p50_s']:>7.3f} "
+            f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
+            f"{stages['text_encoder']:>8.4f} {stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms "
+            f"{stages['vae_decoder']:>8.4f} {stages['other']:>8.4f}"
+        )
+    if results.get("concurrency"):
+        lines += ["", f"{'pipeline':<20} {'clients':>7} {'requests':>8} {'errors':>6} {'img/s':>7} "
+                      f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8}"]
+        for name, run in results["concurrency"].items():
+            latency = run["latency"] or {"p50_s": float("nan"), "p90_s": float("nan"), "p99_s": float("nan")}
+            lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
+                         f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
+                         f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f}")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["pipelines"])
+    concurrency = results.get("concurrency") or {}
+    columns = 3 if concurrency else 2
+    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.2))
+    latencies = [results["pipelines"][n]["latency"] for n in names]
+    axes[0].bar(names, [l["mean_s"] for l in latencies], yerr=[l["std_s"] for l in latencies], capsize=6,
+                color="#4c78a8")
+    for index, l in enumerate(latencies):
+        axes[0].annotate(f"p50 {l['p50_s']:.3f}\np99 {l['p99_s']:.3f}", (index, l["mean_s"]),
+                         ha="center", va="bottom", fontsize=8, xytext=(0, 8), textcoords="offset points")
+    axes[0].set_ylabel("seconds per image (mean ± std)")
+    axes[0].set_title("End-to-end latency")
+    left = np.zeros(len(names))
+    for stage, color in zip((*STAGES, "other"), ("#72b7b2", "#4c78a8", "#f58518", "#bab0ac")):
+        widths = np.array([results["pipelines"][n]["stages"][stage] for n in names])
+        axes[1].barh(names, widths, left=left, color=color, label=stage)
+        left += np.maximum(widths, 0)
+    axes[1].set_xlabel("seconds per image")
+    axes[1].set_title("Where the time goes")
+    axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
+    if concurrency:
+        runs = list(concurrency.values())
+        axes[2].bar(list(concurrency), [r["throughput_images_per_s"] for r in runs], color="#54a24b")
+        axes[2].set_ylabel("images per second")
+        axes[2].set_title(f"Throughput, {runs[0]['clients']} concurrent clients")
+    for axis in axes:
+        axis.tick_params(axis="x", labelsize=8)
+    s = results["settings"]
+    figure.suptitle(f"{s['model']} on {results['environment']['gpu'] or results['environment']['cpu']} "
+                    f"({s['device']}, {s['precision']}), {s['steps']} steps, guidance {s['guidance_scale']}",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: list[str]) -> dict:
+    context = Context(settings, model_dir, url)
+    statistics = TritonStatistics(url) if url else None
+    dims = specs.ModelDims.from_pretrained(model_dir)
+    results = {
+        "settings": {**asdict(settings), "resolution": [dims.image_height, dims.image_width],
+                     "scheduler": json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]},
+        "environment": environment(url),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipelines": {},
+        "concurrency": {},
+    }
+    for name in tqdm(names, desc="pipelines"):
+        contender = CONTENDERS[name](context)
+        results["pipelines"][name] = measure(name, contender, context, statistics)
+        if settings.concurrency and settings.requests:
+            results["concurrency"][name] = measure_concurrency(name, contender, settings)
+    return results
+
+
+def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
+    """Timestamped files, so earlier results are never overwritten."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{model_slug(results['settings']['model'])}-{results['settings']['device']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path = output_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    return json_path, chart(results, output_dir / f"{stem}.png")
+

@@ -1,0 +1,38 @@
+"""The walkthrough's preparation steps in one call: model, ONNX export, model repository.
+
+Used by the quickstart (`make demo`) and the benchmark; each step is also a script of its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils import specs
+from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
+from utils.repository import write_repository
+from utils.timing import StepTimer
+
+
+def prepare_repository(model: str, repository: Path, models_dir: Path = DEFAULT_MODELS_DIR,
+                       onnx_dir: Path = DEFAULT_ONNX_DIR, backend: str = "python", force: bool = False,
+                       timer: StepTimer | None = None) -> Path:
+    """Resolve ``model``, export its networks (finished exports are reused) and write the
+    repository; return the model's diffusers folder. Each step is printed and timed by ``timer``."""
+    step = (timer or StepTimer()).step
+
+    with step(f"1. model: {model}"):
+        model_dir = resolve_model(model, models_dir)
+        print(f"    {model_dir}")
+    with step("2. export the four networks to ONNX"):
+        onnx_files = {}
+        for name, network in specs.NETWORKS.items():
+            result = export_network(network, model_dir, onnx_path(onnx_dir, model, name), force=force)
+            onnx_files[name] = result.path
+            status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
+            print(f"    {result.path}: {status}")
+    with step(f"3. model repository: {repository}"):
+        report = write_repository(repository, model_dir, onnx_files, backend=backend, force=force)
+        print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
+    return model_dir
+
