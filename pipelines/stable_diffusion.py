@@ -64,7 +64,7 @@ class StableDiffusion:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.components = components
         self.run_network = run_network
-        self.dtype = dtype  # the precision the networks are served at, as diffusers' torch_dtype
+        self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
         self.max_prompts = specs.TEXT_TO_IMAGE.max_prompts()
         self.max_steps = components.scheduler_config.get("num_train_timesteps", 1000)

@@ -38,7 +38,7 @@ class UNet(nn.Module):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype)
 
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
@@ -56,7 +56,7 @@ class _Vae(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", dtype=dtype)
 
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
         return tuple(random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
