@@ -11,15 +11,18 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
 from pipelines.request import GenerationRequest, request_to_arrays
+from pipelines.retry import DEFAULT_RETRY_FOR, call_with_retries, connect
 from utils import specs
 
 
 class BlsPipeline:
     spec = specs.TEXT_TO_IMAGE
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 600.0):
-        self.client = grpcclient.InferenceServerClient(url)
-        self.timeout = timeout
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 600.0,
+                 retry_for: float = DEFAULT_RETRY_FOR):
+        self.client = connect(url)
+        self.timeout = timeout  # per request; the server stops working on it when it expires
+        self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
 
     def __call__(self, prompt: str | list[str], **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
@@ -35,6 +38,9 @@ class BlsPipeline:
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
         (output,) = self.spec.outputs
-        result = self.client.infer(self.spec.name, inputs, outputs=[grpcclient.InferRequestedOutput(output.name)],
-                                   client_timeout=self.timeout)
+        outputs = [grpcclient.InferRequestedOutput(output.name)]
+        result = call_with_retries(
+            lambda: self.client.infer(self.spec.name, inputs, outputs=outputs, client_timeout=self.timeout),
+            self.retry_for,
+        )
         return result.as_numpy(output.name)

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from pipelines.request import GenerationRequest
+from pipelines.retry import DEFAULT_RETRY_FOR, call_with_retries, connect
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
 from utils.networks import TORCH_DTYPES
@@ -23,14 +24,16 @@ from utils.networks import TORCH_DTYPES
 class TritonNetworks:
     """Calls the component models over gRPC, in the dtypes their served configs declare."""
 
-    def __init__(self, url: str, timeout: float | None = 60.0):
-        self.client = grpcclient.InferenceServerClient(url)
-        self.timeout = timeout
+    def __init__(self, url: str, timeout: float | None = 60.0, retry_for: float = DEFAULT_RETRY_FOR):
+        self.client = connect(url)
+        self.timeout = timeout  # per network call
+        self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
         self._configs: dict[str, dict] = {}
 
     def served_config(self, name: str) -> dict:
         if name not in self._configs:
-            self._configs[name] = self.client.get_model_config(name, as_json=True)["config"]
+            self._configs[name] = call_with_retries(
+                lambda: self.client.get_model_config(name, as_json=True)["config"], self.retry_for)
         return self._configs[name]
 
     def precision(self) -> str:
@@ -49,15 +52,19 @@ class TritonNetworks:
             infer_input.set_data_from_numpy(array)
             inputs.append(infer_input)
         outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
-        result = self.client.infer(network.name, inputs, outputs=outputs, client_timeout=self.timeout)
+        result = call_with_retries(  # one network call is idempotent: safe to repeat
+            lambda: self.client.infer(network.name, inputs, outputs=outputs, client_timeout=self.timeout),
+            self.retry_for,
+        )
         return tuple(torch.from_numpy(result.as_numpy(name).copy()) for name in network.output_names)
 
 
 class ClientSidePipeline:
     """Text to image, orchestrated here, each network served by Triton."""
 
-    def __init__(self, model_dir: str | Path, url: str = "127.0.0.1:8001", timeout: float | None = 60.0):
-        self.networks = TritonNetworks(url, timeout)
+    def __init__(self, model_dir: str | Path, url: str = "127.0.0.1:8001", timeout: float | None = 60.0,
+                 retry_for: float = DEFAULT_RETRY_FOR):
+        self.networks = TritonNetworks(url, timeout, retry_for)
         dtype = TORCH_DTYPES[self.networks.precision()]
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir), self.networks, dtype=dtype)
 

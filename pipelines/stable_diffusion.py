@@ -67,7 +67,10 @@ class StableDiffusion:
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
         self.max_prompts = specs.TEXT_TO_IMAGE.max_prompts()
-        self.max_steps = components.scheduler_config.get("num_train_timesteps", 1000)
+        # More steps than training timesteps (less the offset) index past the schedule: PNDM with
+        # SD1.5's config fails at 1000 steps, inside diffusers' own pipeline too.
+        config = components.scheduler_config
+        self.max_steps = config.get("num_train_timesteps", 1000) - config.get("steps_offset", 0)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps)

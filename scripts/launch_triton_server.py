@@ -12,6 +12,7 @@ from pathlib import Path
 
 from utils.docker import TENSORRT_VERSION, serve_command
 from utils.engines import EngineMismatch, Target, check_engines, local_gpu, tensorrt_networks
+from utils.health import Supervisor
 from utils.server import TritonServer, TritonServerError
 
 
@@ -21,6 +22,12 @@ def main(argv=None):
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--model-control", default="none", choices=["none", "explicit"],
+                        help="explicit: models can be loaded/unloaded through the API, which then needs the admin "
+                             "key printed at start (default: none, the repository is fixed)")
+    parser.add_argument("--canary-interval", type=float, default=10.0,
+                        help="seconds between canary inferences; after 2 failures in a row the server is "
+                             "restarted (a dead Python-backend stub is invisible to readiness). 0: no supervisor")
     parser.add_argument("--docker", action="store_true",
                         help="run the project's serving image instead, on ports 8000-8002 (needs Docker, an NVIDIA "
                              "GPU and the NVIDIA container toolkit; `make images` builds it)")
@@ -38,17 +45,24 @@ def main(argv=None):
         raise SystemExit(subprocess.call(command))
 
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port)
+                          metrics_port=args.metrics_port, model_control=args.model_control)
     try:
         server.start()
     except TritonServerError as error:
         raise SystemExit(f"error: {error}")
     print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
           f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
+    if server.admin_key:
+        print(f"Model control is explicit: the model-repository, shared-memory, logging, trace and statistics "
+              f"APIs need the header {server.ADMIN_HEADER}: {server.admin_key} (gRPC: "
+              f"triton-grpc-protocol-{server.ADMIN_HEADER}).", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl+C
     try:
-        code = server.process.wait()  # returns only if the server dies on its own
-        raise SystemExit(f"error: tritonserver exited with code {code}.\n{server.log_tail()}")
+        if args.canary_interval > 0:
+            Supervisor(server, interval=args.canary_interval).run()  # until Ctrl+C
+        else:
+            code = server.process.wait()  # returns only if the server dies on its own
+            raise SystemExit(f"error: tritonserver exited with code {code}.\n{server.log_tail()}")
     except KeyboardInterrupt:
         pass
     finally:

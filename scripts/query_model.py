@@ -7,27 +7,11 @@ answers: it reads the model's config from the server, sends one batch, prints wh
 import argparse
 import time
 
-import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+from tritonclient.utils import InferenceServerException
 
+from pipelines.retry import connect
 from utils import specs
-
-
-def random_inputs(config: dict, batch: int) -> list:
-    rng = np.random.default_rng(0)
-    inputs = []
-    for tensor in config["input"]:
-        dtype = tensor["data_type"].removeprefix("TYPE_")
-        shape = [batch, *map(int, tensor["dims"])]
-        if dtype.startswith("INT"):
-            array = rng.integers(0, 100, shape).astype(triton_to_np_dtype(dtype))  # token ids: stay in vocabulary
-        else:
-            array = rng.standard_normal(shape).astype(triton_to_np_dtype(dtype))
-        infer_input = grpcclient.InferInput(tensor["name"], shape, dtype)
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
+from utils.health import probe_inputs
 
 
 def main(argv=None):
@@ -37,10 +21,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="default: the profile's optimal batch")
     args = parser.parse_args(argv)
 
-    client = grpcclient.InferenceServerClient(args.url)
+    client = connect(args.url)
     config = client.get_model_config(args.network, as_json=True)["config"]
     batch = args.batch or specs.NETWORKS[args.network].profile.opt
-    inputs = random_inputs(config, batch)
+    inputs = probe_inputs(config, batch)
     start = time.perf_counter()
     try:
         result = client.infer(args.network, inputs)

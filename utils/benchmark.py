@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipelines.retry import connect
 from utils import specs
 from utils.models import model_slug
 
@@ -181,9 +182,7 @@ class TritonStatistics:
     """Cumulative per-model figures from Triton's statistics API, to diff around measured runs."""
 
     def __init__(self, url: str):
-        import tritonclient.grpc as grpcclient
-
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = connect(url)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         figures = {}
@@ -302,9 +301,7 @@ def environment(url: str | None) -> dict:
         except metadata.PackageNotFoundError:
             env["versions"][package] = None
     if url:
-        import tritonclient.grpc as grpcclient
-
-        env["versions"]["tritonserver"] = grpcclient.InferenceServerClient(url).get_server_metadata().version
+        env["versions"]["tritonserver"] = connect(url).get_server_metadata().version
     return env
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -138,9 +139,33 @@ class TritonServer:
     grpc_port: int | None = None
     metrics_port: int | None = None
     startup_timeout: float = 180.0
+    exit_timeout: int = 30  # seconds Triton waits for in-flight requests on SIGTERM
+    # "none": the repository is fixed at start (the safe default). "explicit": models can be
+    # loaded and unloaded through the API, which is then restricted to holders of admin_key.
+    model_control: str = "none"
+    admin_key: str | None = None
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
+
+    # The APIs that can change or reveal the server's state; open only with the admin key when
+    # models can be loaded through the API.
+    ADMIN_APIS = "model-repository,shared-memory,logging,trace,statistics"
+    ADMIN_HEADER = "admin-key"
+
+    def __post_init__(self):
+        if self.model_control not in ("none", "explicit"):
+            raise ValueError(f"model_control={self.model_control!r}: use 'none' or 'explicit'.")
+        if self.model_control == "explicit" and self.admin_key is None:
+            self.admin_key = secrets.token_urlsafe(24)
+
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that open the restricted APIs (explicit model control only); Triton's gRPC
+        frontend expects the header name with a ``triton-grpc-protocol-`` prefix."""
+        if not self.admin_key:
+            return {}
+        prefix = "triton-grpc-protocol-" if protocol == "grpc" else ""
+        return {prefix + self.ADMIN_HEADER: self.admin_key}
 
     @property
     def grpc_url(self) -> str:
@@ -159,9 +184,20 @@ class TritonServer:
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-cpu-metrics=false",
+            "--strict-readiness=true",  # ready only when every model is
+            "--exit-on-error=true",  # a model that fails to load stops the start, with its error
+            f"--exit-timeout-secs={self.exit_timeout}",
+            f"--model-control-mode={self.model_control}",
+            *self._restrictions(),
             "--log-info=true",
             *self.extra_args,
         ]
+
+    def _restrictions(self) -> list[str]:
+        if self.model_control != "explicit":
+            return []
+        rule = f"{self.ADMIN_APIS}:{self.ADMIN_HEADER}={self.admin_key}"
+        return ["--load-model=*", f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
     def start(self) -> TritonServer:
         repository = Path(self.model_repository)
@@ -254,6 +290,16 @@ class TritonServer:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def restart(self, stop_timeout: float = 30.0) -> TritonServer:
+        """Stop and start again on the same ports, so clients reconnect to the same address."""
+        self.stop(stop_timeout)
+        for name in ("http_port", "grpc_port", "metrics_port"):  # wait for the old sockets to go
+            port = getattr(self, name)
+            deadline = time.monotonic() + 30
+            while port_in_use(port, self.host) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return self.start()
 
     def __enter__(self) -> TritonServer:
         return self.start()

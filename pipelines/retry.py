@@ -1,0 +1,58 @@
+"""Retry a Triton call while the failure is one that waiting can fix, with exponential backoff.
+
+Retryable: UNAVAILABLE (server restarting, connection refused, a sub-model of the BLS pipeline
+down), a Python-backend stub reported unhealthy (the launcher's supervisor restarts the server)
+and a model with no available version (a server shutting down unloads its models while it still
+answers). Never retried: bad requests, cancellations, internal errors, time-outs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+T = TypeVar("T")
+DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
+
+
+def connect(url: str) -> grpcclient.InferenceServerClient:
+    """A gRPC client that reconnects quickly after a server restart.
+
+    gRPC's defaults would back off for up to 2 minutes after a refused connection, and share
+    that state between all channels of the process (the global subchannel pool), so even a new
+    client would keep failing long after the server is back.
+    """
+    return grpcclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.use_local_subchannel_pool", 1),
+    ])
+
+
+def is_retryable(error: Exception) -> bool:
+    if not isinstance(error, InferenceServerException):
+        return False
+    message = error.message() or ""
+    if "restricted" in message:  # Triton reports a missing API key as UNAVAILABLE too
+        return False
+    return (error.status() == "StatusCode.UNAVAILABLE" or "is not healthy" in message
+            or "has no available versions" in message)
+
+
+def call_with_retries(call: Callable[[], T], retry_for: float = DEFAULT_RETRY_FOR,
+                      first_wait: float = 0.25, max_wait: float = 4.0) -> T:
+    deadline = time.monotonic() + retry_for
+    wait = first_wait
+    while True:
+        try:
+            return call()
+        except InferenceServerException as error:
+            if not is_retryable(error) or time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(2 * wait, max_wait)

@@ -1,0 +1,172 @@
+"""Faults against the real server: each ends in a clear error within seconds, never a hang, and
+service comes back where the project can bring it back (supervisor restart, client retries).
+
+One server of this module's own (explicit model control, so models can be unloaded), shared by
+the tests in order; the last one stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import report
+from tritonclient.utils import InferenceServerException
+
+from pipelines.bls import BlsPipeline
+from pipelines.ensemble import ClientSidePipeline
+from utils.health import Supervisor, canary
+from utils.server import TritonServer
+
+FAST = dict(prompt="a lighthouse at dusk", num_inference_steps=3, seed=21)
+LONG = dict(prompt="a long request", num_inference_steps=999, seed=5)  # ~4 s on the tiny model here
+
+
+@pytest.fixture(scope="module")
+def own_repository(repository, tmp_path_factory):
+    """A copy, so that this module's stubs are told apart from the session server's by path."""
+    copy = tmp_path_factory.mktemp("faults") / "repository"
+    shutil.copytree(repository, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def server(own_repository):
+    server = TritonServer(own_repository, model_control="explicit").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    return BlsPipeline(server.grpc_url)(**FAST)
+
+
+def admin(server):
+    return grpcclient.InferenceServerClient(server.grpc_url), server.admin_headers()
+
+
+def stub_pids(repository: Path, model: str) -> list[int]:
+    """PIDs of the Python-backend stub processes serving ``model``."""
+    needle = str(repository / model / "1" / "model.py").encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def in_background(call) -> tuple[threading.Thread, dict]:
+    outcome = {}
+
+    def target():
+        started = time.monotonic()
+        try:
+            outcome["result"] = call()
+        except Exception as error:
+            outcome["error"] = error
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def unet_executions(server) -> int:
+    client, headers = admin(server)
+    stats = client.get_inference_statistics("unet", headers=headers, as_json=True)["model_stats"][0]
+    return int(stats.get("execution_count", 0))
+
+
+def test_client_timeout_cancels_the_work_within_a_step(server):
+    with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
+        BlsPipeline(server.grpc_url, timeout=0.5, retry_for=0)(**LONG)
+    time.sleep(0.2)  # the step running when the deadline passed finishes
+    before = unet_executions(server)
+    time.sleep(1.5)  # ~400 more UNet calls if the loop kept going
+    after = unet_executions(server)
+    report(f"UNet calls in the 1.5 s after a client timeout: {after - before}")
+    assert after - before <= 2
+
+
+def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server, reference, own_repository):
+    (pid,) = stub_pids(own_repository, "unet")
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as caught:
+        BlsPipeline(server.grpc_url, retry_for=0)(**FAST)
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert "model 'unet' failed" in caught.value.message() and "not healthy" in caught.value.message()
+    report(f"killed UNet stub: BLS error after {time.monotonic() - started:.1f} s")
+    client, _ = admin(server)
+    assert client.is_server_ready() and client.is_model_ready("unet")  # why readiness is not enough
+    with pytest.raises(Exception, match="not healthy"):
+        canary(server.grpc_url)
+
+    log = []
+    with Supervisor(server, interval=0.5, failures=1, log=log.append) as supervisor:
+        started = time.monotonic()
+        images = BlsPipeline(server.grpc_url)(**FAST)  # retries until the restart is done
+        report(f"killed UNet stub: service restored by the supervisor in {time.monotonic() - started:.1f} s")
+    assert supervisor.restarts >= 1 and any("canary failed" in line for line in log)
+    assert np.array_equal(images, reference)
+    canary(server.grpc_url)
+
+
+def test_unloaded_model_fails_in_flight_requests_clearly(server):
+    client, headers = admin(server)
+    thread, outcome = in_background(lambda: BlsPipeline(server.grpc_url, retry_for=0)(**LONG))
+    time.sleep(1.0)
+    client.unload_model("unet", headers=headers)
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the in-flight request hangs"
+    error = outcome.get("error")
+    assert isinstance(error, InferenceServerException), outcome
+    assert error.status() == "StatusCode.UNAVAILABLE" and "model 'unet' failed" in error.message()
+    report(f"unloaded UNet: in-flight request failed after {outcome['seconds']:.1f} s: {error.message()[:90]}")
+    client.load_model("unet", headers=headers)
+    assert BlsPipeline(server.grpc_url, retry_for=0)(**FAST).shape[0] == 1
+
+
+def test_client_loop_rides_through_a_server_restart(server, reference, tiny_model):
+    client_side = ClientSidePipeline(tiny_model, server.grpc_url)
+    bls = BlsPipeline(server.grpc_url)
+    results, stop = [], threading.Event()
+
+    def loop():
+        while not stop.is_set() or len(results) < 6:
+            results.append((bls(**FAST), client_side(progress=False, **FAST)))
+
+    thread, outcome = in_background(loop)
+    time.sleep(1.0)
+    server.restart()
+    stop.set()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert all(np.array_equal(b, reference) and np.abs(c.astype(int) - reference).max() <= 2 for b, c in results)
+    report(f"server restarted during a client loop: {len(results)} requests of each pipeline, none failed")
+
+
+def test_sigterm_with_requests_in_flight_ends_them_clearly(server):
+    thread, outcome = in_background(lambda: BlsPipeline(server.grpc_url, retry_for=0)(**LONG))
+    time.sleep(1.0)
+    process = server.process
+    server.stop(timeout=60)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the in-flight request hangs"
+    assert process.returncode == 0
+    error = outcome.get("error")
+    # Triton 24.10 on SIGTERM: in-flight BLS requests fail at their next sub-request.
+    assert isinstance(error, InferenceServerException) and error.status() == "StatusCode.UNAVAILABLE", outcome
+    report(f"SIGTERM: in-flight request ended after {outcome['seconds']:.1f} s with: {error.message()[:90]}")

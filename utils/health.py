@@ -1,0 +1,119 @@
+"""Is the server really serving? A canary inference, and a supervisor that restarts it.
+
+Readiness is not enough on tritonserver 2.51: a Python-backend stub that died is never
+restarted, while /v2/health/ready keeps answering 200 and every request to that model fails.
+The canary sends one real request to every network and a one-step request to the pipeline; the
+supervisor runs it periodically and restarts the server after consecutive failures.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import triton_to_np_dtype
+
+from pipelines.bls import BlsPipeline
+from pipelines.retry import connect
+from utils import specs
+
+
+class CanaryFailed(RuntimeError):
+    pass
+
+
+def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.InferInput]:
+    """Random inputs of the shapes and dtypes a served model's config declares."""
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for tensor in config["input"]:
+        dtype = tensor["data_type"].removeprefix("TYPE_")
+        shape = [batch, *map(int, tensor["dims"])]
+        if dtype.startswith("INT"):
+            array = rng.integers(0, 100, shape).astype(triton_to_np_dtype(dtype))  # token ids: stay in vocabulary
+        else:
+            array = rng.standard_normal(shape).astype(triton_to_np_dtype(dtype))
+        infer_input = grpcclient.InferInput(tensor["name"], shape, dtype)
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def canary(url: str, timeout: float = 30.0) -> None:
+    """One request to each network (batch 1) and a one-step generation; raise CanaryFailed."""
+    client = connect(url)
+    try:
+        for network in specs.NETWORKS.values():
+            config = client.get_model_config(network.name, as_json=True, client_timeout=timeout)["config"]
+            client.infer(network.name, probe_inputs(config, 1), client_timeout=timeout)
+        BlsPipeline(url, timeout=timeout, retry_for=0)("canary", num_inference_steps=1, seed=0)
+    except Exception as error:
+        raise CanaryFailed(f"{type(error).__name__}: {error}") from error
+    finally:
+        client.close()
+
+
+class Supervisor:
+    """Restarts ``server`` when its process dies or ``failures`` canaries in a row fail."""
+
+    def __init__(self, server, interval: float = 10.0, failures: int = 2,
+                 check: Callable[[str], None] = canary, log: Callable[[str], None] = print):
+        self.server, self.interval, self.failures, self.check, self.log = server, interval, failures, check, log
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check_once(self) -> bool:
+        """True if the server serves; False if it failed this time."""
+        if self.server.process is None or self.server.process.poll() is not None:
+            self.log("supervisor: tritonserver is not running")
+            return False
+        try:
+            self.check(self.server.grpc_url)
+            return True
+        except CanaryFailed as error:
+            self.log(f"supervisor: canary failed: {error}")
+            return False
+
+    def run(self) -> None:
+        consecutive = 0
+        while not self._stop.wait(self.interval):
+            consecutive = 0 if self.check_once() else consecutive + 1
+            if consecutive >= self.failures or (consecutive and self.server.process is None):
+                self.log(f"supervisor: restarting tritonserver (restart {self.restarts + 1})")
+                self.restarts += 1
+                consecutive = 0
+                try:
+                    # A server with a dead stub waits its whole exit timeout for it: don't.
+                    self.server.restart(stop_timeout=5)
+                    self.log("supervisor: tritonserver is serving again")
+                except Exception as error:  # TritonServerError: try again at the next interval
+                    self.log(f"supervisor: restart failed: {error}")
+
+    def start(self) -> Supervisor:
+        self._thread = threading.Thread(target=self.run, name="triton-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Supervisor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
