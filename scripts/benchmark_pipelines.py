@@ -12,7 +12,7 @@ from pathlib import Path
 
 from utils.benchmark import CONTENDERS, Settings, run_benchmark, table, write_results
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
-from utils.server import TritonServer
+from utils.server import TritonServer, stop_on_sigterm
 from utils.workflow import prepare_repository
 
 
@@ -37,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=0, help="requests in the concurrency run")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # a `kill` stops the server this script started, too
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
     if args.concurrency and args.requests < args.concurrency:

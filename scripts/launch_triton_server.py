@@ -6,14 +6,13 @@ NGC 24.10 one) on 127.0.0.1, waits until every model is ready, and serves until 
 
 import argparse
 import shlex
-import signal
 import subprocess
 from pathlib import Path
 
 from utils.docker import TENSORRT_VERSION, serve_command
 from utils.engines import EngineMismatch, Target, check_engines, local_gpu, tensorrt_networks
 from utils.health import Supervisor
-from utils.server import TritonServer, TritonServerError
+from utils.server import TritonServer, TritonServerError, stop_on_sigterm
 
 
 def main(argv=None):
@@ -56,7 +55,7 @@ def main(argv=None):
         print(f"Model control is explicit: the model-repository, shared-memory, logging, trace and statistics "
               f"APIs need the header {server.ADMIN_HEADER}: {server.admin_key} (gRPC: "
               f"triton-grpc-protocol-{server.ADMIN_HEADER}).", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as cleanly as Ctrl+C
+    stop_on_sigterm()  # `kill` stops it as cleanly as Ctrl+C
     try:
         if args.canary_interval > 0:
             Supervisor(server, interval=args.canary_interval).run()  # until Ctrl+C

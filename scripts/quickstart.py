@@ -14,7 +14,7 @@ from pipelines.ensemble import ClientSidePipeline
 from utils.cli import add_generation_arguments, generation_options, save_images
 from utils.export import DEFAULT_ONNX_DIR
 from utils.models import DEFAULT_MODELS_DIR
-from utils.server import TritonServer
+from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
 from utils.workflow import prepare_repository
 
@@ -29,6 +29,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # a `kill` stops the server this script started, too
     timer = StepTimer()
     saved = []
 

@@ -100,6 +100,18 @@ def test_client_timeout_cancels_the_work_within_a_step(server):
     assert after - before <= 2
 
 
+def test_admin_apis_need_the_key(server):
+    client, headers = admin(server)
+    refused = [lambda **h: client.unload_model("unet", **h), lambda **h: client.get_inference_statistics(**h),
+               lambda **h: client.get_log_settings(**h), lambda **h: client.get_trace_settings(**h),
+               lambda **h: client.get_system_shared_memory_status(**h)]
+    for call in refused:
+        with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+            call()
+    assert client.get_inference_statistics(headers=headers)  # with the key
+    assert client.is_model_ready("unet")  # inference and health stay open
+
+
 def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server, reference, own_repository):
     (pid,) = stub_pids(own_repository, "unet")
     os.kill(pid, signal.SIGKILL)

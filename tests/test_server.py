@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sysconfig
 from pathlib import Path
@@ -97,3 +98,65 @@ def test_repository_for_the_ngc_image_is_refused_locally_with_the_fix(repository
     with pytest.raises(TritonServerError, match=r"uses platform 'tensorrt_plan', which the pip-installed "
                                                 r"tritonserver cannot serve .* --docker"):
         TritonServer(tmp_path).start()
+
+
+def test_default_command_is_safe(repository):
+    command = TritonServer(repository, http_port=1, grpc_port=2, metrics_port=3).command(Path("/server"))
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert f"{flag}=127.0.0.1" in command
+    assert {"--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true"} <= set(command)
+    assert not any("restricted" in argument for argument in command)  # nothing to open: no model control
+
+
+def test_explicit_model_control_restricts_the_admin_apis(repository):
+    server = TritonServer(repository, http_port=1, grpc_port=2, metrics_port=3, model_control="explicit")
+    command = server.command(Path("/server"))
+    rule = f"model-repository,shared-memory,logging,trace,statistics:admin-key={server.admin_key}"
+    assert f"--grpc-restricted-protocol={rule}" in command and f"--http-restricted-api={rule}" in command
+    assert len(server.admin_key) >= 32  # a fresh random key unless one is given
+    assert server.admin_headers() == {"triton-grpc-protocol-admin-key": server.admin_key}
+
+
+def test_models_cannot_be_unloaded_through_the_api_by_default(triton_server):
+    from pipelines.retry import connect
+    from tritonclient.utils import InferenceServerException
+
+    client = connect(triton_server.grpc_url)
+    with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+        client.unload_model("unet")
+    assert client.is_model_ready("unet")
+
+
+def test_no_request_content_is_ever_evaluated_or_unpickled():
+    root = Path(__file__).resolve().parents[1]
+    forbidden = re.compile(r"\b(pickle|marshal|eval\(|exec\(|torch\.load\(|yaml\.load\(|dill)\b")
+    offenders = [f"{path.relative_to(root)}:{number}: {line.strip()}"
+                 for folder in ("utils", "pipelines", "triton", "scripts")
+                 for path in (root / folder).rglob("*.py")
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert not offenders, offenders
+
+
+def test_launcher_stops_its_server_on_sigterm_and_leaves_nothing(repository, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    regions_before = server_module._shm_regions()
+    ports = [str(server_module.free_port()) for _ in range(3)]
+    launcher = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/launch_triton_server.py"),
+         "--repository", str(copy), "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+         "--canary-interval", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_line = launcher.stdout.readline()
+    assert first_line.startswith(f"Triton is ready: gRPC 127.0.0.1:{ports[1]}"), first_line
+    launcher.send_signal(signal.SIGTERM)
+    rest = launcher.communicate(timeout=60)[0]
+    assert launcher.returncode == 0 and "Triton stopped." in rest
+    assert not any(str(copy) in p.read_bytes().decode(errors="replace")
+                   for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()), "a server or stub survived"
+    assert server_module._shm_regions() - regions_before == set()

@@ -20,6 +20,7 @@ from utils import specs
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 ONNX_VERSION = 1  # 1/model.onnx
 ENGINE_VERSION = 2  # 2/model.plan
+PIPELINE_INSTANCES = 2
 GENERATED_HEADER = "# Generated from utils/specs.py by utils/configs.py: edit those, not this file.\n"
 
 
@@ -86,7 +87,9 @@ def pipeline_config(pipeline: specs.PipelineSpec) -> mc.ModelConfig:
         output=[mc.ModelOutput(**_tensor_fields(t, "FP32", None)) for t in pipeline.outputs],
     )
     config.version_policy.specific.versions.append(ONNX_VERSION)
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    # Two instances: while one waits on a sub-request, the other can prepare or finish its own,
+    # so concurrent requests overlap instead of queueing behind each other.
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=PIPELINE_INSTANCES)
     return config
 
 

@@ -38,6 +38,23 @@ class TritonServerError(RuntimeError):
     """The server could not start or stopped: the message says why and how to fix it."""
 
 
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def _shm_regions() -> set[str]:
+    try:
+        return {name for name in os.listdir(SHM_DIR) if name.startswith(SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt in a script, so that its ``with TritonServer`` blocks and
+    ``finally`` clauses stop the server it started instead of leaving it running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def free_port(host: str = LOCALHOST) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -147,6 +164,7 @@ class TritonServer:
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = field(default=None, init=False)
+    shm_regions: set[str] = field(default_factory=set, init=False)  # made by this server's stubs
 
     # The APIs that can change or reveal the server's state; open only with the admin key when
     # models can be loaded through the API.
@@ -222,12 +240,14 @@ class TritonServer:
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         log = open(self.log_file, "wb")
+        regions_before = _shm_regions()
         self.process = subprocess.Popen(
             self.command(server_dir), stdout=log, stderr=subprocess.STDOUT, env=server_environment(libpython),
             start_new_session=True,  # its own process group: stop() ends the stubs with it
         )
         log.close()
         self._wait_until_ready()
+        self.shm_regions = _shm_regions() - regions_before
         return self
 
     def _wait_until_ready(self) -> None:
@@ -290,6 +310,11 @@ class TritonServer:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # A stub that was killed (or a server that had to be) leaves its shared-memory region
+        # behind; the regions this server's stubs made are known, so remove those left.
+        for region in self.shm_regions & _shm_regions():
+            Path(SHM_DIR, region).unlink(missing_ok=True)
+        self.shm_regions = set()
 
     def restart(self, stop_timeout: float = 30.0) -> TritonServer:
         """Stop and start again on the same ports, so clients reconnect to the same address."""
