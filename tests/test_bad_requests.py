@@ -67,3 +67,21 @@ def test_bad_request_is_rejected_clearly_and_server_keeps_serving(case, bls):
     images = bls(**GOOD)  # the next good request succeeds
     assert images.shape[0] == 1 and images.std() > 0
 
+
+
+def test_bad_requests_among_good_ones_fail_alone(bls):
+    """Concurrent good and bad requests: each bad one gets its own error, every good one its image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad_values, _ = BAD_REQUESTS["NaN guidance"]
+
+    def send(index):
+        try:
+            return "image", bls.infer(bad_values if index % 2 else arrays()).shape
+        except InferenceServerException as error:
+            return error.status(), None
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(send, range(12)))
+    assert outcomes[0::2] == [("image", (1, 64, 64, 3))] * 6
+    assert outcomes[1::2] == [("StatusCode.INVALID_ARGUMENT", None)] * 6
