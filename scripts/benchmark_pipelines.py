@@ -25,7 +25,10 @@ def main(argv=None):
                         help="prepared (export + move) before the server starts, unless --url is given")
     parser.add_argument("--url", default=None, help="benchmark a running server (gRPC) instead of starting one")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    parser.add_argument("--device", default=defaults.device, help="diffusers' device (cpu or cuda)")
+    parser.add_argument("--device", default=defaults.device,
+                        help="cpu or cuda: diffusers' device, and the served networks' with --runtime torch")
+    parser.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"],
+                        help="what runs the served networks in the python backend (torch: the GPU runtime)")
     parser.add_argument("--precision", default=defaults.precision, choices=["FP32", "FP16"])
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -51,7 +54,8 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         url = args.url
         if served and url is None:
-            model_dir = prepare_repository(args.model, args.repository, args.models_dir)
+            model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
+                                           device=args.device, precision=args.precision)
             url = stack.enter_context(TritonServer(args.repository)).grpc_url
         else:
             model_dir = resolve_model(args.model, args.models_dir)

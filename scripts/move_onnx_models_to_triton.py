@@ -25,16 +25,24 @@ def main(argv=None):
     parser.add_argument("--backend", default="python", choices=configs.BACKENDS,
                         help="what serves the networks: python (ONNX Runtime in the Python backend, no Docker), "
                              "onnxruntime or tensorrt (NGC Triton image)")
+    parser.add_argument("--runtime", default="onnxruntime", choices=configs.RUNTIMES,
+                        help="python backend only: onnxruntime (1/model.onnx, CPU) or torch (the checkpoint's "
+                             "weights; the GPU runtime with CUDA graphs and dynamic batching)")
+    parser.add_argument("--device", default="cpu", help="torch runtime: cpu or cuda")
+    parser.add_argument("--precision", default=None, choices=["FP32", "FP16"],
+                        help="torch runtime: default FP16 on cuda, FP32 on cpu (ONNX files carry their own)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist with other content")
     args = parser.parse_args(argv)
 
     model_dir = resolve_model(args.model, args.models_dir)
     onnx_files = {name: onnx_path(args.onnx_dir, args.model, name) for name in specs.NETWORKS}
-    report = write_repository(args.repository, model_dir, onnx_files, backend=args.backend, force=args.force)
+    report = write_repository(args.repository, model_dir, onnx_files, backend=args.backend, force=args.force,
+                              runtime=args.runtime, device=args.device, precision=args.precision)
     for path in report.written:
         print(f"wrote     {path}")
+    runtime = f", runtime: {args.runtime} on {args.device}" if args.backend == "python" else ""
     print(f"{len(report.unchanged)} files already up to date; repository ready: {args.repository} "
-          f"(backend: {args.backend})")
+          f"(backend: {args.backend}{runtime})")
 
 
 if __name__ == "__main__":

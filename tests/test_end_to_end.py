@@ -91,3 +91,53 @@ def test_unknown_model_name_is_a_clear_client_error(triton_server):
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     with pytest.raises(InferenceServerException, match="unknown model|not found"):
         client.get_model_config("no_such_model")
+
+
+@pytest.fixture(scope="module")
+def torch_runtime_server(tiny_model, tmp_path_factory):
+    """The python backend's torch runtime (the GPU runtime), here on the CPU: same models, same
+    clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_benchmark.sh)."""
+    from utils.repository import write_repository
+    from utils.server import TritonServer
+
+    repository = tmp_path_factory.mktemp("torch-runtime")
+    write_repository(repository, tiny_model, None, runtime="torch", device="cpu")
+    with TritonServer(repository) as server:
+        yield server
+
+
+def test_torch_runtime_images_equal_diffusers(torch_runtime_server, tiny_model, diffusers_pipeline):
+    options = CASES["two prompts, negative prompts"]
+    expected = diffusers_images(diffusers_pipeline, **options)
+    for images in (BlsPipeline(torch_runtime_server.grpc_url)(**options),
+                   ClientSidePipeline(tiny_model, torch_runtime_server.grpc_url)(progress=False, **options)):
+        difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
+        report(f"torch runtime vs diffusers: max pixel difference {difference}")
+        assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):
+    """Dynamic batching: requests queued together run as one batch, and each gets its own rows
+    back (equal, to rounding, to running it alone: a batch of another size may use other kernels)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from utils.health import probe_inputs
+
+    client = grpcclient.InferenceServerClient(torch_runtime_server.grpc_url)
+    config = client.get_model_config("unet", as_json=True)["config"]
+    requests = [probe_inputs(config, 1, seed=seed) for seed in range(16)]
+    alone = [client.infer("unet", inputs).as_numpy("outputs") for inputs in requests]
+    before = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    done = queue.Queue()
+    for index, inputs in enumerate(requests):  # all at once: they queue while the model is busy
+        client.async_infer("unet", inputs, callback=lambda result, error, index=index: done.put((index, result, error)))
+    results = dict((index, (result, error)) for index, result, error in (done.get(timeout=60) for _ in requests))
+    after = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    for index, (result, error) in results.items():
+        assert error is None, error
+        np.testing.assert_allclose(result.as_numpy("outputs"), alone[index], atol=1e-4)
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    report(f"torch runtime: 16 concurrent UNet requests ran in {executions} executions")
+    assert executions < len(requests)

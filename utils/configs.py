@@ -2,8 +2,10 @@
 
 One generator, three serving backends for the four networks (DESIGN.md section 4):
 
-- ``python``: the portable default, a Python-backend model that runs ``1/model.onnx`` with ONNX
-  Runtime, so the tritonserver of the ``nvidia-pytriton`` wheel can serve it with no Docker;
+- ``python``: the portable default, a Python-backend model, so the tritonserver of the
+  ``nvidia-pytriton`` wheel can serve it with no Docker. Its runtime is ONNX Runtime on
+  ``1/model.onnx`` (CPU) or the torch module of the checkpoint (``torch``: the GPU runtime, with
+  CUDA graphs and dynamic batching);
 - ``onnxruntime``: Triton's ONNX Runtime backend on ``1/model.onnx`` (NGC Triton image);
 - ``tensorrt``: ``2/model.plan`` built by trtexec (NGC images).
 
@@ -18,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from utils import specs
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+RUNTIMES = ("onnxruntime", "torch")  # what runs the network inside the python backend
 ONNX_VERSION = 1  # 1/model.onnx
 ENGINE_VERSION = 2  # 2/model.plan
 PIPELINE_INSTANCES = 2
@@ -37,10 +40,13 @@ def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDi
     return fields
 
 
-def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, backend: str) -> mc.ModelConfig:
-    """The config of one network for one serving backend."""
+def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, backend: str,
+                   runtime: str = "onnxruntime", device: str = "cpu") -> mc.ModelConfig:
+    """The config of one network for one serving backend (and, for ``python``, its runtime)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}.")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r} is not supported; use one of {RUNTIMES}.")
     config = mc.ModelConfig(
         name=network.name,
         max_batch_size=network.profile.max,
@@ -50,9 +56,7 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     version = ENGINE_VERSION if backend == "tensorrt" else ONNX_VERSION
     config.version_policy.specific.versions.append(version)
     if backend == "python":
-        config.backend = "python"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-        return config
+        return _python_backend(config, runtime, device, precision)
     config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
     if backend == "tensorrt":
@@ -74,6 +78,22 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
             warmup_input.zero_data = True
         else:
             warmup_input.random_data = True
+    return config
+
+
+def _python_backend(config: mc.ModelConfig, runtime: str, device: str, precision: str) -> mc.ModelConfig:
+    config.backend = "python"
+    gpu = device.startswith("cuda")
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=1)
+    if runtime == "torch":
+        parameters = {"device": "cuda" if gpu else "cpu", "precision": precision}
+        if gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
+            parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        for key, value in parameters.items():
+            config.parameters[key].string_value = value
+        # Requests queued together run as one batch (each UNet sample has its own timestep).
+        config.dynamic_batching.SetInParent()
     return config
 
 

@@ -16,6 +16,7 @@ from utils import specs
 
 class TextEncoder(nn.Module):
     spec = specs.TEXT_ENCODER
+    subfolder = "text_encoder"  # of the diffusers checkpoint
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()
@@ -33,6 +34,7 @@ class TextEncoder(nn.Module):
 
 class UNet(nn.Module):
     spec = specs.UNET
+    subfolder = "unet"  # of the diffusers checkpoint
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()
@@ -51,6 +53,7 @@ class UNet(nn.Module):
 
 class _Vae(nn.Module):
     """One half of the AutoencoderKL; both halves take random float inputs."""
+    subfolder = "vae"  # of the diffusers checkpoint
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()

@@ -50,7 +50,8 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         serving = json.loads((version_dir / SERVING_FILE).read_text())
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
-        self.pipeline = StableDiffusion(components, run_network, dtype=TORCH_DTYPES[serving["precision"]])
+        self.pipeline = StableDiffusion(components, run_network, dtype=TORCH_DTYPES[serving["precision"]],
+                                        device=serving.get("device", "cpu"))
         self.logger = pb_utils.Logger
 
     def execute(self, requests):

@@ -1,0 +1,100 @@
+"""Triton Python-backend model that runs one network as a torch module: the GPU runtime of the
+portable backend (it also runs on a CPU, which is how CI exercises it).
+
+On CUDA: FP16 weights, PyTorch's fused attention (diffusers' default processor), one CUDA graph
+per batch size of the profile, captured and replayed at load so that the first request is not
+slow, and tensors in and out on the GPU by DLPack (no host copy). Requests that arrive together
+(dynamic batching) run as one batch: each UNet sample carries its own timestep, so requests at
+different steps can share a call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from utils import specs
+from utils.networks import TORCH_DTYPES, load_network
+from utils.repository import CHECKPOINT_DIR
+
+
+class GraphedNetwork:
+    """The module's forward captured once per batch size in a CUDA graph, replayed on copies of
+    the inputs into static buffers (launch overhead dominates a UNet step on a fast GPU)."""
+
+    def __init__(self, module, spec: specs.NetworkSpec, dims: specs.ModelDims, device, dtype):
+        self.module, self.graphs = module, {}
+        stream = torch.cuda.Stream()
+        for batch in range(spec.profile.min, spec.profile.max + 1):
+            inputs = [torch.zeros(spec.shape(t, batch, dims), device=device,
+                                  dtype=dtype if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype])
+                      for t in spec.inputs]
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph (cuDNN/cuBLAS choose their kernels)
+                    module(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = module(*inputs)
+            self.graphs[batch] = (graph, inputs, output)
+
+    def __call__(self, *inputs):
+        graph, static_inputs, static_output = self.graphs[inputs[0].shape[0]]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the static output
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.spec = specs.NETWORKS[args["model_name"]]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.device = torch.device(parameters.get("device", "cuda"))
+        self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
+        checkpoint = version_dir / CHECKPOINT_DIR
+        module = load_network(self.spec.name, checkpoint, parameters.get("precision", "FP16"), str(self.device))
+        dims = specs.ModelDims.from_pretrained(checkpoint)
+        with torch.inference_mode():
+            self.run = GraphedNetwork(module, self.spec, dims, self.device, self.dtype) \
+                if self.device.type == "cuda" else module
+
+    def execute(self, requests):
+        try:
+            batches = [[self._input(request, tensor) for tensor in self.spec.inputs] for request in requests]
+        except Exception as error:
+            return [_error(f"{self.spec.name}: bad input: {error}") for _ in requests]
+        sizes = [batch[0].shape[0] for batch in batches]
+        try:
+            outputs = []
+            with torch.inference_mode():
+                # All requests of this call together, in chunks the profile allows.
+                merged = [torch.cat(column) for column in zip(*batches)]
+                for start in range(0, sum(sizes), self.spec.profile.max):
+                    chunk = [t[start:start + self.spec.profile.max] for t in merged]
+                    outputs.append(self.run(*chunk))
+            output = torch.cat(outputs)
+        except Exception as error:
+            return [_error(f"{self.spec.name}: {type(error).__name__}: {error}") for _ in requests]
+        (output_spec,) = self.spec.outputs
+        responses, start = [], 0
+        for size in sizes:
+            piece = output[start:start + size].contiguous()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)]))
+            start += size
+        return responses
+
+    def _input(self, request, tensor: specs.TensorSpec) -> torch.Tensor:
+        value = torch.from_dlpack(pb_utils.get_input_tensor_by_name(request, tensor.name).to_dlpack())
+        dtype = self.dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
+        return value.to(device=self.device, dtype=dtype)
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
