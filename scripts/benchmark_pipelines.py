@@ -2,8 +2,8 @@
 
 Starts and stops a local Triton server on a freshly prepared repository unless --url is given.
 Prints a table; writes every raw figure and the environment to a JSON file, and a chart to a PNG.
-On the tiny default it takes about a minute on 2 CPU cores; the seed's settings on a GPU:
-  python scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16
+On the tiny default it takes about two minutes on 2 CPU cores; the seed's settings on a GPU:
+  python scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch
 """
 
 import argparse
@@ -36,19 +36,20 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--runs", type=int, default=defaults.runs)
-    parser.add_argument("--concurrency", type=int, default=0, help="concurrent clients (0: no concurrency run)")
-    parser.add_argument("--requests", type=int, default=0, help="requests in the concurrency run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[],
+                        help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
+    parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
     args = parser.parse_args(argv)
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
-    if args.concurrency and args.requests < args.concurrency:
-        parser.error(f"--requests {args.requests} with --concurrency {args.concurrency}: send at least one "
-                     f"request per client")
+    if args.concurrency and args.requests < max(args.concurrency):
+        parser.error(f"--requests {args.requests} with --concurrency {' '.join(map(str, args.concurrency))}: "
+                     f"send at least one request per client")
 
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                        seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=args.concurrency,
+                        seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
                         requests=args.requests, device=args.device, precision=args.precision)
     served = any(CONTENDERS[name].served for name in args.pipelines)
     with contextlib.ExitStack() as stack:
@@ -56,13 +57,15 @@ def main(argv=None):
         if served and url is None:
             model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
                                            device=args.device, precision=args.precision)
-            url = stack.enter_context(TritonServer(args.repository)).grpc_url
+            # On a GPU, tensors passed between Python models by DLPack come from Triton's CUDA pool.
+            pool = ["--cuda-memory-pool-byte-size=0:1073741824"] if args.device.startswith("cuda") else []
+            url = stack.enter_context(TritonServer(args.repository, extra_args=pool)).grpc_url
         else:
             model_dir = resolve_model(args.model, args.models_dir)
         results = run_benchmark(settings, model_dir, url, args.pipelines)
     json_path, png_path = write_results(results, args.output_dir)
     print(table(results))
-    print(f"\nraw figures and environment: {json_path}\nchart: {png_path}")
+    print(f"\nraw figures and environment: {json_path}" + (f"\nchart: {png_path}" if png_path else ""))
 
 
 if __name__ == "__main__":

@@ -20,18 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
-               "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "2", "--requests", "2",
+               "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "1", "2", "--requests", "2",
+               "--pipelines", "diffusers", "triton-client-side", "triton-bls",
                "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (json_path,) = (tmp_path / "out").glob("*.json")
     (png_path,) = (tmp_path / "out").glob("*.png")
     assert str(json_path) in result.stdout and str(png_path) in result.stdout  # the table is printed too
-    assert all(name in result.stdout for name in CONTENDERS)
+    assert all(name in result.stdout for name in ("diffusers", "triton-client-side", "triton-bls"))
 
     results = json.loads(json_path.read_text())
-    assert set(results["pipelines"]) == set(CONTENDERS)
-    assert set(results["concurrency"]) == {name for name, contender in CONTENDERS.items() if contender.served}
+    measured = {"diffusers", "triton-client-side", "triton-bls"}
+    assert set(results["pipelines"]) == measured
+    assert set(results["concurrency"]) == {name for name in measured if CONTENDERS[name].served}
     assert results["settings"]["steps"] == 5 and results["settings"]["resolution"] == [64, 64]
     assert results["environment"]["versions"]["tritonserver"] == "2.51.0"
     for name, figures in results["pipelines"].items():
@@ -49,9 +51,16 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
         if CONTENDERS[name].served:
             assert stages["end_to_end"] == latency["mean_s"]
         assert stages["other"] >= 0
-    for name, run in results["concurrency"].items():
-        assert run["errors"] == 0 and run["requests"] == 2, run
-        assert math.isfinite(run["throughput_images_per_s"]) and run["throughput_images_per_s"] > 0
+    for name, runs in results["concurrency"].items():
+        assert set(runs) == {"1", "2"}
+        for run in runs.values():
+            assert run["errors"] == 0 and run["requests"] == 2, run
+            assert math.isfinite(run["throughput_images_per_s"]) and run["throughput_images_per_s"] > 0
+    for name, entry in results["fidelity"].items():  # the same seed: the same image, to rounding
+        assert entry["finite_and_not_constant"]
+        if name != "diffusers":
+            assert entry["max_pixel_difference"] <= 2
+            assert entry["psnr_db_vs_diffusers"] is None or entry["psnr_db_vs_diffusers"] > 40
 
     with Image.open(png_path) as chart:
         assert chart.width > 1000 and chart.height > 300

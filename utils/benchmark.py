@@ -46,8 +46,8 @@ class Settings:
     seed: int = 0
     warmup: int = 5
     runs: int = 20
-    concurrency: int = 0  # client threads; 0 = no concurrency run
-    requests: int = 0  # requests in the concurrency run
+    concurrency: tuple[int, ...] = ()  # client threads of each concurrency run (none by default)
+    requests: int = 0  # requests in each concurrency run
     device: str = "cpu"
     precision: str = "FP32"
 
@@ -125,6 +125,15 @@ class DiffusersContender:
                 handle.remove()
 
 
+class CompiledDiffusersContender(DiffusersContender):
+    """diffusers with its UNet under torch.compile(mode="reduce-overhead"): the strongest plain
+    PyTorch baseline on a GPU (compiling takes a minute or more, spent in the warm-up runs)."""
+
+    def __init__(self, context: Context):
+        super().__init__(context)
+        self.pipeline.unet = self.torch.compile(self.pipeline.unet, mode="reduce-overhead", fullgraph=True)
+
+
 class ClientSideContender:
     """pipelines/ensemble.py: the loop here, each network a gRPC call."""
 
@@ -156,6 +165,7 @@ class BlsContender:
 
 CONTENDERS = {
     "diffusers": DiffusersContender,
+    "diffusers-compiled": CompiledDiffusersContender,
     "triton-client-side": ClientSideContender,
     "triton-bls": BlsContender,
 }
@@ -219,9 +229,9 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     latencies = []
     for _ in tqdm(range(settings.runs), desc=f"{name}: runs", leave=False):
         start = time.perf_counter()
-        generate(**options)
+        images = generate(**options)
         latencies.append(time.perf_counter() - start)
-    result = {"latency": latency_summary(latencies)}
+    result = {"latency": latency_summary(latencies), "images": images}
     if contender.served:
         stages = TritonStatistics.stages(before, statistics.snapshot(), settings.runs)
         stages["end_to_end"] = result["latency"]["mean_s"]
@@ -246,12 +256,12 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     return result
 
 
-def measure_concurrency(name: str, contender, settings: Settings) -> dict:
-    """``settings.requests`` requests from ``settings.concurrency`` threads, each with its own client."""
+def measure_concurrency(name: str, contender, settings: Settings, clients: int) -> dict:
+    """``settings.requests`` requests from ``clients`` threads, each with its own client."""
     local = threading.local()
     options = settings.options()
     latencies, errors = [], []
-    ready = threading.Barrier(settings.concurrency)
+    ready = threading.Barrier(clients)
 
     def warm_up(_):
         """One untimed request per client thread (each gets exactly one: they wait for each other),
@@ -270,15 +280,15 @@ def measure_concurrency(name: str, contender, settings: Settings) -> dict:
         except Exception as error:  # counted here: the server's own metrics count errors as successes
             errors.append(f"{type(error).__name__}: {error}")
 
-    with ThreadPoolExecutor(settings.concurrency) as pool:
-        list(pool.map(warm_up, range(settings.concurrency)))
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(warm_up, range(clients)))
         start = time.perf_counter()
         list(tqdm(pool.map(one_request, range(settings.requests)), total=settings.requests,
-                  desc=f"{name}: {settings.concurrency} clients", leave=False))
+                  desc=f"{name}: {clients} clients", leave=False))
     wall = time.perf_counter() - start
     summary = latency_summary(latencies) if latencies else {}
     return {
-        "clients": settings.concurrency, "requests": settings.requests, "errors": len(errors),
+        "clients": clients, "requests": settings.requests, "errors": len(errors),
         "error_messages": errors[:5], "wall_s": wall, "throughput_images_per_s": len(latencies) / wall,
         "latency": summary,
     }
@@ -343,12 +353,24 @@ def table(results: dict) -> str:
     if results.get("concurrency"):
         lines += ["", f"{'pipeline':<20} {'clients':>7} {'requests':>8} {'errors':>6} {'img/s':>7} "
                       f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8}"]
-        for name, run in results["concurrency"].items():
-            latency = run["latency"] or {"p50_s": float("nan"), "p90_s": float("nan"), "p99_s": float("nan")}
-            lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
-                         f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
-                         f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f}")
+        for name, runs in results["concurrency"].items():
+            for run in runs.values():
+                latency = run["latency"] or {"p50_s": float("nan"), "p90_s": float("nan"), "p99_s": float("nan")}
+                lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
+                             f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
+                             f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f}")
+    if results.get("fidelity"):
+        lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
+            _fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
     return "\n".join(lines)
+
+
+def _fidelity_text(name: str, entry: dict) -> str:
+    if "psnr_db_vs_diffusers" not in entry:
+        return f"{name} (reference)"
+    psnr = entry["psnr_db_vs_diffusers"]
+    return (f"{name} {'identical' if psnr is None else f'PSNR {psnr:.1f} dB'}, "
+            f"max pixel difference {entry['max_pixel_difference']}")
 
 
 def chart(results: dict, path: Path) -> Path:
@@ -378,10 +400,13 @@ def chart(results: dict, path: Path) -> Path:
     axes[1].set_title("Where the time goes")
     axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     if concurrency:
-        runs = list(concurrency.values())
-        axes[2].bar(list(concurrency), [r["throughput_images_per_s"] for r in runs], color="#54a24b")
+        for name, runs in concurrency.items():
+            clients = [int(c) for c in runs]
+            axes[2].plot(clients, [r["throughput_images_per_s"] for r in runs.values()], marker="o", label=name)
+        axes[2].set_xlabel("concurrent clients")
         axes[2].set_ylabel("images per second")
-        axes[2].set_title(f"Throughput, {runs[0]['clients']} concurrent clients")
+        axes[2].set_title("Throughput under load")
+        axes[2].legend(fontsize=8)
     for axis in axes:
         axis.tick_params(axis="x", labelsize=8)
     s = results["settings"]
@@ -411,9 +436,25 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
         results["pipelines"][name] = measure(name, contender, context, statistics)
         # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
         # under load is its sequential images/s (threads would only fight over the same cores).
-        if settings.concurrency and settings.requests and contender.served:
-            results["concurrency"][name] = measure_concurrency(name, contender, settings)
+        if settings.requests and contender.served:
+            for clients in settings.concurrency:
+                results["concurrency"].setdefault(name, {})[str(clients)] = measure_concurrency(
+                    name, contender, settings, clients)
+    results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     return results
+
+
+def fidelity(images: dict[str, np.ndarray], reference: str = "diffusers") -> dict:
+    """Each pipeline's image (same seed) against diffusers': PSNR, and whether it is a real image."""
+    report = {}
+    for name, image in images.items():
+        entry = {"finite_and_not_constant": bool(image.std() > 0)}
+        if reference in images and name != reference:
+            mse = float(np.mean((image.astype(np.float64) - images[reference].astype(np.float64)) ** 2))
+            entry["psnr_db_vs_" + reference] = None if mse == 0 else 10 * np.log10(255**2 / mse)  # None: identical
+            entry["max_pixel_difference"] = int(np.abs(image.astype(int) - images[reference]).max())
+        report[name] = entry
+    return report
 
 
 def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
@@ -422,5 +463,9 @@ def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
     stem = f"{model_slug(results['settings']['model'])}-{results['settings']['device']}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path = output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    return json_path, chart(results, output_dir / f"{stem}.png")
+    try:
+        return json_path, chart(results, output_dir / f"{stem}.png")
+    except ImportError as error:  # a machine without matplotlib: the JSON has everything
+        print(f"no chart ({error}): draw it elsewhere with `python scripts/plot_benchmark.py {json_path}`")
+        return json_path, None
 

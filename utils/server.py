@@ -135,9 +135,8 @@ def _fingerprint(path: Path) -> str:
 
 
 def server_environment(libpython: Path) -> dict[str, str]:
-    import pytriton
-
-    libs = Path(pytriton.__file__).resolve().parents[1] / "nvidia_pytriton.libs"
+    # Located, not imported: importing pytriton needs packages the server does not (gevent).
+    libs = Path(importlib.util.find_spec("pytriton").origin).resolve().parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(libpython.parent), str(libs), env.get("LD_LIBRARY_PATH", "")) if p

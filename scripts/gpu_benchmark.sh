@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one run, for the lent H100 (../shared/DEVICE.md): the SD1.5 architecture
+# with random weights (sd15-random), 512x512, 50 PNDM steps, guidance 7.5, FP16, the portable
+# backend's torch runtime; diffusers eager and compiled, client-side and BLS, concurrency 1/4/8.
+# Writes the JSON (and the chart where matplotlib exists) and the log under $OUT.
+set -euo pipefail
+OUT=${OUT:-outputs/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then  # the device machine has no network: wheels come along
+  python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
+fi
+# This project's packages, for the benchmark and for the Triton stubs (which find packages
+# through the python3 on PATH, not PYTHONPATH).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
+  || echo "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/sd_triton_tutorial.pth"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
+  --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
+  --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
+  --output-dir "$OUT" 2>&1 | grep -v "it/s]" | tee "$OUT/benchmark.log"
