@@ -32,6 +32,7 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
 
     results = json.loads(json_path.read_text())
     measured = {"diffusers", "triton-client-side", "triton-bls"}
+    assert results["failed"] == {}
     assert set(results["pipelines"]) == measured
     assert set(results["concurrency"]) == {name for name in measured if CONTENDERS[name].served}
     assert results["settings"]["steps"] == 5 and results["settings"]["resolution"] == [64, 64]

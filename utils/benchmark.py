@@ -359,6 +359,8 @@ def table(results: dict) -> str:
                 lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
                              f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
                              f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f}")
+    for name, error in results.get("failed", {}).items():
+        lines.append(f"{name}: FAILED: {error}")
     if results.get("fidelity"):
         lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
             _fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
@@ -430,10 +432,16 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipelines": {},
         "concurrency": {},
+        "failed": {},
     }
     for name in tqdm(names, desc="pipelines"):
-        contender = CONTENDERS[name](context)
-        results["pipelines"][name] = measure(name, contender, context, statistics)
+        try:
+            contender = CONTENDERS[name](context)
+            results["pipelines"][name] = measure(name, contender, context, statistics)
+        except Exception as error:  # keep the other contenders' figures; say what failed
+            results["failed"][name] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"{name} failed: {results['failed'][name]}")
+            continue
         # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
         # under load is its sequential images/s (threads would only fight over the same cores).
         if settings.requests and contender.served:

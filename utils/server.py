@@ -250,11 +250,11 @@ class TritonServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        import tritonclient.http as httpclient
+        from pipelines.retry import connect  # gRPC: tritonclient's HTTP client needs gevent too
 
-        # Closed when ready: an open keep-alive connection would hold up the server's shutdown
-        # for its whole exit timeout (30 s).
-        client = httpclient.InferenceServerClient(self.http_url)
+        # Closed when ready: an open connection can hold up the server's shutdown for its whole
+        # exit timeout (30 s).
+        client = connect(self.grpc_url)
         deadline = time.monotonic() + self.startup_timeout
         try:
             while time.monotonic() < deadline:
@@ -263,7 +263,7 @@ class TritonServer:
                         self._explain_failure(f"tritonserver exited with code {self.process.returncode}")
                     )
                 try:
-                    if client.is_server_ready():
+                    if client.is_server_ready(client_timeout=2):
                         return
                 except Exception:  # not listening yet
                     pass
