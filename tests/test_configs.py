@@ -100,9 +100,16 @@ def test_written_configs_agree_with_the_exported_onnx_graphs(name, written_repos
             assert graph_dims == ["batch", *model_dims]
             assert graph_type.elem_type == ONNX_TYPES[mc.DataType.Name(config_tensor.data_type).removeprefix("TYPE_")]
     assert config.max_batch_size == network.profile.max
-    if config.platform == "tensorrt_plan":  # a CUDA graph per batch size of the profile, a warm-up
-        assert [g.batch_size for g in config.optimization.cuda.graph_spec] == list(
-            range(network.profile.min, network.profile.max + 1))
-    if config.platform:
-        (warmup,) = config.model_warmup
-        assert warmup.batch_size == network.profile.opt and set(warmup.inputs) == set(network.input_names)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_runtime_config(device):
+    config = configs.parse_pbtxt(configs.to_pbtxt(
+        configs.network_config(specs.UNET, TINY, "FP16", "python", runtime="torch", device=device)))
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert config.backend == "python" and config.HasField("dynamic_batching")
+    assert parameters["device"] == device and parameters["precision"] == "FP16"
+    gpu = device == "cuda"
+    assert config.instance_group[0].kind == (mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    # GPU tensors from BLS sub-requests are handed over as they are only when this is "no".
+    assert parameters.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if gpu else None)
