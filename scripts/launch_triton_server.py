@@ -7,6 +7,7 @@ NGC 24.10 one) on 127.0.0.1, waits until every model is ready, and serves until 
 import argparse
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from utils.docker import TENSORRT_VERSION, serve_command
@@ -43,30 +44,31 @@ def main(argv=None):
         print("$", shlex.join(command), flush=True)
         raise SystemExit(subprocess.call(command))
 
+    stop_on_sigterm()  # `kill` stops it as cleanly as Ctrl+C, even while it starts
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, model_control=args.model_control)
     try:
         server.start()
-    except TritonServerError as error:
-        raise SystemExit(f"error: {error}")
-    print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
-          f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
-    if server.admin_key:
-        print(f"Model control is explicit: the model-repository, shared-memory, logging, trace and statistics "
-              f"APIs need the header {server.ADMIN_HEADER}: {server.admin_key} (gRPC: "
-              f"triton-grpc-protocol-{server.ADMIN_HEADER}).", flush=True)
-    stop_on_sigterm()  # `kill` stops it as cleanly as Ctrl+C
-    try:
+        print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
+              f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
+        if server.admin_key:
+            print(f"Model control is explicit: the model-repository, shared-memory, logging, trace and statistics "
+                  f"APIs need the header {server.ADMIN_HEADER}: {server.admin_key} (gRPC: "
+                  f"triton-grpc-protocol-{server.ADMIN_HEADER}).", flush=True)
         if args.canary_interval > 0:
             Supervisor(server, interval=args.canary_interval).run()  # until Ctrl+C
         else:
-            code = server.process.wait()  # returns only if the server dies on its own
-            raise SystemExit(f"error: tritonserver exited with code {code}.\n{server.log_tail()}")
+            while server.process.poll() is None:  # short sleeps: a signal always gets through
+                time.sleep(0.5)
+            raise SystemExit(f"error: tritonserver exited with code {server.process.returncode}.\n"
+                             f"{server.log_tail()}")
+    except TritonServerError as error:
+        raise SystemExit(f"error: {error}")
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
-        print("Triton stopped.")
+        print("Triton stopped.", flush=True)
 
 
 if __name__ == "__main__":

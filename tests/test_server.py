@@ -154,7 +154,11 @@ def test_launcher_stops_its_server_on_sigterm(repository, tmp_path):
     first_line = launcher.stdout.readline()
     assert first_line.startswith(f"Triton is ready: gRPC 127.0.0.1:{ports[1]}"), first_line
     launcher.send_signal(signal.SIGTERM)
-    rest = launcher.communicate(timeout=60)[0]
+    try:
+        rest = launcher.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        raise
     assert launcher.returncode == 0 and "Triton stopped." in rest
     assert not any(str(copy) in p.read_bytes().decode(errors="replace")
                    for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()), "a server or stub survived"
