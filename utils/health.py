@@ -9,7 +9,6 @@ supervisor runs it periodically and restarts the server after consecutive failur
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -109,11 +108,3 @@ class Supervisor:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
