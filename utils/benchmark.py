@@ -194,6 +194,18 @@ class TritonStatistics:
     def __init__(self, url: str):
         self.client = connect(url)
 
+    def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:
+        """A snapshot once the figures stop moving: Triton records a request's statistics just
+        after it sends the response, so the last request's figures can still be on their way."""
+        previous, deadline = self.snapshot(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.snapshot()
+            if current == previous:
+                return current
+            previous = current
+        return previous
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         figures = {}
         for model in self.client.get_inference_statistics(as_json=True).get("model_stats", []):
@@ -225,7 +237,7 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     options = settings.options()
     for _ in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
         generate(**options)
-    before = statistics.snapshot() if contender.served else None
+    before = statistics.settled_snapshot() if contender.served else None
     latencies = []
     for _ in tqdm(range(settings.runs), desc=f"{name}: runs", leave=False):
         start = time.perf_counter()
@@ -233,7 +245,7 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
         latencies.append(time.perf_counter() - start)
     result = {"latency": latency_summary(latencies), "images": images}
     if contender.served:
-        stages = TritonStatistics.stages(before, statistics.snapshot(), settings.runs)
+        stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs)
         stages["end_to_end"] = result["latency"]["mean_s"]
         stages_source = "Triton statistics API over the measured runs"
     else:
