@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
+from pipelines.client import DEFAULT_RETRY_FOR, call_with_retries, connect, infer_inputs
 from pipelines.request import GenerationRequest, request_to_arrays
-from pipelines.retry import DEFAULT_RETRY_FOR, call_with_retries, connect
 from utils import specs
 
 
@@ -32,11 +31,7 @@ class BlsPipeline:
 
     def infer(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """Send these input tensors as they are (the server validates them)."""
-        inputs = []
-        for name, array in arrays.items():
-            infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            infer_input.set_data_from_numpy(array)
-            inputs.append(infer_input)
+        inputs = infer_inputs(arrays)
         (output,) = self.spec.outputs
         outputs = [grpcclient.InferRequestedOutput(output.name)]
         result = call_with_retries(

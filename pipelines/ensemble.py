@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from pipelines.request import GenerationRequest
-from pipelines.retry import DEFAULT_RETRY_FOR, call_with_retries, connect
+from pipelines.client import DEFAULT_RETRY_FOR, call_with_retries, connect, infer_inputs
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
 from utils.networks import TORCH_DTYPES
@@ -42,15 +42,11 @@ class TritonNetworks:
         return sample["data_type"].removeprefix("TYPE_")
 
     def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        served = {t["name"]: t for t in self.served_config(network.name)["input"]}
-        inputs = []
-        for spec, tensor in zip(network.inputs, tensors):
-            dtype = served[spec.name]["data_type"].removeprefix("TYPE_")
-            array = spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(dtype), copy=False))
-            array = np.ascontiguousarray(array)
-            infer_input = grpcclient.InferInput(spec.name, list(array.shape), dtype)
-            infer_input.set_data_from_numpy(array)
-            inputs.append(infer_input)
+        served = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in self.served_config(network.name)["input"]}
+        inputs = infer_inputs({
+            spec.name: spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(served[spec.name]), copy=False))
+            for spec, tensor in zip(network.inputs, tensors)
+        })
         outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
         result = call_with_retries(  # one network call is idempotent: safe to repeat
             lambda: self.client.infer(network.name, inputs, outputs=outputs, client_timeout=self.timeout),

@@ -9,7 +9,7 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from pipelines.retry import connect
+from pipelines.client import connect
 from utils import specs
 from utils.health import probe_inputs
 

@@ -118,7 +118,7 @@ def test_explicit_model_control_restricts_the_admin_apis(repository):
 
 
 def test_models_cannot_be_unloaded_through_the_api_by_default(triton_server):
-    from pipelines.retry import connect
+    from pipelines.client import connect
     from tritonclient.utils import InferenceServerException
 
     client = connect(triton_server.grpc_url)

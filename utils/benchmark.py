@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.retry import connect
+from pipelines.client import connect
 from utils import specs
 from utils.models import model_slug
 

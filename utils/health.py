@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from pipelines.bls import BlsPipeline
-from pipelines.retry import connect
+from pipelines.client import connect, infer_inputs
 from utils import specs
 
 
@@ -27,18 +27,15 @@ class CanaryFailed(RuntimeError):
 def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.InferInput]:
     """Random inputs of the shapes and dtypes a served model's config declares."""
     rng = np.random.default_rng(seed)
-    inputs = []
+    arrays = {}
     for tensor in config["input"]:
-        dtype = tensor["data_type"].removeprefix("TYPE_")
+        dtype = triton_to_np_dtype(tensor["data_type"].removeprefix("TYPE_"))
         shape = [batch, *map(int, tensor["dims"])]
-        if dtype.startswith("INT"):
-            array = rng.integers(0, 100, shape).astype(triton_to_np_dtype(dtype))  # token ids: stay in vocabulary
+        if np.issubdtype(dtype, np.integer):  # token ids: stay in the vocabulary
+            arrays[tensor["name"]] = rng.integers(0, 100, shape).astype(dtype)
         else:
-            array = rng.standard_normal(shape).astype(triton_to_np_dtype(dtype))
-        infer_input = grpcclient.InferInput(tensor["name"], shape, dtype)
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
+            arrays[tensor["name"]] = rng.standard_normal(shape).astype(dtype)
+    return infer_inputs(arrays)
 
 
 def canary(url: str, timeout: float = 30.0) -> None:

@@ -1,5 +1,6 @@
-"""Retry a Triton call while the failure is one that waiting can fix, with exponential backoff.
+"""What every gRPC client of the project shares: the connection, the inputs, the retries.
 
+A call is retried while the failure is one that waiting can fix, with exponential backoff.
 Retryable: UNAVAILABLE (server restarting, connection refused, a sub-model of the BLS pipeline
 down), a Python-backend stub reported unhealthy (the launcher's supervisor restarts the server)
 and a model with no available version (a server shutting down unloads its models while it still
@@ -11,8 +12,9 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
+import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
@@ -32,6 +34,17 @@ def connect(url: str) -> grpcclient.InferenceServerClient:
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.use_local_subchannel_pool", 1),
     ])
+
+
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Triton inputs carrying these arrays, each in the dtype it already has."""
+    inputs = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
 
 
 def is_retryable(error: Exception) -> bool:
