@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 from utils.benchmark import CONTENDERS, Settings, run_benchmark, table, write_results
+from utils.cli import add_placement_arguments, placement_from_args
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
 from utils.workflow import prepare_repository
@@ -40,7 +41,9 @@ def main(argv=None):
                         help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
     parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
+    placement = placement_from_args(args)
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
@@ -56,10 +59,8 @@ def main(argv=None):
         url = args.url
         if served and url is None:
             model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
-                                           device=args.device, precision=args.precision)
-            # On a GPU, tensors passed between Python models by DLPack come from Triton's CUDA pool.
-            pool = ["--cuda-memory-pool-byte-size=0:1073741824"] if args.device.startswith("cuda") else []
-            url = stack.enter_context(TritonServer(args.repository, extra_args=pool)).grpc_url
+                                           device=args.device, precision=args.precision, placement=placement)
+            url = stack.enter_context(TritonServer(args.repository)).grpc_url
         else:
             model_dir = resolve_model(args.model, args.models_dir)
         results = run_benchmark(settings, model_dir, url, args.pipelines)

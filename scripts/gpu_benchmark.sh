@@ -6,15 +6,25 @@
 set -euo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then  # the device machine has no network: wheels come along
-  python3 -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
+# The device machine has no network: the wheels come along (scripts/pack_device_wheels.py).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile $(ls .whl/*.whl | grep -v /numpy-)
 fi
 # This project's packages, for the benchmark and for the Triton stubs (which find packages
 # through the python3 on PATH, not PYTHONPATH).
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
   || echo "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/sd_triton_tutorial.pth"
+# The models run in an environment of their own with numpy 1.x: the 24.10 Python-backend stub is
+# built against numpy 1 and mangles string inputs (the prompt) under the machine's numpy 2.
+if ls .whl/numpy-1*.whl >/dev/null 2>&1; then
+  MODELS_SITE=$(python3 -c "from utils.server import create_models_environment as c; print(c('/tmp/models-env'))")
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$MODELS_SITE" .whl/numpy-1*.whl
+  export SD_TRITON_STUB_ENV=/tmp/models-env
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+# A repository of its own: the GPU placement's pipeline config differs from the committed one.
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
   --output-dir "$OUT" 2>&1 | grep -v "it/s]" | tee "$OUT/benchmark.log"
+cp /tmp/tritonserver-*.log "$OUT/" 2>/dev/null || true

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from utils.docker import TENSORRT_VERSION, serve_command
 from utils.engines import EngineMismatch, Target, check_engines, local_gpu, tensorrt_networks
+from utils.gpus import GpuError, check_repository_gpus, parse_gpus
 from utils.health import Supervisor
 from utils.server import TritonServer, TritonServerError, stop_on_sigterm
 
@@ -31,7 +32,16 @@ def main(argv=None):
     parser.add_argument("--docker", action="store_true",
                         help="run the project's serving image instead, on ports 8000-8002 (needs Docker, an NVIDIA "
                              "GPU and the NVIDIA container toolkit; `make images` builds it)")
+    parser.add_argument("--gpus", default=None,
+                        help="the GPUs the server may use: 0, 0,1 or all (default: all). A repository written "
+                             "with --gpus places its instances within these (indices count within the list)")
     args = parser.parse_args(argv)
+    try:
+        gpus = None if args.gpus in (None, "all") else parse_gpus(args.gpus)
+        if gpus is not None:
+            check_repository_gpus(args.repository, available=len(gpus))
+    except GpuError as error:
+        raise SystemExit(f"error: {error}")
 
     if args.docker:
         if tensorrt_networks(args.repository):  # plans only run on the GPU and TensorRT they were built for
@@ -40,13 +50,13 @@ def main(argv=None):
             except EngineMismatch as error:
                 raise SystemExit(f"error: {error}")
             print(f"TensorRT engines match this GPU and TensorRT {TENSORRT_VERSION}: {', '.join(checked)}")
-        command = serve_command(args.repository)
+        command = serve_command(args.repository, gpus)
         print("$", shlex.join(command), flush=True)
         raise SystemExit(subprocess.call(command))
 
     stop_on_sigterm()  # `kill` stops it as cleanly as Ctrl+C, even while it starts
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, model_control=args.model_control)
+                          metrics_port=args.metrics_port, model_control=args.model_control, gpus=gpus)
     try:
         server.start()
         print(f"Triton is ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "

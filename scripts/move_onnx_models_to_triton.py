@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from utils import configs, specs
+from utils.cli import add_placement_arguments, placement_from_args
 from utils.export import DEFAULT_ONNX_DIR, onnx_path
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository import write_repository
@@ -32,12 +33,18 @@ def main(argv=None):
     parser.add_argument("--precision", default=None, choices=["FP32", "FP16"],
                         help="torch runtime: default FP16 on cuda, FP32 on cpu (ONNX files carry their own)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist with other content")
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        placement = placement_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
 
     model_dir = resolve_model(args.model, args.models_dir)
     onnx_files = {name: onnx_path(args.onnx_dir, args.model, name) for name in specs.NETWORKS}
     report = write_repository(args.repository, model_dir, onnx_files, backend=args.backend, force=args.force,
-                              runtime=args.runtime, device=args.device, precision=args.precision)
+                              runtime=args.runtime, device=args.device, precision=args.precision,
+                              placement=placement)
     for path in report.written:
         print(f"wrote     {path}")
     runtime = f", runtime: {args.runtime} on {args.device}" if args.backend == "python" else ""

@@ -7,6 +7,7 @@ import socket
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from utils import server as server_module
@@ -162,3 +163,36 @@ def test_launcher_stops_its_server_on_sigterm(repository, tmp_path):
     assert launcher.returncode == 0 and "Triton stopped." in rest
     assert not any(str(copy) in p.read_bytes().decode(errors="replace")
                    for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()), "a server or stub survived"
+
+
+REPORT_PREFIX_MODEL = '''
+import sys
+import numpy
+
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError(f"prefix={sys.prefix} numpy={numpy.__file__}")
+'''
+
+
+def test_models_run_in_the_named_environment_which_shares_this_ones_packages(tmp_path):
+    site_packages = server_module.create_models_environment(tmp_path / "models-env")
+    model = tmp_path / "repository" / "where_am_i"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text(REPORT_PREFIX_MODEL)
+    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+                                        'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
+                                        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n')
+    server = TritonServer(model.parent, startup_timeout=60, python_environment=tmp_path / "models-env")
+    with pytest.raises(TritonServerError) as failure:
+        server.start()
+    # The stub runs in the named environment, and imports numpy from this one through it.
+    message = str(failure.value)
+    assert f"prefix={tmp_path / 'models-env'}" in message
+    assert f"numpy={np.__file__}" in message
+    assert site_packages.is_dir()
+
+
+def test_models_environment_without_python_is_explained(tmp_path):
+    with pytest.raises(TritonServerError, match=r"python_environment='.*nowhere' \(SD_TRITON_STUB_ENV\) has no bin/python3"):
+        server_module.models_environment(tmp_path / "nowhere")

@@ -40,10 +40,11 @@ def test_dtypes_and_precision():
 
 
 def test_profiles_and_cfg_doubling():
-    assert specs.UNET.profile == specs.BatchProfile(1, 2, 4) and specs.UNET.cfg_doubled
-    assert specs.TEXT_ENCODER.profile == specs.BatchProfile(1, 2, 4) and specs.TEXT_ENCODER.cfg_doubled
-    assert specs.VAE_ENCODER.profile == specs.VAE_DECODER.profile == specs.BatchProfile(1, 1, 2)
-    assert specs.TEXT_TO_IMAGE.max_prompts() == 2  # UNet max 4 = 2 prompts x (uncond + cond)
+    # The served UNet batches 8 requests' steps (16 rows with their unconditional halves).
+    assert specs.UNET.profile == specs.BatchProfile(1, 2, 16) and specs.UNET.cfg_doubled
+    assert specs.TEXT_ENCODER.profile == specs.BatchProfile(1, 2, 16) and specs.TEXT_ENCODER.cfg_doubled
+    assert specs.VAE_ENCODER.profile == specs.VAE_DECODER.profile == specs.BatchProfile(1, 1, 4)
+    assert specs.TEXT_TO_IMAGE.max_prompts() == 4  # the VAE decoder's max: 4 images per request
     assert all(n.dynamic_axes() == {t.name: {0: "batch"} for t in n.tensors} for n in specs.NETWORKS.values())
 
 

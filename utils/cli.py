@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+from utils import configs
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -20,6 +21,33 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="num_inference_steps")
     group.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     group.add_argument("--seed", type=int, default=0)
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("placement (torch runtime on cuda)")
+    group.add_argument("--gpus", default=None,
+                       help="GPUs to serve on: 0, 0,1 or all (default: GPU 0). On several GPUs each network "
+                            "is served once per GPU and each pipeline instance calls its own GPU's copies")
+    group.add_argument("--pipeline-instances", type=int, default=None,
+                       help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
+                            f"or on the CPU ({configs.PIPELINE_INSTANCES})")
+
+
+def placement_from_args(args: argparse.Namespace) -> configs.Placement | None:
+    """The placement the arguments ask for; None leaves the default to write_repository."""
+    from utils.gpus import parse_gpus
+
+    if args.gpus is None and args.pipeline_instances is None:
+        return None
+    on_gpu = args.device.startswith("cuda") and args.runtime == "torch"
+    if args.gpus is not None and not on_gpu:
+        raise SystemExit(f"error: --gpus {args.gpus} needs --runtime torch --device cuda "
+                         f"(got --runtime {args.runtime} --device {args.device}).")
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else ((0,) if on_gpu else ())
+    if args.pipeline_instances is not None and args.pipeline_instances < 1:
+        raise SystemExit(f"error: --pipeline-instances {args.pipeline_instances}: at least 1 is needed.")
+    default = configs.GPU_PIPELINE_INSTANCES if gpus else configs.PIPELINE_INSTANCES
+    return configs.Placement(gpus=gpus, pipeline_instances=args.pipeline_instances or default)
 
 
 def generation_options(args: argparse.Namespace) -> dict:

@@ -14,6 +14,8 @@ The pipeline models and their clients are the same whichever backend runs the ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -23,8 +25,49 @@ BACKENDS = ("python", "onnxruntime", "tensorrt")
 RUNTIMES = ("onnxruntime", "torch")  # what runs the network inside the python backend
 ONNX_VERSION = 1  # 1/model.onnx
 ENGINE_VERSION = 2  # 2/model.plan
-PIPELINE_INSTANCES = 2
+PIPELINE_INSTANCES = 2  # BLS instances on the CPU
+# Per GPU: each instance runs one request's loop; 8 in flight let the UNet batch 8 requests' steps.
+GPU_PIPELINE_INSTANCES = 8
 GENERATED_HEADER = "# Generated from utils/specs.py by utils/configs.py: edit those, not this file.\n"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the models' instances run: on the CPU (no GPUs), or on these GPUs.
+
+    On several GPUs each network is served once per GPU (``unet_gpu0``, ``unet_gpu1``, ...) and
+    each pipeline instance calls the copies on its own GPU: a BLS sub-request cannot choose the
+    instance of the model it calls, so one model spread over the GPUs would move a request's
+    tensors between devices at every step. On one GPU the names stay the specs' own.
+    """
+
+    gpus: tuple[int, ...] = ()
+    pipeline_instances: int = PIPELINE_INSTANCES  # BLS instances on the CPU, or on each GPU
+
+    @classmethod
+    def on_gpus(cls, gpus: tuple[int, ...] = (0,), pipeline_instances: int = GPU_PIPELINE_INSTANCES) -> Placement:
+        return cls(gpus=tuple(gpus), pipeline_instances=pipeline_instances)
+
+    def __post_init__(self):
+        if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
+            raise ValueError(f"gpus={list(self.gpus)}: list distinct GPU indices, e.g. 0,1 (or 'all').")
+        if self.pipeline_instances < 1:
+            raise ValueError(f"pipeline_instances={self.pipeline_instances}: at least 1 instance is needed.")
+
+    @property
+    def per_gpu_models(self) -> bool:
+        return len(self.gpus) > 1
+
+    def model_name(self, network_name: str, gpu: int | None = None) -> str:
+        """The served name of a network (on ``gpu``, where each GPU has its own copy)."""
+        return f"{network_name}_gpu{gpu}" if self.per_gpu_models else network_name
+
+    def network_gpus(self) -> tuple[int | None, ...]:
+        """One served copy per entry: per GPU, or one for all (``None``)."""
+        return self.gpus if self.per_gpu_models else (None,)
+
+
+CPU = Placement()
 
 
 def data_type(dtype: str) -> int:
@@ -41,24 +84,27 @@ def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDi
 
 
 def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, backend: str,
-                   runtime: str = "onnxruntime", device: str = "cpu") -> mc.ModelConfig:
-    """The config of one network for one serving backend (and, for ``python``, its runtime)."""
+                   runtime: str = "onnxruntime", device: str = "cpu", placement: Placement = CPU,
+                   gpu: int | None = None) -> mc.ModelConfig:
+    """The config of one network for one serving backend (and, for ``python``, its runtime); with
+    a placement on GPUs, of its copy on ``gpu`` (or of the one copy, ``gpu=None``, on one GPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}.")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} is not supported; use one of {RUNTIMES}.")
     config = mc.ModelConfig(
-        name=network.name,
+        name=placement.model_name(network.name, gpu),
         max_batch_size=network.profile.max,
         input=[mc.ModelInput(**_tensor_fields(t, precision, dims)) for t in network.inputs],
         output=[mc.ModelOutput(**_tensor_fields(t, precision, dims)) for t in network.outputs],
     )
     version = ENGINE_VERSION if backend == "tensorrt" else ONNX_VERSION
     config.version_policy.specific.versions.append(version)
+    gpus = placement.gpus if gpu is None else (gpu,)
     if backend == "python":
-        return _python_backend(config, runtime, device, precision)
+        return _python_backend(config, network, runtime, device, precision, gpus)
     config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
     if backend == "tensorrt":
         # Only the batch is dynamic, so each batch size of the profile is one static shape that a
         # CUDA graph can replay: capture one per batch size (launch overhead dominates the UNet).
@@ -81,11 +127,15 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     return config
 
 
-def _python_backend(config: mc.ModelConfig, runtime: str, device: str, precision: str) -> mc.ModelConfig:
+def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, runtime: str, device: str,
+                    precision: str, gpus: tuple[int, ...]) -> mc.ModelConfig:
     config.backend = "python"
     gpu = device.startswith("cuda")
-    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(kind=kind, count=1)
+    if gpu:  # the instance's GPU reaches the model as args["model_instance_device_id"]
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+    else:
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.parameters["network"].string_value = network.name  # the served name may carry a GPU suffix
     if runtime == "torch":
         parameters = {"device": "cuda" if gpu else "cpu", "precision": precision}
         if gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
@@ -97,8 +147,9 @@ def _python_backend(config: mc.ModelConfig, runtime: str, device: str, precision
     return config
 
 
-def pipeline_config(pipeline: specs.PipelineSpec) -> mc.ModelConfig:
-    """The config of a Python-backend pipeline model (BLS): no batch dim, one request per image set."""
+def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU) -> mc.ModelConfig:
+    """The config of a Python-backend pipeline model (BLS): no batch dim, one request per image set.
+    The committed config is the CPU placement's."""
     config = mc.ModelConfig(
         name=pipeline.name,
         backend="python",
@@ -107,9 +158,13 @@ def pipeline_config(pipeline: specs.PipelineSpec) -> mc.ModelConfig:
         output=[mc.ModelOutput(**_tensor_fields(t, "FP32", None)) for t in pipeline.outputs],
     )
     config.version_policy.specific.versions.append(ONNX_VERSION)
-    # Two instances: while one waits on a sub-request, the other can prepare or finish its own,
-    # so concurrent requests overlap instead of queueing behind each other.
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=PIPELINE_INSTANCES)
+    # Several instances: while one waits on a sub-request, the others prepare or finish their own,
+    # and on a GPU their UNet calls meet in the UNet's dynamic batcher, so throughput grows with
+    # concurrency. On GPUs, each GPU gets its own instances, which call that GPU's networks.
+    if not placement.gpus:
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=placement.pipeline_instances)
+    for gpu in placement.gpus:
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=placement.pipeline_instances, gpus=[gpu])
     return config
 
 

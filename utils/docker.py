@@ -43,10 +43,16 @@ def export_command(command: list[str], gpus: str = "all") -> list[str]:
     ]
 
 
-def serve_command(model_repository: Path, gpus: str = "all") -> list[str]:
-    """The seed's launch command, on the serving image, with the ports bound to localhost."""
+def docker_gpus(gpus: tuple[int, ...] | None) -> str:
+    """docker run's --gpus value: all, or the listed devices (quoted: the value is read as CSV)."""
+    return "all" if gpus is None else '"device=' + ",".join(map(str, gpus)) + '"'
+
+
+def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None) -> list[str]:
+    """The seed's launch command, on the serving image, with the ports bound to localhost, on
+    these GPUs (None: all)."""
     return [
-        "docker", "run", "--rm", f"--gpus={gpus}", "--shm-size=1g",
+        "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
         "-p", f"{LOCALHOST}:8000:8000", "-p", f"{LOCALHOST}:8001:8001", "-p", f"{LOCALHOST}:8002:8002",
         "-v", f"{Path(model_repository).resolve()}:/models",
         SERVE_IMAGE, "tritonserver", "--model-repository=/models",

@@ -139,17 +139,22 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
 
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
-                      precision: str, device: str, report: RepositoryReport, force: bool = False) -> None:
-    """The python backend's torch runtime: the checkpoint's configs and this network's weights."""
+                      precision: str, device: str, report: RepositoryReport, force: bool = False,
+                      placement: configs.Placement = configs.CPU) -> None:
+    """The python backend's torch runtime: the checkpoint's configs and this network's weights,
+    once per GPU where the placement serves a copy on each."""
     from utils.networks import WRAPPERS
 
-    version_dir = repository / network.name / str(configs.ONNX_VERSION)
-    checkpoint = version_dir / CHECKPOINT_DIR
-    for source in _pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
-        install_file(source, checkpoint / source.relative_to(model_dir), report, force)
-    config = configs.network_config(network, dims, precision, "python", runtime="torch", device=device)
-    install_file(None, repository / network.name / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
-    install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
+    for gpu in placement.network_gpus():
+        name = placement.model_name(network.name, gpu)
+        version_dir = repository / name / str(configs.ONNX_VERSION)
+        checkpoint = version_dir / CHECKPOINT_DIR
+        for source in _pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
+            install_file(source, checkpoint / source.relative_to(model_dir), report, force)
+        config = configs.network_config(network, dims, precision, "python", runtime="torch", device=device,
+                                        placement=placement, gpu=gpu)
+        install_file(None, repository / name / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
+        install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
 
 
 def _pipeline_files(model_dir: Path) -> list[Path]:
@@ -157,33 +162,47 @@ def _pipeline_files(model_dir: Path) -> list[Path]:
 
 
 def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path, precision: str, device: str,
-                 report: RepositoryReport, force: bool = False) -> None:
-    """Install a committed pipeline model and the non-weight files of the checkpoint it serves."""
+                 report: RepositoryReport, force: bool = False, placement: configs.Placement = configs.CPU) -> None:
+    """Install a committed pipeline model and the non-weight files of the checkpoint it serves.
+    The committed config is the CPU placement's; another placement gets its own config (so the
+    project's own triton/models/ keeps the committed one unless ``force``)."""
     committed = PROJECT_MODELS / pipeline.name
     committed_config = committed / "config.pbtxt"
     if committed_config.read_text() != configs.to_pbtxt(configs.pipeline_config(pipeline)):
         raise RuntimeError(f"{committed_config} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
     target = repository / pipeline.name
     version_dir = target / str(configs.ONNX_VERSION)
+    config_text = configs.to_pbtxt(configs.pipeline_config(pipeline, placement))
     if target.resolve() != committed.resolve():
-        install_file(committed_config, target / "config.pbtxt", report, force)
         install_file(committed / "1" / "model.py", version_dir / "model.py", report, force)
+    install_file(None, target / "config.pbtxt", report, force, text=config_text)
     for source in _pipeline_files(model_dir):
         install_file(source, version_dir / PIPELINE_FILES / source.relative_to(model_dir), report, force)
-    serving = json.dumps({"precision": precision, "device": "cuda" if device.startswith("cuda") else "cpu"},
-                         indent=2) + "\n"
-    install_file(None, version_dir / SERVING_FILE, report, force, text=serving)
+    serving = {"precision": precision, "device": "cuda" if device.startswith("cuda") else "cpu",
+               "gpus": list(placement.gpus)}
+    install_file(None, version_dir / SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
 
 
 def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: dict[str, Path] | None,
                      backend: str = "python", force: bool = False, runtime: str = "onnxruntime",
-                     device: str = "cpu", precision: str | None = None) -> RepositoryReport:
+                     device: str = "cpu", precision: str | None = None,
+                     placement: configs.Placement | None = None) -> RepositoryReport:
     """Install the four networks and the pipeline models for ``backend`` into ``repository``.
 
     With the python backend's ``torch`` runtime the networks come from the checkpoint's weights
     (``precision`` defaults to FP16 on CUDA, FP32 on a CPU) and ``onnx_files`` is not needed.
+    ``placement``: where instances run; the torch runtime on CUDA defaults to GPU 0 (configs.Placement).
     """
     repository, model_dir = Path(repository), Path(model_dir)
+    if placement is None:
+        placement = configs.Placement.on_gpus() if runtime == "torch" and device.startswith("cuda") else configs.CPU
+    if placement.gpus and not (backend == "python" and runtime == "torch" and device.startswith("cuda")):
+        if placement.per_gpu_models or backend == "python":
+            raise ValueError(
+                f"gpus={list(placement.gpus)} with backend={backend!r}, runtime={runtime!r}, device={device!r}: "
+                f"placing models on GPUs needs --backend python --runtime torch --device cuda "
+                f"(the TensorRT and ONNX Runtime backends run on every visible GPU; leave --gpus out)."
+            )
     dims = specs.ModelDims.from_pretrained(model_dir)
     report = RepositoryReport()
     if runtime == "torch":
@@ -191,7 +210,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             raise ValueError(f"runtime='torch' runs inside the python backend, not backend={backend!r}.")
         precision = precision or ("FP16" if device.startswith("cuda") else "FP32")
         for network in specs.NETWORKS.values():
-            add_torch_network(repository, network, model_dir, dims, precision, device, report, force)
+            add_torch_network(repository, network, model_dir, dims, precision, device, report, force, placement)
     else:
         precisions = {
             add_network(repository, network, onnx_files[name], dims, backend, report, force)
@@ -201,5 +220,5 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             raise ValueError(f"the ONNX files mix precisions {sorted(precisions)}: export all four with one --precision.")
         (precision,) = precisions
     for pipeline in specs.PIPELINES.values():
-        add_pipeline(repository, pipeline, model_dir, precision, device, report, force)
+        add_pipeline(repository, pipeline, model_dir, precision, device, report, force, placement)
     return report

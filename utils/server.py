@@ -8,7 +8,10 @@ backend and ensembles, but not ready to run as a plain server. What it needs (DE
 - ``LD_LIBRARY_PATH`` with, first, the folder of this interpreter's shared ``libpython3.X.so``
   (else the stub may load another libpython 3.X and fail with "undefined symbol"), then the
   wheel's ``nvidia_pytriton.libs``;
-- this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``.
+- this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``
+  (it ignores ``PYTHONPATH``). ``python_environment`` (or ``SD_TRITON_STUB_ENV``) names another
+  virtual environment of the same Python for the models: a machine whose numpy is 2.x needs one
+  with numpy 1.x, since the 24.10 stub is built against numpy 1 (scripts/gpu_benchmark.sh).
 
 With Docker, the project's serving image runs the same repository (utils/docker.py).
 """
@@ -134,14 +137,52 @@ def _fingerprint(path: Path) -> str:
     return f"{binary.stat().st_size:x}-{int(binary.stat().st_mtime):x}"
 
 
-def server_environment(libpython: Path) -> dict[str, str]:
+STUB_ENV_VARIABLE = "SD_TRITON_STUB_ENV"
+
+
+def models_environment(python_environment: Path | str | None = None) -> Path:
+    """The ``bin`` folder whose ``python3`` the models' stubs take their packages from: this
+    interpreter's, unless another environment is named (argument, else ``SD_TRITON_STUB_ENV``)."""
+    named = python_environment or os.environ.get(STUB_ENV_VARIABLE)
+    if not named:
+        return Path(sys.executable).parent
+    bin_dir = Path(named) / "bin"
+    if not (bin_dir / "python3").exists():
+        raise TritonServerError(
+            f"python_environment={str(named)!r} ({STUB_ENV_VARIABLE}) has no bin/python3: name a virtual "
+            f"environment made with `python3 -m venv` from this Python, or leave it unset to use this one."
+        )
+    return bin_dir
+
+
+def create_models_environment(path: Path | str) -> Path:
+    """A virtual environment for the models that sees every package of this one, behind its own:
+    what is installed into it (``pip install --target <its site-packages>``) wins, the rest is
+    shared. For a package version that only the models need (numpy 1.x for the stub)."""
+    import venv
+
+    path = Path(path)
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(path)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = path / "lib" / version / "site-packages"
+    # addsitedir, unlike a plain path line, also runs this environment's .pth files (editable installs).
+    (site_packages / "shared_with_parent.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+    )
+    return site_packages
+
+
+def server_environment(libpython: Path, python_environment: Path | str | None = None,
+                       gpus: tuple[int, ...] | None = None) -> dict[str, str]:
     # Located, not imported: importing pytriton needs packages the server does not (gevent).
     libs = Path(importlib.util.find_spec("pytriton").origin).resolve().parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(libpython.parent), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
     )
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PATH"] = os.pathsep.join((str(models_environment(python_environment)), env.get("PATH", "")))
+    if gpus is not None:  # the repository's GPU indices then count within these
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return env
 
 
@@ -162,6 +203,9 @@ class TritonServer:
     admin_key: str | None = None
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    python_environment: Path | None = None  # where the models' packages come from (models_environment)
+    cuda_pool_bytes: int = 2**30  # per GPU that the repository places instances on
+    gpus: tuple[int, ...] | None = None  # the GPUs the server may use (CUDA_VISIBLE_DEVICES); None: all
     process: subprocess.Popen | None = field(default=None, init=False)
     shm_regions: set[str] = field(default_factory=set, init=False)  # made by this server's stubs
 
@@ -216,6 +260,21 @@ class TritonServer:
         rule = f"{self.ADMIN_APIS}:{self.ADMIN_HEADER}={self.admin_key}"
         return ["--load-model=*", f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
+    def _check_gpus(self, repository: Path) -> set[int]:
+        """The GPUs the repository places instances on, which this machine must have; each gets a
+        CUDA memory pool for the GPU tensors that Python models pass each other by DLPack."""
+        from utils.gpus import GpuError, check_repository_gpus, repository_gpus, visible_gpus
+
+        placed = set().union(*repository_gpus(repository).values())
+        if placed:
+            try:
+                check_repository_gpus(repository, visible_gpus() if self.gpus is None else len(self.gpus))
+            except GpuError as error:
+                raise TritonServerError(str(error)) from None
+            self.extra_args = [*self.extra_args, *(f"--cuda-memory-pool-byte-size={gpu}:{self.cuda_pool_bytes}"
+                                                   for gpu in sorted(placed))]
+        return placed
+
     def start(self) -> TritonServer:
         repository = Path(self.model_repository)
         if not repository.is_dir():
@@ -224,6 +283,7 @@ class TritonServer:
                 f"`python scripts/move_onnx_models_to_triton.py` (after the ONNX export)."
             )
         check_served_locally(repository)
+        placed_gpus = self._check_gpus(repository)
         libpython = shared_libpython()
         server_dir = install_tritonserver()
         for name in ("http_port", "grpc_port", "metrics_port"):
@@ -241,7 +301,8 @@ class TritonServer:
         log = open(self.log_file, "wb")
         regions_before = _shm_regions()
         self.process = subprocess.Popen(
-            self.command(server_dir), stdout=log, stderr=subprocess.STDOUT, env=server_environment(libpython),
+            self.command(server_dir), stdout=log, stderr=subprocess.STDOUT,
+            env=server_environment(libpython, self.python_environment, self.gpus),
             start_new_session=True,  # its own process group: stop() ends the stubs with it
         )
         log.close()

@@ -145,7 +145,9 @@ TEXT_ENCODER = NetworkSpec(
     name="text_encoder",
     inputs=(TensorSpec("input_ids", "INT32", ("text_length",)),),
     outputs=(TensorSpec("last_hidden_state", ACTIVATION, ("text_length", "text_hidden")),),
-    profile=BatchProfile(1, 2, 4),
+    # Up to 16: the served UNet and text encoder batch several requests together (dynamic
+    # batching), 8 prompts with their unconditional rows; one request sends at most max_prompts().
+    profile=BatchProfile(1, 2, 16),
     cfg_doubled=True,
 )
 
@@ -159,7 +161,7 @@ UNET = NetworkSpec(
         TensorSpec("encoder_hidden_states", ACTIVATION, ("text_length", "text_hidden")),
     ),
     outputs=(TensorSpec("outputs", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),),
-    profile=BatchProfile(1, 2, 4),
+    profile=BatchProfile(1, 2, 16),
     cfg_doubled=True,
 )
 
@@ -169,14 +171,14 @@ VAE_ENCODER = NetworkSpec(
     outputs=(
         TensorSpec("latent_parameters", ACTIVATION, ("latent_parameters", "latent_height", "latent_width")),
     ),
-    profile=BatchProfile(1, 1, 2),
+    profile=BatchProfile(1, 1, 4),
 )
 
 VAE_DECODER = NetworkSpec(
     name="vae_decoder",
     inputs=(TensorSpec("sample", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),),
     outputs=(TensorSpec("image", ACTIVATION, (3, "image_height", "image_width")),),
-    profile=BatchProfile(1, 1, 2),
+    profile=BatchProfile(1, 1, 4),
 )
 
 NETWORKS = {spec.name: spec for spec in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}

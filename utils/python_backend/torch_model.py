@@ -27,8 +27,10 @@ class GraphedNetwork:
 
     def __init__(self, module, spec: specs.NetworkSpec, dims: specs.ModelDims, device, dtype):
         self.module, self.graphs = module, {}
-        stream = torch.cuda.Stream()
-        for batch in range(spec.profile.min, spec.profile.max + 1):
+        stream, pool = torch.cuda.Stream(device), None
+        # Largest batch first, all graphs in its memory pool: one instance replays one graph at a
+        # time and copies its output out at once, so the graphs can share their activations' memory.
+        for batch in range(spec.profile.max, spec.profile.min - 1, -1):
             inputs = [torch.zeros(spec.shape(t, batch, dims), device=device,
                                   dtype=dtype if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype])
                       for t in spec.inputs]
@@ -38,8 +40,9 @@ class GraphedNetwork:
                     module(*inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 output = module(*inputs)
+            pool = graph.pool()
             self.graphs[batch] = (graph, inputs, output)
 
     def __call__(self, *inputs):
@@ -54,9 +57,12 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.spec = specs.NETWORKS[args["model_name"]]
+        self.spec = specs.NETWORKS[parameters["network"]]  # the served name may carry a GPU suffix
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.device = torch.device(parameters.get("device", "cuda"))
+        self.device = torch.device("cpu")
+        if parameters.get("device", "cuda") == "cuda":  # this instance's GPU, from its instance group
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+            torch.cuda.set_device(self.device)
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
         checkpoint = version_dir / CHECKPOINT_DIR
         module = load_network(self.spec.name, checkpoint, parameters.get("precision", "FP16"), str(self.device))

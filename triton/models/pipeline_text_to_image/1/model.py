@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from pipelines.request import InvalidRequest, request_from_arrays
 from pipelines.stable_diffusion import Cancelled, PipelineComponents, StableDiffusion
 from utils import specs
+from utils.configs import Placement
 from utils.networks import TORCH_DTYPES
 from utils.repository import PIPELINE_FILES, SERVING_FILE
 
@@ -26,10 +27,10 @@ class SubModelError(RuntimeError):
     pass
 
 
-def run_network(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def run_network(model_name: str, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One BLS sub-request; the only place that calls another model, so errors are checked once."""
     request = pb_utils.InferenceRequest(
-        model_name=network.name,
+        model_name=model_name,
         requested_output_names=network.output_names,
         inputs=[
             pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
@@ -38,7 +39,7 @@ def run_network(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torc
     )
     response = request.exec()
     if response.has_error():
-        raise SubModelError(f"model '{network.name}' failed: {response.error().message()}")
+        raise SubModelError(f"model '{model_name}' failed: {response.error().message()}")
     return tuple(
         torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
         for name in network.output_names
@@ -50,8 +51,19 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         serving = json.loads((version_dir / SERVING_FILE).read_text())
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
-        self.pipeline = StableDiffusion(components, run_network, dtype=TORCH_DTYPES[serving["precision"]],
-                                        device=serving.get("device", "cpu"))
+        device, gpu = torch.device("cpu"), None
+        if args["model_instance_kind"] == "GPU":  # this instance's GPU; the networks it calls live there too
+            gpu = int(args["model_instance_device_id"])
+            device = torch.device("cuda", gpu)
+            torch.cuda.set_device(device)
+        elif serving["device"] == "cuda":
+            device = torch.device("cuda")
+        placement = Placement(gpus=tuple(serving.get("gpus", ())))
+        model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
+        self.pipeline = StableDiffusion(
+            components, lambda network, *inputs: run_network(model_names[network.name], network, *inputs),
+            dtype=TORCH_DTYPES[serving["precision"]], device=device,
+        )
         self.logger = pb_utils.Logger
 
     def execute(self, requests):

@@ -1,0 +1,68 @@
+"""Download the wheels the lent GPU machine lacks, for its Python 3.12, into .whl/ (git-ignored).
+
+That machine has no network and what travels with a call is capped at 64 MiB, so nvidia-pytriton
+is repacked with only the Python 3.12 backend stub (the other stubs and the libpython 3.13 that
+one of them needs are 16 MB). numpy 1.26 is for the models' environment only: the 24.10 stub is
+built against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md).
+  python scripts/pack_device_wheels.py && ls -l .whl   # then carry .whl (scripts/gpu_benchmark.sh)
+"""
+
+import argparse
+import base64
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+WHEELS = ["nvidia-pytriton==0.7.0", "diffusers==0.42.1", "tritonclient==2.73.0", "python-rapidjson==1.25",
+          "numpy==1.26.4"]
+PYTHON = "3.12"
+CARRY_LIMIT = 64 * 2**20
+
+
+def download(destination: Path) -> None:
+    platforms = [f"--platform=manylinux_2_{v}_x86_64" for v in (35, 28, 17)] + ["--platform=manylinux2014_x86_64"]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    f"--python-version={PYTHON}", "--implementation=cp", *platforms, "-d", str(destination),
+                    *WHEELS], check=True)
+
+
+def keep_only_stub(wheel: Path, python: str = PYTHON) -> None:
+    """Rewrite the nvidia-pytriton wheel without the stubs of other Pythons (and their libraries),
+    with a RECORD that lists what is left."""
+    stubs = "pytriton/tritonserver/python_backend_stubs/"
+    with zipfile.ZipFile(wheel) as source:
+        names = source.namelist()
+        dropped = {n for n in names if n.startswith(stubs) and not n.startswith(f"{stubs}{python}/")}
+        dropped |= {n for n in names if "/libpython3" in n}  # only the 3.13 stub links the bundled one
+        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        trimmed = wheel.with_suffix(".trimmed")
+        with zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
+            lines = []
+            for info in source.infolist():
+                if info.filename in dropped or info.filename == record:
+                    continue
+                data = source.read(info)
+                target.writestr(info, data)
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                lines.append(f"{info.filename},sha256={digest},{len(data)}")
+            target.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")
+    trimmed.replace(wheel)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=Path(".whl"))
+    args = parser.parse_args(argv)
+    download(args.dest)
+    (pytriton,) = args.dest.glob("nvidia_pytriton-*.whl")
+    keep_only_stub(pytriton)
+    total = sum(p.stat().st_size for p in args.dest.glob("*.whl"))
+    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the carry limit is {CARRY_LIMIT / 2**20:.0f} MiB)")
+    if total > CARRY_LIMIT:
+        sys.exit(f"{args.dest} holds more than the carry limit: remove wheels that are not listed in {WHEELS}")
+
+
+if __name__ == "__main__":
+    main()
