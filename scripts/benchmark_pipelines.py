@@ -59,7 +59,8 @@ def main(argv=None):
         url = args.url
         if served and url is None:
             model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
-                                           device=args.device, precision=args.precision, placement=placement)
+                                           device=args.device, precision=args.precision, placement=placement,
+                                           pipeline_environment=args.pipeline_environment)
             url = stack.enter_context(TritonServer(args.repository)).grpc_url
         else:
             model_dir = resolve_model(args.model, args.models_dir)

@@ -14,17 +14,19 @@ fi
 # through the python3 on PATH, not PYTHONPATH).
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
   || echo "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/sd_triton_tutorial.pth"
-# The models run in an environment of their own with numpy 1.x: the 24.10 Python-backend stub is
-# built against numpy 1 and mangles string inputs (the prompt) under the machine's numpy 2.
+# The pipeline model runs in an environment of its own with numpy 1.x: the 24.10 Python-backend
+# stub is built against numpy 1 and mangles string inputs (the prompt) under the machine's numpy 2
+# (utils/environments.py). The networks keep the machine's environment.
+ENVIRONMENT=()
 if ls .whl/numpy-1*.whl >/dev/null 2>&1; then
-  MODELS_SITE=$(python3 -c "from utils.server import create_models_environment as c; print(c('/tmp/models-env'))")
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$MODELS_SITE" .whl/numpy-1*.whl
-  export SD_TRITON_STUB_ENV=/tmp/models-env
+  SITE=$(python3 -c "from utils.environments import create; print(create('/tmp/pipeline-env'))")
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/numpy-1*.whl
+  ENVIRONMENT=(--pipeline-environment /tmp/pipeline-env)
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" "${ENVIRONMENT[@]}" --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
   --output-dir "$OUT" 2>&1 | grep -v "it/s]" | tee "$OUT/benchmark.log"
 cp /tmp/tritonserver-*.log "$OUT/" 2>/dev/null || true

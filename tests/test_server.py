@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from utils import environments
 from utils import server as server_module
 from utils.server import TritonServer, TritonServerError, shared_libpython
 
@@ -165,7 +166,7 @@ def test_launcher_stops_its_server_on_sigterm(repository, tmp_path):
                    for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()), "a server or stub survived"
 
 
-REPORT_PREFIX_MODEL = '''
+REPORT_ENVIRONMENT_MODEL = '''
 import sys
 import numpy
 
@@ -175,24 +176,26 @@ class TritonPythonModel:
 '''
 
 
-def test_models_run_in_the_named_environment_which_shares_this_ones_packages(tmp_path):
-    site_packages = server_module.create_models_environment(tmp_path / "models-env")
+def test_a_model_runs_in_its_own_environment_which_shares_this_ones_packages(tmp_path):
+    site_packages = environments.create(tmp_path / "models-env")
     model = tmp_path / "repository" / "where_am_i"
     (model / "1").mkdir(parents=True)
-    (model / "1" / "model.py").write_text(REPORT_PREFIX_MODEL)
+    (model / "1" / "model.py").write_text(REPORT_ENVIRONMENT_MODEL)
+    (model / environments.ARCHIVE_NAME).write_bytes(environments.activation_archive(tmp_path / "models-env"))
     (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
                                         'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
-                                        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n')
-    server = TritonServer(model.parent, startup_timeout=60, python_environment=tmp_path / "models-env")
+                                        'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n'
+                                        f'parameters {{ key: "{environments.CONFIG_KEY}" '
+                                        f'value {{ string_value: "{environments.CONFIG_VALUE}" }} }}\n')
     with pytest.raises(TritonServerError) as failure:
-        server.start()
-    # The stub runs in the named environment, and imports numpy from this one through it.
+        TritonServer(model.parent, startup_timeout=60).start()
+    # The stub ran in the model's environment, and found numpy through it in this one.
     message = str(failure.value)
     assert f"prefix={tmp_path / 'models-env'}" in message
     assert f"numpy={np.__file__}" in message
     assert site_packages.is_dir()
 
 
-def test_models_environment_without_python_is_explained(tmp_path):
-    with pytest.raises(TritonServerError, match=r"python_environment='.*nowhere' \(SD_TRITON_STUB_ENV\) has no bin/python3"):
-        server_module.models_environment(tmp_path / "nowhere")
+def test_activation_archive_of_a_folder_without_python_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"'.*nowhere' has no bin/python3: create it with"):
+        environments.activation_archive(tmp_path / "nowhere")

@@ -31,6 +31,9 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-instances", type=int, default=None,
                        help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
                             f"or on the CPU ({configs.PIPELINE_INSTANCES})")
+    group.add_argument("--pipeline-environment", type=Path, default=None,
+                       help="a Python environment (utils/environments.py) the pipeline model runs in: one with "
+                            "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
 
 
 def placement_from_args(args: argparse.Namespace) -> configs.Placement | None:

@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils import configs, specs
+from utils import configs, environments, specs
 
 PROJECT_MODELS = Path(__file__).resolve().parents[1] / "triton" / "models"
 PIPELINE_FILES = "stable_diffusion"
@@ -90,10 +90,14 @@ def onnx_precision(onnx_file: Path, network: specs.NetworkSpec, dims: specs.Mode
     return floats.pop()
 
 
-def install_file(source: Path | None, target: Path, report: RepositoryReport, force: bool, text: str | None = None):
+def install_file(source: Path | None, target: Path, report: RepositoryReport, force: bool,
+                 text: str | bytes | None = None):
     """Copy ``source`` (or write ``text``) to ``target`` unless it already has that content."""
     if target.exists():
-        same = filecmp.cmp(source, target, shallow=False) if source else target.read_text() == text
+        if source:
+            same = filecmp.cmp(source, target, shallow=False)
+        else:
+            same = (target.read_bytes() if isinstance(text, bytes) else target.read_text()) == text
         if same:
             report.unchanged.append(target)
             return
@@ -112,6 +116,8 @@ def install_file(source: Path | None, target: Path, report: RepositoryReport, fo
             os.link(source, target)
         except OSError:
             shutil.copyfile(source, target)
+    elif isinstance(text, bytes):
+        target.write_bytes(text)
     else:
         target.write_text(text)
     report.written.append(target)
@@ -162,17 +168,24 @@ def _pipeline_files(model_dir: Path) -> list[Path]:
 
 
 def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path, precision: str, device: str,
-                 report: RepositoryReport, force: bool = False, placement: configs.Placement = configs.CPU) -> None:
+                 report: RepositoryReport, force: bool = False, placement: configs.Placement = configs.CPU,
+                 python_environment: Path | None = None) -> None:
     """Install a committed pipeline model and the non-weight files of the checkpoint it serves.
-    The committed config is the CPU placement's; another placement gets its own config (so the
-    project's own triton/models/ keeps the committed one unless ``force``)."""
+    The committed config is the CPU placement's; another placement, or a Python environment of
+    the model's own (utils/environments.py), gets its own config (so the project's own
+    triton/models/ keeps the committed one unless ``force``)."""
     committed = PROJECT_MODELS / pipeline.name
     committed_config = committed / "config.pbtxt"
     if committed_config.read_text() != configs.to_pbtxt(configs.pipeline_config(pipeline)):
         raise RuntimeError(f"{committed_config} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
     target = repository / pipeline.name
     version_dir = target / str(configs.ONNX_VERSION)
-    config_text = configs.to_pbtxt(configs.pipeline_config(pipeline, placement))
+    config = configs.pipeline_config(pipeline, placement)
+    if python_environment is not None:
+        config.parameters[environments.CONFIG_KEY].string_value = environments.CONFIG_VALUE
+        install_file(None, target / environments.ARCHIVE_NAME, report, force,
+                     text=environments.activation_archive(python_environment))
+    config_text = configs.to_pbtxt(config)
     if target.resolve() != committed.resolve():
         install_file(committed / "1" / "model.py", version_dir / "model.py", report, force)
     install_file(None, target / "config.pbtxt", report, force, text=config_text)
@@ -186,12 +199,14 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
 def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: dict[str, Path] | None,
                      backend: str = "python", force: bool = False, runtime: str = "onnxruntime",
                      device: str = "cpu", precision: str | None = None,
-                     placement: configs.Placement | None = None) -> RepositoryReport:
+                     placement: configs.Placement | None = None,
+                     pipeline_environment: Path | None = None) -> RepositoryReport:
     """Install the four networks and the pipeline models for ``backend`` into ``repository``.
 
     With the python backend's ``torch`` runtime the networks come from the checkpoint's weights
     (``precision`` defaults to FP16 on CUDA, FP32 on a CPU) and ``onnx_files`` is not needed.
     ``placement``: where instances run; the torch runtime on CUDA defaults to GPU 0 (configs.Placement).
+    ``pipeline_environment``: a Python environment the pipeline models run in (utils/environments.py).
     """
     repository, model_dir = Path(repository), Path(model_dir)
     if placement is None:
@@ -220,5 +235,6 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             raise ValueError(f"the ONNX files mix precisions {sorted(precisions)}: export all four with one --precision.")
         (precision,) = precisions
     for pipeline in specs.PIPELINES.values():
-        add_pipeline(repository, pipeline, model_dir, precision, device, report, force, placement)
+        add_pipeline(repository, pipeline, model_dir, precision, device, report, force, placement,
+                     pipeline_environment)
     return report

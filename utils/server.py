@@ -9,9 +9,8 @@ backend and ensembles, but not ready to run as a plain server. What it needs (DE
   (else the stub may load another libpython 3.X and fail with "undefined symbol"), then the
   wheel's ``nvidia_pytriton.libs``;
 - this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``
-  (it ignores ``PYTHONPATH``). ``python_environment`` (or ``SD_TRITON_STUB_ENV``) names another
-  virtual environment of the same Python for the models: a machine whose numpy is 2.x needs one
-  with numpy 1.x, since the 24.10 stub is built against numpy 1 (scripts/gpu_benchmark.sh).
+  (it ignores ``PYTHONPATH``). A model can run in another environment of the same Python
+  (utils/environments.py): the pipeline model needs numpy 1.x where the machine has numpy 2.
 
 With Docker, the project's serving image runs the same repository (utils/docker.py).
 """
@@ -137,50 +136,14 @@ def _fingerprint(path: Path) -> str:
     return f"{binary.stat().st_size:x}-{int(binary.stat().st_mtime):x}"
 
 
-STUB_ENV_VARIABLE = "SD_TRITON_STUB_ENV"
-
-
-def models_environment(python_environment: Path | str | None = None) -> Path:
-    """The ``bin`` folder whose ``python3`` the models' stubs take their packages from: this
-    interpreter's, unless another environment is named (argument, else ``SD_TRITON_STUB_ENV``)."""
-    named = python_environment or os.environ.get(STUB_ENV_VARIABLE)
-    if not named:
-        return Path(sys.executable).parent
-    bin_dir = Path(named) / "bin"
-    if not (bin_dir / "python3").exists():
-        raise TritonServerError(
-            f"python_environment={str(named)!r} ({STUB_ENV_VARIABLE}) has no bin/python3: name a virtual "
-            f"environment made with `python3 -m venv` from this Python, or leave it unset to use this one."
-        )
-    return bin_dir
-
-
-def create_models_environment(path: Path | str) -> Path:
-    """A virtual environment for the models that sees every package of this one, behind its own:
-    what is installed into it (``pip install --target <its site-packages>``) wins, the rest is
-    shared. For a package version that only the models need (numpy 1.x for the stub)."""
-    import venv
-
-    path = Path(path)
-    venv.EnvBuilder(with_pip=False, symlinks=True).create(path)
-    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    site_packages = path / "lib" / version / "site-packages"
-    # addsitedir, unlike a plain path line, also runs this environment's .pth files (editable installs).
-    (site_packages / "shared_with_parent.pth").write_text(
-        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
-    )
-    return site_packages
-
-
-def server_environment(libpython: Path, python_environment: Path | str | None = None,
-                       gpus: tuple[int, ...] | None = None) -> dict[str, str]:
+def server_environment(libpython: Path, gpus: tuple[int, ...] | None = None) -> dict[str, str]:
     # Located, not imported: importing pytriton needs packages the server does not (gevent).
     libs = Path(importlib.util.find_spec("pytriton").origin).resolve().parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(libpython.parent), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
     )
-    env["PATH"] = os.pathsep.join((str(models_environment(python_environment)), env.get("PATH", "")))
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     if gpus is not None:  # the repository's GPU indices then count within these
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return env
@@ -203,7 +166,6 @@ class TritonServer:
     admin_key: str | None = None
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
-    python_environment: Path | None = None  # where the models' packages come from (models_environment)
     cuda_pool_bytes: int = 2**30  # per GPU that the repository places instances on
     gpus: tuple[int, ...] | None = None  # the GPUs the server may use (CUDA_VISIBLE_DEVICES); None: all
     process: subprocess.Popen | None = field(default=None, init=False)
@@ -302,7 +264,7 @@ class TritonServer:
         regions_before = _shm_regions()
         self.process = subprocess.Popen(
             self.command(server_dir), stdout=log, stderr=subprocess.STDOUT,
-            env=server_environment(libpython, self.python_environment, self.gpus),
+            env=server_environment(libpython, self.gpus),
             start_new_session=True,  # its own process group: stop() ends the stubs with it
         )
         log.close()
