@@ -8,6 +8,7 @@ and settings give the image of ``diffusers.StableDiffusionPipeline`` (tests/test
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import secrets
@@ -35,7 +36,7 @@ class PipelineComponents:
     """What the loop needs from a checkpoint besides the networks: no weights."""
 
     tokenizer: object
-    scheduler_class: type
+    scheduler: object  # a fresh scheduler, copied for each request (new_scheduler)
     scheduler_config: dict
     dims: specs.ModelDims
     vae_scaling_factor: float
@@ -48,13 +49,24 @@ class PipelineComponents:
         model_dir = Path(model_dir)
         scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
         vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+        scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+        # The constructor, not from_config: from_config imports every compatible scheduler class
+        # on each call, and some import scipy, which fails in the pipeline model's numpy 1
+        # environment (utils/environments.py). Config keys the class does not take (another
+        # scheduler's, like clip_sample for PNDM) are left out, as from_config leaves them.
+        accepted = inspect.signature(scheduler_class.__init__).parameters
+        scheduler = scheduler_class(**{k: v for k, v in scheduler_config.items() if k in accepted})
         return cls(
             tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-            scheduler_class=getattr(diffusers, scheduler_config["_class_name"]),
+            scheduler=scheduler,
             scheduler_config=scheduler_config,
             dims=specs.ModelDims.from_pretrained(model_dir),
             vae_scaling_factor=vae_config.get("scaling_factor", 0.18215),
         )
+
+    def new_scheduler(self):
+        """A scheduler of a request's own: PNDM keeps state between steps."""
+        return copy.deepcopy(self.scheduler)
 
 
 class StableDiffusion:
@@ -95,7 +107,7 @@ class StableDiffusion:
         (text_embeddings,) = self.run_network(specs.TEXT_ENCODER, input_ids)
 
         # 3. A scheduler of this request's own: PNDM keeps state between steps.
-        scheduler = self.components.scheduler_class.from_config(self.components.scheduler_config)
+        scheduler = self.components.new_scheduler()
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
