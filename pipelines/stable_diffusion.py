@@ -87,6 +87,20 @@ class StableDiffusion:
     def check(self, request: GenerationRequest) -> GenerationRequest:
         return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps)
 
+    def warm_up(self, steps: int = 3) -> None:
+        """Run the loop's own work once (tokenizer, scheduler, guidance, post-processing) with
+        networks that return zeros, so that this process's first request does not pay for lazy
+        initialization (CUDA context, kernel loading, allocator pools), and calls no model."""
+        dims = self.components.dims
+
+        def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            batch = inputs[0].shape[0]
+            return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
+                         for t in network.outputs)
+
+        StableDiffusion(self.components, zeros, self.dtype, self.device)(
+            GenerationRequest(prompt="warm-up", num_inference_steps=steps, seed=0))
+
     def __call__(self, request: GenerationRequest, progress: bool = False,
                  is_cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
         """Generate; return uint8 images [N, H, W, 3] on the CPU."""

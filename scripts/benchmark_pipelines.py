@@ -53,15 +53,20 @@ def main(argv=None):
 
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
-                        requests=args.requests, device=args.device, precision=args.precision)
+                        requests=args.requests, device=args.device, precision=args.precision,
+                        runtime=args.runtime, torch_compile=tuple(args.torch_compile),
+                        gpus=placement.gpus, pipeline_instances=placement.pipeline_instances)
     served = any(CONTENDERS[name].served for name in args.pipelines)
     with contextlib.ExitStack() as stack:
         url = args.url
         if served and url is None:
             model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
                                            device=args.device, precision=args.precision, placement=placement,
-                                           pipeline_environment=args.pipeline_environment)
-            url = stack.enter_context(TritonServer(args.repository)).grpc_url
+                                           pipeline_environment=args.pipeline_environment,
+                                           torch_compile=tuple(args.torch_compile))
+            # Compiling at load takes minutes: give the server that long to become ready.
+            timeout = 180 + 240 * len(args.torch_compile)
+            url = stack.enter_context(TritonServer(args.repository, startup_timeout=timeout)).grpc_url
         else:
             model_dir = resolve_model(args.model, args.models_dir)
         results = run_benchmark(settings, model_dir, url, args.pipelines)

@@ -44,7 +44,8 @@ def main(argv=None):
     onnx_files = {name: onnx_path(args.onnx_dir, args.model, name) for name in specs.NETWORKS}
     report = write_repository(args.repository, model_dir, onnx_files, backend=args.backend, force=args.force,
                               runtime=args.runtime, device=args.device, precision=args.precision,
-                              placement=placement, pipeline_environment=args.pipeline_environment)
+                              placement=placement, pipeline_environment=args.pipeline_environment,
+                              torch_compile=tuple(args.torch_compile))
     for path in report.written:
         print(f"wrote     {path}")
     runtime = f", runtime: {args.runtime} on {args.device}" if args.backend == "python" else ""

@@ -43,10 +43,12 @@ def test_query_model(network, triton_server, tmp_path):
 
 
 def test_query_model_beyond_the_profile_is_a_clear_error(triton_server, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/query_model.py"), "unet", "--batch", "9",
+    too_many = specs.UNET.profile.max + 1
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/query_model.py"), "unet", "--batch", str(too_many),
                              "--url", triton_server.grpc_url], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "batch-size must be <= 4 for 'unet'" in result.stderr and "Traceback" not in result.stderr
+    assert f"batch-size must be <= {specs.UNET.profile.max} for 'unet'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_quickstart_main_job(tmp_path):

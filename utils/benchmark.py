@@ -50,6 +50,11 @@ class Settings:
     requests: int = 0  # requests in each concurrency run
     device: str = "cpu"
     precision: str = "FP32"
+    # How the served pipelines were deployed (recorded with the figures).
+    runtime: str = "onnxruntime"
+    torch_compile: tuple[str, ...] = ()
+    gpus: tuple[int, ...] = ()
+    pipeline_instances: int = 0
 
     def options(self) -> dict:
         return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
@@ -213,8 +218,9 @@ class TritonStatistics:
             ns = lambda key: int(stats.get(key, {}).get("ns", 0))  # noqa: E731
             figures[model["name"]] = {
                 "executions": int(model.get("execution_count", 0)),
+                "requests": int(stats.get("success", {}).get("count", 0)),
                 "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
-                "queue_ns": ns("queue"),
+                **{f"{key}_ns": ns(key) for key in ("queue", "compute_input", "compute_infer", "compute_output")},
             }
         return figures
 
@@ -227,6 +233,12 @@ class TritonStatistics:
         calls = delta.get("unet", {}).get("executions", 0)
         stages["unet_per_call"] = delta["unet"]["compute_ns"] / 1e9 / calls if calls else 0.0
         stages["unet_calls_per_run"] = calls / runs
+        # Milliseconds per request in each phase of each model, to see where "other" goes.
+        stages["per_request_ms"] = {
+            name: {key.removesuffix("_ns"): figures[key] / 1e6 / figures["requests"]
+                   for key in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")}
+            for name, figures in delta.items() if figures.get("requests")
+        }
         return stages
 
 

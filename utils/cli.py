@@ -24,24 +24,27 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("placement (torch runtime on cuda)")
+    group = parser.add_argument_group("serving on GPUs (torch runtime on cuda)")
     group.add_argument("--gpus", default=None,
                        help="GPUs to serve on: 0, 0,1 or all (default: GPU 0). On several GPUs each network "
                             "is served once per GPU and each pipeline instance calls its own GPU's copies")
     group.add_argument("--pipeline-instances", type=int, default=None,
                        help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
                             f"or on the CPU ({configs.PIPELINE_INSTANCES})")
+    group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
+                       help="networks the torch runtime compiles with torch.compile at load, e.g. unet "
+                            "(a minute or more per network; pays where a network runs at every step)")
     group.add_argument("--pipeline-environment", type=Path, default=None,
                        help="a Python environment (utils/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
 
 
-def placement_from_args(args: argparse.Namespace) -> configs.Placement | None:
-    """The placement the arguments ask for; None leaves the default to write_repository."""
+def placement_from_args(args: argparse.Namespace) -> configs.Placement:
+    """The placement the arguments ask for (configs.Placement.default where they say nothing)."""
     from utils.gpus import parse_gpus
 
     if args.gpus is None and args.pipeline_instances is None:
-        return None
+        return configs.Placement.default(args.runtime, args.device)
     on_gpu = args.device.startswith("cuda") and args.runtime == "torch"
     if args.gpus is not None and not on_gpu:
         raise SystemExit(f"error: --gpus {args.gpus} needs --runtime torch --device cuda "

@@ -45,8 +45,11 @@ class Placement:
     pipeline_instances: int = PIPELINE_INSTANCES  # BLS instances on the CPU, or on each GPU
 
     @classmethod
-    def on_gpus(cls, gpus: tuple[int, ...] = (0,), pipeline_instances: int = GPU_PIPELINE_INSTANCES) -> Placement:
-        return cls(gpus=tuple(gpus), pipeline_instances=pipeline_instances)
+    def default(cls, runtime: str, device: str) -> Placement:
+        """GPU 0 for the torch runtime on CUDA (its GPU runtime), else the CPU."""
+        if runtime == "torch" and device.startswith("cuda"):
+            return cls(gpus=(0,), pipeline_instances=GPU_PIPELINE_INSTANCES)
+        return cls()
 
     def __post_init__(self):
         if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
@@ -85,7 +88,7 @@ def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDi
 
 def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, backend: str,
                    runtime: str = "onnxruntime", device: str = "cpu", placement: Placement = CPU,
-                   gpu: int | None = None) -> mc.ModelConfig:
+                   gpu: int | None = None, torch_compile: bool = False) -> mc.ModelConfig:
     """The config of one network for one serving backend (and, for ``python``, its runtime); with
     a placement on GPUs, of its copy on ``gpu`` (or of the one copy, ``gpu=None``, on one GPU)."""
     if backend not in BACKENDS:
@@ -102,7 +105,7 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     config.version_policy.specific.versions.append(version)
     gpus = placement.gpus if gpu is None else (gpu,)
     if backend == "python":
-        return _python_backend(config, network, runtime, device, precision, gpus)
+        return _python_backend(config, network, runtime, device, precision, gpus, torch_compile)
     config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
     if backend == "tensorrt":
@@ -128,7 +131,7 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
 
 
 def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, runtime: str, device: str,
-                    precision: str, gpus: tuple[int, ...]) -> mc.ModelConfig:
+                    precision: str, gpus: tuple[int, ...], torch_compile: bool = False) -> mc.ModelConfig:
     config.backend = "python"
     gpu = device.startswith("cuda")
     if gpu:  # the instance's GPU reaches the model as args["model_instance_device_id"]
@@ -140,6 +143,8 @@ def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, runtime:
         parameters = {"device": "cuda" if gpu else "cpu", "precision": precision}
         if gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        if torch_compile:  # compiled at load, before the CUDA graphs are captured (a minute or more)
+            parameters["torch_compile"] = "yes"
         for key, value in parameters.items():
             config.parameters[key].string_value = value
         # Requests queued together run as one batch (each UNet sample has its own timestep).

@@ -146,7 +146,7 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
                       precision: str, device: str, report: RepositoryReport, force: bool = False,
-                      placement: configs.Placement = configs.CPU) -> None:
+                      placement: configs.Placement = configs.CPU, torch_compile: bool = False) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
     once per GPU where the placement serves a copy on each."""
     from utils.networks import WRAPPERS
@@ -158,7 +158,7 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         for source in _pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
         config = configs.network_config(network, dims, precision, "python", runtime="torch", device=device,
-                                        placement=placement, gpu=gpu)
+                                        placement=placement, gpu=gpu, torch_compile=torch_compile)
         install_file(None, repository / name / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
 
@@ -200,17 +200,19 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
                      backend: str = "python", force: bool = False, runtime: str = "onnxruntime",
                      device: str = "cpu", precision: str | None = None,
                      placement: configs.Placement | None = None,
-                     pipeline_environment: Path | None = None) -> RepositoryReport:
+                     pipeline_environment: Path | None = None,
+                     torch_compile: tuple[str, ...] = ()) -> RepositoryReport:
     """Install the four networks and the pipeline models for ``backend`` into ``repository``.
 
     With the python backend's ``torch`` runtime the networks come from the checkpoint's weights
     (``precision`` defaults to FP16 on CUDA, FP32 on a CPU) and ``onnx_files`` is not needed.
     ``placement``: where instances run; the torch runtime on CUDA defaults to GPU 0 (configs.Placement).
     ``pipeline_environment``: a Python environment the pipeline models run in (utils/environments.py).
+    ``torch_compile``: the networks the torch runtime compiles with torch.compile at load.
     """
     repository, model_dir = Path(repository), Path(model_dir)
     if placement is None:
-        placement = configs.Placement.on_gpus() if runtime == "torch" and device.startswith("cuda") else configs.CPU
+        placement = configs.Placement.default(runtime, device)
     if placement.gpus and not (backend == "python" and runtime == "torch" and device.startswith("cuda")):
         if placement.per_gpu_models or backend == "python":
             raise ValueError(
@@ -220,12 +222,17 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             )
     dims = specs.ModelDims.from_pretrained(model_dir)
     report = RepositoryReport()
+    unknown = set(torch_compile) - set(specs.NETWORKS)
+    if unknown or (torch_compile and runtime != "torch"):
+        raise ValueError(f"torch_compile={list(torch_compile)}: name networks of {list(specs.NETWORKS)}, "
+                         f"with runtime='torch' (got runtime={runtime!r}).")
     if runtime == "torch":
         if backend != "python":
             raise ValueError(f"runtime='torch' runs inside the python backend, not backend={backend!r}.")
         precision = precision or ("FP16" if device.startswith("cuda") else "FP32")
         for network in specs.NETWORKS.values():
-            add_torch_network(repository, network, model_dir, dims, precision, device, report, force, placement)
+            add_torch_network(repository, network, model_dir, dims, precision, device, report, force, placement,
+                              torch_compile=network.name in torch_compile)
     else:
         precisions = {
             add_network(repository, network, onnx_files[name], dims, backend, report, force)

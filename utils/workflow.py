@@ -17,7 +17,8 @@ from utils.timing import StepTimer
 def prepare_repository(model: str, repository: Path, models_dir: Path = DEFAULT_MODELS_DIR,
                        onnx_dir: Path = DEFAULT_ONNX_DIR, backend: str = "python", force: bool = False,
                        timer: StepTimer | None = None, runtime: str = "onnxruntime", device: str = "cpu",
-                       precision: str | None = None, placement=None, pipeline_environment=None) -> Path:
+                       precision: str | None = None, placement=None, pipeline_environment=None,
+                       torch_compile: tuple[str, ...] = ()) -> Path:
     """Resolve ``model``, export its networks (finished exports are reused; the torch runtime
     needs none) and write the repository; return the model's diffusers folder. Each step is
     printed and timed by ``timer``."""
@@ -38,7 +39,7 @@ def prepare_repository(model: str, repository: Path, models_dir: Path = DEFAULT_
     with step(f"3. model repository: {repository}"):
         report = write_repository(repository, model_dir, onnx_files, backend=backend, force=force,
                                   runtime=runtime, device=device, precision=precision, placement=placement,
-                                  pipeline_environment=pipeline_environment)
+                                  pipeline_environment=pipeline_environment, torch_compile=torch_compile)
         print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
     return model_dir
 

@@ -25,8 +25,13 @@ class GraphedNetwork:
     """The module's forward captured once per batch size in a CUDA graph, replayed on copies of
     the inputs into static buffers (launch overhead dominates a UNet step on a fast GPU)."""
 
-    def __init__(self, module, spec: specs.NetworkSpec, dims: specs.ModelDims, device, dtype):
+    def __init__(self, module, spec: specs.NetworkSpec, dims: specs.ModelDims, device, dtype,
+                 compile_module: bool = False):
         self.module, self.graphs = module, {}
+        # torch.compile fuses the elementwise and normalization kernels between the matmuls and
+        # convolutions. One compilation for every batch size above 1 (the batch is marked dynamic);
+        # batch 1 (no guidance) keeps the eager kernels rather than compiling a second time.
+        compiled = torch.compile(module, dynamic=False) if compile_module else module
         stream, pool = torch.cuda.Stream(device), None
         # Largest batch first, all graphs in its memory pool: one instance replays one graph at a
         # time and copies its output out at once, so the graphs can share their activations' memory.
@@ -34,14 +39,18 @@ class GraphedNetwork:
             inputs = [torch.zeros(spec.shape(t, batch, dims), device=device,
                                   dtype=dtype if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype])
                       for t in spec.inputs]
+            forward = compiled if batch > 1 else module
+            if compile_module and batch == spec.profile.max:
+                for tensor in inputs:
+                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up outside the graph (cuDNN/cuBLAS choose their kernels)
-                    module(*inputs)
+                    forward(*inputs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                output = module(*inputs)
+                output = forward(*inputs)
             pool = graph.pool()
             self.graphs[batch] = (graph, inputs, output)
 
@@ -68,7 +77,8 @@ class TritonPythonModel:
         module = load_network(self.spec.name, checkpoint, parameters.get("precision", "FP16"), str(self.device))
         dims = specs.ModelDims.from_pretrained(checkpoint)
         with torch.inference_mode():
-            self.run = GraphedNetwork(module, self.spec, dims, self.device, self.dtype) \
+            self.run = GraphedNetwork(module, self.spec, dims, self.device, self.dtype,
+                                      compile_module=parameters.get("torch_compile") == "yes") \
                 if self.device.type == "cuda" else module
 
     def execute(self, requests):

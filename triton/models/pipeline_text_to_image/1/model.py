@@ -64,6 +64,7 @@ class TritonPythonModel:
             components, lambda network, *inputs: run_network(model_names[network.name], network, *inputs),
             dtype=TORCH_DTYPES[serving["precision"]], device=device,
         )
+        self.pipeline.warm_up()  # each instance is its own process: warm each one before it serves
         self.logger = pb_utils.Logger
 
     def execute(self, requests):
