@@ -26,7 +26,8 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --repository outputs/triton-gpu --gpus "${GPUS:-0}" "${ENVIRONMENT[@]}" --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" "${ENVIRONMENT[@]}" ${TORCH_COMPILE:+--torch-compile $TORCH_COMPILE} \
+  --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
   --output-dir "$OUT" 2>&1 | grep -v "it/s]" | tee "$OUT/benchmark.log"
 cp /tmp/tritonserver-*.log "$OUT/" 2>/dev/null || true
