@@ -10,8 +10,10 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
 from pipelines.request import GenerationRequest, request_to_arrays
+from utils import specs
 
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
+MAX_PROMPTS = specs.TEXT_TO_IMAGE.max_prompts()
 
 
 def arrays(**overrides):
@@ -37,7 +39,8 @@ BAD_REQUESTS = {
     "NaN guidance": (arrays(guidance_scale=np.array([np.nan], np.float32)), r"guidance_scale=nan .*finite"),
     "infinite guidance": (arrays(guidance_scale=np.array([np.inf], np.float32)), r"guidance_scale=inf .*finite"),
     "negative seed": (arrays(seed=np.array([-1], np.int64)), r"seed=-1 .*\[0, 2\*\*63 - 1\]"),
-    "too many prompts": (arrays(prompt=np.array([b"a"] * 3, dtype=object)), r"prompt has 3 entries: at most 2"),
+    "too many prompts": (arrays(prompt=np.array([b"a"] * (MAX_PROMPTS + 1), dtype=object)),
+                         rf"prompt has {MAX_PROMPTS + 1} entries: at most {MAX_PROMPTS}"),
     "prompt too long": (arrays(prompt=np.array([b"x" * 5000], dtype=object)), r"prompt\[0\] has 5000 bytes"),
     # Triton checks the declared dims [1] itself, with a message that names the input.
     "two guidance values": (arrays(guidance_scale=np.array([1.0, 2.0], np.float32)),

@@ -16,12 +16,12 @@ SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, laten
                        vae_scale_factor=8)
 REPO = "triton/models"
 EXPECTED_SD15 = {
-    "text_encoder": "--minShapes=input_ids:1x77 --optShapes=input_ids:2x77 --maxShapes=input_ids:4x77",
+    "text_encoder": "--minShapes=input_ids:1x77 --optShapes=input_ids:2x77 --maxShapes=input_ids:16x77",
     "unet": "--minShapes=sample:1x4x64x64,timestep:1,encoder_hidden_states:1x77x768 "
             "--optShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768 "
-            "--maxShapes=sample:4x4x64x64,timestep:4,encoder_hidden_states:4x77x768",
-    "vae_encoder": "--minShapes=image:1x3x512x512 --optShapes=image:1x3x512x512 --maxShapes=image:2x3x512x512",
-    "vae_decoder": "--minShapes=sample:1x4x64x64 --optShapes=sample:1x4x64x64 --maxShapes=sample:2x4x64x64",
+            "--maxShapes=sample:16x4x64x64,timestep:16,encoder_hidden_states:16x77x768",
+    "vae_encoder": "--minShapes=image:1x3x512x512 --optShapes=image:1x3x512x512 --maxShapes=image:4x3x512x512",
+    "vae_decoder": "--minShapes=sample:1x4x64x64 --optShapes=sample:1x4x64x64 --maxShapes=sample:4x4x64x64",
 }
 # What trtexec 10.x prints about the device before building (the lines parse_build_log reads).
 TRTEXEC_LOG = """&&&& RUNNING TensorRT.trtexec [TensorRT v100500] [b18] # trtexec --onnx=...
@@ -52,7 +52,7 @@ def test_fp32_engine_has_no_fp16_flag_and_bad_precision_is_refused():
 
 def test_profile_shapes_follow_the_spec():
     assert profile_shapes(specs.VAE_DECODER, SD15) == {
-        "sample": {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64], "max": [2, 4, 64, 64]},
+        "sample": {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64], "max": [4, 4, 64, 64]},
     }
 
 

@@ -219,6 +219,7 @@ class TritonStatistics:
             figures[model["name"]] = {
                 "executions": int(model.get("execution_count", 0)),
                 "requests": int(stats.get("success", {}).get("count", 0)),
+                "inferences": int(model.get("inference_count", 0)),  # batch rows
                 "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
                 **{f"{key}_ns": ns(key) for key in ("queue", "compute_input", "compute_infer", "compute_output")},
             }
@@ -280,8 +281,10 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     return result
 
 
-def measure_concurrency(name: str, contender, settings: Settings, clients: int) -> dict:
-    """``settings.requests`` requests from ``clients`` threads, each with its own client."""
+def measure_concurrency(name: str, contender, settings: Settings, clients: int,
+                        statistics: TritonStatistics | None = None) -> dict:
+    """``settings.requests`` requests from ``clients`` threads, each with its own client; with
+    the server's statistics, how full the UNet's batches were (dynamic batching at work)."""
     local = threading.local()
     options = settings.options()
     latencies, errors = [], []
@@ -306,16 +309,28 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int) 
 
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(warm_up, range(clients)))
+        before = statistics.settled_snapshot() if statistics else None
         start = time.perf_counter()
         list(tqdm(pool.map(one_request, range(settings.requests)), total=settings.requests,
                   desc=f"{name}: {clients} clients", leave=False))
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     summary = latency_summary(latencies) if latencies else {}
-    return {
+    result = {
         "clients": clients, "requests": settings.requests, "errors": len(errors),
         "error_messages": errors[:5], "wall_s": wall, "throughput_images_per_s": len(latencies) / wall,
         "latency": summary,
     }
+    if statistics:
+        after = statistics.settled_snapshot()
+        unet = {key: after["unet"][key] - before.get("unet", {}).get(key, 0) for key in after["unet"]}
+        if unet["executions"]:
+            result["unet"] = {
+                "executions": unet["executions"],
+                "mean_batch": unet["inferences"] / unet["executions"],  # rows per call, 2 per image with guidance
+                "ms_per_execution": unet["compute_ns"] / 1e6 / unet["executions"],
+                "busy_fraction": unet["compute_ns"] / 1e9 / wall,  # of the wall time, the UNet computing
+            }
+    return result
 
 
 # ---------------------------------------------------------------- environment and output
@@ -376,13 +391,16 @@ def table(results: dict) -> str:
         )
     if results.get("concurrency"):
         lines += ["", f"{'pipeline':<20} {'clients':>7} {'requests':>8} {'errors':>6} {'img/s':>7} "
-                      f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8}"]
+                      f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8} │ {'unet batch':>10} {'ms/call':>8} {'busy':>5}"]
         for name, runs in results["concurrency"].items():
             for run in runs.values():
                 latency = run["latency"] or {"p50_s": float("nan"), "p90_s": float("nan"), "p99_s": float("nan")}
+                unet = run.get("unet") or {"mean_batch": float("nan"), "ms_per_execution": float("nan"),
+                                           "busy_fraction": float("nan")}
                 lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
                              f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
-                             f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f}")
+                             f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f} │ {unet['mean_batch']:>10.1f} "
+                             f"{unet['ms_per_execution']:>8.1f} {unet['busy_fraction']:>5.0%}")
     for name, error in results.get("failed", {}).items():
         lines.append(f"{name}: FAILED: {error}")
     if results.get("fidelity"):
@@ -471,7 +489,7 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
         if settings.requests and contender.served:
             for clients in settings.concurrency:
                 results["concurrency"].setdefault(name, {})[str(clients)] = measure_concurrency(
-                    name, contender, settings, clients)
+                    name, contender, settings, clients, statistics)
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     return results
 
