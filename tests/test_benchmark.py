@@ -57,6 +57,11 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
         for run in runs.values():
             assert run["errors"] == 0 and run["requests"] == 2, run
             assert math.isfinite(run["throughput_images_per_s"]) and run["throughput_images_per_s"] > 0
+            # From Triton's per-batch statistics: the CPU runtime does not batch across requests,
+            # so each UNet call is one request's 2 rows (guidance), and it computes part of the time.
+            unet = run["unet"]
+            assert unet["executions"] == 2 * 6 and unet["mean_batch"] == 2, unet
+            assert 0 < unet["busy_fraction"] <= 1 and unet["ms_per_execution"] > 0, unet
     for name, entry in results["fidelity"].items():  # the same seed: the same image, to rounding
         assert entry["finite_and_not_constant"]
         if name != "diffusers":

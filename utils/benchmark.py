@@ -202,11 +202,12 @@ class TritonStatistics:
     def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """A snapshot once the figures stop moving: Triton records a request's statistics just
         after it sends the response, so the last request's figures can still be on their way."""
-        previous, deadline = self.snapshot(), time.monotonic() + timeout
+        previous, deadline, unchanged = self.snapshot(), time.monotonic() + timeout, 0
         while time.monotonic() < deadline:
             time.sleep(0.05)
             current = self.snapshot()
-            if current == previous:
+            unchanged = unchanged + 1 if current == previous else 0
+            if unchanged == 4:  # still for 200 ms: one quiet poll was not enough on a busy 2-core machine
                 return current
             previous = current
         return previous
@@ -219,9 +220,13 @@ class TritonStatistics:
             figures[model["name"]] = {
                 "executions": int(model.get("execution_count", 0)),
                 "requests": int(stats.get("success", {}).get("count", 0)),
-                "inferences": int(model.get("inference_count", 0)),  # batch rows
                 "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
                 **{f"{key}_ns": ns(key) for key in ("queue", "compute_input", "compute_infer", "compute_output")},
+                # Per execution, not per request: a batch's requests each record the batch's time.
+                "batch_rows": sum(int(b.get("batch_size", 0)) * int(b.get("compute_infer", {}).get("count", 0))
+                                  for b in model.get("batch_stats", [])),
+                "busy_ns": sum(int(b.get(key, {}).get("ns", 0)) for b in model.get("batch_stats", [])
+                               for key in ("compute_input", "compute_infer", "compute_output")),
             }
         return figures
 
@@ -326,9 +331,9 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int,
         if unet["executions"]:
             result["unet"] = {
                 "executions": unet["executions"],
-                "mean_batch": unet["inferences"] / unet["executions"],  # rows per call, 2 per image with guidance
-                "ms_per_execution": unet["compute_ns"] / 1e6 / unet["executions"],
-                "busy_fraction": unet["compute_ns"] / 1e9 / wall,  # of the wall time, the UNet computing
+                "mean_batch": unet["batch_rows"] / unet["executions"],  # rows per call, 2 per image with guidance
+                "ms_per_execution": unet["busy_ns"] / 1e6 / unet["executions"],
+                "busy_fraction": unet["busy_ns"] / 1e9 / wall,  # of the wall time, the UNet computing
             }
     return result
 
