@@ -8,9 +8,10 @@ On the tiny default it takes about two minutes on 2 CPU cores; the seed's settin
 
 import argparse
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
-from utils.benchmark import CONTENDERS, Settings, run_benchmark, table, write_results
+from utils.benchmark import CONTENDERS, Settings, gpu_scaling, run_benchmark, run_concurrency, table, write_results
 from utils.cli import add_placement_arguments, placement_from_args
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
@@ -57,19 +58,28 @@ def main(argv=None):
                         runtime=args.runtime, torch_compile=tuple(args.torch_compile),
                         gpus=placement.gpus, pipeline_instances=placement.pipeline_instances)
     served = any(CONTENDERS[name].served for name in args.pipelines)
+
+    def serve(repository: Path, placement) -> contextlib.AbstractContextManager:
+        prepare_repository(args.model, repository, args.models_dir, runtime=args.runtime, device=args.device,
+                           precision=args.precision, placement=placement,
+                           pipeline_environment=args.pipeline_environment, torch_compile=tuple(args.torch_compile))
+        # Compiling at load takes minutes: give the server that long to become ready.
+        return TritonServer(repository, startup_timeout=180 + 240 * len(args.torch_compile))
+
+    model_dir = resolve_model(args.model, args.models_dir)
+    one_gpu = None
+    if served and args.url is None and len(placement.gpus) > 1 and args.concurrency:
+        # GPU scaling: the same deployment on the first GPU alone, under the same load.
+        with serve(args.repository.with_name(args.repository.name + "-1gpu"),
+                   replace(placement, gpus=placement.gpus[:1])) as server:
+            one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines)
     with contextlib.ExitStack() as stack:
         url = args.url
         if served and url is None:
-            model_dir = prepare_repository(args.model, args.repository, args.models_dir, runtime=args.runtime,
-                                           device=args.device, precision=args.precision, placement=placement,
-                                           pipeline_environment=args.pipeline_environment,
-                                           torch_compile=tuple(args.torch_compile))
-            # Compiling at load takes minutes: give the server that long to become ready.
-            timeout = 180 + 240 * len(args.torch_compile)
-            url = stack.enter_context(TritonServer(args.repository, startup_timeout=timeout)).grpc_url
-        else:
-            model_dir = resolve_model(args.model, args.models_dir)
+            url = stack.enter_context(serve(args.repository, placement)).grpc_url
         results = run_benchmark(settings, model_dir, url, args.pipelines)
+    if one_gpu is not None:
+        results["gpu_scaling"] = gpu_scaling(one_gpu, results["concurrency"], len(placement.gpus))
     json_path, png_path = write_results(results, args.output_dir)
     print(table(results))
     print(f"\nraw figures and environment: {json_path}" + (f"\nchart: {png_path}" if png_path else ""))

@@ -406,6 +406,14 @@ def table(results: dict) -> str:
                              f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
                              f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f} │ {unet['mean_batch']:>10.1f} "
                              f"{unet['ms_per_execution']:>8.1f} {unet['busy_fraction']:>5.0%}")
+    if results.get("gpu_scaling"):
+        lines += ["", f"{'pipeline':<20} {'clients':>7} {'img/s 1 GPU':>12} {'img/s N GPUs':>13} {'GPUs':>5} "
+                      f"{'factor':>7} {'errors':>6}"]
+        for name, runs in results["gpu_scaling"].items():
+            for clients, run in runs.items():
+                scaled = run[f"images_per_s_{run['gpus']}_gpus"]
+                lines.append(f"{name:<20} {clients:>7} {run['images_per_s_1_gpu']:>12.2f} {scaled:>13.2f} "
+                             f"{run['gpus']:>5} {run['factor']:>6.2f}x {run['errors']:>6}")
     for name, error in results.get("failed", {}).items():
         lines.append(f"{name}: FAILED: {error}")
     if results.get("fidelity"):
@@ -497,6 +505,32 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
                     name, contender, settings, clients, statistics)
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     return results
+
+
+def run_concurrency(settings: Settings, model_dir: Path, url: str, names: list[str]) -> dict:
+    """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
+    context, statistics = Context(settings, model_dir, url), TritonStatistics(url)
+    return {name: {str(clients): measure_concurrency(name, CONTENDERS[name](context), settings, clients, statistics)
+                   for clients in settings.concurrency}
+            for name in names if CONTENDERS[name].served}
+
+
+def gpu_scaling(one_gpu: dict, all_gpus: dict, gpus: int) -> dict:
+    """Images/s on one GPU and on ``gpus`` GPUs of the same host at each concurrency, and the
+    factor between them (``gpus`` is the ideal)."""
+    scaling = {}
+    for name, runs in all_gpus.items():
+        for clients, run in runs.items():
+            single = one_gpu.get(name, {}).get(clients)
+            if single is None:
+                continue
+            base, scaled = single["throughput_images_per_s"], run["throughput_images_per_s"]
+            scaling.setdefault(name, {})[clients] = {
+                "images_per_s_1_gpu": base, f"images_per_s_{gpus}_gpus": scaled, "gpus": gpus,
+                "factor": scaled / base if base else float("nan"),
+                "errors": single["errors"] + run["errors"],
+            }
+    return scaling
 
 
 def fidelity(images: dict[str, np.ndarray], reference: str = "diffusers") -> dict:

@@ -1,0 +1,161 @@
+"""Serving on several GPUs, checked on a CPU: the configs a GPU list produces, the repository
+with a copy of each network per GPU, the --gpus argument, and how the launchers handle GPUs
+this machine does not have. (The two-GPU run itself needs a machine with two GPUs.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from utils import configs, docker, environments, gpus, specs
+from utils.benchmark import gpu_scaling
+from utils.repository import SERVING_FILE, write_repository
+from utils.server import TritonServer, TritonServerError, server_environment, shared_libpython
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_GPUS = configs.Placement(gpus=(0, 1), pipeline_instances=3)
+
+
+def parsed(config: mc.ModelConfig) -> mc.ModelConfig:
+    return configs.parse_pbtxt(configs.to_pbtxt(config))  # through Triton's schema, as the server reads it
+
+
+@pytest.mark.parametrize("gpu", [0, 1])
+def test_each_gpu_serves_its_own_copy_of_a_network(gpu):
+    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16", "python",
+                                           runtime="torch", device="cuda", placement=TWO_GPUS, gpu=gpu))
+    assert config.name == f"unet_gpu{gpu}"
+    (group,) = config.instance_group
+    assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [gpu] and group.count == 1
+    assert config.parameters["network"].string_value == "unet"  # what the runtime loads, whatever the name
+
+
+def test_one_gpu_keeps_the_specs_names_and_pins_the_gpu():
+    one = configs.Placement(gpus=(0,))
+    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16", "python",
+                                           runtime="torch", device="cuda", placement=one))
+    assert config.name == "unet" and list(config.instance_group[0].gpus) == [0]
+    assert one.model_name("unet", 0) == "unet"
+
+
+def test_pipeline_instances_are_placed_per_gpu():
+    config = parsed(configs.pipeline_config(specs.TEXT_TO_IMAGE, TWO_GPUS))
+    assert [(g.kind, list(g.gpus), g.count) for g in config.instance_group] == [
+        (mc.ModelInstanceGroup.KIND_GPU, [0], 3), (mc.ModelInstanceGroup.KIND_GPU, [1], 3)]
+    # The committed config is the CPU placement's.
+    (cpu,) = parsed(configs.pipeline_config(specs.TEXT_TO_IMAGE)).instance_group
+    assert cpu.kind == mc.ModelInstanceGroup.KIND_CPU and cpu.count == configs.PIPELINE_INSTANCES
+
+
+@pytest.mark.parametrize("gpus, message", [((0, 0), "distinct"), ((-1,), "distinct")])
+def test_bad_gpu_lists_are_refused(gpus, message):
+    with pytest.raises(ValueError, match=message):
+        configs.Placement(gpus=gpus)
+
+
+def test_repository_on_two_gpus(tiny_model, tmp_path):
+    repository = tmp_path / "repository"
+    write_repository(repository, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS,
+                     torch_compile=("unet",))
+    models = sorted(path.name for path in repository.iterdir())
+    assert models == sorted([f"{name}_gpu{gpu}" for name in specs.NETWORKS for gpu in (0, 1)]
+                            + [specs.TEXT_TO_IMAGE.name])
+    for gpu in (0, 1):
+        config = configs.parse_pbtxt((repository / f"unet_gpu{gpu}" / "config.pbtxt").read_text())
+        assert list(config.instance_group[0].gpus) == [gpu]
+        assert config.parameters["torch_compile"].string_value == "yes"
+        assert (repository / f"unet_gpu{gpu}" / "1" / "checkpoint" / "unet").is_dir()
+        text_encoder = configs.parse_pbtxt((repository / f"text_encoder_gpu{gpu}" / "config.pbtxt").read_text())
+        assert "torch_compile" not in text_encoder.parameters
+    serving = json.loads((repository / specs.TEXT_TO_IMAGE.name / "1" / SERVING_FILE).read_text())
+    assert serving == {"precision": "FP16", "device": "cuda", "gpus": [0, 1]}
+    assert gpus.repository_gpus(repository)[specs.TEXT_TO_IMAGE.name] == {0, 1}
+    assert gpus.repository_gpus(repository)["vae_decoder_gpu1"] == {1}
+
+
+def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_path):
+    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda")
+    assert gpus.repository_gpus(tmp_path) == {name: {0} for name in [*specs.NETWORKS, specs.TEXT_TO_IMAGE.name]}
+    pipeline = configs.parse_pbtxt((tmp_path / specs.TEXT_TO_IMAGE.name / "config.pbtxt").read_text())
+    assert pipeline.instance_group[0].count == configs.GPU_PIPELINE_INSTANCES
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(runtime="onnxruntime", device="cpu", placement=TWO_GPUS), r"needs --backend python --runtime torch"),
+    (dict(runtime="torch", device="cuda", torch_compile=("unett",)), r"torch_compile=\['unett'\]: name networks"),
+])
+def test_placements_the_backend_cannot_serve_are_refused(tiny_model, exports, tmp_path, options, message):
+    onnx = {name: result.path for name, result in exports.items()}
+    with pytest.raises(ValueError, match=message):
+        write_repository(tmp_path, tiny_model, onnx, **options)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_pipeline_environment_is_an_archive_next_to_the_config(tiny_model, tmp_path):
+    environment = tmp_path / "env"
+    environments.create(environment)
+    write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda",
+                     pipeline_environment=environment)
+    pipeline = tmp_path / "repository" / specs.TEXT_TO_IMAGE.name
+    config = configs.parse_pbtxt((pipeline / "config.pbtxt").read_text())
+    assert config.parameters[environments.CONFIG_KEY].string_value == environments.CONFIG_VALUE
+    assert (pipeline / environments.ARCHIVE_NAME).is_file()
+    # The same environment gives the same archive: writing again changes nothing.
+    report = write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda",
+                              pipeline_environment=environment)
+    assert not report.written
+
+
+def test_gpu_argument():
+    assert gpus.parse_gpus("0,1") == (0, 1) and gpus.parse_gpus("1") == (1,)
+    assert gpus.parse_gpus("all", available=2) == (0, 1)
+    with pytest.raises(gpus.GpuError, match=r"--gpus all: no NVIDIA GPU is visible here"):
+        gpus.parse_gpus("all", available=0)
+    with pytest.raises(gpus.GpuError, match=r"--gpus 'first': give GPU indices separated by commas"):
+        gpus.parse_gpus("first")
+
+
+def test_repository_placed_beyond_this_machines_gpus_is_refused_with_the_fix(tiny_model, tmp_path):
+    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    gpus.check_repository_gpus(tmp_path, available=2)
+    with pytest.raises(gpus.GpuError, match=r"places instances where this machine has none \(.*unet_gpu1 on GPU "
+                                            r"\[1\].*\); it has 1 GPU \(0-0\).*--gpus all --force"):
+        gpus.check_repository_gpus(tmp_path, available=1)
+    # The local launcher says so before it starts a server (here: a server given no GPU).
+    server = TritonServer(tmp_path, gpus=())
+    with pytest.raises(TritonServerError, match=r"it has no GPU"):
+        server.start()
+    assert server.process is None
+
+
+def test_launcher_refuses_more_gpus_than_it_is_given(tiny_model, tmp_path):
+    write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton_server.py"), "--gpus", "0",
+                             "--repository", str(tmp_path / "repository")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unet_gpu1 on GPU [1]" in result.stderr and "it has 1 GPU" in result.stderr
+
+
+def test_server_sees_only_the_gpus_it_is_given(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert server_environment(shared_libpython(), gpus=(1, 3))["CUDA_VISIBLE_DEVICES"] == "1,3"
+    assert "CUDA_VISIBLE_DEVICES" not in server_environment(shared_libpython())  # all of them
+
+
+def test_docker_gets_the_listed_devices(tmp_path):
+    assert "--gpus=all" in docker.serve_command(tmp_path)
+    # Quoted: docker reads the value as CSV, and an unquoted comma would split the device list.
+    assert '--gpus="device=0,1"' in docker.serve_command(tmp_path, gpus=(0, 1))
+
+
+def test_scaling_factor_per_concurrency():
+    run = lambda images_per_s, errors=0: {"throughput_images_per_s": images_per_s, "errors": errors}  # noqa: E731
+    scaling = gpu_scaling({"triton-bls": {"16": run(2.5)}}, {"triton-bls": {"16": run(4.6, errors=1)}}, gpus=2)
+    assert scaling == {"triton-bls": {"16": {"images_per_s_1_gpu": 2.5, "images_per_s_2_gpus": 4.6, "gpus": 2,
+                                             "factor": pytest.approx(1.84), "errors": 1}}}
