@@ -11,7 +11,8 @@ import contextlib
 from dataclasses import replace
 from pathlib import Path
 
-from utils.benchmark import CONTENDERS, Settings, gpu_scaling, run_benchmark, run_concurrency, table, write_results
+from utils.benchmark import (CONTENDERS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency,
+                             table, write_results)
 from utils.cli import add_placement_arguments, placement_from_args
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
@@ -42,6 +43,9 @@ def main(argv=None):
                         help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
     parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
+    parser.add_argument("--min-psnr", type=float, default=None,
+                        help="fail (exit 1) unless every pipeline's image is within this PSNR (dB) of diffusers' "
+                             "for the same seed, and none is constant")
     add_placement_arguments(parser)
     args = parser.parse_args(argv)
     placement = placement_from_args(args)
@@ -83,6 +87,11 @@ def main(argv=None):
     json_path, png_path = write_results(results, args.output_dir)
     print(table(results))
     print(f"\nraw figures and environment: {json_path}" + (f"\nchart: {png_path}" if png_path else ""))
+    if args.min_psnr is not None:
+        problems = fidelity_problems(results, args.min_psnr)
+        if problems or results["failed"]:
+            raise SystemExit("fidelity check failed: " + "; ".join(problems + list(results["failed"])))
+        print(f"fidelity check passed: every image within {args.min_psnr} dB PSNR of diffusers, none constant")
 
 
 if __name__ == "__main__":

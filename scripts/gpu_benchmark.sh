@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one run, for the lent H100 (../shared/DEVICE.md): the SD1.5 architecture
 # with random weights (sd15-random), 512x512, 50 PNDM steps, guidance 7.5, FP16, the portable
-# backend's torch runtime; diffusers eager and compiled, client-side and BLS, concurrency 1/4/8.
-# Writes the JSON (and the chart where matplotlib exists) and the log under $OUT.
+# backend's torch runtime with the UNet compiled; diffusers eager and compiled, client-side and
+# BLS, concurrency 1/4/8, and the fidelity check (PSNR >= 35 dB vs diffusers, no constant image:
+# the script fails otherwise). Writes the JSON, the chart and the logs under $OUT.
+# Wheels first: python scripts/pack_device_wheels.py, then carry .whl.
 set -euo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
@@ -24,10 +26,15 @@ if ls .whl/numpy-1*.whl >/dev/null 2>&1; then
   ENVIRONMENT=(--pipeline-environment /tmp/pipeline-env)
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+COMPILE=()  # TORCH_COMPILE= (empty) serves the eager networks, still in CUDA graphs
+if [ -n "${TORCH_COMPILE-unet}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE-unet}); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
+status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --repository outputs/triton-gpu --gpus "${GPUS:-0}" "${ENVIRONMENT[@]}" ${TORCH_COMPILE:+--torch-compile $TORCH_COMPILE} \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" --min-psnr 35 \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
-  --output-dir "$OUT" 2>&1 | grep -v "it/s]" | tee "$OUT/benchmark.log"
+  --output-dir "$OUT" > "$OUT/benchmark.log" 2>&1 || status=$?
+grep -v "it/s]" "$OUT/benchmark.log" | tail -40
 cp /tmp/tritonserver-*.log "$OUT/" 2>/dev/null || true
+exit $status

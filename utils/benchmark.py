@@ -546,6 +546,21 @@ def fidelity(images: dict[str, np.ndarray], reference: str = "diffusers") -> dic
     return report
 
 
+def fidelity_problems(results: dict, min_psnr_db: float) -> list[str]:
+    """What fails the fidelity check: a blank or constant image, or PSNR below ``min_psnr_db``
+    against diffusers (identical images have no PSNR: they pass)."""
+    problems = []
+    for name, entry in results.get("fidelity", {}).items():
+        if not entry["finite_and_not_constant"]:
+            problems.append(f"{name}: the image is constant (or not finite)")
+        psnr = entry.get("psnr_db_vs_diffusers")
+        if psnr is not None and not psnr >= min_psnr_db:
+            problems.append(f"{name}: PSNR {psnr:.1f} dB vs diffusers, below {min_psnr_db} dB")
+    if results.get("fidelity") and "diffusers" not in results["fidelity"]:
+        problems.append("no diffusers image to compare with: include the diffusers contender")
+    return problems
+
+
 def write_results(results: dict, output_dir: Path) -> tuple[Path, Path]:
     """Timestamped files, so earlier results are never overwritten."""
     output_dir.mkdir(parents=True, exist_ok=True)
