@@ -60,7 +60,8 @@ def main(argv=None):
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
                         requests=args.requests, device=args.device, precision=args.precision,
                         runtime=args.runtime, torch_compile=tuple(args.torch_compile),
-                        gpus=placement.gpus, pipeline_instances=placement.pipeline_instances)
+                        gpus=placement.gpus, pipeline_instances=placement.pipeline_instances,
+                        pipeline_loop=placement.pipeline_loop)
     served = any(CONTENDERS[name].served for name in args.pipelines)
 
     def serve(repository: Path, placement) -> contextlib.AbstractContextManager:

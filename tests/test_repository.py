@@ -27,7 +27,8 @@ def test_layout(repository):
     assert (files / "tokenizer" / "tokenizer.json").is_file()
     assert (files / "scheduler" / "scheduler_config.json").is_file()
     assert not list(files.rglob("*.safetensors")), "the pipeline model needs no weights"
-    assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {"precision": "FP32", "device": "cpu", "gpus": []}
+    assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {"precision": "FP32", "device": "cpu", "gpus": [],
+                                                                      "loop_device": "cpu"}
 
 
 def test_second_run_changes_nothing(repository, tiny_model, exports):

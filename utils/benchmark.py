@@ -55,6 +55,7 @@ class Settings:
     torch_compile: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()
     pipeline_instances: int = 0
+    pipeline_loop: str = "gpu"
 
     def options(self) -> dict:
         return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,

@@ -31,6 +31,9 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pipeline-instances", type=int, default=None,
                        help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
                             f"or on the CPU ({configs.PIPELINE_INSTANCES})")
+    group.add_argument("--pipeline-loop", default=None, choices=["gpu", "cpu"],
+                       help="where each BLS pipeline instance keeps its loop's tensors (default gpu); cpu keeps "
+                            "the pipeline processes off the GPU, which the networks then have to themselves")
     group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
                        help="networks the torch runtime compiles with torch.compile at load, e.g. unet "
                             "(a minute or more per network; pays where a network runs at every step)")
@@ -43,7 +46,7 @@ def placement_from_args(args: argparse.Namespace) -> configs.Placement:
     """The placement the arguments ask for (configs.Placement.default where they say nothing)."""
     from utils.gpus import parse_gpus
 
-    if args.gpus is None and args.pipeline_instances is None:
+    if args.gpus is None and args.pipeline_instances is None and args.pipeline_loop is None:
         return configs.Placement.default(args.runtime, args.device)
     on_gpu = args.device.startswith("cuda") and args.runtime == "torch"
     if args.gpus is not None and not on_gpu:
@@ -53,7 +56,8 @@ def placement_from_args(args: argparse.Namespace) -> configs.Placement:
     if args.pipeline_instances is not None and args.pipeline_instances < 1:
         raise SystemExit(f"error: --pipeline-instances {args.pipeline_instances}: at least 1 is needed.")
     default = configs.GPU_PIPELINE_INSTANCES if gpus else configs.PIPELINE_INSTANCES
-    return configs.Placement(gpus=gpus, pipeline_instances=args.pipeline_instances or default)
+    return configs.Placement(gpus=gpus, pipeline_instances=args.pipeline_instances or default,
+                             pipeline_loop=args.pipeline_loop or "gpu")
 
 
 def generation_options(args: argparse.Namespace) -> dict:

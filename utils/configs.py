@@ -43,6 +43,10 @@ class Placement:
 
     gpus: tuple[int, ...] = ()
     pipeline_instances: int = PIPELINE_INSTANCES  # BLS instances on the CPU, or on each GPU
+    # Where a pipeline instance keeps its loop's tensors (latents, scheduler state): "gpu" hands
+    # the networks GPU tensors; "cpu" keeps each BLS process off the GPU (no CUDA context per
+    # instance competing with the networks for it), the networks copy 100s of KB each way.
+    pipeline_loop: str = "gpu"
 
     @classmethod
     def default(cls, runtime: str, device: str) -> Placement:
@@ -54,6 +58,8 @@ class Placement:
     def __post_init__(self):
         if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
             raise ValueError(f"gpus={list(self.gpus)}: list distinct GPU indices, e.g. 0,1 (or 'all').")
+        if self.pipeline_loop not in ("gpu", "cpu"):
+            raise ValueError(f"pipeline_loop={self.pipeline_loop!r}: use 'gpu' or 'cpu'.")
         if self.pipeline_instances < 1:
             raise ValueError(f"pipeline_instances={self.pipeline_instances}: at least 1 instance is needed.")
 

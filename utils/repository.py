@@ -191,8 +191,9 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     install_file(None, target / "config.pbtxt", report, force, text=config_text)
     for source in _pipeline_files(model_dir):
         install_file(source, version_dir / PIPELINE_FILES / source.relative_to(model_dir), report, force)
-    serving = {"precision": precision, "device": "cuda" if device.startswith("cuda") else "cpu",
-               "gpus": list(placement.gpus)}
+    on_gpu = device.startswith("cuda")
+    serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
+               "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu"}
     install_file(None, version_dir / SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
 
 

@@ -92,7 +92,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         try:
-            batches = [[self._input(request, tensor) for tensor in self.spec.inputs] for request in requests]
+            received = [[_received(request, tensor) for tensor in self.spec.inputs] for request in requests]
+            batches = [[self._input(value, tensor) for value, tensor in zip(values, self.spec.inputs)]
+                       for values in received]
         except Exception as error:
             return [_error(f"{self.spec.name}: bad input: {error}") for _ in requests]
         sizes = [batch[0].shape[0] for batch in batches]
@@ -109,16 +111,21 @@ class TritonPythonModel:
             return [_error(f"{self.spec.name}: {type(error).__name__}: {error}") for _ in requests]
         (output_spec,) = self.spec.outputs
         responses, start = [], 0
-        for size in sizes:
-            piece = output[start:start + size].contiguous()
+        for size, values in zip(sizes, received):
+            # Answered where the request's inputs were: a caller that keeps its loop on the CPU
+            # (gRPC clients, a BLS pipeline with its loop on the CPU) gets host memory back.
+            piece = output[start:start + size].to(values[0].device).contiguous()
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)]))
             start += size
         return responses
 
-    def _input(self, request, tensor: specs.TensorSpec) -> torch.Tensor:
-        value = torch.from_dlpack(pb_utils.get_input_tensor_by_name(request, tensor.name).to_dlpack())
+    def _input(self, value: torch.Tensor, tensor: specs.TensorSpec) -> torch.Tensor:
         dtype = self.dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
         return value.to(device=self.device, dtype=dtype)
+
+
+def _received(request, tensor: specs.TensorSpec) -> torch.Tensor:
+    return torch.from_dlpack(pb_utils.get_input_tensor_by_name(request, tensor.name).to_dlpack())
 
 
 def _error(message: str):

@@ -7,7 +7,11 @@ sub-model fails, INTERNAL otherwise; never a traceback.
 """
 
 import json
+import os
+import time
 import traceback
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,23 +31,49 @@ class SubModelError(RuntimeError):
     pass
 
 
-def run_network(model_name: str, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+class PhaseTimes:
+    """Wall time per phase of a request, logged when SD_TRITON_PROFILE_BLS=1: where the time
+    between the networks' own compute goes (docs/gpu-notes.md)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.seconds = enabled, defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def summary(self, total: float) -> str:
+        parts = [f"{name} {1000 * seconds:.1f} ms" for name, seconds in self.seconds.items()]
+        rest = total - sum(self.seconds.values())
+        return f"{1000 * total:.1f} ms: " + ", ".join(parts + [f"loop and scheduler {1000 * rest:.1f} ms"])
+
+
+def run_network(model_name: str, network: specs.NetworkSpec, *inputs: torch.Tensor,
+                times: PhaseTimes | None = None) -> tuple[torch.Tensor, ...]:
     """One BLS sub-request; the only place that calls another model, so errors are checked once."""
-    request = pb_utils.InferenceRequest(
-        model_name=model_name,
-        requested_output_names=network.output_names,
-        inputs=[
-            pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
-            for spec, tensor in zip(network.inputs, inputs)
-        ],
-    )
-    response = request.exec()
+    times = times or PhaseTimes(False)
+    with times.phase("inputs to Triton tensors"):
+        request = pb_utils.InferenceRequest(
+            model_name=model_name,
+            requested_output_names=network.output_names,
+            inputs=[
+                pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
+                for spec, tensor in zip(network.inputs, inputs)
+            ],
+        )
+    with times.phase(f"{network.name} sub-requests"):
+        response = request.exec()
     if response.has_error():
         raise SubModelError(f"model '{model_name}' failed: {response.error().message()}")
-    return tuple(
-        torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
-        for name in network.output_names
-    )
+    with times.phase("outputs to torch"):
+        return tuple(
+            torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
+            for name in network.output_names
+        )
 
 
 class TritonPythonModel:
@@ -52,16 +82,20 @@ class TritonPythonModel:
         serving = json.loads((version_dir / SERVING_FILE).read_text())
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
         device, gpu = torch.device("cpu"), None
-        if args["model_instance_kind"] == "GPU":  # this instance's GPU; the networks it calls live there too
+        if args["model_instance_kind"] == "GPU":  # this instance's GPU; the networks it calls live there
             gpu = int(args["model_instance_device_id"])
-            device = torch.device("cuda", gpu)
+        if serving["device"] == "cuda" and serving.get("loop_device", "cuda") == "cuda":
+            device = torch.device("cuda", gpu or 0)
             torch.cuda.set_device(device)
-        elif serving["device"] == "cuda":
-            device = torch.device("cuda")
+        else:  # the loop's small tensors on the CPU: this process never touches the GPU
+            torch.set_num_threads(1)  # one request per instance, latents of a few thousand values
         placement = Placement(gpus=tuple(serving.get("gpus", ())))
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
+        self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
+        self.times = PhaseTimes(False)
         self.pipeline = StableDiffusion(
-            components, lambda network, *inputs: run_network(model_names[network.name], network, *inputs),
+            components,
+            lambda network, *inputs: run_network(model_names[network.name], network, *inputs, times=self.times),
             dtype=TORCH_DTYPES[serving["precision"]], device=device,
         )
         self.pipeline.warm_up()  # each instance is its own process: warm each one before it serves
@@ -76,7 +110,15 @@ class TritonPythonModel:
             for tensor in SPEC.inputs:
                 value = pb_utils.get_input_tensor_by_name(request, tensor.name)
                 arrays[tensor.name] = None if value is None else value.as_numpy()
-            images = self.pipeline(request_from_arrays(arrays), is_cancelled=request.is_cancelled)
+            self.times, start = PhaseTimes(self.profile), time.perf_counter()
+
+            def is_cancelled() -> bool:
+                with self.times.phase("cancellation checks"):
+                    return request.is_cancelled()
+
+            images = self.pipeline(request_from_arrays(arrays), is_cancelled=is_cancelled)
+            if self.profile:
+                self.logger.log_info(f"{SPEC.name}: {self.times.summary(time.perf_counter() - start)}")
             (output,) = SPEC.outputs
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor.from_dlpack(output.name, images)])
         except InvalidRequest as error:
