@@ -31,7 +31,7 @@ if [ -n "${TORCH_COMPILE-unet}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-gpu}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" --min-psnr 35 \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-cpu}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" --min-psnr 35 \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
   --output-dir "$OUT" > "$OUT/benchmark.log" 2>&1 || status=$?

@@ -55,7 +55,7 @@ class Settings:
     torch_compile: tuple[str, ...] = ()
     gpus: tuple[int, ...] = ()
     pipeline_instances: int = 0
-    pipeline_loop: str = "gpu"
+    pipeline_loop: str = "cpu"
 
     def options(self) -> dict:
         return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
@@ -256,6 +256,11 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     options = settings.options()
     for _ in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
         generate(**options)
+    if contender.served and settings.pipeline_instances > 1:
+        # Every pipeline instance is a process of its own that Triton picks in turn: one request
+        # each at once, so the measured runs do not meet an instance serving its first request.
+        with ThreadPoolExecutor(settings.pipeline_instances) as pool:
+            list(pool.map(lambda _: contender.client()(**options), range(settings.pipeline_instances)))
     before = statistics.settled_snapshot() if contender.served else None
     latencies = []
     for _ in tqdm(range(settings.runs), desc=f"{name}: runs", leave=False):

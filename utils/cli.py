@@ -32,8 +32,8 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
                             f"or on the CPU ({configs.PIPELINE_INSTANCES})")
     group.add_argument("--pipeline-loop", default=None, choices=["gpu", "cpu"],
-                       help="where each BLS pipeline instance keeps its loop's tensors (default gpu); cpu keeps "
-                            "the pipeline processes off the GPU, which the networks then have to themselves")
+                       help="where each BLS pipeline instance keeps its loop's tensors (default cpu: the pipeline "
+                            "processes stay off the GPU, which the networks then have to themselves; gpu: DLPack)")
     group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
                        help="networks the torch runtime compiles with torch.compile at load, e.g. unet "
                             "(a minute or more per network; pays where a network runs at every step)")
@@ -57,7 +57,7 @@ def placement_from_args(args: argparse.Namespace) -> configs.Placement:
         raise SystemExit(f"error: --pipeline-instances {args.pipeline_instances}: at least 1 is needed.")
     default = configs.GPU_PIPELINE_INSTANCES if gpus else configs.PIPELINE_INSTANCES
     return configs.Placement(gpus=gpus, pipeline_instances=args.pipeline_instances or default,
-                             pipeline_loop=args.pipeline_loop or "gpu")
+                             pipeline_loop=args.pipeline_loop or configs.Placement.pipeline_loop)
 
 
 def generation_options(args: argparse.Namespace) -> dict:

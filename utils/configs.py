@@ -43,10 +43,11 @@ class Placement:
 
     gpus: tuple[int, ...] = ()
     pipeline_instances: int = PIPELINE_INSTANCES  # BLS instances on the CPU, or on each GPU
-    # Where a pipeline instance keeps its loop's tensors (latents, scheduler state): "gpu" hands
-    # the networks GPU tensors; "cpu" keeps each BLS process off the GPU (no CUDA context per
-    # instance competing with the networks for it), the networks copy 100s of KB each way.
-    pipeline_loop: str = "gpu"
+    # Where a pipeline instance keeps its loop's tensors (latents, scheduler state). "cpu" keeps
+    # each BLS process off the GPU, so no CUDA context per instance competes with the networks for
+    # it; the networks copy a few hundred KB each way. Measured on the H100 (docs/gpu-notes.md):
+    # faster than "gpu" (GPU tensors through DLPack) both alone and under load.
+    pipeline_loop: str = "cpu"
 
     @classmethod
     def default(cls, runtime: str, device: str) -> Placement:
