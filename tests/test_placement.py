@@ -159,3 +159,12 @@ def test_scaling_factor_per_concurrency():
     scaling = gpu_scaling({"triton-bls": {"16": run(2.5)}}, {"triton-bls": {"16": run(4.6, errors=1)}}, gpus=2)
     assert scaling == {"triton-bls": {"16": {"images_per_s_1_gpu": 2.5, "images_per_s_2_gpus": 4.6, "gpus": 2,
                                              "factor": pytest.approx(1.84), "errors": 1}}}
+
+
+def test_each_placed_gpu_gets_a_cuda_memory_pool(tiny_model, tmp_path):
+    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    server = TritonServer(tmp_path, gpus=(0, 1))  # given two GPUs: the check passes without starting
+    server.pool_gpus = server._check_gpus(tmp_path)
+    command = server.command(Path("/server"))
+    assert [arg for arg in command if arg.startswith("--cuda-memory-pool")] == [
+        f"--cuda-memory-pool-byte-size=0:{server.cuda_pool_bytes}", f"--cuda-memory-pool-byte-size=1:{server.cuda_pool_bytes}"]

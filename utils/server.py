@@ -170,6 +170,7 @@ class TritonServer:
     gpus: tuple[int, ...] | None = None  # the GPUs the server may use (CUDA_VISIBLE_DEVICES); None: all
     process: subprocess.Popen | None = field(default=None, init=False)
     shm_regions: set[str] = field(default_factory=set, init=False)  # made by this server's stubs
+    pool_gpus: set[int] = field(default_factory=set, init=False)  # GPUs given a CUDA memory pool
 
     # The APIs that can change or reveal the server's state; open only with the admin key when
     # models can be loaded through the API.
@@ -213,6 +214,7 @@ class TritonServer:
             f"--model-control-mode={self.model_control}",
             *self._restrictions(),
             "--log-info=true",
+            *(f"--cuda-memory-pool-byte-size={gpu}:{self.cuda_pool_bytes}" for gpu in sorted(self.pool_gpus)),
             *self.extra_args,
         ]
 
@@ -233,8 +235,6 @@ class TritonServer:
                 check_repository_gpus(repository, visible_gpus() if self.gpus is None else len(self.gpus))
             except GpuError as error:
                 raise TritonServerError(str(error)) from None
-            self.extra_args = [*self.extra_args, *(f"--cuda-memory-pool-byte-size={gpu}:{self.cuda_pool_bytes}"
-                                                   for gpu in sorted(placed))]
         return placed
 
     def start(self) -> TritonServer:
@@ -245,7 +245,7 @@ class TritonServer:
                 f"`python scripts/move_onnx_models_to_triton.py` (after the ONNX export)."
             )
         check_served_locally(repository)
-        placed_gpus = self._check_gpus(repository)
+        self.pool_gpus = self._check_gpus(repository)
         libpython = shared_libpython()
         server_dir = install_tritonserver()
         for name in ("http_port", "grpc_port", "metrics_port"):
