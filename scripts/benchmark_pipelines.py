@@ -48,7 +48,10 @@ def main(argv=None):
                              "for the same seed, and none is constant")
     add_placement_arguments(parser)
     args = parser.parse_args(argv)
-    placement = placement_from_args(args)
+    try:
+        placement = placement_from_args(args)
+    except ValueError as error:  # a --gpus list that cannot be served here
+        parser.error(str(error))
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     if args.runs < 2:
         parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")

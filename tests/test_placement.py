@@ -5,6 +5,7 @@ this machine does not have. (The two-GPU run itself needs a machine with two GPU
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,17 @@ def test_each_placed_gpu_gets_a_cuda_memory_pool(tiny_model, tmp_path):
     command = server.command(Path("/server"))
     assert [arg for arg in command if arg.startswith("--cuda-memory-pool")] == [
         f"--cuda-memory-pool-byte-size=0:{server.cuda_pool_bytes}", f"--cuda-memory-pool-byte-size=1:{server.cuda_pool_bytes}"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--gpus", "0"], r"--gpus 0 needs --runtime torch --device cuda \(got --runtime onnxruntime --device cpu\)"),
+    (["--runtime", "torch", "--device", "cuda", "--gpus", "0,x"], r"--gpus '0,x': give GPU indices"),
+    (["--runtime", "torch", "--device", "cuda", "--gpus", "1,1"], r"gpus=\[1, 1\]: list distinct GPU indices"),
+])
+def test_scripts_explain_a_gpu_list_they_cannot_use(tmp_path, arguments, message):
+    for script in ("scripts/move_onnx_models_to_triton.py", "scripts/benchmark_pipelines.py"):
+        result = subprocess.run([sys.executable, str(ROOT / script), *arguments, "--repository", str(tmp_path / "r")],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (script, result.stderr)
+        assert re.search(message, result.stderr), (script, result.stderr)
+        assert not (tmp_path / "r").exists()  # refused before anything was written
