@@ -10,6 +10,7 @@ One generator, three serving backends for the four networks (DESIGN.md section 4
 - ``tensorrt``: ``2/model.plan`` built by trtexec (NGC images).
 
 The pipeline models and their clients are the same whichever backend runs the networks.
+``Placement`` says where instances run: the CPU, one GPU, or a copy of each network per GPU.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ A thin adapter around pipelines/stable_diffusion.py: parse and validate the requ
 shared loop with networks called as BLS sub-requests (tensors passed by DLPack), pack the image.
 Errors become per-request responses: INVALID_ARG for a bad request, UNAVAILABLE when a
 sub-model fails, INTERNAL otherwise; never a traceback.
+
+Where it runs comes from 1/serving.json (utils/repository.py): the loop's tensors on the CPU or
+on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet_gpu1``...).
 """
 
 import json
@@ -88,7 +91,7 @@ class TritonPythonModel:
             device = torch.device("cuda", gpu or 0)
             torch.cuda.set_device(device)
         else:  # the loop's small tensors on the CPU: this process never touches the GPU
-            torch.set_num_threads(1)  # one request per instance, latents of a few thousand values
+            torch.set_num_threads(1)  # one request per instance; latents of 16k values need no threads
         placement = Placement(gpus=tuple(serving.get("gpus", ())))
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
         self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
