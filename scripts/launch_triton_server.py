@@ -38,7 +38,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         gpus = None if args.gpus in (None, "all") else parse_gpus(args.gpus)
-        if gpus is not None:
+        if args.docker and gpus is not None:  # TritonServer.start checks this for the local server
             check_repository_gpus(args.repository, available=len(gpus))
     except GpuError as error:
         raise SystemExit(f"error: {error}")

@@ -232,10 +232,15 @@ class TritonStatistics:
         return figures
 
     @staticmethod
+    def delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+        """What each model's figures grew by between two snapshots."""
+        return {name: {key: after[name][key] - before.get(name, {}).get(key, 0) for key in after[name]}
+                for name in after}
+
+    @staticmethod
     def stages(before: dict, after: dict, runs: int) -> dict:
         """Seconds per run spent computing in each network, and per UNet call."""
-        delta = {name: {key: after[name][key] - before.get(name, {}).get(key, 0) for key in after[name]}
-                 for name in after}
+        delta = TritonStatistics.delta(before, after)
         stages = {stage: delta.get(stage, {}).get("compute_ns", 0) / 1e9 / runs for stage in STAGES}
         calls = delta.get("unet", {}).get("executions", 0)
         stages["unet_per_call"] = delta["unet"]["compute_ns"] / 1e9 / calls if calls else 0.0
@@ -332,8 +337,7 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int,
         "latency": summary,
     }
     if statistics:
-        after = statistics.settled_snapshot()
-        unet = {key: after["unet"][key] - before.get("unet", {}).get(key, 0) for key in after["unet"]}
+        unet = TritonStatistics.delta(before, statistics.settled_snapshot())["unet"]
         if unet["executions"]:
             result["unet"] = {
                 "executions": unet["executions"],
@@ -505,19 +509,22 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
             continue
         # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
         # under load is its sequential images/s (threads would only fight over the same cores).
-        if settings.requests and contender.served:
-            for clients in settings.concurrency:
-                results["concurrency"].setdefault(name, {})[str(clients)] = measure_concurrency(
-                    name, contender, settings, clients, statistics)
+        if settings.requests and contender.served and settings.concurrency:
+            results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     return results
+
+
+def concurrency_runs(name: str, contender, settings: Settings, statistics: TritonStatistics) -> dict:
+    """One contender at each concurrency of the settings: {clients: run}."""
+    return {str(clients): measure_concurrency(name, contender, settings, clients, statistics)
+            for clients in settings.concurrency}
 
 
 def run_concurrency(settings: Settings, model_dir: Path, url: str, names: list[str]) -> dict:
     """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
     context, statistics = Context(settings, model_dir, url), TritonStatistics(url)
-    return {name: {str(clients): measure_concurrency(name, CONTENDERS[name](context), settings, clients, statistics)
-                   for clients in settings.concurrency}
+    return {name: concurrency_runs(name, CONTENDERS[name](context), settings, statistics)
             for name in names if CONTENDERS[name].served}
 
 

@@ -141,15 +141,15 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
 def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, runtime: str, device: str,
                     precision: str, gpus: tuple[int, ...], torch_compile: bool = False) -> mc.ModelConfig:
     config.backend = "python"
-    gpu = device.startswith("cuda")
-    if gpu:  # the instance's GPU reaches the model as args["model_instance_device_id"]
+    on_gpu = device.startswith("cuda")
+    if on_gpu:  # the instance's GPU reaches the model as args["model_instance_device_id"]
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
     else:
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     config.parameters["network"].string_value = network.name  # the served name may carry a GPU suffix
     if runtime == "torch":
-        parameters = {"device": "cuda" if gpu else "cpu", "precision": precision}
-        if gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
+        parameters = {"device": "cuda" if on_gpu else "cpu", "precision": precision}
+        if on_gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
         if torch_compile:  # compiled at load, before the CUDA graphs are captured (a minute or more)
             parameters["torch_compile"] = "yes"

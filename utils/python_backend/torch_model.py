@@ -45,8 +45,7 @@ class GraphedNetwork:
         # Largest batch first, all graphs in its memory pool: one instance replays one graph at a
         # time and copies its output out at once, so the graphs can share their activations' memory.
         for batch in range(spec.profile.max, spec.profile.min - 1, -1):
-            inputs = [torch.zeros(spec.shape(t, batch, dims), device=device,
-                                  dtype=dtype if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype])
+            inputs = [torch.zeros(spec.shape(t, batch, dims), device=device, dtype=_torch_dtype(t, dtype))
                       for t in spec.inputs]
             forward = compiled if batch > 1 else module
             if compile_module and batch == spec.profile.max:
@@ -120,8 +119,12 @@ class TritonPythonModel:
         return responses
 
     def _input(self, value: torch.Tensor, tensor: specs.TensorSpec) -> torch.Tensor:
-        dtype = self.dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
-        return value.to(device=self.device, dtype=dtype)
+        return value.to(device=self.device, dtype=_torch_dtype(tensor, self.dtype))
+
+
+def _torch_dtype(tensor: specs.TensorSpec, precision_dtype: torch.dtype) -> torch.dtype:
+    """Float activations at the served precision; the other tensors at their spec's dtype."""
+    return precision_dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
 
 
 def _received(request, tensor: specs.TensorSpec) -> torch.Tensor:

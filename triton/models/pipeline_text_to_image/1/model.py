@@ -38,8 +38,8 @@ class PhaseTimes:
     """Wall time per phase of a request, logged when SD_TRITON_PROFILE_BLS=1: where the time
     between the networks' own compute goes (docs/gpu-notes.md)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.seconds = enabled, defaultdict(float)
+    def __init__(self):
+        self.seconds = defaultdict(float)
 
     @contextmanager
     def phase(self, name: str):
@@ -55,10 +55,9 @@ class PhaseTimes:
         return f"{1000 * total:.1f} ms: " + ", ".join(parts + [f"loop and scheduler {1000 * rest:.1f} ms"])
 
 
-def run_network(model_name: str, network: specs.NetworkSpec, *inputs: torch.Tensor,
-                times: PhaseTimes | None = None) -> tuple[torch.Tensor, ...]:
+def run_network(times: PhaseTimes, model_name: str, network: specs.NetworkSpec,
+                *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One BLS sub-request; the only place that calls another model, so errors are checked once."""
-    times = times or PhaseTimes(False)
     with times.phase("inputs to Triton tensors"):
         request = pb_utils.InferenceRequest(
             model_name=model_name,
@@ -95,10 +94,10 @@ class TritonPythonModel:
         placement = Placement(gpus=tuple(serving.get("gpus", ())))
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
         self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
-        self.times = PhaseTimes(False)
+        self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
         self.pipeline = StableDiffusion(
             components,
-            lambda network, *inputs: run_network(model_names[network.name], network, *inputs, times=self.times),
+            lambda network, *inputs: run_network(self.times, model_names[network.name], network, *inputs),
             dtype=TORCH_DTYPES[serving["precision"]], device=device,
         )
         self.pipeline.warm_up()  # each instance is its own process: warm each one before it serves
@@ -113,7 +112,7 @@ class TritonPythonModel:
             for tensor in SPEC.inputs:
                 value = pb_utils.get_input_tensor_by_name(request, tensor.name)
                 arrays[tensor.name] = None if value is None else value.as_numpy()
-            self.times, start = PhaseTimes(self.profile), time.perf_counter()
+            self.times, start = PhaseTimes(), time.perf_counter()
 
             def is_cancelled() -> bool:
                 with self.times.phase("cancellation checks"):
