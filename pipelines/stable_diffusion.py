@@ -84,6 +84,11 @@ class StableDiffusion:
         config = components.scheduler_config
         self.max_steps = config.get("num_train_timesteps", 1000) - config.get("steps_offset", 0)
 
+    def run(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Call a network and get its outputs on the loop's device, wherever it answered:
+        TensorRT, and ONNX Runtime on a GPU, answer in the GPU memory they computed in."""
+        return tuple(output.to(self.device) for output in self.run_network(network, *inputs))
+
     def check(self, request: GenerationRequest) -> GenerationRequest:
         return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps)
 
@@ -118,7 +123,7 @@ class StableDiffusion:
 
         # 2. One text encoder call for both halves.
         input_ids = tokens.input_ids.to(device=self.device, dtype=torch.int32)
-        (text_embeddings,) = self.run_network(specs.TEXT_ENCODER, input_ids)
+        (text_embeddings,) = self.run(specs.TEXT_ENCODER, input_ids)
 
         # 3. A scheduler of this request's own: PNDM keeps state between steps.
         scheduler = self.components.new_scheduler()
@@ -137,14 +142,14 @@ class StableDiffusion:
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = t.to(torch.float32).expand(model_input.shape[0])  # one per sample (FP32)
-            (noise,) = self.run_network(specs.UNET, model_input, timestep, text_embeddings)
+            (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
             if cfg:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
 
         # 6. Decode.
-        (image,) = self.run_network(specs.VAE_DECODER, latents / self.components.vae_scaling_factor)
+        (image,) = self.run(specs.VAE_DECODER, latents / self.components.vae_scaling_factor)
 
         # 7. To uint8 RGB, as diffusers' VaeImageProcessor.postprocess does.
         image = (image / 2 + 0.5).clamp(0, 1)

@@ -1,12 +1,15 @@
 """Build the two images of this tutorial from one NGC release (utils/docker.py): export and serving."""
 
+import argparse
 import shlex
 import subprocess
 
 from utils.docker import build_commands
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.parse_args(argv)
     for command in build_commands():
         print("$", shlex.join(command), flush=True)
         subprocess.run(command, check=True)

@@ -7,6 +7,7 @@ with --docker. Serve the result with the configs of `move_onnx_models_to_triton.
 """
 
 import argparse
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from tqdm import tqdm
 
 from utils import specs
 from utils.docker import export_command
-from utils.engines import DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path
+from utils.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
+                           trtexec_command)
 from utils.repository import PIPELINE_FILES
 
 
@@ -28,17 +30,30 @@ def main(argv=None):
                         help="build only this network (repeatable); default: all four")
     parser.add_argument("--docker", action="store_true", help="run trtexec in the export image (docker run --gpus)")
     parser.add_argument("--force", action="store_true", help="rebuild engines that exist")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print each trtexec command and build nothing (needs no GPU)")
     args = parser.parse_args(argv)
 
     if args.docker and args.repository.is_absolute():
         raise SystemExit("error: with --docker, --repository must be inside this folder (it is mounted at /workspace).")
-    if not args.docker and shutil.which("trtexec") is None:
-        raise SystemExit("error: trtexec is not on PATH. Run this inside the export image "
-                         "(`make engines` does), or pass --docker to run it there.")
+    networks = [specs.NETWORKS[name] for name in (args.network or specs.NETWORKS)]
+    not_tensorrt = [n.name for n in networks if n not in tensorrt_networks(args.repository)]
+    if not_tensorrt:  # an engine there would never be loaded
+        raise SystemExit(
+            f"error: {args.repository} does not serve {', '.join(not_tensorrt)} with TensorRT (its config.pbtxt "
+            f"has no platform tensorrt_plan). Write a TensorRT repository first: python "
+            f"scripts/move_onnx_models_to_triton.py --backend tensorrt --repository {args.repository} (same --model).")
     # The sizes of the checkpoint the repository serves (step 3 copied its config files).
     dims = specs.ModelDims.from_pretrained(args.repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
     wrap = export_command if args.docker else (lambda command: command)
-    networks = [specs.NETWORKS[name] for name in (args.network or specs.NETWORKS)]
+    if args.print_commands:
+        for network in networks:
+            print("$ " + shlex.join(wrap(trtexec_command(network, dims, args.repository, args.precision,
+                                                         args.timing_cache))))
+        return
+    if not args.docker and shutil.which("trtexec") is None:
+        raise SystemExit("error: trtexec is not on PATH. Run this inside the export image "
+                         "(`make engines` does), or pass --docker to run it there.")
     for network in tqdm(networks, desc="engines", unit="engine"):
         plan = plan_path(args.repository, network)
         if plan.exists() and not args.force:

@@ -40,7 +40,8 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
 
-    model_dir = resolve_model(args.model, args.models_dir)
+    # The exported graphs carry the weights: only the torch runtime serves the checkpoint's own.
+    model_dir = resolve_model(args.model, args.models_dir, weights=args.runtime == "torch")
     onnx_files = {name: onnx_path(args.onnx_dir, args.model, name) for name in specs.NETWORKS}
     report = write_repository(args.repository, model_dir, onnx_files, backend=args.backend, force=args.force,
                               runtime=args.runtime, device=args.device, precision=args.precision,

@@ -17,7 +17,7 @@ def main(argv=None):
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
 
-    model_dir = resolve_model(args.model, args.models_dir)
+    model_dir = resolve_model(args.model, args.models_dir, weights=False)  # the tokenizer and configs
     pipeline = ClientSidePipeline(model_dir, args.url)
     generate_and_save(pipeline, args)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conftest import report
+from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import export, specs
+from utils import configs, export, specs
 from utils.export import ExportParityError, export_cli, export_network
+from utils.repository import ONNX_DATA_FILE, ONNX_FILE, write_repository
+
+ONNX_TYPES = {"FP16": "FLOAT16", "FP32": "FLOAT", "INT32": "INT32"}
 
 
 @pytest.mark.parametrize("name", specs.NETWORKS)
@@ -60,6 +65,57 @@ def test_export_above_tolerance_fails_and_writes_nothing(tiny_model, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no partial file, no staging folder left behind
 
 
-def test_fp16_on_cpu_is_refused_with_the_fix(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match=r"precision='FP16' needs device='cuda'"):
-        export_network(specs.UNET, tiny_model, tmp_path / "unet.onnx", precision="FP16", device="cpu")
+@pytest.fixture(scope="module")
+def fp16_exports(tiny_model, tmp_path_factory):
+    """The four networks exported in FP16 on the CPU by the export scripts' own command line."""
+    onnx_dir = tmp_path_factory.mktemp("onnx-fp16")
+    argv = ["--model", str(tiny_model), "--onnx-dir", str(onnx_dir), "--precision", "FP16", "--device", "cpu"]
+    return {name: export_cli(network, argv) for name, network in specs.NETWORKS.items()}
+
+
+@pytest.mark.parametrize("name", specs.NETWORKS)
+def test_fp16_export_on_cpu_has_the_specs_dtypes(name, fp16_exports):
+    """Float activations FP16, everything else as the spec fixes it: the UNet's timestep stays FP32
+    (an FP16 timestep rounds fractional timesteps, and the repository step refuses it)."""
+    result, network = fp16_exports[name], specs.NETWORKS[name]
+    report(f"export {name:<13} FP16 on the CPU: max |onnxruntime - torch| = {result.max_abs_error:.2e}")
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    for tensors, expected in ((graph.input, network.inputs), (graph.output, network.outputs)):
+        got = {t.name: onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type) for t in tensors}
+        want = {t.name: ONNX_TYPES[t.resolved_dtype("FP16")] for t in expected}
+        assert got == want
+
+
+def test_fp16_graphs_make_an_fp16_repository(fp16_exports, tiny_model, tmp_path):
+    """Step 3 accepts the FP16 graphs and declares FP16 activations and an FP32 timestep."""
+    write_repository(tmp_path, tiny_model, {name: r.path for name, r in fp16_exports.items()}, backend="tensorrt")
+    unet = configs.parse_pbtxt((tmp_path / "unet" / "config.pbtxt").read_text())
+    declared = {t.name: mc.DataType.Name(t.data_type) for t in unet.input}
+    assert declared == {"sample": "TYPE_FP16", "timestep": "TYPE_FP32", "encoder_hidden_states": "TYPE_FP16"}
+
+
+def test_external_data_survives_the_repository_step(tiny_model, exports, tmp_path):
+    """Graphs over 2 GB keep their weights apart; the repository renames the data file and the
+    graph must then name the new file, or ONNX Runtime and trtexec find no weights."""
+    argv = ["--model", str(tiny_model), "--onnx-dir", str(tmp_path / "onnx"), "--external-data"]
+    unet = export_cli(specs.UNET, argv)
+    assert unet.path.with_name("unet.onnx.data").is_file()
+    repository = tmp_path / "repository"
+    write_repository(repository, tiny_model, {name: r.path for name, r in exports.items()} | {"unet": unet.path})
+    installed = repository / "unet" / "1" / ONNX_FILE
+    assert sorted(p.name for p in installed.parent.glob("model.onnx*")) == [ONNX_FILE, ONNX_DATA_FILE]
+    dims = specs.ModelDims.from_pretrained(tiny_model)
+    rng = np.random.default_rng(0)
+    feeds = {t.name: rng.standard_normal(specs.UNET.shape(t, 2, dims)).astype(np.float32) for t in specs.UNET.inputs}
+    served = ort.InferenceSession(str(installed), providers=["CPUExecutionProvider"]).run(None, feeds)
+    exported = ort.InferenceSession(str(unet.path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_array_equal(served[0], exported[0])
+    assert write_repository(repository, tiny_model, {name: r.path for name, r in exports.items()}
+                            | {"unet": unet.path}).written == []  # a second run rewrites nothing
+
+
+def test_check_batch_is_small_and_not_the_traced_one():
+    for network in specs.NETWORKS.values():
+        batch = export.check_batch(network.profile)
+        assert batch != network.profile.opt and network.profile.min <= batch <= network.profile.max
+        assert batch <= 2

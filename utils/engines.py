@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import configs, specs
+from utils.repository import ONNX_FILE
 
 PLAN_FILE = "model.plan"
 PROVENANCE_FILE = "engine.json"
@@ -48,7 +50,7 @@ def plan_path(repository: Path, network: specs.NetworkSpec) -> Path:
 
 
 def onnx_in_repository(repository: Path, network: specs.NetworkSpec) -> Path:
-    return Path(repository) / network.name / str(configs.ONNX_VERSION) / "model.onnx"
+    return Path(repository) / network.name / str(configs.ONNX_VERSION) / ONNX_FILE
 
 
 def trtexec_command(network: specs.NetworkSpec, dims: specs.ModelDims, repository: Path,
@@ -182,7 +184,7 @@ def build_engine(network: specs.NetworkSpec, dims: specs.ModelDims, repository: 
     going to ``log_file``; record the engine's provenance next to the plan."""
     command = trtexec_command(network, dims, repository, precision, timing_cache)
     full_command = wrap(command)
-    print("$ " + " ".join(full_command), flush=True)
+    print("$ " + shlex.join(full_command), flush=True)
     plan_path(repository, network).parent.mkdir(parents=True, exist_ok=True)
     Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -53,24 +53,25 @@ def export_network(
     precision: str = "FP32",
     device: str = "cpu",
     force: bool = False,
+    external_data: bool = False,
 ) -> ExportResult:
     """Export ``network`` of the diffusers folder ``model_dir`` to ``output`` and check it.
 
     Finished work is skipped unless ``force``: the file is moved into place only after the checks
-    pass, so an existing file is always a checked one.
+    pass, so an existing file is always a checked one. FP16 runs on a CPU too (slowly), so a
+    machine without a GPU can produce and check the graphs GPU engines are built from.
+    ``external_data``: keep the weights in ``<output>.data`` even below the 2 GB limit.
     """
     output = Path(output)
     if output.exists() and not force:
         return ExportResult(output, skipped=True)
     if precision not in specs.PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; use one of {specs.PRECISIONS}.")
-    if precision == "FP16" and device == "cpu":
-        raise ValueError("precision='FP16' needs device='cuda': export FP32 on a CPU (the CPU default).")
     start = time.perf_counter()
     dims = specs.ModelDims.from_pretrained(model_dir)
-    module = load_network(network.name, model_dir, precision, device)
+    module = load_network(network.name, model_dir, precision, device, for_export=True)
     generator = torch.Generator().manual_seed(0)
-    trace_inputs = _on(module.example_inputs(network.profile.opt, dims, generator), precision, device)
+    trace_inputs = _on(network, module.example_inputs(network.profile.opt, dims, generator), precision, device)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.stem}-") as staging:
@@ -90,13 +91,15 @@ def export_network(
                 do_constant_folding=True,
                 dynamo=False,  # the TorchScript exporter: ~10x faster here, same numbers
             )
-        staged = _single_file_or_external_data(staged)
+        staged = _single_file_or_external_data(staged, external_data)
         _set_static_dims(staged, network, dims)
         import onnx
 
-        onnx.checker.check_model(str(staged))  # by path: works above the 2 GB protobuf limit
-        check_inputs = module.example_inputs(network.profile.max, dims, generator)
-        error, scale = compare_with_torch(module, staged, _on(check_inputs, precision, device))
+        # By path: works above the 2 GB protobuf limit. full_check runs ONNX's type inference,
+        # which catches a graph that mixes FP32 and FP16 inputs of one operator.
+        onnx.checker.check_model(str(staged), full_check=True)
+        check_inputs = module.example_inputs(check_batch(network.profile), dims, generator)
+        error, scale = compare_with_torch(module, staged, _on(network, check_inputs, precision, device))
         allowed = TOLERANCE[precision] * max(1.0, scale)
         if not error <= allowed:  # also catches NaN
             raise ExportParityError(
@@ -128,16 +131,25 @@ def compare_with_torch(module: torch.nn.Module, onnx_file: Path, inputs: tuple[t
     return error, scale
 
 
-def _on(inputs: tuple[torch.Tensor, ...], precision: str, device: str) -> tuple[torch.Tensor, ...]:
-    """Move example inputs to the device, float ones to the export precision."""
-    dtype = TORCH_DTYPES[precision]
-    return tuple((t.to(dtype) if t.is_floating_point() else t).to(device) for t in inputs)
+def check_batch(profile: specs.BatchProfile) -> int:
+    """The batch the exported graph is checked at: not the traced one (``opt``), which proves the
+    batch axis dynamic, and small, because the check runs ONNX Runtime on the CPU."""
+    return profile.min if profile.min != profile.opt else profile.opt + 1
 
 
-def _single_file_or_external_data(path: Path) -> Path:
+def _on(network: specs.NetworkSpec, inputs: tuple[torch.Tensor, ...], precision: str,
+        device: str) -> tuple[torch.Tensor, ...]:
+    """Example inputs on the device, each in its spec's dtype: activations at the export
+    precision, the rest as the spec fixes them (the UNet's timestep stays FP32 in an FP16 graph)."""
+    return tuple(tensor.to(device=device, dtype=TORCH_DTYPES[spec.resolved_dtype(precision)])
+                 for spec, tensor in zip(network.inputs, inputs))
+
+
+def _single_file_or_external_data(path: Path, external_data: bool = False) -> Path:
     """Past the 2 GB protobuf limit, the exporter scatters one file per weight: gather them
-    into a single ``<name>.onnx.data`` beside the graph, the layout Triton and trtexec expect."""
-    if not any(p != path for p in path.parent.iterdir()):
+    into a single ``<name>.onnx.data`` beside the graph, the layout Triton and trtexec expect.
+    ``external_data`` asks for that layout at any size."""
+    if not external_data and not any(p != path for p in path.parent.iterdir()):
         return path
     import onnx
 
@@ -183,13 +195,18 @@ def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None) -> Exp
     parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path,
                         help="output folder; the file is <onnx-dir>/<model>/<network>.onnx")
     parser.add_argument("--precision", default="FP32", choices=specs.PRECISIONS,
-                        help="FP32 for the CPU default, FP16 for GPU engines (needs --device cuda)")
+                        help="FP32 for the CPU default, FP16 for GPU engines (fast with --device cuda; "
+                             "a CPU works too, slowly)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--external-data", action="store_true",
+                        help="keep the weights in <network>.onnx.data beside the graph at any size "
+                             "(graphs over 2 GB always do)")
     parser.add_argument("--force", action="store_true", help="export again even if the file exists")
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model, args.models_dir)
     output = onnx_path(args.onnx_dir, args.model, network.name)
-    result = export_network(network, model_dir, output, args.precision, args.device, args.force)
+    result = export_network(network, model_dir, output, args.precision, args.device, args.force,
+                            args.external_data)
     if result.skipped:
         print(f"{network.name}: {output} exists, skipped (pass --force to export again)")
     else:

@@ -79,8 +79,13 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed: int = 0) -> Path:
-    """Return a local diffusers folder for ``model``: a preset name, a folder or a hub id."""
+def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed: int = 0,
+                  weights: bool = True) -> Path:
+    """Return a local diffusers folder for ``model``: a preset name, a folder or a hub id.
+
+    ``weights=False``: from the hub, only the config, tokenizer and scheduler files, for the steps
+    that read nothing else (the model repository of exported graphs, the client-side pipeline).
+    """
     if model in PRESETS:
         target = Path(models_dir) / model
         if not (target / "model_index.json").exists():
@@ -100,20 +105,27 @@ def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed:
             f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), nor an existing folder, "
             f"nor a hub id of the form 'owner/name' (for SD1.5: {SD15_HUB_ID!r})."
         )
-    return download_from_hub(model)
+    return download_from_hub(model, weights)
 
 
-def download_from_hub(model_id: str) -> Path:
-    """Download only what the project uses: configs, tokenizer and safetensors weights."""
+NETWORK_FOLDERS = ("text_encoder", "unet", "vae")  # of a diffusers checkpoint
+
+
+def hub_patterns(weights: bool = True) -> list[str]:
+    """The files of a hub checkpoint the project reads: configs, tokenizer, scheduler, and with
+    ``weights`` the networks' safetensors (about 4 GB for SD1.5)."""
+    names = ("config.json", "*.safetensors") if weights else ("config.json",)
+    return ["model_index.json", "scheduler/*", "tokenizer/*"] + [
+        f"{folder}/{name}" for folder in NETWORK_FOLDERS for name in names]
+
+
+def download_from_hub(model_id: str, weights: bool = True) -> Path:
+    """Download only what the project uses (``hub_patterns``)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "scheduler/*", "tokenizer/*"] + [
-        f"{sub}/{name}"
-        for sub in ("text_encoder", "unet", "vae")
-        for name in ("config.json", "*.safetensors")
-    ]
     try:
-        return Path(snapshot_download(model_id, allow_patterns=patterns, ignore_patterns=["*.fp16.*", "*non_ema*"]))
+        return Path(snapshot_download(model_id, allow_patterns=hub_patterns(weights),
+                                      ignore_patterns=["*.fp16.*", "*non_ema*"]))
     except Exception as error:  # network, auth or unknown repo: one message with the ways out
         raise RuntimeError(
             f"--model {model_id!r}: could not download it from the Hugging Face hub ({error}). "

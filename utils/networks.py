@@ -2,6 +2,7 @@
 
 Each wrapper's ``forward`` takes the spec's inputs in order and returns its outputs in order,
 so ``torch.onnx.export`` and the GPU runtime can treat every network the same way.
+``for_export()`` switches a wrapper to what exports cleanly where that differs from what runs fastest.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from torch import nn
 from utils import specs
 
 
-class TextEncoder(nn.Module):
+class _Network(nn.Module):
+    def for_export(self) -> nn.Module:
+        return self
+
+
+class TextEncoder(_Network):
     spec = specs.TEXT_ENCODER
     subfolder = "text_encoder"  # of the diffusers checkpoint
 
@@ -27,12 +33,19 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids):
         return self.text_encoder(input_ids, return_dict=False)[0]
 
+    def for_export(self) -> nn.Module:
+        # transformers' eager attention: torch's TorchScript exporter turns SDPA with is_causal into
+        # an FP32 mask added to the scores, so an FP16 graph mixes FP32 and FP16 inputs of one
+        # operator, which ONNX Runtime and TensorRT refuse. Served as torch, SDPA stays (faster).
+        self.text_encoder.set_attn_implementation("eager")
+        return self
+
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
         vocab = self.text_encoder.config.vocab_size
         return (torch.randint(0, vocab, (batch, dims.text_length), generator=generator, dtype=torch.int32),)
 
 
-class UNet(nn.Module):
+class UNet(_Network):
     spec = specs.UNET
     subfolder = "unet"  # of the diffusers checkpoint
 
@@ -51,7 +64,7 @@ class UNet(nn.Module):
         return sample, timestep, hidden
 
 
-class _Vae(nn.Module):
+class _Vae(_Network):
     """One half of the AutoencoderKL; both halves take random float inputs."""
     subfolder = "vae"  # of the diffusers checkpoint
 
@@ -92,6 +105,8 @@ def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, 
     return torch.randn(spec.shape(tensor, batch, dims), generator=generator)
 
 
-def load_network(name: str, model_dir: str | Path, precision: str = "FP32", device: str = "cpu") -> nn.Module:
+def load_network(name: str, model_dir: str | Path, precision: str = "FP32", device: str = "cpu",
+                 for_export: bool = False) -> nn.Module:
     """The named network of a diffusers folder, in eval mode, on ``device`` at ``precision``."""
-    return WRAPPERS[name](Path(model_dir), TORCH_DTYPES[precision]).to(device).eval()
+    module = WRAPPERS[name](Path(model_dir), TORCH_DTYPES[precision]).to(device).eval()
+    return module.for_export() if for_export else module

@@ -45,6 +45,8 @@ TORCH_RUNTIME_MODEL = (
     "from utils.python_backend.torch_model import TritonPythonModel  # noqa: F401\n"
 )
 CHECKPOINT_DIR = "checkpoint"  # in a torch-runtime network's version folder
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the weights of a graph over 2 GB
 LINK_ABOVE_BYTES = 64 * 2**20  # weights are hard-linked, not copied, where possible
 
 
@@ -123,6 +125,30 @@ def install_file(source: Path | None, target: Path, report: RepositoryReport, fo
     report.written.append(target)
 
 
+def install_onnx(onnx_file: Path, version_dir: Path, report: RepositoryReport, force: bool) -> None:
+    """The graph as ``model.onnx``, and its weights, where it keeps them apart (graphs over 2 GB),
+    as ``model.onnx.data``. The graph names its weight file, so the installed graph is rewritten
+    to name the new one: a renamed data file alone would leave the graph pointing at nothing."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    locations = {entry.value for tensor in external for entry in tensor.external_data if entry.key == "location"}
+    if not locations:
+        install_file(onnx_file, version_dir / ONNX_FILE, report, force)
+        return
+    if len(locations) > 1:
+        raise ValueError(f"{onnx_file} keeps its weights in {len(locations)} files; Triton and trtexec expect one "
+                         f"beside the graph. Export it again with optim/convert_*_to_onnx.py --force.")
+    (location,) = locations
+    install_file(onnx_file.parent / location, version_dir / ONNX_DATA_FILE, report, force)
+    for tensor in external:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = ONNX_DATA_FILE
+    install_file(None, version_dir / ONNX_FILE, report, force, text=graph.SerializeToString())
+
+
 def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, dims: specs.ModelDims,
                 backend: str, report: RepositoryReport, force: bool = False) -> str:
     if not onnx_file.exists():
@@ -133,9 +159,7 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
     precision = onnx_precision(onnx_file, network, dims)
     model_dir = repository / network.name
     onnx_dir = model_dir / str(configs.ONNX_VERSION)
-    for source in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
-        if source.exists():
-            install_file(source, onnx_dir / source.name.replace(onnx_file.stem, "model", 1), report, force)
+    install_onnx(onnx_file, onnx_dir, report, force)
     (model_dir / str(configs.ENGINE_VERSION)).mkdir(exist_ok=True)
     config = configs.network_config(network, dims, precision, backend)
     install_file(None, model_dir / "config.pbtxt", report, force, text=configs.to_pbtxt(config))

@@ -110,10 +110,11 @@ class TritonPythonModel:
             return [_error(f"{self.spec.name}: {type(error).__name__}: {error}") for _ in requests]
         (output_spec,) = self.spec.outputs
         responses, start = [], 0
-        for size, values in zip(sizes, received):
-            # Answered where the request's inputs were: a caller that keeps its loop on the CPU
-            # (gRPC clients, a BLS pipeline with its loop on the CPU) gets host memory back.
-            piece = output[start:start + size].to(values[0].device).contiguous()
+        for size in sizes:
+            # Answered in the memory it computed in, as TensorRT and ONNX Runtime answer: Triton
+            # copies to the caller where the caller asks for other memory (a gRPC client, a BLS
+            # request's preferred_memory).
+            piece = output[start:start + size].contiguous()
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)]))
             start += size
         return responses

@@ -55,7 +55,15 @@ class PhaseTimes:
         return f"{1000 * total:.1f} ms: " + ", ".join(parts + [f"loop and scheduler {1000 * rest:.1f} ms"])
 
 
-def run_network(times: PhaseTimes, model_name: str, network: specs.NetworkSpec,
+def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
+    """Ask for sub-request outputs where the loop keeps its tensors. Without it they stay where the
+    called model produced them: GPU memory for TensorRT and ONNX Runtime on a GPU."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def run_network(times: PhaseTimes, model_name: str, memory: "pb_utils.PreferredMemory", network: specs.NetworkSpec,
                 *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One BLS sub-request; the only place that calls another model, so errors are checked once."""
     with times.phase("inputs to Triton tensors"):
@@ -66,6 +74,7 @@ def run_network(times: PhaseTimes, model_name: str, network: specs.NetworkSpec,
                 pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
                 for spec, tensor in zip(network.inputs, inputs)
             ],
+            preferred_memory=memory,
         )
     with times.phase(f"{network.name} sub-requests"):
         response = request.exec()
@@ -95,9 +104,10 @@ class TritonPythonModel:
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
         self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
         self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
+        memory = preferred_memory(device)
         self.pipeline = StableDiffusion(
             components,
-            lambda network, *inputs: run_network(self.times, model_names[network.name], network, *inputs),
+            lambda network, *inputs: run_network(self.times, model_names[network.name], memory, network, *inputs),
             dtype=TORCH_DTYPES[serving["precision"]], device=device,
         )
         self.pipeline.warm_up()  # each instance is its own process: warm each one before it serves
