@@ -1,0 +1,20 @@
+# Sourced by the GPU scripts (gpu_benchmark.sh, rehearse_production.sh) on a GPU host whose Python
+# has torch but no network: installs the wheels carried in .whl/ (scripts/pack_device_wheels.py)
+# and this project, and gives the pipeline model a Python environment of its own with numpy 1.
+# Sets ENVIRONMENT: the --pipeline-environment arguments for the scripts (empty where not needed).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile $(ls .whl/*.whl | grep -v /numpy-)
+fi
+# This project's packages, for the scripts and for the Triton stubs (which find packages
+# through the python3 on PATH, not PYTHONPATH).
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
+  || echo "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/sd_triton_tutorial.pth"
+# The 24.10 Python-backend stub is built against numpy 1 and mangles string inputs (the prompt)
+# under numpy 2 (utils/environments.py): the pipeline model gets numpy 1, the networks keep the
+# host's environment.
+ENVIRONMENT=()
+if ls .whl/numpy-1*.whl >/dev/null 2>&1; then
+  SITE=$(python3 -c "from utils.environments import create; print(create('/tmp/pipeline-env'))")
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/numpy-1*.whl
+  ENVIRONMENT=(--pipeline-environment /tmp/pipeline-env)
+fi
