@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 REQUIREMENTS ?= requirements.txt
 BIN := $(VENV)/bin
+# The production path's repository (TensorRT engines), apart from the quickstart's triton/models.
+PRODUCTION_REPOSITORY ?= triton/production
 
 .PHONY: venv demo test test-docker-pins images engines clean
 
@@ -33,7 +35,7 @@ images: venv
 	$(BIN)/python scripts/build_docker_images.py
 
 engines: venv
-	$(BIN)/python scripts/build_tensorrt_engines.py --docker
+	$(BIN)/python scripts/build_tensorrt_engines.py --docker --repository $(PRODUCTION_REPOSITORY)
 
 clean:
-	rm -rf $(VENV) .venv-py310 models onnx outputs engines
+	rm -rf $(VENV) .venv-py310 models onnx outputs engines $(PRODUCTION_REPOSITORY)

@@ -36,7 +36,8 @@ def test_network_config_parses_and_matches_the_spec(network, backend, precision)
     if config.platform == "tensorrt_plan":  # a CUDA graph per batch size of the profile, a warm-up
         assert [g.batch_size for g in config.optimization.cuda.graph_spec] == list(
             range(network.profile.min, network.profile.max + 1))
-    if config.platform:
+    if config.platform:  # requests batched across callers, a warm-up at load
+        assert config.HasField("dynamic_batching")
         (warmup,) = config.model_warmup
         assert warmup.batch_size == network.profile.opt and set(warmup.inputs) == set(network.input_names)
     assert len(config.input) == len(network.inputs) and len(config.output) == len(network.outputs)

@@ -116,6 +116,10 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
         return _python_backend(config, network, runtime, device, precision, gpus, torch_compile)
     config.platform = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
+    # Requests queued together run as one batch, as in the torch runtime (each UNet sample has its
+    # own timestep, so requests at different steps can share a call). Triton's auto-complete would
+    # add it for a batching TensorRT model anyway; written here, the config says what runs.
+    config.dynamic_batching.SetInParent()
     if backend == "tensorrt":
         # Only the batch is dynamic, so each batch size of the profile is one static shape that a
         # CUDA graph can replay: capture one per batch size (launch overhead dominates the UNet).
