@@ -7,8 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 REQUIREMENTS ?= requirements.txt
 BIN := $(VENV)/bin
-# The production path's repository (TensorRT engines), apart from the quickstart's triton/models.
-PRODUCTION_REPOSITORY ?= triton/production
+# The production path's repository (default: triton/production, utils/layout.py); set it for another.
+PRODUCTION_REPOSITORY ?=
 
 .PHONY: venv demo test test-docker-pins images engines clean
 
@@ -35,7 +35,7 @@ images: venv
 	$(BIN)/python scripts/build_docker_images.py
 
 engines: venv
-	$(BIN)/python scripts/build_tensorrt_engines.py --docker --repository $(PRODUCTION_REPOSITORY)
+	$(BIN)/python scripts/build_tensorrt_engines.py --docker $(if $(PRODUCTION_REPOSITORY),--repository $(PRODUCTION_REPOSITORY))
 
 clean:
-	rm -rf $(VENV) .venv-py310 models onnx outputs engines $(PRODUCTION_REPOSITORY)
+	rm -rf $(VENV) .venv-py310 models onnx outputs engines triton/production

@@ -1,7 +1,8 @@
-"""Export the vae decoder of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
+"""Export the vae_decoder of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
 
+from utils.cli import main_entry
 from utils.export import export_cli
 from utils.specs import VAE_DECODER
 
 if __name__ == "__main__":
-    export_cli(VAE_DECODER)
+    main_entry(lambda: export_cli(VAE_DECODER))

@@ -1,7 +1,8 @@
-"""Export the vae encoder of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
+"""Export the vae_encoder of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
 
+from utils.cli import main_entry
 from utils.export import export_cli
 from utils.specs import VAE_ENCODER
 
 if __name__ == "__main__":
-    export_cli(VAE_ENCODER)
+    main_entry(lambda: export_cli(VAE_ENCODER))

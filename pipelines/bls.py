@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from pipelines.client import DEFAULT_RETRY_FOR, call_with_retries, connect, infer_inputs
+from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import specs
 
@@ -17,9 +17,10 @@ from utils import specs
 class BlsPipeline:
     spec = specs.TEXT_TO_IMAGE
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float | None = 600.0,
+    def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 600.0,
                  retry_for: float = DEFAULT_RETRY_FOR):
         self.client = connect(url)
+        check_server(self.client, url)
         self.timeout = timeout  # per request; the server stops working on it when it expires
         self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
 

@@ -16,8 +16,28 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from utils.errors import UserError
+
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
+DEFAULT_URL = "127.0.0.1:8001"
+START_COMMAND = "python scripts/launch_triton_server.py"
+
+
+class ServerUnavailable(UserError, ConnectionError):
+    """No Triton server answers at the address."""
+
+
+def check_server(client: grpcclient.InferenceServerClient, url: str, timeout: float = 5.0) -> None:
+    """Say within seconds, with the command that starts one, that no server answers at ``url``
+    (the retries below are for a server that restarts, not for one that was never started)."""
+    try:
+        if client.is_server_live(client_timeout=timeout):
+            return
+    except InferenceServerException:
+        pass
+    raise ServerUnavailable(f"no Triton server answers at {url}: start one with `{START_COMMAND}` (step 4 of "
+                            f"the README) in another terminal, or pass --url with the address of a running one.")
 
 
 def connect(url: str) -> grpcclient.InferenceServerClient:

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from pipelines.request import GenerationRequest
-from pipelines.client import DEFAULT_RETRY_FOR, call_with_retries, connect, infer_inputs
+from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
 from utils.networks import TORCH_DTYPES
@@ -58,9 +58,10 @@ class TritonNetworks:
 class ClientSidePipeline:
     """Text to image, orchestrated here, each network served by Triton."""
 
-    def __init__(self, model_dir: str | Path, url: str = "127.0.0.1:8001", timeout: float | None = 60.0,
+    def __init__(self, model_dir: str | Path, url: str = DEFAULT_URL, timeout: float | None = 60.0,
                  retry_for: float = DEFAULT_RETRY_FOR):
         self.networks = TritonNetworks(url, timeout, retry_for)
+        check_server(self.networks.client, url)
         dtype = TORCH_DTYPES[self.networks.precision()]
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir), self.networks, dtype=dtype)
 

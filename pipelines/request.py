@@ -14,6 +14,7 @@ import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
 from utils import specs
+from utils.errors import UserError
 
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
@@ -22,7 +23,7 @@ GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 SEED_RANGE = (0, 2**63 - 1)
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(UserError, ValueError):
     """The request itself is wrong: a client error, reported as INVALID_ARG."""
 
 

@@ -2,7 +2,7 @@
 
 Starts and stops a local Triton server on a freshly prepared repository unless --url is given.
 Prints a table; writes every raw figure and the environment to a JSON file, and a chart to a PNG.
-On the tiny default it takes about two minutes on 2 CPU cores; the seed's settings on a GPU:
+On the tiny default it takes about two minutes on 2 CPU cores; SD1.5's settings on a GPU:
   python scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch
 """
 
@@ -13,26 +13,24 @@ from pathlib import Path
 
 from utils.benchmark import (CONTENDERS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency,
                              table, write_results)
-from utils.cli import add_placement_arguments, placement_from_args
+from utils.cli import add_deployment_arguments, deployment_from_args, main_entry
+from utils.deployment import Deployment
+from utils.errors import UsageError
+from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
 from utils.workflow import prepare_repository
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
-    parser.add_argument("--repository", default=Path("triton/models"), type=Path,
+    parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path,
                         help="prepared (export + move) before the server starts, unless --url is given")
     parser.add_argument("--url", default=None, help="benchmark a running server (gRPC) instead of starting one")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
-    parser.add_argument("--device", default=defaults.device,
-                        help="cpu or cuda: diffusers' device, and the served networks' with --runtime torch")
-    parser.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"],
-                        help="what runs the served networks in the python backend (torch: the GPU runtime)")
-    parser.add_argument("--precision", default=defaults.precision, choices=["FP32", "FP16"])
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
@@ -46,46 +44,43 @@ def main(argv=None):
     parser.add_argument("--min-psnr", type=float, default=None,
                         help="fail (exit 1) unless every pipeline's image is within this PSNR (dB) of diffusers' "
                              "for the same seed, and none is constant")
-    add_placement_arguments(parser)
+    add_deployment_arguments(parser, backend=False)  # the local server runs the python backend
     args = parser.parse_args(argv)
-    try:
-        placement = placement_from_args(args)
-    except ValueError as error:  # a --gpus list that cannot be served here
-        parser.error(str(error))
-    stop_on_sigterm()  # a `kill` stops the server this script started, too
     if args.runs < 2:
-        parser.error(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
+        raise UsageError(f"--runs {args.runs}: at least 2 measured runs are needed for a spread")
     if args.concurrency and args.requests < max(args.concurrency):
-        parser.error(f"--requests {args.requests} with --concurrency {' '.join(map(str, args.concurrency))}: "
-                     f"send at least one request per client")
-
+        raise UsageError(f"--requests {args.requests} with --concurrency {' '.join(map(str, args.concurrency))}: "
+                         f"send at least one request per client")
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
-                        requests=args.requests, device=args.device, precision=args.precision,
-                        runtime=args.runtime, torch_compile=tuple(args.torch_compile),
-                        gpus=placement.gpus, pipeline_instances=placement.pipeline_instances,
-                        pipeline_loop=placement.pipeline_loop)
+                        requests=args.requests, deployment=deployment_from_args(args))
+    return args, settings
+
+
+def main(argv=None):
+    args, settings = parse_arguments(argv)
+    stop_on_sigterm()  # a `kill` stops the server this script started, too
+    deployment = settings.deployment
     served = any(CONTENDERS[name].served for name in args.pipelines)
 
-    def serve(repository: Path, placement) -> contextlib.AbstractContextManager:
-        prepare_repository(args.model, repository, args.models_dir, runtime=args.runtime, device=args.device,
-                           precision=args.precision, placement=placement,
-                           pipeline_environment=args.pipeline_environment, torch_compile=tuple(args.torch_compile))
+    def serve(repository: Path, deployment: Deployment) -> TritonServer:
+        prepare_repository(args.model, repository, deployment, models_dir=args.models_dir)
         # Compiling at load takes minutes: give the server that long to become ready.
-        return TritonServer(repository, startup_timeout=180 + 240 * len(args.torch_compile))
+        return TritonServer(repository, startup_timeout=180 + 240 * len(deployment.torch_compile))
 
     model_dir = resolve_model(args.model, args.models_dir)
-    one_gpu = None
-    if served and args.url is None and len(placement.gpus) > 1 and args.concurrency:
+    placement, one_gpu = deployment.placement, None
+    if served and args.url is None and placement.per_gpu_models and args.concurrency:
         # GPU scaling: the same deployment on the first GPU alone, under the same load.
-        with serve(args.repository.with_name(args.repository.name + "-1gpu"),
-                   replace(placement, gpus=placement.gpus[:1])) as server:
-            one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines)
+        first_gpu = replace(deployment, placement=replace(placement, gpus=placement.gpus[:1]))
+        with serve(args.repository.with_name(args.repository.name + "-1gpu"), first_gpu) as server:
+            one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines, server.admin_headers())
     with contextlib.ExitStack() as stack:
-        url = args.url
+        url, headers = args.url, None
         if served and url is None:
-            url = stack.enter_context(serve(args.repository, placement)).grpc_url
-        results = run_benchmark(settings, model_dir, url, args.pipelines)
+            server = stack.enter_context(serve(args.repository, deployment))
+            url, headers = server.grpc_url, server.admin_headers()
+        results = run_benchmark(settings, model_dir, url, args.pipelines, headers)
     if one_gpu is not None:
         results["gpu_scaling"] = gpu_scaling(one_gpu, results["concurrency"], len(placement.gpus))
     json_path, png_path = write_results(results, args.output_dir)
@@ -99,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -4,6 +4,7 @@ import argparse
 import shlex
 import subprocess
 
+from utils.cli import main_entry
 from utils.docker import build_commands
 
 
@@ -16,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

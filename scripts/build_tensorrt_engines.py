@@ -14,15 +14,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import specs
+from utils.cli import main_entry
 from utils.docker import export_command
 from utils.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
                            trtexec_command)
-from utils.repository import PIPELINE_FILES
+from utils.errors import UsageError
+from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", default=Path("triton/models"), type=Path)
+    parser.add_argument("--repository", default=PRODUCTION_REPOSITORY, type=Path,
+                        help=f"a repository written with --backend tensorrt (default {PRODUCTION_REPOSITORY})")
     parser.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS)
     parser.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE, type=Path,
                         help="reused across builds: later builds of similar layers are much faster")
@@ -35,12 +38,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.docker and args.repository.is_absolute():
-        raise SystemExit("error: with --docker, --repository must be inside this folder (it is mounted at /workspace).")
+        raise UsageError(f"--repository {args.repository}: with --docker it must be inside this folder (mounted at "
+                         f"/workspace); pass a relative path.")
     networks = [specs.NETWORKS[name] for name in (args.network or specs.NETWORKS)]
     not_tensorrt = [n.name for n in networks if n not in tensorrt_networks(args.repository)]
     if not_tensorrt:  # an engine there would never be loaded
-        raise SystemExit(
-            f"error: {args.repository} does not serve {', '.join(not_tensorrt)} with TensorRT (its config.pbtxt "
+        raise UsageError(
+            f"{args.repository} does not serve {', '.join(not_tensorrt)} with TensorRT (its config.pbtxt "
             f"has no platform tensorrt_plan). Write a TensorRT repository first: python "
             f"scripts/move_onnx_models_to_triton.py --backend tensorrt --repository {args.repository} (same --model).")
     # The sizes of the checkpoint the repository serves (step 3 copied its config files).
@@ -52,7 +56,7 @@ def main(argv=None):
                                                          args.timing_cache))))
         return
     if not args.docker and shutil.which("trtexec") is None:
-        raise SystemExit("error: trtexec is not on PATH. Run this inside the export image "
+        raise UsageError("trtexec is not on PATH. Run this inside the export image "
                          "(`make engines` does), or pass --docker to run it there.")
     for network in tqdm(networks, desc="engines", unit="engine"):
         plan = plan_path(args.repository, network)
@@ -60,13 +64,10 @@ def main(argv=None):
             tqdm.write(f"{network.name}: {plan} exists, skipped (pass --force to rebuild)")
             continue
         log_file = Path("engines/logs") / f"{network.name}.log"
-        try:
-            built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap)
-        except RuntimeError as error:
-            raise SystemExit(f"error: {error}")
+        built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap)
         tqdm.write(f"{network.name}: wrote {plan} (TensorRT {built.tensorrt_version}, {built.gpu_name}, "
                    f"compute capability {built.compute_capability})")
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -10,20 +10,24 @@ import subprocess
 import time
 from pathlib import Path
 
+from utils.cli import main_entry
 from utils.docker import TENSORRT_VERSION, serve_command
-from utils.engines import EngineMismatch, Target, check_engines, local_gpu, tensorrt_networks
-from utils.gpus import GpuError, check_repository_gpus, parse_gpus
+from utils.engines import Target, check_engines, local_gpu, tensorrt_networks
+from utils.errors import TritonServerError
+from utils.gpus import check_repository_gpus, parse_gpus
 from utils.health import Supervisor
-from utils.server import TritonServer, TritonServerError, stop_on_sigterm
+from utils.layout import DEFAULT_REPOSITORY
+from utils.server import TritonServer, stop_on_sigterm
+from utils.server.access import ADMIN_HEADER, GRPC_HEADER_PREFIX, MODEL_CONTROL_MODES
 
 
-def main(argv=None):
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", default=Path("triton/models"), type=Path, help="Triton model repository")
+    parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path, help="Triton model repository")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--model-control", default="none", choices=["none", "explicit"],
+    parser.add_argument("--model-control", default="none", choices=MODEL_CONTROL_MODES,
                         help="explicit: models can be loaded/unloaded through the API, which then needs the admin "
                              "key printed at start (default: none, the repository is fixed)")
     parser.add_argument("--canary-interval", type=float, default=10.0,
@@ -35,25 +39,22 @@ def main(argv=None):
     parser.add_argument("--gpus", default=None,
                         help="the GPUs the server may use: 0, 0,1 or all (default: all). A repository written "
                              "with --gpus places its instances within these (indices count within the list)")
-    args = parser.parse_args(argv)
-    try:
-        gpus = None if args.gpus in (None, "all") else parse_gpus(args.gpus)
-        if args.docker and gpus is not None:  # TritonServer.start checks this for the local server
-            check_repository_gpus(args.repository, available=len(gpus))
-    except GpuError as error:
-        raise SystemExit(f"error: {error}")
+    return parser.parse_args(argv)
 
-    if args.docker:
-        if tensorrt_networks(args.repository):  # plans only run on the GPU and TensorRT they were built for
-            try:
-                checked = check_engines(args.repository, Target(*local_gpu(), TENSORRT_VERSION))
-            except EngineMismatch as error:
-                raise SystemExit(f"error: {error}")
-            print(f"TensorRT engines match this GPU and TensorRT {TENSORRT_VERSION}: {', '.join(checked)}")
-        command = serve_command(args.repository, gpus)
-        print("$", shlex.join(command), flush=True)
-        raise SystemExit(subprocess.call(command))
 
+def serve_with_docker(repository: Path, gpus: tuple[int, ...] | None) -> int:
+    """The serving image on this repository, after checking its engines against this GPU."""
+    if gpus is not None:  # TritonServer.start checks this for the local server
+        check_repository_gpus(repository, available=len(gpus))
+    if tensorrt_networks(repository):  # plans only run on the GPU and TensorRT they were built for
+        checked = check_engines(repository, Target(*local_gpu(), TENSORRT_VERSION))
+        print(f"TensorRT engines match this GPU and TensorRT {TENSORRT_VERSION}: {', '.join(checked)}")
+    command = serve_command(repository, gpus)
+    print("$", shlex.join(command), flush=True)
+    return subprocess.call(command)
+
+
+def serve_locally(args: argparse.Namespace, gpus: tuple[int, ...] | None) -> None:
     stop_on_sigterm()  # `kill` stops it as cleanly as Ctrl+C, even while it starts
     server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, model_control=args.model_control, gpus=gpus)
@@ -63,23 +64,29 @@ def main(argv=None):
               f"metrics {server.host}:{server.metrics_port}. Log: {server.log_file}. Ctrl+C stops it.", flush=True)
         if server.admin_key:
             print(f"Model control is explicit: the model-repository, shared-memory, logging, trace and statistics "
-                  f"APIs need the header {server.ADMIN_HEADER}: {server.admin_key} (gRPC: "
-                  f"triton-grpc-protocol-{server.ADMIN_HEADER}).", flush=True)
+                  f"APIs need the header {ADMIN_HEADER}: {server.admin_key} (gRPC: "
+                  f"{GRPC_HEADER_PREFIX}{ADMIN_HEADER}).", flush=True)
         if args.canary_interval > 0:
             Supervisor(server, interval=args.canary_interval).run()  # until Ctrl+C
         else:
             while server.process.poll() is None:  # short sleeps: a signal always gets through
                 time.sleep(0.5)
-            raise SystemExit(f"error: tritonserver exited with code {server.process.returncode}.\n"
-                             f"{server.log_tail()}")
-    except TritonServerError as error:
-        raise SystemExit(f"error: {error}")
-    except KeyboardInterrupt:
+            raise TritonServerError(f"tritonserver exited with code {server.process.returncode}.\n"
+                                    f"{server.log_tail()}")
+    except KeyboardInterrupt:  # Ctrl+C (or SIGTERM) is how a server is stopped: not an error
         pass
     finally:
         server.stop()
         print("Triton stopped.", flush=True)
 
 
+def main(argv=None):
+    args = parse_arguments(argv)
+    gpus = None if args.gpus in (None, "all") else parse_gpus(args.gpus)
+    if args.docker:
+        raise SystemExit(serve_with_docker(args.repository, gpus))
+    serve_locally(args, gpus)
+
+
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -1,8 +1,8 @@
-"""Download the wheels the lent GPU machine lacks, for its Python 3.12, into .whl/ (git-ignored).
+"""Download the wheels a GPU host without network lacks, for its Python 3.12, into .whl/ (git-ignored).
 
-That machine has no network and what travels with a call is capped at 64 MiB, so nvidia-pytriton
-is repacked with only the Python 3.12 backend stub (the other stubs and the libpython 3.13 that
-one of them needs are 16 MB). numpy 1.26 is for the models' environment only: the 24.10 stub is
+Such a host installs them from .whl/ (scripts/gpu_host_setup.sh). To keep the folder small enough
+to copy along (--limit-mib, 64 by default), nvidia-pytriton is repacked with only the Python 3.12
+backend stub (the other stubs and the libpython 3.13 that one of them needs are 16 MB). numpy 1.26 is for the models' environment only: the 24.10 stub is
 built against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md).
   python scripts/pack_device_wheels.py && ls -l .whl   # then carry .whl (scripts/gpu_benchmark.sh)
 """
@@ -15,10 +15,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+from utils.cli import main_entry
+from utils.errors import UserError
+
 WHEELS = ["nvidia-pytriton==0.7.0", "diffusers==0.42.1", "tritonclient==2.73.0", "python-rapidjson==1.25",
           "numpy==1.26.4"]
 PYTHON = "3.12"
-CARRY_LIMIT = 64 * 2**20
+DEFAULT_LIMIT_MIB = 64
 
 
 def download(destination: Path) -> None:
@@ -54,15 +57,18 @@ def keep_only_stub(wheel: Path, python: str = PYTHON) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(".whl"))
+    parser.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB,
+                        help="the most the wheels may take together (what can be copied to the host)")
     args = parser.parse_args(argv)
     download(args.dest)
     (pytriton,) = args.dest.glob("nvidia_pytriton-*.whl")
     keep_only_stub(pytriton)
     total = sum(p.stat().st_size for p in args.dest.glob("*.whl"))
-    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the carry limit is {CARRY_LIMIT / 2**20:.0f} MiB)")
-    if total > CARRY_LIMIT:
-        sys.exit(f"{args.dest} holds more than the carry limit: remove wheels that are not listed in {WHEELS}")
+    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the limit is {args.limit_mib:g} MiB)")
+    if total > args.limit_mib * 2**20:
+        raise UserError(f"{args.dest} holds more than --limit-mib {args.limit_mib:g}: remove wheels that are "
+                        f"not listed in {WHEELS}")
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -2,6 +2,7 @@
 
 The smallest check that a model (ONNX Runtime, TensorRT or the portable backend) is served and
 answers: it reads the model's config from the server, sends one batch, prints what came back.
+A network served once per GPU is named by its copy: unet_gpu0, unet_gpu1, ...
 """
 
 import argparse
@@ -9,30 +10,43 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from pipelines.client import connect
+from pipelines.client import DEFAULT_URL, check_server, connect
 from utils import specs
+from utils.cli import main_entry
+from utils.errors import UsageError
 from utils.health import probe_inputs
+from utils.layout import network_of
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("network", choices=list(specs.NETWORKS))
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("model", help=f"a served network: {', '.join(specs.NETWORKS)} (or its copy on a GPU, "
+                                      f"e.g. unet_gpu1)")
+    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--batch", type=int, default=None, help="default: the profile's optimal batch")
     args = parser.parse_args(argv)
+    network = specs.NETWORKS.get(network_of(args.model))
+    if network is None:
+        raise UsageError(f"{args.model!r} is not a network: name one of {', '.join(specs.NETWORKS)}, or its copy on "
+                         f"a GPU (e.g. unet_gpu1).")
 
     client = connect(args.url)
-    config = client.get_model_config(args.network, as_json=True)["config"]
-    batch = args.batch or specs.NETWORKS[args.network].profile.opt
+    check_server(client, args.url)
+    try:
+        config = client.get_model_config(args.model, as_json=True)["config"]
+    except InferenceServerException as error:
+        raise UsageError(f"the server at {args.url} does not serve {args.model!r} ({error.message()}); on several "
+                         f"GPUs each network is served per GPU: name its copy, e.g. {network.name}_gpu0.") from None
+    batch = args.batch or network.profile.opt
     inputs = probe_inputs(config, batch)
     start = time.perf_counter()
     try:
-        result = client.infer(args.network, inputs)
+        result = client.infer(args.model, inputs)
     except InferenceServerException as error:
-        raise SystemExit(f"error: {error}")
+        raise UsageError(f"{args.model}, batch {batch}: {error.message()}") from None
     milliseconds = 1000 * (time.perf_counter() - start)
     backend = config.get("platform") or config.get("backend")
-    print(f"{args.network} ({backend}), batch {batch}: {milliseconds:.1f} ms")
+    print(f"{args.model} ({backend}), batch {batch}: {milliseconds:.1f} ms")
     for tensor in config["output"]:
         output = result.as_numpy(tensor["name"])
         print(f"  {tensor['name']}: {output.dtype} {list(output.shape)}, "
@@ -40,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

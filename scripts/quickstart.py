@@ -11,8 +11,9 @@ from pathlib import Path
 
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import ClientSidePipeline
-from utils.cli import add_generation_arguments, generation_options, save_images
+from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
 from utils.export import DEFAULT_ONNX_DIR
+from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
@@ -24,7 +25,7 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", help="preset, local diffusers folder or hub id (default: tiny)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path)
-    parser.add_argument("--repository", default=Path("triton/models"), type=Path)
+    parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path)
     parser.add_argument("--output-dir", default=Path("outputs"), type=Path, help="where the images go")
     parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
     add_generation_arguments(parser)
@@ -33,8 +34,8 @@ def main(argv=None):
     timer = StepTimer()
     saved = []
 
-    model_dir = prepare_repository(args.model, args.repository, args.models_dir, args.onnx_dir,
-                                   backend="python", force=args.force, timer=timer)
+    model_dir = prepare_repository(args.model, args.repository, models_dir=args.models_dir, onnx_dir=args.onnx_dir,
+                                   force=args.force, timer=timer)
     with timer.step("4. start Triton (nvidia-pytriton's tritonserver, 127.0.0.1)"):
         server = TritonServer(args.repository).start()
         print(f"    gRPC {server.grpc_url}, log {server.log_file}")
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

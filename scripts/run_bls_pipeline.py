@@ -4,12 +4,13 @@ import argparse
 from pathlib import Path
 
 from pipelines.bls import BlsPipeline
-from utils.cli import add_generation_arguments, generate_and_save
+from pipelines.client import DEFAULT_URL
+from utils.cli import add_generation_arguments, generate_and_save, main_entry
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--output", default=Path("outputs/bls.png"), type=Path)
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
@@ -19,4 +20,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -4,13 +4,14 @@ import argparse
 from pathlib import Path
 
 from pipelines.ensemble import ClientSidePipeline
-from utils.cli import add_generation_arguments, generate_and_save
+from pipelines.client import DEFAULT_URL
+from utils.cli import add_generation_arguments, generate_and_save, main_entry
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--model", default="tiny", help="the model served (its tokenizer and scheduler are used here)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--output", default=Path("outputs/client_side.png"), type=Path)
@@ -23,4 +24,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -11,6 +11,7 @@ import utils  # noqa: F401  (first: keeps the repository's triton/ folder from s
 import pytest
 
 from utils import specs
+from utils.deployment import Deployment
 from utils.export import export_network, onnx_path
 from utils.models import build_preset
 from utils.repository import write_repository
@@ -48,7 +49,7 @@ def exports(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def repository(tiny_model, exports, tmp_path_factory):
     path = tmp_path_factory.mktemp("repository")
-    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()}, backend="python")
+    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()}, Deployment(backend="python"))
     return path
 
 

@@ -8,7 +8,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import configs, specs
-from utils.repository import PROJECT_MODELS, write_repository
+from utils.deployment import BACKENDS, Deployment
+from utils.layout import ENGINE_VERSION, ONNX_VERSION, PROJECT_MODELS
+from utils.repository import write_repository
 
 TINY = specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8, latent_width=8,
                        vae_scale_factor=8)
@@ -25,11 +27,11 @@ def assert_tensor_matches(config_tensor, spec_tensor: specs.TensorSpec, precisio
         assert not config_tensor.HasField("reshape")
 
 
-@pytest.mark.parametrize("backend", configs.BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("network", specs.NETWORKS.values(), ids=list(specs.NETWORKS))
 @pytest.mark.parametrize("precision", specs.PRECISIONS)
 def test_network_config_parses_and_matches_the_spec(network, backend, precision):
-    text = configs.to_pbtxt(configs.network_config(network, TINY, precision, backend))
+    text = configs.to_pbtxt(configs.network_config(network, TINY, precision, Deployment(backend=backend)))
     config = configs.parse_pbtxt(text)  # Triton's schema: a wrong field name or value raises
     assert config.name == network.name
     assert config.max_batch_size == network.profile.max
@@ -44,9 +46,9 @@ def test_network_config_parses_and_matches_the_spec(network, backend, precision)
     for config_tensor, spec_tensor in zip([*config.input, *config.output], network.tensors):
         assert_tensor_matches(config_tensor, spec_tensor, precision, TINY)
     expected = {
-        "python": ("python", "", configs.ONNX_VERSION, mc.ModelInstanceGroup.KIND_CPU),
-        "onnxruntime": ("", "onnxruntime_onnx", configs.ONNX_VERSION, mc.ModelInstanceGroup.KIND_GPU),
-        "tensorrt": ("", "tensorrt_plan", configs.ENGINE_VERSION, mc.ModelInstanceGroup.KIND_GPU),
+        "python": ("python", "", ONNX_VERSION, mc.ModelInstanceGroup.KIND_CPU),
+        "onnxruntime": ("", "onnxruntime_onnx", ONNX_VERSION, mc.ModelInstanceGroup.KIND_GPU),
+        "tensorrt": ("", "tensorrt_plan", ENGINE_VERSION, mc.ModelInstanceGroup.KIND_GPU),
     }[backend]
     assert (config.backend, config.platform, *config.version_policy.specific.versions,
             config.instance_group[0].kind) == expected
@@ -54,7 +56,7 @@ def test_network_config_parses_and_matches_the_spec(network, backend, precision)
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match=r"backend='torchscript' is not supported; use one of"):
-        configs.network_config(specs.UNET, TINY, "FP32", "torchscript")
+        Deployment(backend="torchscript")
 
 
 def test_schema_is_enforced():
@@ -75,13 +77,13 @@ def test_committed_pipeline_config_is_generated_from_the_specs(pipeline):
     assert [t.name for t in config.input if not t.optional] == ["prompt"]
 
 
-@pytest.fixture(scope="module", params=configs.BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS)
 def written_repository(request, repository, tiny_model, exports, tmp_path_factory):
     """The repository step's output for each backend (the python one is the session's)."""
     if request.param == "python":
         return repository
     path = tmp_path_factory.mktemp(request.param)
-    write_repository(path, tiny_model, {name: r.path for name, r in exports.items()}, backend=request.param)
+    write_repository(path, tiny_model, {name: r.path for name, r in exports.items()}, Deployment(backend=request.param))
     return path
 
 
@@ -106,7 +108,7 @@ def test_written_configs_agree_with_the_exported_onnx_graphs(name, written_repos
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_torch_runtime_config(device):
     config = configs.parse_pbtxt(configs.to_pbtxt(
-        configs.network_config(specs.UNET, TINY, "FP16", "python", runtime="torch", device=device)))
+        configs.network_config(specs.UNET, TINY, "FP16", Deployment(runtime="torch", device=device))))
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert config.backend == "python" and config.HasField("dynamic_batching")
     assert parameters["device"] == device and parameters["precision"] == "FP16"

@@ -97,11 +97,12 @@ def test_unknown_model_name_is_a_clear_client_error(triton_server):
 def torch_runtime_server(tiny_model, tmp_path_factory):
     """The python backend's torch runtime (the GPU runtime), here on the CPU: same models, same
     clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_benchmark.sh)."""
+    from utils.deployment import Deployment
     from utils.repository import write_repository
     from utils.server import TritonServer
 
     repository = tmp_path_factory.mktemp("torch-runtime")
-    write_repository(repository, tiny_model, None, runtime="torch", device="cpu")
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch"))
     with TritonServer(repository) as server:
         yield server
 
@@ -141,3 +142,30 @@ def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):
     executions = int(after["execution_count"]) - int(before["execution_count"])
     report(f"torch runtime: 16 concurrent UNet requests ran in {executions} executions")
     assert executions < len(requests)
+
+
+def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):
+    """One request with token ids past the vocabulary among good ones queued together: it fails
+    with the network's name, the others are answered (each runs alone once their batch failed)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from pipelines.client import infer_inputs
+
+    from utils.specs import TEXT_ENCODER
+
+    client = grpcclient.InferenceServerClient(torch_runtime_server.grpc_url)
+    (tensor,) = client.get_model_config(TEXT_ENCODER.name, as_json=True)["config"]["input"]
+    ids = np.zeros((1, *map(int, tensor["dims"])), np.int32)
+    requests = [infer_inputs({tensor["name"]: ids + (10**6 if index == 3 else index)}) for index in range(8)]
+    done = queue.Queue()
+    for index, inputs in enumerate(requests):
+        client.async_infer(TEXT_ENCODER.name, inputs,
+                           callback=lambda result, error, index=index: done.put((index, result, error)))
+    results = dict((index, (result, error)) for index, result, error in (done.get(timeout=60) for _ in requests))
+    failed = {index: error for index, (_, error) in results.items() if error is not None}
+    assert list(failed) == [3], failed
+    assert TEXT_ENCODER.name in failed[3].message()
+    executions = client.get_inference_statistics(TEXT_ENCODER.name, as_json=True)["model_stats"][0]["execution_count"]
+    report(f"torch runtime: a bad request among 8 queued together failed alone ({executions} executions so far)")

@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from utils import specs
+from utils.deployment import Deployment
 from utils.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log,
                            plan_path, profile_shapes, trtexec_command)
 from utils.repository import write_repository
@@ -78,7 +79,7 @@ def test_failed_build_reports_the_command_and_trtexecs_last_lines(tmp_path):
 @pytest.fixture
 def tensorrt_repository(tmp_path, tiny_model, exports):
     """A repository written for the tensorrt backend, with a provenance file per (absent) plan."""
-    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, backend="tensorrt")
+    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, Deployment(backend="tensorrt"))
     for network in specs.NETWORKS.values():
         plan = plan_path(tmp_path, network)
         plan.write_bytes(b"not a real engine: only its provenance is read here")

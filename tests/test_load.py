@@ -128,5 +128,5 @@ def test_bounded_load(load_repository):
             assert np.array_equal(BlsPipeline(server.grpc_url)(seed=seed, **OPTIONS), reference[seed])
     finally:
         server.stop()
-    assert regions & server_module._shm_regions() == set(), "shared-memory regions left behind"
+    assert regions & server_module.shm_regions() == set(), "shared-memory regions left behind"
     assert zombie_children() == []

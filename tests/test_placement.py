@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import configs, docker, environments, gpus, specs
 from utils.benchmark import gpu_scaling
-from utils.repository import SERVING_FILE, write_repository
+from utils.benchmark.statistics import per_network
+from utils.deployment import GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, Deployment, Placement
+from utils.health import served_networks
+from utils.layout import SERVING_FILE
+from utils.repository import write_repository
 from utils.server import TritonServer, TritonServerError, server_environment, shared_libpython
 
 ROOT = Path(__file__).resolve().parents[1]
-TWO_GPUS = configs.Placement(gpus=(0, 1), pipeline_instances=3)
+TWO_GPUS = Placement(gpus=(0, 1), pipeline_instances=3)
+TORCH_CUDA = Deployment(runtime="torch", device="cuda")
 
 
 def parsed(config: mc.ModelConfig) -> mc.ModelConfig:
@@ -28,8 +34,8 @@ def parsed(config: mc.ModelConfig) -> mc.ModelConfig:
 
 @pytest.mark.parametrize("gpu", [0, 1])
 def test_each_gpu_serves_its_own_copy_of_a_network(gpu):
-    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16", "python",
-                                           runtime="torch", device="cuda", placement=TWO_GPUS, gpu=gpu))
+    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16",
+                                           replace(TORCH_CUDA, placement=TWO_GPUS), gpu=gpu))
     assert config.name == f"unet_gpu{gpu}"
     (group,) = config.instance_group
     assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [gpu] and group.count == 1
@@ -37,9 +43,9 @@ def test_each_gpu_serves_its_own_copy_of_a_network(gpu):
 
 
 def test_one_gpu_keeps_the_specs_names_and_pins_the_gpu():
-    one = configs.Placement(gpus=(0,))
-    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16", "python",
-                                           runtime="torch", device="cuda", placement=one))
+    one = Placement(gpus=(0,))
+    config = parsed(configs.network_config(specs.UNET, specs.ModelDims(16, 32, 4, 8, 8, 8), "FP16",
+                                           replace(TORCH_CUDA, placement=one)))
     assert config.name == "unet" and list(config.instance_group[0].gpus) == [0]
     assert one.model_name("unet", 0) == "unet"
 
@@ -50,19 +56,18 @@ def test_pipeline_instances_are_placed_per_gpu():
         (mc.ModelInstanceGroup.KIND_GPU, [0], 3), (mc.ModelInstanceGroup.KIND_GPU, [1], 3)]
     # The committed config is the CPU placement's.
     (cpu,) = parsed(configs.pipeline_config(specs.TEXT_TO_IMAGE)).instance_group
-    assert cpu.kind == mc.ModelInstanceGroup.KIND_CPU and cpu.count == configs.PIPELINE_INSTANCES
+    assert cpu.kind == mc.ModelInstanceGroup.KIND_CPU and cpu.count == PIPELINE_INSTANCES
 
 
 @pytest.mark.parametrize("gpus, message", [((0, 0), "distinct"), ((-1,), "distinct")])
 def test_bad_gpu_lists_are_refused(gpus, message):
     with pytest.raises(ValueError, match=message):
-        configs.Placement(gpus=gpus)
+        Placement(gpus=gpus)
 
 
 def test_repository_on_two_gpus(tiny_model, tmp_path):
     repository = tmp_path / "repository"
-    write_repository(repository, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS,
-                     torch_compile=("unet",))
+    write_repository(repository, tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS, torch_compile=("unet",)))
     models = sorted(path.name for path in repository.iterdir())
     assert models == sorted([f"{name}_gpu{gpu}" for name in specs.NETWORKS for gpu in (0, 1)]
                             + [specs.TEXT_TO_IMAGE.name])
@@ -80,35 +85,32 @@ def test_repository_on_two_gpus(tiny_model, tmp_path):
 
 
 def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_path):
-    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda")
+    write_repository(tmp_path, tiny_model, None, TORCH_CUDA)
     assert gpus.repository_gpus(tmp_path) == {name: {0} for name in [*specs.NETWORKS, specs.TEXT_TO_IMAGE.name]}
     pipeline = configs.parse_pbtxt((tmp_path / specs.TEXT_TO_IMAGE.name / "config.pbtxt").read_text())
-    assert pipeline.instance_group[0].count == configs.GPU_PIPELINE_INSTANCES
+    assert pipeline.instance_group[0].count == GPU_PIPELINE_INSTANCES
 
 
 @pytest.mark.parametrize("options, message", [
     (dict(runtime="onnxruntime", device="cpu", placement=TWO_GPUS), r"needs --backend python --runtime torch"),
     (dict(runtime="torch", device="cuda", torch_compile=("unett",)), r"torch_compile=\['unett'\]: name networks"),
 ])
-def test_placements_the_backend_cannot_serve_are_refused(tiny_model, exports, tmp_path, options, message):
-    onnx = {name: result.path for name, result in exports.items()}
-    with pytest.raises(ValueError, match=message):
-        write_repository(tmp_path, tiny_model, onnx, **options)
-    assert not list(tmp_path.iterdir())  # refused before anything was written
+def test_placements_the_backend_cannot_serve_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):  # refused before a repository can be written
+        Deployment(**options)
 
 
 def test_pipeline_environment_is_an_archive_next_to_the_config(tiny_model, tmp_path):
     environment = tmp_path / "env"
     environments.create(environment)
-    write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda",
-                     pipeline_environment=environment)
+    write_repository(tmp_path / "repository", tiny_model, None, replace(TORCH_CUDA, pipeline_environment=environment))
     pipeline = tmp_path / "repository" / specs.TEXT_TO_IMAGE.name
     config = configs.parse_pbtxt((pipeline / "config.pbtxt").read_text())
     assert config.parameters[environments.CONFIG_KEY].string_value == environments.CONFIG_VALUE
     assert (pipeline / environments.ARCHIVE_NAME).is_file()
     # The same environment gives the same archive: writing again changes nothing.
-    report = write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda",
-                              pipeline_environment=environment)
+    report = write_repository(tmp_path / "repository", tiny_model, None,
+                              replace(TORCH_CUDA, pipeline_environment=environment))
     assert not report.written
 
 
@@ -122,7 +124,7 @@ def test_gpu_argument():
 
 
 def test_repository_placed_beyond_this_machines_gpus_is_refused_with_the_fix(tiny_model, tmp_path):
-    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    write_repository(tmp_path, tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS))
     gpus.check_repository_gpus(tmp_path, available=2)
     with pytest.raises(gpus.GpuError, match=r"places instances where this machine has none \(.*unet_gpu1 on GPU "
                                             r"\[1\].*\); it has 1 GPU \(0-0\).*--gpus all --force"):
@@ -135,7 +137,7 @@ def test_repository_placed_beyond_this_machines_gpus_is_refused_with_the_fix(tin
 
 
 def test_launcher_refuses_more_gpus_than_it_is_given(tiny_model, tmp_path):
-    write_repository(tmp_path / "repository", tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    write_repository(tmp_path / "repository", tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS))
     result = subprocess.run([sys.executable, str(ROOT / "scripts/launch_triton_server.py"), "--gpus", "0",
                              "--repository", str(tmp_path / "repository")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -163,7 +165,7 @@ def test_scaling_factor_per_concurrency():
 
 
 def test_each_placed_gpu_gets_a_cuda_memory_pool(tiny_model, tmp_path):
-    write_repository(tmp_path, tiny_model, None, runtime="torch", device="cuda", placement=TWO_GPUS)
+    write_repository(tmp_path, tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS))
     server = TritonServer(tmp_path, gpus=(0, 1))  # given two GPUs: the check passes without starting
     server.pool_gpus = server._check_gpus(tmp_path)
     command = server.command(Path("/server"))
@@ -183,3 +185,24 @@ def test_scripts_explain_a_gpu_list_they_cannot_use(tmp_path, arguments, message
         assert result.returncode != 0 and "Traceback" not in result.stderr, (script, result.stderr)
         assert re.search(message, result.stderr), (script, result.stderr)
         assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_repository_on_two_gpus_gives_the_canary_and_the_statistics_its_names(tiny_model, tmp_path):
+    write_repository(tmp_path, tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS))
+    names = served_networks(tmp_path)
+    assert sorted(names) == sorted(f"{network}_gpu{gpu}" for network in specs.NETWORKS for gpu in (0, 1))
+    assert set(names) <= {path.name for path in tmp_path.iterdir()}  # each one a model of the repository
+    # Triton's statistics for the two copies, summed under the network's own name.
+    stats = [{"name": f"unet_gpu{gpu}", "execution_count": 3 + gpu,
+              "inference_stats": {"success": {"count": 6}, "compute_infer": {"ns": 1000 * (gpu + 1)}}}
+             for gpu in (0, 1)] + [{"name": specs.TEXT_TO_IMAGE.name, "execution_count": 2}]
+    figures = per_network(stats)
+    assert set(figures) == {"unet", specs.TEXT_TO_IMAGE.name}
+    assert figures["unet"]["executions"] == 7 and figures["unet"]["requests"] == 12
+    assert figures["unet"]["compute_ns"] == 3000
+
+
+def test_one_gpu_and_the_cpu_serve_the_specs_names(tiny_model, exports, repository, tmp_path):
+    write_repository(tmp_path, tiny_model, None, TORCH_CUDA)
+    assert served_networks(tmp_path) == list(specs.NETWORKS)
+    assert served_networks(repository) == list(specs.NETWORKS)  # the CPU default's

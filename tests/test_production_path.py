@@ -118,7 +118,8 @@ def test_production_commands_after_the_quickstart(after_quickstart, tiny_model, 
 
 
 def test_engines_for_a_repository_of_another_backend_are_refused(after_quickstart, tmp_path):
-    done = run("python scripts/build_tensorrt_engines.py --print-commands", after_quickstart, tmp_path)
+    done = run("python scripts/build_tensorrt_engines.py --repository triton/models --print-commands",
+               after_quickstart, tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert ("error: triton/models does not serve text_encoder, unet, vae_encoder, vae_decoder with TensorRT"
             in done.stderr)

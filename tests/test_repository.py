@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from utils import configs, specs
-from utils.repository import PIPELINE_FILES, SERVING_FILE, RepositoryConflict, write_repository
+from utils.deployment import Deployment
+from utils.layout import PIPELINE_FILES, SERVING_FILE
+from utils.repository import RepositoryConflict, write_repository
 
 
 def onnx_files(exports):
@@ -42,9 +44,9 @@ def test_edited_file_is_not_overwritten_without_force(repository, tiny_model, ex
     config = copy / "unet" / "config.pbtxt"
     config.write_text(config.read_text() + "# my tuning\n")
     with pytest.raises(RepositoryConflict, match=r"unet/config.pbtxt exists with other content .* Pass --force"):
-        write_repository(copy, tiny_model, onnx_files(exports), backend="python")
+        write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="python"))
     assert config.read_text().endswith("# my tuning\n")
-    write_repository(copy, tiny_model, onnx_files(exports), backend="python", force=True)
+    write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="python"), force=True)
     assert not config.read_text().endswith("# my tuning\n")
 
 
@@ -52,8 +54,8 @@ def test_other_backend_needs_force(repository, tiny_model, exports, tmp_path):
     copy = tmp_path / "repository"
     shutil.copytree(repository, copy)
     with pytest.raises(RepositoryConflict):
-        write_repository(copy, tiny_model, onnx_files(exports), backend="onnxruntime")
-    write_repository(copy, tiny_model, onnx_files(exports), backend="onnxruntime", force=True)
+        write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="onnxruntime"))
+    write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="onnxruntime"), force=True)
     config = configs.parse_pbtxt((copy / "unet" / "config.pbtxt").read_text())
     assert config.platform == "onnxruntime_onnx"
 

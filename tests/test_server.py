@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from utils import environments
+from utils.deployment import Deployment
 from utils import server as server_module
 from utils.server import TritonServer, TritonServerError, shared_libpython
 
@@ -96,7 +97,7 @@ def test_this_python_has_the_shared_libpython():
 def test_repository_for_the_ngc_image_is_refused_locally_with_the_fix(repository, tiny_model, exports, tmp_path):
     from utils.repository import write_repository
 
-    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, backend="tensorrt")
+    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, Deployment(backend="tensorrt"))
     with pytest.raises(TritonServerError, match=r"uses platform 'tensorrt_plan', which the pip-installed "
                                                 r"tritonserver cannot serve .* --docker"):
         TritonServer(tmp_path).start()

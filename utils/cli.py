@@ -1,15 +1,21 @@
-"""Command-line pieces shared by the scripts: generation options and saving images."""
+"""Command-line pieces shared by the scripts: the deployment flags, generation options, saving
+images, and the entry wrapper that applies the project's error policy."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
-from utils import configs
+from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
+                              Deployment, Placement)
+from utils.errors import UserError, UsageError
+from utils.specs import PRECISIONS
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 
@@ -23,15 +29,29 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
-def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = True) -> None:
+    """The flags of a Deployment (utils/deployment.py); ``backend=False`` where only the python
+    backend can run (the benchmark serves with the local server)."""
+    group = parser.add_argument_group("deployment")
+    if backend:
+        group.add_argument("--backend", default="python", choices=BACKENDS,
+                           help="what serves the networks: python (the portable backend, no Docker), "
+                                "onnxruntime or tensorrt (NGC Triton image)")
+    group.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES,
+                       help="inside the python backend: onnxruntime (1/model.onnx, CPU) or torch (the checkpoint's "
+                            "weights; the GPU runtime with CUDA graphs and dynamic batching)")
+    group.add_argument("--device", default="cpu", help="cpu or cuda (the torch runtime's device)")
+    group.add_argument("--precision", default=None, choices=PRECISIONS,
+                       help="FP32 or FP16: the torch runtime's (default FP16 on cuda, FP32 on cpu); on the ONNX route "
+                            "the graphs carry theirs")
     group = parser.add_argument_group("serving on GPUs (torch runtime on cuda)")
     group.add_argument("--gpus", default=None,
                        help="GPUs to serve on: 0, 0,1 or all (default: GPU 0). On several GPUs each network "
                             "is served once per GPU and each pipeline instance calls its own GPU's copies")
     group.add_argument("--pipeline-instances", type=int, default=None,
-                       help=f"BLS pipeline instances, per GPU (default {configs.GPU_PIPELINE_INSTANCES}) "
-                            f"or on the CPU ({configs.PIPELINE_INSTANCES})")
-    group.add_argument("--pipeline-loop", default=None, choices=["gpu", "cpu"],
+                       help=f"BLS pipeline instances, per GPU (default {GPU_PIPELINE_INSTANCES}) "
+                            f"or on the CPU ({PIPELINE_INSTANCES})")
+    group.add_argument("--pipeline-loop", default=None, choices=PIPELINE_LOOPS,
                        help="where each BLS pipeline instance keeps its loop's tensors (default cpu: the pipeline "
                             "processes stay off the GPU, which the networks then have to themselves; gpu: DLPack)")
     group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
@@ -42,22 +62,39 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
 
 
-def placement_from_args(args: argparse.Namespace) -> configs.Placement:
-    """The placement the arguments ask for (configs.Placement.default where they say nothing)."""
+def deployment_from_args(args: argparse.Namespace) -> Deployment:
+    """The Deployment the arguments ask for; a combination that cannot work is a UsageError."""
     from utils.gpus import parse_gpus
 
-    if args.gpus is None and args.pipeline_instances is None and args.pipeline_loop is None:
-        return configs.Placement.default(args.runtime, args.device)
-    on_gpu = args.device.startswith("cuda") and args.runtime == "torch"
-    if args.gpus is not None and not on_gpu:
-        raise SystemExit(f"error: --gpus {args.gpus} needs --runtime torch --device cuda "
-                         f"(got --runtime {args.runtime} --device {args.device}).")
-    gpus = parse_gpus(args.gpus) if args.gpus is not None else ((0,) if on_gpu else ())
-    if args.pipeline_instances is not None and args.pipeline_instances < 1:
-        raise SystemExit(f"error: --pipeline-instances {args.pipeline_instances}: at least 1 is needed.")
-    default = configs.GPU_PIPELINE_INSTANCES if gpus else configs.PIPELINE_INSTANCES
-    return configs.Placement(gpus=gpus, pipeline_instances=args.pipeline_instances or default,
-                             pipeline_loop=args.pipeline_loop or configs.Placement.pipeline_loop)
+    backend = getattr(args, "backend", "python")
+    placement = None  # the deployment's default for its runtime and device
+    if args.gpus is not None or args.pipeline_instances is not None or args.pipeline_loop is not None:
+        on_gpu = Deployment(backend=backend, runtime=args.runtime, device=args.device).torch_on_gpu
+        if args.gpus is not None and not on_gpu:
+            raise UsageError(f"--gpus {args.gpus} needs --runtime torch --device cuda "
+                             f"(got --runtime {args.runtime} --device {args.device}).")
+        gpus = parse_gpus(args.gpus) if args.gpus is not None else ((0,) if on_gpu else ())
+        default = GPU_PIPELINE_INSTANCES if gpus else PIPELINE_INSTANCES
+        instances = default if args.pipeline_instances is None else args.pipeline_instances
+        placement = Placement(gpus=gpus, pipeline_instances=instances,
+                              pipeline_loop=args.pipeline_loop or Placement.pipeline_loop)
+    return Deployment(backend=backend, runtime=args.runtime, device=args.device, precision=args.precision,
+                      placement=placement, torch_compile=tuple(args.torch_compile),
+                      pipeline_environment=args.pipeline_environment)
+
+
+def main_entry(main: Callable[[], object]) -> None:
+    """Run a script's ``main`` under the project's error policy (utils/errors.py): a user error is
+    one line, ``error: ...``, exit code 2; Ctrl+C (or SIGTERM, see stop_on_sigterm) ends quietly
+    with 130 once the ``finally`` blocks have stopped what the script started."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def generation_options(args: argparse.Namespace) -> dict:

@@ -16,17 +16,20 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils import configs, specs
-from utils.repository import ONNX_FILE
+from utils import configs, layout, specs
+from utils.errors import UsageError, UserError
 
-PLAN_FILE = "model.plan"
 PROVENANCE_FILE = "engine.json"
 DEFAULT_TIMING_CACHE = Path("engines/timing.cache")
 ENGINE_PRECISIONS = ("fp16", "fp32")
 
 
-class EngineMismatch(RuntimeError):
-    pass
+class EngineMismatch(UserError, RuntimeError):
+    """A plan that cannot run here: missing, or built for another GPU or TensorRT."""
+
+
+class EngineBuildFailed(UserError, RuntimeError):
+    """trtexec failed: the message has its command and last lines."""
 
 
 def shapes_flag(network: specs.NetworkSpec, dims: specs.ModelDims, batch: int) -> str:
@@ -46,11 +49,11 @@ def profile_shapes(network: specs.NetworkSpec, dims: specs.ModelDims) -> dict[st
 
 
 def plan_path(repository: Path, network: specs.NetworkSpec) -> Path:
-    return Path(repository) / network.name / str(configs.ENGINE_VERSION) / PLAN_FILE
+    return Path(repository) / network.name / str(layout.ENGINE_VERSION) / layout.PLAN_FILE
 
 
 def onnx_in_repository(repository: Path, network: specs.NetworkSpec) -> Path:
-    return Path(repository) / network.name / str(configs.ONNX_VERSION) / ONNX_FILE
+    return Path(repository) / network.name / str(layout.ONNX_VERSION) / layout.ONNX_FILE
 
 
 def trtexec_command(network: specs.NetworkSpec, dims: specs.ModelDims, repository: Path,
@@ -58,7 +61,7 @@ def trtexec_command(network: specs.NetworkSpec, dims: specs.ModelDims, repositor
                     trtexec: str = "trtexec") -> list[str]:
     """The trtexec command that builds ``network``'s engine from the repository's ONNX file."""
     if precision not in ENGINE_PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; use one of {ENGINE_PRECISIONS}.")
+        raise UsageError(f"precision={precision!r} is not supported; use one of {ENGINE_PRECISIONS} (--precision).")
     profile = network.profile
     command = [
         trtexec,
@@ -193,7 +196,7 @@ def build_engine(network: specs.NetworkSpec, dims: specs.ModelDims, repository: 
     output = log_file.read_text(errors="replace")
     if returncode != 0:
         tail = "\n".join(output.splitlines()[-25:])
-        raise RuntimeError(
+        raise EngineBuildFailed(
             f"trtexec failed for {network.name} (exit code {returncode}). The command:\n  {' '.join(full_command)}\n"
             f"Its last lines (full log: {log_file}):\n{tail}"
         )

@@ -21,6 +21,8 @@ import tarfile
 import venv
 from pathlib import Path
 
+from utils.errors import UsageError
+
 ARCHIVE_NAME = "python-environment.tar.gz"  # in the model's folder, next to config.pbtxt
 CONFIG_KEY = "EXECUTION_ENV_PATH"
 CONFIG_VALUE = f"$$TRITON_MODEL_DIRECTORY/{ARCHIVE_NAME}"
@@ -44,7 +46,7 @@ def activation_archive(environment: Path | str) -> bytes:
     """A tar.gz whose ``bin/activate`` puts ``environment``'s ``bin`` first on ``PATH``."""
     environment = Path(environment).resolve()
     if not (environment / "bin" / "python3").exists():
-        raise ValueError(
+        raise UsageError(
             f"python environment {str(environment)!r} has no bin/python3: create it with "
             f"`python -c \"from utils.environments import create; create('{environment}')\"` "
             f"(a virtual environment of this Python), or leave the option out."

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from utils import specs
+from utils.errors import UsageError, UserError
 from utils.models import DEFAULT_MODELS_DIR, model_slug, resolve_model
 from utils.networks import TORCH_DTYPES, load_network
 
@@ -30,8 +31,22 @@ TOLERANCE = {"FP32": 1e-3, "FP16": 2e-2}
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: larger graphs keep their weights in an external data file
 
 
-class ExportParityError(RuntimeError):
-    pass
+class ExportParityError(UserError, RuntimeError):
+    """ONNX Runtime and torch disagree: the graph was not written."""
+
+
+class ExportConflict(UserError, FileExistsError):
+    """A finished export of another precision is in the way."""
+
+
+def graph_precision(onnx_file: Path) -> str:
+    """FP32 or FP16: the precision of a graph's float inputs and outputs (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    floats = {onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type) for t in [*graph.input, *graph.output]}
+    found = {specs.ONNX_FLOAT_PRECISIONS[name] for name in floats if name in specs.ONNX_FLOAT_PRECISIONS}
+    return found.pop() if len(found) == 1 else "mixed"
 
 
 @dataclass
@@ -63,10 +78,14 @@ def export_network(
     ``external_data``: keep the weights in ``<output>.data`` even below the 2 GB limit.
     """
     output = Path(output)
-    if output.exists() and not force:
-        return ExportResult(output, skipped=True)
     if precision not in specs.PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; use one of {specs.PRECISIONS}.")
+        raise UsageError(f"precision={precision!r} is not supported; use one of {specs.PRECISIONS} (--precision).")
+    if output.exists() and not force:
+        existing = graph_precision(output)
+        if existing != precision:  # never let a graph of another precision stand in for this one
+            raise ExportConflict(f"{output} exists in {existing}, not {precision}: pass --force to export it again "
+                                 f"in {precision}, or choose another --onnx-dir.")
+        return ExportResult(output, skipped=True)
     start = time.perf_counter()
     dims = specs.ModelDims.from_pretrained(model_dir)
     module = load_network(network.name, model_dir, precision, device, for_export=True)

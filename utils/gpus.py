@@ -9,9 +9,11 @@ import subprocess
 from pathlib import Path
 
 from utils import configs
+from utils.deployment import Placement
+from utils.errors import UsageError
 
 
-class GpuError(ValueError):
+class GpuError(UsageError):
     """A GPU list that cannot be served here: the message names the argument and the fix."""
 
 
@@ -39,7 +41,7 @@ def parse_gpus(text: str, available: int | None = None) -> tuple[int, ...]:
         gpus = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise GpuError(f"--gpus {text!r}: give GPU indices separated by commas, e.g. 0,1, or 'all'.") from None
-    configs.Placement(gpus=gpus)  # distinct, non-negative
+    Placement(gpus=gpus)  # distinct, non-negative
     return gpus
 
 

@@ -8,7 +8,9 @@ supervisor runs it periodically and restarts the server after consecutive failur
 
 from __future__ import annotations
 
+import functools
 import threading
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,7 +19,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from pipelines.bls import BlsPipeline
 from pipelines.client import connect, infer_inputs
-from utils import specs
+from utils import layout, specs
 
 
 class CanaryFailed(RuntimeError):
@@ -38,13 +40,20 @@ def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.Inf
     return infer_inputs(arrays)
 
 
-def canary(url: str, timeout: float = 30.0) -> None:
-    """One request to each network (batch 1) and a one-step generation; raise CanaryFailed."""
+def served_networks(repository: Path) -> list[str]:
+    """Every name a repository serves a network under (one per network, or one per GPU copy)."""
+    names = layout.served_network_names(repository, specs.TEXT_TO_IMAGE.name)
+    return [name for copies in names.values() for name in copies]
+
+
+def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None) -> None:
+    """One request to each served network (batch 1; default: the specs' names) and a one-step
+    generation; raise CanaryFailed."""
     client = connect(url)
     try:
-        for network in specs.NETWORKS.values():
-            config = client.get_model_config(network.name, as_json=True, client_timeout=timeout)["config"]
-            client.infer(network.name, probe_inputs(config, 1), client_timeout=timeout)
+        for name in networks or list(specs.NETWORKS):
+            config = client.get_model_config(name, as_json=True, client_timeout=timeout)["config"]
+            client.infer(name, probe_inputs(config, 1), client_timeout=timeout)
         BlsPipeline(url, timeout=timeout, retry_for=0)("canary", num_inference_steps=1, seed=0)
     except Exception as error:
         raise CanaryFailed(f"{type(error).__name__}: {error}") from error
@@ -56,7 +65,9 @@ class Supervisor:
     """Restarts ``server`` when its process dies or ``failures`` canaries in a row fail."""
 
     def __init__(self, server, interval: float = 10.0, failures: int = 2,
-                 check: Callable[[str], None] = canary, log: Callable[[str], None] = print):
+                 check: Callable[[str], None] | None = None, log: Callable[[str], None] = print):
+        if check is None:  # the names this server's repository serves its networks under
+            check = functools.partial(canary, networks=served_networks(server.model_repository))
         self.server, self.interval, self.failures, self.check, self.log = server, interval, failures, check, log
         self.restarts = 0
         self._stop = threading.Event()

@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from utils.errors import UsageError, UserError
+
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MODELS_DIR = Path("models")
 
@@ -94,14 +96,14 @@ def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed:
     path = Path(model)
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            raise ValueError(
+            raise UsageError(
                 f"--model {model!r} is a folder but not a diffusers pipeline (no model_index.json). "
                 f"Pass a folder written by DiffusionPipeline.save_pretrained, a hub id such as "
                 f"{SD15_HUB_ID!r}, or a preset: {', '.join(PRESETS)}."
             )
         return path
     if "/" not in model:
-        raise ValueError(
+        raise UsageError(
             f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), nor an existing folder, "
             f"nor a hub id of the form 'owner/name' (for SD1.5: {SD15_HUB_ID!r})."
         )
@@ -127,7 +129,7 @@ def download_from_hub(model_id: str, weights: bool = True) -> Path:
         return Path(snapshot_download(model_id, allow_patterns=hub_patterns(weights),
                                       ignore_patterns=["*.fp16.*", "*non_ema*"]))
     except Exception as error:  # network, auth or unknown repo: one message with the ways out
-        raise RuntimeError(
+        raise UserError(
             f"--model {model_id!r}: could not download it from the Hugging Face hub ({error}). "
             f"Check the id and your network, log in with `huggingface-cli login` (HF_TOKEN) if the "
             f"repository is gated, or pass a local diffusers folder or an offline preset "

@@ -20,6 +20,7 @@ from typing import Union
 # ACTIVATION and the precision is chosen when the network is exported.
 ACTIVATION = "ACTIVATION"
 PRECISIONS = ("FP32", "FP16")
+ONNX_FLOAT_PRECISIONS = {"FLOAT": "FP32", "FLOAT16": "FP16"}  # ONNX's element type names
 
 BATCH_AXIS = "batch"
 

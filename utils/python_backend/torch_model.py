@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from utils import specs
 from utils.networks import TORCH_DTYPES, load_network
-from utils.repository import CHECKPOINT_DIR
+from utils.layout import CHECKPOINT_DIR
 
 
 class GraphedNetwork:
@@ -90,32 +90,41 @@ class TritonPythonModel:
                 if self.device.type == "cuda" else module
 
     def execute(self, requests):
+        """All requests of this call as one batch; where the batch fails, each request alone, so
+        that one bad request fails by itself (as in Triton's own backends)."""
+        responses, inputs = {}, {}
+        for index, request in enumerate(requests):
+            try:
+                inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
+            except Exception as error:
+                responses[index] = _error(f"{self.spec.name}: bad input: {error}")
         try:
-            received = [[_received(request, tensor) for tensor in self.spec.inputs] for request in requests]
-            batches = [[self._input(value, tensor) for value, tensor in zip(values, self.spec.inputs)]
-                       for values in received]
-        except Exception as error:
-            return [_error(f"{self.spec.name}: bad input: {error}") for _ in requests]
-        sizes = [batch[0].shape[0] for batch in batches]
-        try:
-            outputs = []
-            with torch.inference_mode():
-                # All requests of this call together, in chunks the profile allows.
-                merged = [torch.cat(column) for column in zip(*batches)]
-                for start in range(0, sum(sizes), self.spec.profile.max):
-                    chunk = [t[start:start + self.spec.profile.max] for t in merged]
-                    outputs.append(self.run(*chunk))
-            output = torch.cat(outputs)
-        except Exception as error:
-            return [_error(f"{self.spec.name}: {type(error).__name__}: {error}") for _ in requests]
+            responses.update(self._respond(inputs))
+        except Exception:
+            for index, values in inputs.items():
+                try:
+                    responses.update(self._respond({index: values}))
+                except Exception as error:
+                    responses[index] = _error(f"{self.spec.name}: {type(error).__name__}: {error}")
+        return [responses[index] for index in range(len(requests))]
+
+    def _respond(self, inputs: dict[int, list[torch.Tensor]]) -> dict[int, object]:
+        """Run these requests' inputs as one batch, in chunks the profile allows; one response each."""
+        if not inputs:
+            return {}
+        sizes = {index: values[0].shape[0] for index, values in inputs.items()}
+        with torch.inference_mode():
+            merged = [torch.cat(column) for column in zip(*inputs.values())]
+            output = torch.cat([self.run(*[t[start:start + self.spec.profile.max] for t in merged])
+                                for start in range(0, sum(sizes.values()), self.spec.profile.max)])
         (output_spec,) = self.spec.outputs
-        responses, start = [], 0
-        for size in sizes:
+        responses, start = {}, 0
+        for index, size in sizes.items():
             # Answered in the memory it computed in, as TensorRT and ONNX Runtime answer: Triton
             # copies to the caller where the caller asks for other memory (a gRPC client, a BLS
             # request's preferred_memory).
             piece = output[start:start + size].contiguous()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)]))
+            responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)])
             start += size
         return responses
 

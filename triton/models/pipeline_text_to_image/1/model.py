@@ -23,9 +23,9 @@ import triton_python_backend_utils as pb_utils
 from pipelines.request import InvalidRequest, request_from_arrays
 from pipelines.stable_diffusion import Cancelled, PipelineComponents, StableDiffusion
 from utils import specs
-from utils.configs import Placement
+from utils.deployment import Placement
 from utils.networks import TORCH_DTYPES
-from utils.repository import PIPELINE_FILES, SERVING_FILE
+from utils.layout import PIPELINE_FILES, SERVING_FILE
 
 SPEC = specs.TEXT_TO_IMAGE
 

@@ -1,0 +1,235 @@
+"""Warm-up, measured runs and where their time goes; runs under concurrent load; GPU scaling."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from utils import specs
+from utils.benchmark.contenders import CONTENDERS
+from utils.benchmark.fidelity import fidelity
+from utils.benchmark.report import environment
+from utils.benchmark.settings import Context, Settings
+from utils.benchmark.statistics import STAGES, TritonStatistics
+
+OUTLIER_FACTOR = 3.0  # a measured run this many times slower than the median is reported as an outlier
+SETTLED_FACTOR = 1.5  # warm-up continues while a run takes this much longer than the one before
+MAX_EXTRA_RUNS = 5  # more warm-up runs, or measured runs done again after a recompilation
+
+
+def latency_summary(seconds: list[float], images_per_request: int = 1) -> dict:
+    values = np.asarray(seconds)
+    median = float(np.percentile(values, 50))
+    return {
+        "runs": len(values),
+        "mean_s": float(values.mean()),
+        "std_s": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "p50_s": median,
+        "p90_s": float(np.percentile(values, 90)),
+        "p99_s": float(np.percentile(values, 99)),
+        "images_per_s": float(images_per_request / values.mean()),
+        "raw_s": [float(v) for v in values],
+        "outliers_s": [float(v) for v in values if v > OUTLIER_FACTOR * median],
+    }
+
+
+def warm_up(name: str, contender, generate, settings: Settings) -> None:
+    """The settings' warm-up runs, and more while the runs still get faster (a compilation or a
+    lazy initialization in the last one), so that neither reaches the measured runs."""
+    options, seconds = settings.options(), []
+    for _ in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
+        seconds.append(_timed(generate, options))
+    extra = 0
+    while len(seconds) >= 2 and seconds[-1] > SETTLED_FACTOR * seconds[-2] and extra < MAX_EXTRA_RUNS:
+        seconds.append(_timed(generate, options))
+        extra += 1
+    if contender.served and settings.deployment.placement.pipeline_instances > 1:
+        # Every pipeline instance is a process of its own that Triton picks in turn: one request
+        # each at once, so the measured runs do not meet an instance serving its first request.
+        instances = settings.deployment.placement.pipeline_instances
+        with ThreadPoolExecutor(instances) as pool:
+            list(pool.map(lambda _: contender.client()(**options), range(instances)))
+
+
+def measured_runs(name: str, contender, generate, settings: Settings) -> tuple[list[float], list[float], np.ndarray]:
+    """(latencies, discarded, last images): a run during which torch.compile built a graph is
+    discarded and run again (up to MAX_EXTRA_RUNS times): it measured a compilation."""
+    latencies, discarded, images = [], [], None
+    progress = tqdm(total=settings.runs, desc=f"{name}: runs", leave=False)
+    while len(latencies) < settings.runs:
+        compiled_before = contender.compilations()
+        start = time.perf_counter()
+        images = generate(**settings.options())
+        seconds = time.perf_counter() - start
+        if contender.compilations() != compiled_before and len(discarded) < MAX_EXTRA_RUNS:
+            discarded.append(seconds)
+            continue
+        latencies.append(seconds)
+        progress.update()
+    progress.close()
+    return latencies, discarded, images
+
+
+def measure(name: str, contender, context: Context, statistics: TritonStatistics | None) -> dict:
+    """Warm-up, measured runs and stage breakdown of one contender."""
+    settings = context.settings
+    generate = contender.client()
+    warm_up(name, contender, generate, settings)
+    before = statistics.settled_snapshot() if contender.served else None
+    latencies, discarded, images = measured_runs(name, contender, generate, settings)
+    result = {"latency": latency_summary(latencies), "images": images, "discarded_recompilations_s": discarded}
+    if contender.served:
+        stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs)
+        stages["end_to_end"] = result["latency"]["mean_s"]
+        result["stages_source"] = "Triton statistics API over the measured runs"
+    else:
+        stages, result["stages_source"] = timed_stages(contender, generate, settings)
+    # The rest of the time of the runs the stages were taken from.
+    stages["other"] = stages["end_to_end"] - sum(stages[stage] for stage in STAGES)
+    result["stages"] = stages
+    return result
+
+
+def timed_stages(contender, generate, settings: Settings) -> tuple[dict, str]:
+    """diffusers' stages from timers around its networks, in runs of their own (the timers
+    synchronize the GPU, which the measured runs must not)."""
+    totals, calls, profiled = {}, {}, []
+    profiled_runs = max(1, min(3, settings.runs))
+    with contender.stage_timers(totals, calls):
+        for _ in range(profiled_runs):
+            profiled.append(_timed(generate, settings.options()))
+    stages = {stage: totals.get(stage, 0.0) / profiled_runs for stage in STAGES}
+    stages["unet_per_call"] = totals.get("unet", 0.0) / max(1, calls.get("unet", 0))
+    stages["unet_calls_per_run"] = calls.get("unet", 0) / profiled_runs
+    stages["end_to_end"] = sum(profiled) / profiled_runs
+    return stages, f"timers around the networks' forward calls, {profiled_runs} extra runs"
+
+
+def _timed(generate, options: dict) -> float:
+    start = time.perf_counter()
+    generate(**options)
+    return time.perf_counter() - start
+
+
+def measure_concurrency(name: str, contender, settings: Settings, clients: int,
+                        statistics: TritonStatistics | None = None) -> dict:
+    """``settings.requests`` requests from ``clients`` threads, each with its own client; with
+    the server's statistics, how full the UNet's batches were (dynamic batching at work)."""
+    local = threading.local()
+    options = settings.options()
+    latencies, errors = [], []
+    ready = threading.Barrier(clients)
+
+    def warm_up_client(_):
+        """One untimed request per client thread (each gets exactly one: they wait for each other),
+        so client set-up and per-thread runtime initialization stay out of the measurement."""
+        try:
+            local.generate = contender.client()
+            local.generate(**options)
+        finally:
+            ready.wait()
+
+    def one_request(_):
+        start = time.perf_counter()
+        try:
+            local.generate(**options)
+            latencies.append(time.perf_counter() - start)
+        except Exception as error:  # counted here: the server's own metrics count errors as successes
+            errors.append(f"{type(error).__name__}: {error}")
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(warm_up_client, range(clients)))
+        before = statistics.settled_snapshot() if statistics else None
+        start = time.perf_counter()
+        list(tqdm(pool.map(one_request, range(settings.requests)), total=settings.requests,
+                  desc=f"{name}: {clients} clients", leave=False))
+        wall = time.perf_counter() - start
+    result = {
+        "clients": clients, "requests": settings.requests, "errors": len(errors),
+        "error_messages": errors[:5], "wall_s": wall, "throughput_images_per_s": len(latencies) / wall,
+        "latency": latency_summary(latencies) if latencies else {},
+    }
+    if statistics:
+        result["unet"] = unet_batching(TritonStatistics.delta(before, statistics.settled_snapshot()), wall)
+    return result
+
+
+def unet_batching(delta: dict, wall: float) -> dict | None:
+    """How full the UNet's batches were and how busy it was, from per-batch statistics."""
+    unet = delta.get("unet", {})
+    if not unet.get("executions"):
+        return None
+    return {
+        "executions": unet["executions"],
+        "mean_batch": unet["batch_rows"] / unet["executions"],  # rows per call, 2 per image with guidance
+        "ms_per_execution": unet["busy_ns"] / 1e6 / unet["executions"],
+        "busy_fraction": unet["busy_ns"] / 1e9 / wall,  # of the wall time, the UNet computing
+    }
+
+
+def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: list[str],
+                  headers: dict[str, str] | None = None) -> dict:
+    context = Context(settings, model_dir, url)
+    statistics = TritonStatistics(url, headers) if url else None
+    dims = specs.ModelDims.from_pretrained(model_dir)
+    scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    results = {
+        "settings": {**settings.describe(), "resolution": [dims.image_height, dims.image_width],
+                     "scheduler": scheduler},
+        "environment": environment(url),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipelines": {}, "concurrency": {}, "failed": {},
+    }
+    for name in tqdm(names, desc="pipelines"):
+        try:
+            contender = CONTENDERS[name](context)
+            results["pipelines"][name] = measure(name, contender, context, statistics)
+        except Exception as error:  # keep the other contenders' figures; say what failed
+            results["failed"][name] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"{name} failed: {results['failed'][name]}")
+            continue
+        # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
+        # under load is its sequential images/s (threads would only fight over the same cores).
+        if settings.requests and contender.served and settings.concurrency:
+            results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
+    results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
+    return results
+
+
+def concurrency_runs(name: str, contender, settings: Settings, statistics: TritonStatistics) -> dict:
+    """One contender at each concurrency of the settings: {clients: run}."""
+    return {str(clients): measure_concurrency(name, contender, settings, clients, statistics)
+            for clients in settings.concurrency}
+
+
+def run_concurrency(settings: Settings, model_dir: Path, url: str, names: list[str],
+                    headers: dict[str, str] | None = None) -> dict:
+    """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
+    context, statistics = Context(settings, model_dir, url), TritonStatistics(url, headers)
+    return {name: concurrency_runs(name, CONTENDERS[name](context), settings, statistics)
+            for name in names if CONTENDERS[name].served}
+
+
+def gpu_scaling(one_gpu: dict, all_gpus: dict, gpus: int) -> dict:
+    """Images/s on one GPU and on ``gpus`` GPUs of the same host at each concurrency, and the
+    factor between them (``gpus`` is the ideal)."""
+    scaling = {}
+    for name, runs in all_gpus.items():
+        for clients, run in runs.items():
+            single = one_gpu.get(name, {}).get(clients)
+            if single is None:
+                continue
+            base, scaled = single["throughput_images_per_s"], run["throughput_images_per_s"]
+            scaling.setdefault(name, {})[clients] = {
+                "images_per_s_1_gpu": base, f"images_per_s_{gpus}_gpus": scaled, "gpus": gpus,
+                "factor": scaled / base if base else float("nan"),
+                "errors": single["errors"] + run["errors"],
+            }
+    return scaling

@@ -1,0 +1,195 @@
+"""What a benchmark run leaves: a table, a chart, a JSON with every figure, the machine, the
+versions and the project's own version."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.client import connect
+from utils.benchmark.fidelity import fidelity_text
+from utils.benchmark.statistics import STAGES
+from utils.models import model_slug
+from utils.version import project_version
+
+PACKAGES = ("torch", "diffusers", "transformers", "onnxruntime", "tritonclient", "nvidia-pytriton", "numpy")
+
+
+def environment(url: str | None) -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {},
+        "project": project_version(),
+    }
+    for package in PACKAGES:
+        try:
+            env["versions"][package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env["versions"][package] = None
+    if url:
+        env["versions"]["tritonserver"] = connect(url).get_server_metadata().version
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def table(results: dict) -> str:
+    """The results as text: latency and stages, concurrency, GPU scaling, notes, fidelity."""
+    lines = _latency_lines(results)
+    if results.get("concurrency"):
+        lines += [""] + _concurrency_lines(results["concurrency"])
+    if results.get("gpu_scaling"):
+        lines += [""] + _scaling_lines(results["gpu_scaling"])
+    for name, error in results.get("failed", {}).items():
+        lines.append(f"{name}: FAILED: {error}")
+    lines += _notes(results)
+    if results.get("fidelity"):
+        lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
+            fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
+    return "\n".join(lines)
+
+
+def _latency_lines(results: dict) -> list[str]:
+    header = (f"{'pipeline':<20} {'mean ± std (s)':>16} {'p50':>7} {'p90':>7} {'p99':>7} {'img/s':>7} │ "
+              f"{'text enc':>8} {'unet':>8} {'per call':>9} {'vae dec':>8} {'other':>8}")
+    lines = [header, "─" * len(header)]
+    for name, result in results["pipelines"].items():
+        latency, stages = result["latency"], result["stages"]
+        lines.append(
+            f"{name:<20} {latency['mean_s']:>8.3f} ± {latency['std_s']:<5.3f} {latency['p50_s']:>7.3f} "
+            f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
+            f"{stages['text_encoder']:>8.4f} {stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms "
+            f"{stages['vae_decoder']:>8.4f} {stages['other']:>8.4f}"
+        )
+    return lines
+
+
+def _concurrency_lines(concurrency: dict) -> list[str]:
+    nan = float("nan")
+    lines = [f"{'pipeline':<20} {'clients':>7} {'requests':>8} {'errors':>6} {'img/s':>7} "
+             f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8} │ {'unet batch':>10} {'ms/call':>8} {'busy':>5}"]
+    for name, runs in concurrency.items():
+        for run in runs.values():
+            latency = run["latency"] or {"p50_s": nan, "p90_s": nan, "p99_s": nan}
+            unet = run.get("unet") or {"mean_batch": nan, "ms_per_execution": nan, "busy_fraction": nan}
+            lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
+                         f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
+                         f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f} │ {unet['mean_batch']:>10.1f} "
+                         f"{unet['ms_per_execution']:>8.1f} {unet['busy_fraction']:>5.0%}")
+    return lines
+
+
+def _scaling_lines(scaling: dict) -> list[str]:
+    lines = [f"{'pipeline':<20} {'clients':>7} {'img/s 1 GPU':>12} {'img/s N GPUs':>13} {'GPUs':>5} "
+             f"{'factor':>7} {'errors':>6}"]
+    for name, runs in scaling.items():
+        for clients, run in runs.items():
+            scaled = run[f"images_per_s_{run['gpus']}_gpus"]
+            lines.append(f"{name:<20} {clients:>7} {run['images_per_s_1_gpu']:>12.2f} {scaled:>13.2f} "
+                         f"{run['gpus']:>5} {run['factor']:>6.2f}x {run['errors']:>6}")
+    return lines
+
+
+def _notes(results: dict) -> list[str]:
+    """Runs worth a second look: outliers kept in the figures, recompilations kept out."""
+    notes = []
+    for name, result in results["pipelines"].items():
+        outliers = result["latency"].get("outliers_s", [])
+        if outliers:
+            notes.append(f"note: {name}: {len(outliers)} measured run(s) over 3x the median "
+                         f"({', '.join(f'{s:.3f} s' for s in outliers)}), included in mean and std")
+        discarded = result.get("discarded_recompilations_s", [])
+        if discarded:
+            notes.append(f"note: {name}: {len(discarded)} run(s) recompiled the model "
+                         f"({', '.join(f'{s:.3f} s' for s in discarded)}): left out and run again")
+    return notes
+
+
+def chart(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrency = results.get("concurrency") or {}
+    columns = 3 if concurrency else 2
+    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.2))
+    _latency_bars(axes[0], results)
+    _stage_bars(axes[1], results)
+    if concurrency:
+        for name, runs in concurrency.items():
+            clients = [int(c) for c in runs]
+            axes[2].plot(clients, [r["throughput_images_per_s"] for r in runs.values()], marker="o", label=name)
+        axes[2].set_xlabel("concurrent clients")
+        axes[2].set_ylabel("images per second")
+        axes[2].set_title("Throughput under load")
+        axes[2].legend(fontsize=8)
+    for axis in axes:
+        axis.tick_params(axis="x", labelsize=8)
+    s = results["settings"]
+    figure.suptitle(f"{s['model']} on {results['environment']['gpu'] or results['environment']['cpu']} "
+                    f"({s['device']}, {s['precision']}), {s['steps']} steps, guidance {s['guidance_scale']}",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _latency_bars(axis, results: dict) -> None:
+    names = list(results["pipelines"])
+    latencies = [results["pipelines"][n]["latency"] for n in names]
+    # The error bar is the spread of the runs, never below zero.
+    lower = [min(l["std_s"], l["mean_s"]) for l in latencies]
+    axis.bar(names, [l["mean_s"] for l in latencies], yerr=[lower, [l["std_s"] for l in latencies]], capsize=6,
+             color="#4c78a8")
+    for index, l in enumerate(latencies):
+        axis.annotate(f"p50 {l['p50_s']:.3f}\np99 {l['p99_s']:.3f}", (index, l["mean_s"]),
+                      ha="center", va="bottom", fontsize=8, xytext=(0, 8), textcoords="offset points")
+    axis.set_ylabel("seconds per image (mean ± std)")
+    axis.set_title("End-to-end latency")
+
+
+def _stage_bars(axis, results: dict) -> None:
+    names = list(results["pipelines"])
+    left = np.zeros(len(names))
+    for stage, color in zip((*STAGES, "other"), ("#72b7b2", "#4c78a8", "#f58518", "#bab0ac")):
+        widths = np.array([results["pipelines"][n]["stages"][stage] for n in names])
+        axis.barh(names, widths, left=left, color=color, label=stage)
+        left += np.maximum(widths, 0)
+    axis.set_xlabel("seconds per image")
+    axis.set_title("Where the time goes")
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
+
+
+def write_results(results: dict, output_dir: Path) -> tuple[Path, Path | None]:
+    """Timestamped files, so earlier results are never overwritten."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{model_slug(results['settings']['model'])}-{results['settings']['device']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path = output_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        return json_path, chart(results, output_dir / f"{stem}.png")
+    except ImportError as error:  # a machine without matplotlib: the JSON has everything
+        print(f"no chart ({error}): draw it elsewhere with `python scripts/plot_benchmark.py {json_path}`")
+        return json_path, None

@@ -1,0 +1,54 @@
+"""What a benchmark run measures, and what its contenders need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.deployment import Deployment
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "tiny"
+    prompt: str = "a photo of an astronaut riding a horse on mars"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    warmup: int = 5
+    runs: int = 20
+    concurrency: tuple[int, ...] = ()  # client threads of each concurrency run (none by default)
+    requests: int = 0  # requests in each concurrency run
+    # How the served pipelines are deployed; diffusers runs on the same device and precision.
+    deployment: Deployment = field(default_factory=Deployment)
+
+    @property
+    def device(self) -> str:
+        """diffusers' device: the served networks' (the CPU for the ONNX routes, which the
+        deployment requires to run on the CPU here)."""
+        return self.deployment.device
+
+    @property
+    def precision(self) -> str:
+        return self.deployment.served_precision
+
+    def options(self) -> dict:
+        return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                    seed=self.seed)
+
+    def describe(self) -> dict:
+        """The settings as plain values, for the JSON."""
+        return {"model": self.model, "prompt": self.prompt, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "seed": self.seed, "warmup": self.warmup, "runs": self.runs,
+                "concurrency": list(self.concurrency), "requests": self.requests, "device": self.device,
+                "precision": self.precision, "deployment": self.deployment.describe()}
+
+
+@dataclass
+class Context:
+    """What a contender needs: the settings, the model folder and, for the Triton ones, the
+    server address."""
+
+    settings: Settings
+    model_dir: Path
+    url: str | None

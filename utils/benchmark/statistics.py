@@ -1,0 +1,88 @@
+"""Triton's per-model statistics, diffed around the measured runs.
+
+Figures are summed per network across its served copies (``unet_gpu0``, ``unet_gpu1``, ...:
+utils/layout.py names them), so a repository on several GPUs reports like one on a single GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipelines.client import connect
+from utils.layout import network_of
+
+STAGES = ("text_encoder", "unet", "vae_decoder")
+PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+class TritonStatistics:
+    """Cumulative per-network figures from Triton's statistics API."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None):
+        self.client = connect(url)
+        self.headers = headers  # the admin key, where the statistics API is restricted
+
+    def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:
+        """A snapshot once the figures stop moving: Triton records a request's statistics just
+        after it sends the response, so the last request's figures can still be on their way."""
+        previous, deadline, unchanged = self.snapshot(), time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            current = self.snapshot()
+            unchanged = unchanged + 1 if current == previous else 0
+            if unchanged == 4:  # still for 200 ms: one quiet poll was not enough on a busy 2-core machine
+                return current
+            previous = current
+        return previous
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        statistics = self.client.get_inference_statistics(as_json=True, headers=self.headers)
+        return per_network(statistics.get("model_stats", []))
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+        """What each network's figures grew by between two snapshots."""
+        return {name: {key: after[name][key] - before.get(name, {}).get(key, 0) for key in after[name]}
+                for name in after}
+
+    @staticmethod
+    def stages(before: dict, after: dict, runs: int) -> dict:
+        """Seconds per run spent computing in each network, and per UNet call."""
+        delta = TritonStatistics.delta(before, after)
+        stages = {stage: delta.get(stage, {}).get("compute_ns", 0) / 1e9 / runs for stage in STAGES}
+        calls = delta.get("unet", {}).get("executions", 0)
+        stages["unet_per_call"] = delta["unet"]["compute_ns"] / 1e9 / calls if calls else 0.0
+        stages["unet_calls_per_run"] = calls / runs
+        # Milliseconds per request in each phase of each model, to see where "other" goes.
+        stages["per_request_ms"] = {
+            name: {phase: figures[f"{phase}_ns"] / 1e6 / figures["requests"] for phase in PHASES}
+            for name, figures in delta.items() if figures.get("requests")
+        }
+        return stages
+
+
+def per_network(model_stats: list[dict]) -> dict[str, dict[str, int]]:
+    """The statistics API's models, each network's served copies summed under its own name."""
+    figures: dict[str, dict[str, int]] = {}
+    for model in model_stats:
+        network = figures.setdefault(network_of(model["name"]), {})
+        for key, value in _model_figures(model).items():
+            network[key] = network.get(key, 0) + value
+    return figures
+
+
+def _model_figures(model: dict) -> dict[str, int]:
+    """One model's cumulative figures from the statistics API's JSON."""
+    stats = model.get("inference_stats", {})
+    ns = {phase: int(stats.get(phase, {}).get("ns", 0)) for phase in PHASES}
+    batches = model.get("batch_stats", [])
+    return {
+        "executions": int(model.get("execution_count", 0)),
+        "requests": int(stats.get("success", {}).get("count", 0)),
+        "compute_ns": ns["compute_input"] + ns["compute_infer"] + ns["compute_output"],
+        **{f"{phase}_ns": value for phase, value in ns.items()},
+        # Per execution, not per request: a batch's requests each record the batch's time.
+        "batch_rows": sum(int(b.get("batch_size", 0)) * int(b.get("compute_infer", {}).get("count", 0))
+                          for b in batches),
+        "busy_ns": sum(int(b.get(phase, {}).get("ns", 0)) for b in batches for phase in PHASES[1:]),
+    }

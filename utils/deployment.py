@@ -1,0 +1,136 @@
+"""How the networks and the pipeline models are deployed: one frozen object, checked once.
+
+What runs the networks (``backend``, and inside the python backend its ``runtime``), on which
+device and at which precision, where the instances go (``Placement``), which networks are
+compiled, and which Python environment the pipeline models run in. Every combination that cannot
+work is refused here, with the flag to change; the repository writer, the configs, the
+benchmark and the scripts take a ``Deployment`` and decide nothing of this again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils import layout, specs
+from utils.errors import UsageError
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+RUNTIMES = ("onnxruntime", "torch")  # what runs a network inside the python backend
+PIPELINE_LOOPS = ("cpu", "gpu")
+PIPELINE_INSTANCES = 2  # BLS instances on the CPU
+# Per GPU: each instance runs one request's loop; 8 in flight let the UNet batch 8 requests' steps.
+GPU_PIPELINE_INSTANCES = 8
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the models' instances run: on the CPU (no GPUs), or on these GPUs.
+
+    On several GPUs each network is served once per GPU (``unet_gpu0``, ``unet_gpu1``, ...) and
+    each pipeline instance calls the copies on its own GPU: a BLS sub-request cannot choose the
+    instance of the model it calls, so one model spread over the GPUs would move a request's
+    tensors between devices at every step. On one GPU the names stay the specs' own.
+    """
+
+    gpus: tuple[int, ...] = ()
+    pipeline_instances: int = PIPELINE_INSTANCES  # BLS instances on the CPU, or on each GPU
+    # Where a pipeline instance keeps its loop's tensors (latents, scheduler state). "cpu" keeps
+    # each BLS process off the GPU, so no CUDA context per instance competes with the networks for
+    # it; the networks' answers are copied a few hundred KB each way. Measured on an H100
+    # (docs/gpu-notes.md): faster than "gpu" (GPU tensors through DLPack) both alone and under load.
+    pipeline_loop: str = "cpu"
+
+    def __post_init__(self):
+        if len(set(self.gpus)) != len(self.gpus) or any(g < 0 for g in self.gpus):
+            raise UsageError(f"gpus={list(self.gpus)}: list distinct GPU indices, e.g. 0,1 (or 'all').")
+        if self.pipeline_loop not in PIPELINE_LOOPS:
+            raise UsageError(f"--pipeline-loop {self.pipeline_loop}: use one of {', '.join(PIPELINE_LOOPS)}.")
+        if self.pipeline_instances < 1:
+            raise UsageError(f"--pipeline-instances {self.pipeline_instances}: at least 1 instance is needed.")
+
+    @classmethod
+    def on_gpus(cls, gpus: tuple[int, ...] = (0,), **options) -> Placement:
+        return cls(gpus=gpus, **{"pipeline_instances": GPU_PIPELINE_INSTANCES, **options})
+
+    @property
+    def per_gpu_models(self) -> bool:
+        return len(self.gpus) > 1
+
+    def model_name(self, network_name: str, gpu: int | None = None) -> str:
+        """The served name of a network (on ``gpu``, where each GPU has its own copy)."""
+        return layout.served_name(network_name, gpu if self.per_gpu_models else None)
+
+    def network_gpus(self) -> tuple[int | None, ...]:
+        """One served copy per entry: per GPU, or one for all (``None``)."""
+        return self.gpus if self.per_gpu_models else (None,)
+
+
+CPU = Placement()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What serves the networks, where, and how; the defaults are the CPU walkthrough's."""
+
+    backend: str = "python"  # python (portable, the pip-installed server) | onnxruntime | tensorrt
+    runtime: str = "onnxruntime"  # inside the python backend: onnxruntime (model.onnx) | torch
+    device: str = "cpu"  # the torch runtime's: cpu | cuda
+    # FP32 | FP16. The torch runtime loads its weights at it (default: FP16 on cuda, FP32 on the
+    # CPU); the ONNX routes export at it, and the repository step checks the graphs against it.
+    precision: str | None = None
+    placement: Placement | None = None  # None: GPU 0 for the torch runtime on cuda, else the CPU
+    torch_compile: tuple[str, ...] = ()  # networks the torch runtime compiles at load
+    pipeline_environment: Path | None = None  # a Python environment for the pipeline models
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UsageError(f"backend={self.backend!r} is not supported; use one of {BACKENDS} (--backend).")
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"runtime={self.runtime!r} is not supported; use one of {RUNTIMES} (--runtime).")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UsageError(f"--device {self.device}: use cpu or cuda.")
+        if self.precision not in (None, *specs.PRECISIONS):
+            raise UsageError(f"--precision {self.precision}: use one of {', '.join(specs.PRECISIONS)}.")
+        if self.runtime == "torch" and self.backend != "python":
+            raise UsageError(f"--runtime torch runs inside the python backend, not --backend {self.backend}: "
+                             f"use --backend python, or leave --runtime out.")
+        if self.device != "cpu" and not self.torch_runtime:
+            raise UsageError(f"--device {self.device} applies to --runtime torch (the python backend's ONNX Runtime "
+                             f"runs on the CPU; the onnxruntime and tensorrt backends find their GPUs themselves): "
+                             f"add --runtime torch, or leave --device out.")
+        unknown = set(self.torch_compile) - set(specs.NETWORKS)
+        if unknown or (self.torch_compile and not self.torch_runtime):
+            raise UsageError(f"torch_compile={list(self.torch_compile)}: name networks of {list(specs.NETWORKS)}, "
+                             f"with runtime='torch' (got runtime={self.runtime!r}; --torch-compile).")
+        if self.placement is None:
+            object.__setattr__(self, "placement", Placement.on_gpus() if self.torch_on_gpu else CPU)
+        if self.placement.gpus and not self.torch_on_gpu:
+            raise UsageError(
+                f"--gpus {','.join(map(str, self.placement.gpus))} needs --backend python --runtime torch --device cuda "
+                f"(got --backend {self.backend} --runtime {self.runtime} --device {self.device}; the TensorRT and "
+                f"ONNX Runtime backends run on every visible GPU: leave --gpus out)."
+            )
+
+    @property
+    def torch_runtime(self) -> bool:
+        return self.backend == "python" and self.runtime == "torch"
+
+    @property
+    def torch_on_gpu(self) -> bool:
+        """The torch runtime on CUDA: the portable backend's GPU runtime."""
+        return self.torch_runtime and self.device.startswith("cuda")
+
+    @property
+    def served_precision(self) -> str:
+        """The precision the networks are served at, where the deployment decides it (the torch
+        runtime, or an export it makes); the ONNX routes otherwise take their graphs'."""
+        return self.precision or ("FP16" if self.torch_on_gpu else "FP32")
+
+    def describe(self) -> dict:
+        """The settings as plain values, for a benchmark's JSON."""
+        return {"backend": self.backend, "runtime": self.runtime, "device": self.device,
+                "precision": self.served_precision, "torch_compile": list(self.torch_compile),
+                "gpus": list(self.placement.gpus), "pipeline_instances": self.placement.pipeline_instances,
+                "pipeline_loop": self.placement.pipeline_loop,
+                "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None}

@@ -1,0 +1,69 @@
+"""The model repository's layout and the names Triton serves, written once.
+
+The repository writer (utils/repository.py), the Triton-side models (utils/python_backend/,
+triton/models/), the engine builder and every client import these; none spells a path, a version
+folder or a served name itself.
+
+Per network::
+
+    <repository>/<served name>/config.pbtxt
+    <repository>/<served name>/1/model.onnx      (and model.onnx.data for graphs over 2 GB)
+    <repository>/<served name>/1/model.py        python backend: the runtime that serves it
+    <repository>/<served name>/1/checkpoint/     torch runtime: the checkpoint's configs and weights
+    <repository>/<served name>/2/model.plan      TensorRT (and engine.json, its provenance)
+
+Per pipeline model::
+
+    <repository>/<pipeline>/1/model.py, 1/stable_diffusion/ (tokenizer, scheduler, configs), 1/serving.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_MODELS = PROJECT_ROOT / "triton" / "models"  # the committed pipeline models
+DEFAULT_REPOSITORY = Path("triton/models")  # the walkthrough's repository (relative to the project)
+PRODUCTION_REPOSITORY = Path("triton/production")  # the production path's (TensorRT engines)
+
+ONNX_VERSION = 1  # 1/model.onnx (ONNX Runtime, and the python backend's runtimes)
+ENGINE_VERSION = 2  # 2/model.plan (TensorRT)
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the weights of a graph over 2 GB
+PLAN_FILE = "model.plan"
+CHECKPOINT_DIR = "checkpoint"  # in a torch-runtime network's version folder
+PIPELINE_FILES = "stable_diffusion"  # in a pipeline model's version folder: no weights
+SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision, devices, GPUs
+
+_GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")
+
+
+def served_name(network: str, gpu: int | None = None) -> str:
+    """The name a network is served under: its own, or ``<network>_gpu<N>`` for its copy on GPU N
+    (on several GPUs each GPU serves its own copy; utils/deployment.py says why)."""
+    return network if gpu is None else f"{network}_gpu{gpu}"
+
+
+def network_of(model_name: str) -> str:
+    """The network a served name stands for: ``unet_gpu1`` -> ``unet``; other names unchanged."""
+    match = _GPU_COPY.match(model_name)
+    return match["network"] if match else model_name
+
+
+def read_serving(repository: Path, pipeline: str) -> dict:
+    """What a pipeline model's serving.json records (precision, device, gpus, loop_device); {}
+    where the repository has none."""
+    path = Path(repository) / pipeline / str(ONNX_VERSION) / SERVING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def served_network_names(repository: Path, pipeline: str) -> dict[str, list[str]]:
+    """Per network, the names a repository serves it under (one, or one per GPU)."""
+    from utils import specs
+    from utils.deployment import Placement
+
+    placement = Placement(gpus=tuple(read_serving(repository, pipeline).get("gpus", ())))
+    return {network: [placement.model_name(network, gpu) for gpu in placement.network_gpus()]
+            for network in specs.NETWORKS}
