@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # The production path's repository (default: triton/production, utils/layout.py); set it for another.
 PRODUCTION_REPOSITORY ?=
 
-.PHONY: venv demo test test-docker-pins images engines clean
+.PHONY: venv demo test test-fast docs test-docker-pins images engines clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ demo: venv
 
 test: venv
 	$(BIN)/pytest
+
+# The fast tier: no server start, no long subprocess (well under a minute).
+test-fast: venv
+	$(BIN)/pytest -m "not server and not slow"
+
+# The README's tables, commands and caps, written again from the code (a test checks them).
+docs: venv
+	$(BIN)/python scripts/render_docs.py
 
 # The suite on Python 3.10 with the pins the NGC 24.10 images install (CPU; downloads a CUDA torch).
 test-docker-pins:

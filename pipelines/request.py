@@ -52,6 +52,12 @@ class GenerationRequest:
         return list(self.negative_prompt)
 
 
+def max_inference_steps(scheduler_config: dict) -> int:
+    """More steps than training timesteps (less the offset) index past the schedule: PNDM with
+    SD1.5's config fails at 1000 steps, inside diffusers' own pipeline too."""
+    return scheduler_config.get("num_train_timesteps", 1000) - scheduler_config.get("steps_offset", 0)
+
+
 def check_request(request: GenerationRequest, max_prompts: int, max_steps: int) -> GenerationRequest:
     """Validate every field; return the request with its types normalized (str, float, int)."""
     prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.request import GenerationRequest, check_request
+from pipelines.request import GenerationRequest, check_request, max_inference_steps
 from utils import specs
 
 
@@ -79,10 +79,7 @@ class StableDiffusion:
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
         self.max_prompts = specs.TEXT_TO_IMAGE.max_prompts()
-        # More steps than training timesteps (less the offset) index past the schedule: PNDM with
-        # SD1.5's config fails at 1000 steps, inside diffusers' own pipeline too.
-        config = components.scheduler_config
-        self.max_steps = config.get("num_train_timesteps", 1000) - config.get("steps_offset", 0)
+        self.max_steps = max_inference_steps(components.scheduler_config)
 
     def run(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Call a network and get its outputs on the loop's device, wherever it answered:

@@ -12,6 +12,8 @@ from pipelines.bls import BlsPipeline
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import specs
 
+pytestmark = pytest.mark.server  # starts tritonserver
+
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
 MAX_PROMPTS = specs.TEXT_TO_IMAGE.max_prompts()
 

@@ -5,6 +5,7 @@ No speed is asserted here: the benchmark prints speeds, tests check that they ar
 
 from __future__ import annotations
 
+import pytest
 import json
 import math
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 from PIL import Image
 
 from utils.benchmark import CONTENDERS, STAGES
+
+pytestmark = pytest.mark.server  # starts tritonserver
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,8 @@ from tritonclient.utils import InferenceServerException
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import ClientSidePipeline
 
+pytestmark = pytest.mark.server  # starts tritonserver
+
 MAX_PIXEL_DIFFERENCE = 2  # on 0-255: the ONNX graphs and batched calls differ from torch by ~1e-6
 CASES = {
     "one prompt": dict(prompt="a photo of an astronaut riding a horse on mars", seed=7,
@@ -96,7 +98,7 @@ def test_unknown_model_name_is_a_clear_client_error(triton_server):
 @pytest.fixture(scope="module")
 def torch_runtime_server(tiny_model, tmp_path_factory):
     """The python backend's torch runtime (the GPU runtime), here on the CPU: same models, same
-    clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_benchmark.sh)."""
+    clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_host/benchmark.sh)."""
     from utils.deployment import Deployment
     from utils.repository import write_repository
     from utils.server import TritonServer

@@ -22,6 +22,8 @@ from pipelines.bls import BlsPipeline
 from utils import server as server_module
 from utils.server import TritonServer
 
+pytestmark = pytest.mark.server  # starts tritonserver
+
 CLIENTS = 8
 WARMUP_REQUESTS = 24
 REQUESTS = 200

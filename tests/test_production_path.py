@@ -85,6 +85,7 @@ def test_the_readme_lists_the_production_commands():
         "scripts/run_bls_pipeline.py", "scripts/run_ensemble_pipeline.py"]
 
 
+@pytest.mark.slow
 def test_production_commands_after_the_quickstart(after_quickstart, tiny_model, tmp_path):
     cwd = after_quickstart
     quickstart_repository = tree_digest(cwd / "triton" / "models")

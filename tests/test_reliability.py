@@ -25,6 +25,8 @@ from pipelines.ensemble import ClientSidePipeline
 from utils.health import Supervisor, canary
 from utils.server import TritonServer
 
+pytestmark = pytest.mark.server  # starts tritonserver
+
 FAST = dict(prompt="a lighthouse at dusk", num_inference_steps=3, seed=21)
 LONG = dict(prompt="a long request", num_inference_steps=999, seed=5)  # ~4 s on the tiny model here
 

@@ -12,6 +12,8 @@ from PIL import Image
 
 from utils import specs
 
+pytestmark = pytest.mark.server  # starts tritonserver
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from utils import environments
-from utils.deployment import Deployment
 from utils import server as server_module
+from utils.deployment import Deployment
 from utils.server import TritonServer, TritonServerError, shared_libpython
+
+pytestmark = pytest.mark.server  # starts tritonserver
 
 FAILING_MODEL = '''
 class TritonPythonModel:

@@ -1,4 +1,4 @@
-"""The tensor contract of DESIGN.md section 2, and the presets that feed it."""
+"""The tensor contract of utils/specs.py, and the presets that feed it."""
 
 from __future__ import annotations
 

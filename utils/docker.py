@@ -49,7 +49,7 @@ def docker_gpus(gpus: tuple[int, ...] | None) -> str:
 
 
 def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None) -> list[str]:
-    """The seed's launch command, on the serving image, with the ports bound to localhost, on
+    """The classic `docker run ... tritonserver` launch, on the serving image, with the ports bound to localhost, on
     these GPUs (None: all)."""
     return [
         "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",

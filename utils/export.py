@@ -95,21 +95,7 @@ def export_network(
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.stem}-") as staging:
         staged = Path(staging) / output.name
-        with torch.inference_mode(), warnings.catch_warnings():
-            # The tracer warns about every Python-side shape check in diffusers; none matters here
-            # because the checks below run the graph at another batch size.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                trace_inputs,
-                str(staged),
-                input_names=network.input_names,
-                output_names=network.output_names,
-                dynamic_axes=network.dynamic_axes(),
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,  # the TorchScript exporter: ~10x faster here, same numbers
-            )
+        _trace(module, network, trace_inputs, staged)
         staged = _single_file_or_external_data(staged, external_data)
         _set_static_dims(staged, network, dims)
         import onnx
@@ -118,17 +104,42 @@ def export_network(
         # which catches a graph that mixes FP32 and FP16 inputs of one operator.
         onnx.checker.check_model(str(staged), full_check=True)
         check_inputs = module.example_inputs(check_batch(network.profile), dims, generator)
-        error, scale = compare_with_torch(module, staged, _on(network, check_inputs, precision, device))
-        allowed = TOLERANCE[precision] * max(1.0, scale)
-        if not error <= allowed:  # also catches NaN
-            raise ExportParityError(
-                f"{network.name}: ONNX Runtime differs from torch by up to {error:.3g}, above the "
-                f"{precision} tolerance {allowed:.3g} (outputs up to {scale:.3g}). "
-                f"The ONNX file was not written."
-            )
+        error = _check_parity(network, module, staged, _on(network, check_inputs, precision, device), precision)
         for produced in Path(staging).iterdir():  # the graph, and its weights if stored apart
             os.replace(produced, output.parent / produced.name)
     return ExportResult(output, skipped=False, max_abs_error=error, seconds=time.perf_counter() - start)
+
+
+def _trace(module: torch.nn.Module, network: specs.NetworkSpec, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    with torch.inference_mode(), warnings.catch_warnings():
+        # The tracer warns about every Python-side shape check in diffusers; none matters here
+        # because the checks run the graph at another batch size.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=network.input_names,
+            output_names=network.output_names,
+            dynamic_axes=network.dynamic_axes(),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,  # the TorchScript exporter: ~10x faster here, same numbers
+        )
+
+
+def _check_parity(network: specs.NetworkSpec, module: torch.nn.Module, onnx_file: Path,
+                  inputs: tuple[torch.Tensor, ...], precision: str) -> float:
+    """The largest |onnxruntime - torch|, or ExportParityError above the precision's tolerance."""
+    error, scale = compare_with_torch(module, onnx_file, inputs)
+    allowed = TOLERANCE[precision] * max(1.0, scale)
+    if not error <= allowed:  # also catches NaN
+        raise ExportParityError(
+            f"{network.name}: ONNX Runtime differs from torch by up to {error:.3g}, above the "
+            f"{precision} tolerance {allowed:.3g} (outputs up to {scale:.3g}). "
+            f"The ONNX file was not written."
+        )
+    return error
 
 
 def compare_with_torch(module: torch.nn.Module, onnx_file: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[float, float]:

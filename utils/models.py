@@ -74,6 +74,17 @@ PRESETS = {
 }
 
 
+def preset_dims(name: str):
+    """The sizes of a preset's checkpoint, from its architecture (as ModelDims.from_pretrained
+    reads them from a written checkpoint), without building it."""
+    from utils.specs import ModelDims
+
+    text, unet, vae = (PRESETS[name][part] for part in ("text_encoder", "unet", "vae"))
+    return ModelDims(text_length=text["max_position_embeddings"], text_hidden=text["hidden_size"],
+                     latent_channels=unet.get("in_channels", 4), latent_height=unet["sample_size"],
+                     latent_width=unet["sample_size"], vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1))
+
+
 def model_slug(model: str) -> str:
     """A folder name for a model source: 'tiny', 'my-model', 'stable-diffusion-v1-5--stable-...'."""
     path = Path(model)

@@ -8,13 +8,16 @@
 #       TensorRT's backend does (the torch runtime), with the BLS loop on the CPU, then on the
 #       GPU; every image within 35 dB PSNR of diffusers FP16 for the same seed, or it fails.
 # STAGE=export or STAGE=serve runs one half (each fits in 10 minutes). Logs and JSON under $OUT.
-# Wheels first, on a host without network: python scripts/pack_device_wheels.py, then carry .whl.
+# On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
+case "${1-}" in  # --help prints the comment above, and does nothing else
+  -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+esac
 set -euo pipefail
 OUT=${OUT:-outputs/rehearsal}
 WORK=${WORK:-outputs/rehearsal-work}  # models, ONNX files, repositories
 STAGE=${STAGE:-all}
 mkdir -p "$OUT" "$WORK"
-source scripts/gpu_host_setup.sh  # wheels, this project, the pipeline model's environment
+source scripts/gpu_host/setup.sh  # wheels, this project, the pipeline model's environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 MODEL=(--model sd15-random --models-dir "$WORK/models")
 

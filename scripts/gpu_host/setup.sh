@@ -1,5 +1,5 @@
-# Sourced by the GPU scripts (gpu_benchmark.sh, rehearse_production.sh) on a GPU host whose Python
-# has torch but no network: installs the wheels carried in .whl/ (scripts/pack_device_wheels.py)
+# Sourced by the GPU host scripts (benchmark.sh, rehearse_production.sh) on a GPU host whose Python
+# has torch but no network: installs the wheels copied along in .whl/ (pack_wheels.py)
 # and this project, and gives the pipeline model a Python environment of its own with numpy 1.
 # Sets ENVIRONMENT: the --pipeline-environment arguments for the scripts (empty where not needed).
 if ls .whl/*.whl >/dev/null 2>&1; then

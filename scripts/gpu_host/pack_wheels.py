@@ -1,10 +1,10 @@
 """Download the wheels a GPU host without network lacks, for its Python 3.12, into .whl/ (git-ignored).
 
-Such a host installs them from .whl/ (scripts/gpu_host_setup.sh). To keep the folder small enough
+Such a host installs them from .whl/ (scripts/gpu_host/setup.sh). To keep the folder small enough
 to copy along (--limit-mib, 64 by default), nvidia-pytriton is repacked with only the Python 3.12
 backend stub (the other stubs and the libpython 3.13 that one of them needs are 16 MB). numpy 1.26 is for the models' environment only: the 24.10 stub is
 built against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md).
-  python scripts/pack_device_wheels.py && ls -l .whl   # then carry .whl (scripts/gpu_benchmark.sh)
+  python scripts/gpu_host/pack_wheels.py && ls -l .whl   # then copy .whl/ to the host along with the tree
 """
 
 import argparse

@@ -4,11 +4,14 @@
 # backend's torch runtime with the UNet compiled; diffusers eager and compiled, client-side and
 # BLS, concurrency 1/4/8, and the fidelity check (PSNR >= 35 dB vs diffusers, no constant image:
 # the script fails otherwise). Writes the JSON, the chart and the logs under $OUT.
-# Wheels first: python scripts/pack_device_wheels.py, then carry .whl.
+# On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
+case "${1-}" in  # --help prints the comment above, and does nothing else
+  -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+esac
 set -euo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
-source scripts/gpu_host_setup.sh  # wheels, this project, the pipeline model's environment
+source scripts/gpu_host/setup.sh  # wheels, this project, the pipeline model's environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 COMPILE=()  # TORCH_COMPILE= (empty) serves the eager networks, still in CUDA graphs
 if [ -n "${TORCH_COMPILE-unet}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE-unet}); fi

@@ -1,0 +1,123 @@
+"""The README's statements about the code, rendered from the code.
+
+Each such section of README.md sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``
+(a table, a command, or a few words inside a sentence). ``make docs`` (scripts/render_docs.py)
+writes them again from the specs, the request checks and the trtexec commands; a test fails when
+the README differs from what this module renders, so no number can drift from the code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, GUIDANCE_SCALE_RANGE,
+                               MAX_PROMPT_BYTES, GenerationRequest, InvalidRequest, check_request,
+                               max_inference_steps)
+from utils import specs
+from utils.engines import trtexec_command
+from utils.layout import PRODUCTION_REPOSITORY
+from utils.models import SD15_SCHEDULER, preset_dims
+
+SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
+TINY = preset_dims("tiny")
+SECTION = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+def _shape(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
+    batch = "2B" if network.cfg_doubled else "B"
+    return "[" + ", ".join([batch, *map(str, SD15.resolve(tensor.dims))]) + "]"
+
+
+def _tensor(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
+    dtype = "" if tensor.dtype == specs.ACTIVATION else f" {tensor.dtype}"
+    return f"`{tensor.name}`{dtype} {_shape(network, tensor)}"
+
+
+def tensor_table() -> str:
+    rows = ["| network | inputs | outputs | batch profile, rows (min / opt / max) | prompts per call |",
+            "| --- | --- | --- | --- | --- |"]
+    for network in specs.NETWORKS.values():
+        profile = network.profile
+        rows.append(f"| {network.name} | {', '.join(_tensor(network, t) for t in network.inputs)} "
+                    f"| {', '.join(_tensor(network, t) for t in network.outputs)} "
+                    f"| {profile.min} / {profile.opt} / {profile.max} | up to {network.max_prompts()} |")
+    return "\n".join(rows)
+
+
+def request_table() -> str:
+    pipeline, max_prompts = specs.TEXT_TO_IMAGE, specs.TEXT_TO_IMAGE.max_prompts()
+    low, high = GUIDANCE_SCALE_RANGE
+    allowed = {
+        "prompt": ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes"),
+        "negative_prompt": ("none", "one per prompt, or one for all"),
+        "guidance_scale": (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
+                                                        f"no guidance (half the UNet rows)"),
+        "num_inference_steps": (f"{DEFAULT_NUM_INFERENCE_STEPS}",
+                                f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler)"),
+        "seed": ("random", "[0, 2^63-1]; the same seed gives the same image"),
+    }
+    rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]
+    for tensor in pipeline.inputs:
+        shape = "[N] or [1]" if tensor.name == "negative_prompt" else ("[N]" if tensor.dims == (-1,) else "[1]")
+        default, values = allowed[tensor.name]
+        rows.append(f"| `{tensor.name}` | {tensor.dtype} | {shape} | {default} | {values} |")
+    (output,) = pipeline.outputs
+    rows.append(f"| output `{output.name}` | {output.dtype} | [N, H, W, 3] | | |")
+    return "\n".join(rows)
+
+
+def invalid_steps_error() -> str:
+    """The error a request with 0 steps gets, as the shared checks word it."""
+    try:
+        check_request(GenerationRequest(prompt="a cat", num_inference_steps=0),
+                      max_prompts=specs.TEXT_TO_IMAGE.max_prompts(), max_steps=max_inference_steps(SD15_SCHEDULER))
+    except InvalidRequest as error:
+        return '```\n{"error":"' + str(error) + '"}\n```'
+    raise AssertionError("a request with 0 steps passed the checks")
+
+
+def unet_trtexec() -> str:
+    command = trtexec_command(specs.UNET, SD15, PRODUCTION_REPOSITORY)
+    lines = ["$ " + " ".join(command[:3])] + ["    " + argument for argument in command[3:-2]]
+    return "```\n" + " \\\n".join(lines) + " \\\n    " + " ".join(command[-2:]) + "\n```"
+
+
+def profile_words() -> str:
+    text, vae = specs.TEXT_ENCODER.profile, specs.VAE_DECODER.profile
+    return f"{text.min}-{text.max} rows for the text encoder and the UNet, {vae.min}-{vae.max} for the VAE"
+
+
+def caps_words() -> str:
+    steps = max_inference_steps(SD15_SCHEDULER)
+    return (f"{specs.TEXT_TO_IMAGE.max_prompts()} prompts per request (the VAE decoder's batch profile), "
+            f"{MAX_PROMPT_BYTES} UTF-8 bytes per prompt, {steps} steps")
+
+
+def batch_error() -> str:
+    return f"`inference request batch-size must be <= {specs.UNET.profile.max} for '{specs.UNET.name}'`"
+
+
+def tiny_sizes() -> str:
+    return (f"{TINY.text_length} tokens, {TINY.text_hidden} features, {TINY.latent_height}x{TINY.latent_width} "
+            f"latents, {TINY.image_height}x{TINY.image_width} images")
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
+    "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
+    "tiny-sizes": tiny_sizes,
+}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated section written anew; an unknown section name is an error."""
+    def section(match: re.Match) -> str:
+        name = match["name"]
+        if name not in SECTIONS:
+            raise KeyError(f"README section {name!r} has no renderer; known: {', '.join(SECTIONS)}")
+        body = SECTIONS[name]()
+        inline = "\n" not in match["body"]
+        return f"{match[1]}{body}{match[4]}" if inline else f"{match[1]}\n{body}\n{match[4]}"
+
+    return SECTION.sub(section, text)
