@@ -71,7 +71,7 @@ def is_retryable(error: Exception) -> bool:
     if not isinstance(error, InferenceServerException):
         return False
     message = error.message() or ""
-    if "restricted" in message:  # Triton reports a missing API key as UNAVAILABLE too
+    if "restricted" in message or "unknown model" in message:  # reported as UNAVAILABLE too, but final
         return False
     return (error.status() == "StatusCode.UNAVAILABLE" or "is not healthy" in message
             or "has no available versions" in message)

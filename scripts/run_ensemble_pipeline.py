@@ -15,11 +15,13 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", help="the model served (its tokenizer and scheduler are used here)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--output", default=Path("outputs/client_side.png"), type=Path)
+    parser.add_argument("--gpu", type=int, default=None,
+                        help="on a server with a copy of each network per GPU (--gpus 0,1): call GPU N's copies")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
 
     model_dir = resolve_model(args.model, args.models_dir, weights=False)  # the tokenizer and configs
-    pipeline = ClientSidePipeline(model_dir, args.url)
+    pipeline = ClientSidePipeline(model_dir, args.url, gpu=args.gpu)
     generate_and_save(pipeline, args)
 
 

@@ -171,3 +171,16 @@ def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):
     assert TEXT_ENCODER.name in failed[3].message()
     executions = client.get_inference_statistics(TEXT_ENCODER.name, as_json=True)["model_stats"][0]["execution_count"]
     report(f"torch runtime: a bad request among 8 queued together failed alone ({executions} executions so far)")
+
+
+def test_client_side_pipeline_addresses_a_gpu_copy_by_its_served_name(triton_server, tiny_model):
+    """gpu=0 asks for unet_gpu0, the name a repository on several GPUs serves (utils/layout.py);
+    this server has no such copy, which the client says at once rather than retrying."""
+    import time
+
+    from utils.errors import UsageError
+
+    start = time.monotonic()
+    with pytest.raises(UsageError, match=r"does not serve 'unet_gpu0' .*--gpu N"):
+        ClientSidePipeline(tiny_model, triton_server.grpc_url, gpu=0)
+    assert time.monotonic() - start < 10

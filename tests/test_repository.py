@@ -71,3 +71,10 @@ def test_missing_onnx_file_names_the_export_script(tiny_model, exports, tmp_path
     missing = onnx_files(exports) | {"unet": tmp_path / "nowhere.onnx"}
     with pytest.raises(FileNotFoundError, match=r"python optim/convert_unet_to_onnx.py"):
         write_repository(tmp_path / "repository", tiny_model, missing)
+
+
+def test_a_precision_the_graphs_do_not_have_is_refused(tiny_model, exports, tmp_path):
+    """--precision FP16 over FP32 graphs would be silently ignored: refused, before anything is written."""
+    with pytest.raises(ValueError, match=r"--precision FP16, but the ONNX files are FP32: export them again"):
+        write_repository(tmp_path / "repository", tiny_model, onnx_files(exports), Deployment(precision="FP16"))
+    assert not (tmp_path / "repository").exists()
