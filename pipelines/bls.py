@@ -10,7 +10,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
-from pipelines.request import GenerationRequest, request_to_arrays
+from pipelines.request import GenerationRequest, check_request, request_to_arrays
 from utils import specs
 
 
@@ -27,7 +27,10 @@ class BlsPipeline:
     def __call__(self, prompt: str | list[str], **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
         (negative_prompt, guidance_scale, num_inference_steps, seed)."""
-        request = GenerationRequest(prompt=prompt, **options)
+        # The shared checks first, as the client-side pipeline does: a bad value gets the server's
+        # message without a round trip (the server checks again, and knows the step cap).
+        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=self.spec.max_prompts(),
+                                max_steps=None)
         return self.infer(request_to_arrays(request))
 
     def infer(self, arrays: dict[str, np.ndarray]) -> np.ndarray:

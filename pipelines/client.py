@@ -71,10 +71,11 @@ def is_retryable(error: Exception) -> bool:
     if not isinstance(error, InferenceServerException):
         return False
     message = error.message() or ""
-    if "restricted" in message or "unknown model" in message:  # reported as UNAVAILABLE too, but final
+    if "has no available versions" in message:  # a server shutting down unloads its models
+        return True
+    if "restricted" in message or "unknown model" in message:  # a missing key or model: final
         return False
-    return (error.status() == "StatusCode.UNAVAILABLE" or "is not healthy" in message
-            or "has no available versions" in message)
+    return error.status() == "StatusCode.UNAVAILABLE" or "is not healthy" in message
 
 
 def call_with_retries(call: Callable[[], T], retry_for: float = DEFAULT_RETRY_FOR,

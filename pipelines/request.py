@@ -58,8 +58,10 @@ def max_inference_steps(scheduler_config: dict) -> int:
     return scheduler_config.get("num_train_timesteps", 1000) - scheduler_config.get("steps_offset", 0)
 
 
-def check_request(request: GenerationRequest, max_prompts: int, max_steps: int) -> GenerationRequest:
-    """Validate every field; return the request with its types normalized (str, float, int)."""
+def check_request(request: GenerationRequest, max_prompts: int, max_steps: int | None) -> GenerationRequest:
+    """Validate every field; return the request with its types normalized (str, float, int).
+    ``max_steps=None``: no upper bound on the steps here (a client that does not know the served
+    scheduler leaves that check to the server)."""
     prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)
     negatives = None
     if request.negative_prompt is not None and len(request.negative_prompt) > 0:
@@ -75,8 +77,9 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int) 
     if not (math.isfinite(guidance) and low <= guidance <= high):
         raise InvalidRequest(f"guidance_scale={guidance!r} is not allowed: use a finite number in [{low:g}, {high:g}].")
     steps = _number("num_inference_steps", request.num_inference_steps, int)
-    if not 1 <= steps <= max_steps:
-        raise InvalidRequest(f"num_inference_steps={steps} is not allowed: use an integer in [1, {max_steps}].")
+    if steps < 1 or (max_steps is not None and steps > max_steps):
+        allowed = f"in [1, {max_steps}]" if max_steps is not None else "of at least 1"
+        raise InvalidRequest(f"num_inference_steps={steps} is not allowed: use an integer {allowed}.")
     seed = request.seed
     if seed is not None:
         seed = _number("seed", seed, int)

@@ -12,6 +12,7 @@ import copy
 import inspect
 import json
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -21,6 +22,9 @@ from tqdm.auto import tqdm
 
 from pipelines.request import GenerationRequest, check_request, max_inference_steps
 from utils import specs
+
+
+_LAZY_IMPORTS = threading.Lock()
 
 
 class RunNetwork(Protocol):
@@ -43,8 +47,9 @@ class PipelineComponents:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> PipelineComponents:
-        import diffusers
-        from transformers import CLIPTokenizer
+        with _LAZY_IMPORTS:  # transformers' lazy module fails two threads importing from it at once
+            import diffusers
+            from transformers import CLIPTokenizer
 
         model_dir = Path(model_dir)
         scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())

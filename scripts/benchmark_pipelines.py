@@ -19,6 +19,7 @@ from utils.errors import UsageError
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
+from utils.server.access import AccessPolicy
 from utils.workflow import prepare_repository
 
 
@@ -30,6 +31,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path,
                         help="prepared (export + move) before the server starts, unless --url is given")
     parser.add_argument("--url", default=None, help="benchmark a running server (gRPC) instead of starting one")
+    parser.add_argument("--admin-key", default=None,
+                        help="with --url: the key the launcher printed (the statistics API needs it for the stages)")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -76,7 +79,7 @@ def main(argv=None):
         with serve(args.repository.with_name(args.repository.name + "-1gpu"), first_gpu) as server:
             one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines, server.admin_headers())
     with contextlib.ExitStack() as stack:
-        url, headers = args.url, None
+        url, headers = args.url, AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
         if served and url is None:
             server = stack.enter_context(serve(args.repository, deployment))
             url, headers = server.grpc_url, server.admin_headers()

@@ -55,7 +55,7 @@ def repository(tiny_model, exports, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_server(repository):
-    server = TritonServer(repository)
+    server = TritonServer(repository, http=True)  # the HTTP tests document what Triton's frontend does
     server.start()
     yield server
     server.stop()

@@ -90,3 +90,67 @@ def test_bad_requests_among_good_ones_fail_alone(bls):
         outcomes = list(pool.map(send, range(12)))
     assert outcomes[0::2] == [("image", (1, 64, 64, 3))] * 6
     assert outcomes[1::2] == [("StatusCode.INVALID_ARGUMENT", None)] * 6
+
+
+def test_bls_client_refuses_what_the_server_would_with_the_same_message(bls):
+    from pipelines.request import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=r"seed=9223372036854775808 is not allowed: use an integer in \[0, 2\*\*63 - 1\]"):
+        bls("a cat", seed=2**63)  # was a bare OverflowError while packing the request
+    with pytest.raises(InvalidRequest, match=r"num_inference_steps=0 is not allowed"):
+        bls("a cat", num_inference_steps=0)
+
+
+# What a client sees over HTTP/REST when the JSON itself is malformed: Triton's own frontend
+# answers, before any model runs (status, message), and the README's reliability table says so.
+HTTP_FRONTEND = {
+    "shape [-1]": ('{"inputs":[{"name":"prompt","shape":[-1],"datatype":"BYTES","data":["a"]}]}', 500,
+                   "Unable to parse 'shape': attempt to access JSON non-unsigned-integer as unsigned-integer"),
+    "seed 2^63": ('{"inputs":[{"name":"prompt","shape":[1],"datatype":"BYTES","data":["a"]},'
+                  '{"name":"seed","shape":[1],"datatype":"INT64","data":[9223372036854775808]}]}', 500,
+                  "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer"),
+    "prompt as a number": ('{"inputs":[{"name":"prompt","shape":[1],"datatype":"BYTES","data":[5]}]}', 500,
+                           "Unable to parse JSON bytes array: attempt to access JSON non-string as string"),
+    "truncated JSON": ('{"inputs":[{"name":"prompt",', 500,
+                       "failed to parse the request JSON buffer: Missing a name for object member. at 28"),
+    # INT32 2^31 wraps to -2^31 in the frontend; the pipeline's own check then names it.
+    "steps 2^31": ('{"inputs":[{"name":"prompt","shape":[1],"datatype":"BYTES","data":["a"]},'
+                   '{"name":"num_inference_steps","shape":[1],"datatype":"INT32","data":[2147483648]}]}', 400,
+                   "num_inference_steps=-2147483648 is not allowed: use an integer in [1, 999]."),
+}
+
+
+@pytest.mark.parametrize("case", HTTP_FRONTEND)
+def test_what_an_http_client_sees_for_malformed_json(case, triton_server, bls):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body, status, message = HTTP_FRONTEND[case]
+    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/{specs.TEXT_TO_IMAGE.name}/infer",
+                                     data=body.encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == status and json.loads(caught.value.read()) == {"error": message}
+    assert bls(**GOOD).shape[0] == 1  # and the server keeps serving
+
+
+def test_grpc_checks_a_declared_shape_before_allocating_it(triton_server):
+    """Over gRPC a request that declares a billion floats with 4 bytes of data is refused by its
+    shape, naming the input, with nothing allocated (HTTP allocates first: its frontend is off by
+    default in this project's launcher)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from utils.server import resident_bytes
+
+    request = service_pb2.ModelInferRequest(model_name=specs.TEXT_TO_IMAGE.name)
+    declared = request.inputs.add(name="guidance_scale", datatype="FP32")
+    declared.shape.extend([10**9])
+    request.raw_input_contents.append(np.float32([7.5]).tobytes())
+    before = resident_bytes(triton_server.process.pid)
+    with grpc.insecure_channel(triton_server.grpc_url) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unexpected shape for input 'guidance_scale'" in caught.value.details()
+    assert resident_bytes(triton_server.process.pid) - before < 50 * 2**20

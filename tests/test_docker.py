@@ -87,12 +87,19 @@ def test_dockerignore_keeps_weights_environments_and_secrets_out(path):
     assert not in_build_context(path)
 
 
-def test_serve_command_is_the_seed_command_on_localhost(tmp_path):
-    command = docker.serve_command(tmp_path)
+def test_serve_command_is_the_classic_launch_on_localhost_with_safe_defaults(tmp_path):
+    from utils.server.access import AccessPolicy
+
+    access = AccessPolicy()
+    command = docker.serve_command(tmp_path, access=access)
     assert command[:3] == ["docker", "run", "--rm"] and "--shm-size=1g" in command
-    assert {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(command)
+    assert {"127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(command)
     assert f"{tmp_path.resolve()}:/models" in command
-    assert command[-3:] == [docker.SERVE_IMAGE, "tritonserver", "--model-repository=/models"]
+    start = command.index(docker.SERVE_IMAGE)
+    assert command[start:start + 3] == [docker.SERVE_IMAGE, "tritonserver", "--model-repository=/models"]
+    assert set(access.arguments()) <= set(command) and "--allow-http=false" in command
+    assert "127.0.0.1:8000:8000" not in command  # HTTP only when asked for
+    assert "127.0.0.1:8000:8000" in docker.serve_command(tmp_path, http=True)
 
 
 def test_export_command_passes_the_token_by_name_only():

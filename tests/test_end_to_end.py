@@ -132,12 +132,13 @@ def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):
     config = client.get_model_config("unet", as_json=True)["config"]
     requests = [probe_inputs(config, 1, seed=seed) for seed in range(16)]
     alone = [client.infer("unet", inputs).as_numpy("outputs") for inputs in requests]
-    before = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    headers = torch_runtime_server.admin_headers()  # the statistics API needs the admin key
+    before = client.get_inference_statistics("unet", headers=headers, as_json=True)["model_stats"][0]
     done = queue.Queue()
     for index, inputs in enumerate(requests):  # all at once: they queue while the model is busy
         client.async_infer("unet", inputs, callback=lambda result, error, index=index: done.put((index, result, error)))
     results = dict((index, (result, error)) for index, result, error in (done.get(timeout=60) for _ in requests))
-    after = client.get_inference_statistics("unet", as_json=True)["model_stats"][0]
+    after = client.get_inference_statistics("unet", headers=headers, as_json=True)["model_stats"][0]
     for index, (result, error) in results.items():
         assert error is None, error
         np.testing.assert_allclose(result.as_numpy("outputs"), alone[index], atol=1e-4)
@@ -169,7 +170,9 @@ def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):
     failed = {index: error for index, (_, error) in results.items() if error is not None}
     assert list(failed) == [3], failed
     assert TEXT_ENCODER.name in failed[3].message()
-    executions = client.get_inference_statistics(TEXT_ENCODER.name, as_json=True)["model_stats"][0]["execution_count"]
+    statistics = client.get_inference_statistics(TEXT_ENCODER.name, headers=torch_runtime_server.admin_headers(),
+                                                 as_json=True)
+    executions = statistics["model_stats"][0]["execution_count"]
     report(f"torch runtime: a bad request among 8 queued together failed alone ({executions} executions so far)")
 
 

@@ -84,10 +84,11 @@ def load_repository(repository, tmp_path_factory):
 
 
 def test_bounded_load(load_repository):
-    server = TritonServer(load_repository).start()
-    regions = set(server.shm_regions)  # one per stub: 4 networks + 2 pipeline instances
-    assert len(regions) == 6, regions
+    server, regions = TritonServer(load_repository), set()
     try:
+        server.start()
+        regions = set(server.shm_regions)  # one per stub of this server: 4 networks + 2 pipeline instances
+        assert len(regions) == 6, regions
         reference = {seed: BlsPipeline(server.grpc_url)(seed=seed, **OPTIONS) for seed in SEEDS}
         local = threading.local()
         latencies, failures, mismatches = [], [], []

@@ -138,6 +138,28 @@ def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server
     canary(server.grpc_url)
 
 
+def test_stalled_stub_is_restarted_before_it_can_take_the_server_down(server, reference, own_repository):
+    """A stub stopped for seconds (SIGSTOP: swapping, a debugger, a stuck driver call) is reported
+    "not healthy"; were it to resume, tritonserver 2.51 would abort. The supervisor restarts at the
+    first such canary, which ends the stalled stub with its server before it can resume."""
+    (pid,) = stub_pids(own_repository, "unet")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        log = []
+        with Supervisor(server, interval=1.0, failures=2, log=log.append) as supervisor:
+            started = time.monotonic()
+            images = BlsPipeline(server.grpc_url)(**FAST)  # retries "not healthy" until the restart is done
+            seconds = time.monotonic() - started
+        report(f"stalled UNet stub: service restored by the supervisor in {seconds:.1f} s")
+        assert supervisor.restarts >= 1 and any("not healthy" in line for line in log), log
+        assert np.array_equal(images, reference)
+        assert not Path(f"/proc/{pid}").exists(), "the stalled stub outlived its server"
+        assert server.process.poll() is None
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_unloaded_model_fails_in_flight_requests_clearly(server):
     client, headers = admin(server)
     thread, outcome = in_background(lambda: BlsPipeline(server.grpc_url, retry_for=0)(**LONG))

@@ -107,10 +107,18 @@ def test_repository_for_the_ngc_image_is_refused_locally_with_the_fix(repository
 
 def test_default_command_is_safe(repository):
     command = TritonServer(repository, http_port=1, grpc_port=2, metrics_port=3).command(Path("/server"))
-    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+    for flag in ("--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in command
+    # HTTP only when asked for (its frontend allocates a declared input size before reading it), then on loopback.
+    assert "--allow-http=false" in command and not any(a.startswith("--http-address") for a in command)
+    with_http = TritonServer(repository, http=True, http_port=1, grpc_port=2, metrics_port=3).command(Path("/server"))
+    assert "--http-address=127.0.0.1" in with_http and "--allow-http=false" not in with_http
     assert {"--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true"} <= set(command)
-    assert not any("restricted" in argument for argument in command)  # nothing to open: no model control
+    # The APIs that change state or reach another process's memory need a key, even with no model control.
+    server = TritonServer(repository, http_port=1, grpc_port=2, metrics_port=3)
+    rule = f"model-repository,shared-memory,logging,trace,statistics:admin-key={server.admin_key}"
+    assert f"--grpc-restricted-protocol={rule}" in server.command(Path("/server"))
+    assert len(server.admin_key) >= 32 and "--load-model=*" not in command
 
 
 def test_explicit_model_control_restricts_the_admin_apis(repository):
@@ -127,9 +135,43 @@ def test_models_cannot_be_unloaded_through_the_api_by_default(triton_server):
     from tritonclient.utils import InferenceServerException
 
     client = connect(triton_server.grpc_url)
-    with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+    with pytest.raises(InferenceServerException, match="restricted"):
         client.unload_model("unet")
+    with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+        client.unload_model("unet", headers=triton_server.admin_headers())  # not even with the key
     assert client.is_model_ready("unet")
+
+
+def test_default_server_opens_no_api_that_reaches_memory_or_changes_state(triton_server):
+    """Registering a stub's own shared-memory region as an output buffer corrupts its messages and
+    takes the server down: refused without the key, over gRPC and HTTP; inference, health and
+    metadata stay open."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from pipelines.client import connect
+    from tritonclient.utils import InferenceServerException
+
+    client = connect(triton_server.grpc_url)
+    region = sorted(triton_server.shm_regions)[0]
+    refused = [lambda: client.register_system_shared_memory("stub", f"/{region}", 1 << 20),
+               lambda: client.register_cuda_shared_memory("stub", b"0" * 64, 0, 1 << 20),
+               lambda: client.get_system_shared_memory_status(),
+               lambda: client.update_log_settings({"log_verbose_level": 1}),
+               lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+               lambda: client.get_inference_statistics()]
+    for call in refused:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            call()
+    request = urllib.request.Request(
+        f"http://{triton_server.http_url}/v2/systemsharedmemory/region/stub/register", method="POST",
+        data=json.dumps({"key": f"/{region}", "offset": 0, "byte_size": 1 << 20}).encode())
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 403 and b"restricted" in caught.value.read()
+    assert client.get_system_shared_memory_status(headers=triton_server.admin_headers()) is not None  # the key opens it
+    assert client.is_server_live() and client.is_model_ready("unet") and client.get_model_metadata("unet")
 
 
 def test_no_request_content_is_ever_evaluated_or_unpickled():
@@ -202,3 +244,67 @@ def test_a_model_runs_in_its_own_environment_which_shares_this_ones_packages(tmp
 def test_activation_archive_of_a_folder_without_python_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"'.*nowhere' has no bin/python3: create it with"):
         environments.activation_archive(tmp_path / "nowhere")
+
+
+def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_restart(repository, tmp_path):
+    import os
+    import shutil
+    import signal
+
+    from utils.server import process_group, shm_regions
+
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    server = TritonServer(copy)
+    try:
+        server.start()
+        pid, regions = server.process.pid, set(server.shm_regions)
+        assert len(regions) == 6, regions  # this server's own: 4 networks and 2 pipeline instances
+        os.kill(pid, signal.SIGKILL)
+        server.process.wait()
+        assert process_group(pid), "the stubs outlive a killed server: what stop() has to end"
+        crashed_log = server.log_file.read_text()
+        server.restart()  # as the supervisor does
+        assert process_group(pid) == {} and not regions & shm_regions()
+        log = server.log_file.read_text()
+        assert log.startswith(crashed_log) and "--- restarted at" in log  # the dead server's log kept
+    finally:
+        server.stop()
+    assert not server.shm_regions and not regions & shm_regions()
+
+
+def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(repository, tmp_path):
+    """A refused 100 MB prompt is copied into the pipeline stub's shared memory first, which grows
+    and never shrinks (Triton 2.51). The supervisor restarts a server over its memory limit."""
+    import shutil
+    import time
+
+    import numpy as np
+    from conftest import report
+    from tritonclient.utils import InferenceServerException
+
+    from pipelines.bls import BlsPipeline
+    from utils.health import Supervisor
+
+    copy = tmp_path / "repository"
+    shutil.copytree(repository, copy)
+    with TritonServer(copy) as server:
+        baseline = server.memory()
+        bls = BlsPipeline(server.grpc_url, retry_for=0)
+        with pytest.raises(InferenceServerException, match=r"prompt\[0\] has 100000000 bytes: the limit is 2048"):
+            bls.infer({"prompt": np.array([b"x" * 100_000_000], dtype=object)})
+        grown = server.memory() - baseline
+        log = []
+        with Supervisor(server, interval=0.5, memory_limit=baseline + grown // 2, log=log.append) as supervisor:
+            deadline = time.monotonic() + 60
+            while not supervisor.restarts and time.monotonic() < deadline:
+                time.sleep(0.2)
+            while "supervisor: tritonserver is serving again" not in log and time.monotonic() < deadline:
+                time.sleep(0.2)
+        after = server.memory() - baseline
+        report(f"a refused 100 MB prompt: server and stubs +{grown / 2**20:.0f} MiB until the supervisor's "
+               f"restart, then {after / 2**20:+.0f} MiB")
+        assert grown > 100 * 2**20 and supervisor.restarts == 1, log
+        assert any("over its limit" in line for line in log)
+        assert after < grown / 2
+        assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1

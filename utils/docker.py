@@ -48,12 +48,19 @@ def docker_gpus(gpus: tuple[int, ...] | None) -> str:
     return "all" if gpus is None else '"device=' + ",".join(map(str, gpus)) + '"'
 
 
-def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None) -> list[str]:
-    """The classic `docker run ... tritonserver` launch, on the serving image, with the ports bound to localhost, on
-    these GPUs (None: all)."""
+def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, access=None,
+                  http: bool = False) -> list[str]:
+    """The classic `docker run ... tritonserver` launch, on the serving image, with the ports bound to
+    localhost, on these GPUs (None: all), with the local server's safe defaults: the admin APIs
+    behind ``access``'s key (utils/server/access.py), HTTP only when asked for."""
+    from utils.server.access import AccessPolicy
+
+    access = access or AccessPolicy()
+    ports = (8000, 8001, 8002) if http else (8001, 8002)
     return [
         "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
-        "-p", f"{LOCALHOST}:8000:8000", "-p", f"{LOCALHOST}:8001:8001", "-p", f"{LOCALHOST}:8002:8002",
+        *[argument for port in ports for argument in ("-p", f"{LOCALHOST}:{port}:{port}")],
         "-v", f"{Path(model_repository).resolve()}:/models",
-        SERVE_IMAGE, "tritonserver", "--model-repository=/models",
+        SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(),
+        *([] if http else ["--allow-http=false"]),
     ]

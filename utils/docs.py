@@ -16,7 +16,8 @@ from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STE
                                max_inference_steps)
 from utils import specs
 from utils.engines import trtexec_command
-from utils.layout import PRODUCTION_REPOSITORY
+from utils.docker import SERVE_IMAGE
+from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, preset_dims
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
@@ -83,6 +84,20 @@ def unet_trtexec() -> str:
     return "```\n" + " \\\n".join(lines) + " \\\n    " + " ".join(command[-2:]) + "\n```"
 
 
+def docker_serve() -> str:
+    """The launcher's --docker command, with a placeholder for the key it makes at each start."""
+    from utils.docker import serve_command
+    from utils.server.access import AccessPolicy
+
+    access = AccessPolicy(admin_key="<key>")
+    command = serve_command(PROJECT_ROOT / DEFAULT_REPOSITORY, access=access)
+    words = [word.replace(str(PROJECT_ROOT), "$PWD") for word in command]
+    image = words.index(SERVE_IMAGE)
+    lines = [" ".join(words[:image]), " ".join(words[image:image + 3])] + [
+        " ".join(words[i:i + 1]) for i in range(image + 3, len(words))]
+    return "```bash\npython scripts/launch_triton_server.py --docker\n# = " + " \\\n#     ".join(lines) + "\n```"
+
+
 def profile_words() -> str:
     text, vae = specs.TEXT_ENCODER.profile, specs.VAE_DECODER.profile
     return f"{text.min}-{text.max} rows for the text encoder and the UNet, {vae.min}-{vae.max} for the VAE"
@@ -106,7 +121,7 @@ def tiny_sizes() -> str:
 SECTIONS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
-    "tiny-sizes": tiny_sizes,
+    "tiny-sizes": tiny_sizes, "docker-serve": docker_serve,
 }
 
 

@@ -61,35 +61,57 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None) -
         client.close()
 
 
+# What Triton 2.51 never recovers from by itself: waiting for another canary only lengthens the
+# outage (and a stalled stub that resumes can abort the server: restarting first avoids it).
+BEYOND_RECOVERY = ("is not healthy",)
+
+
+def default_memory_limit(baseline: int) -> int:
+    """What a server may grow to before it is restarted: twice what it held when the supervisor
+    started, and 1 GiB more. The Python backend's shared memory grows with the largest request a
+    stub has seen and never shrinks (a refused 100 MB prompt leaves ~300 MB behind for good)."""
+    return 2 * baseline + 2**30
+
+
 class Supervisor:
-    """Restarts ``server`` when its process dies or ``failures`` canaries in a row fail."""
+    """Restarts ``server`` when its process dies, when a canary finds a stub that is not healthy,
+    when ``failures`` canaries in a row fail for another reason, or when the server and its stubs
+    hold more memory than ``memory_limit`` bytes (None: ``default_memory_limit``; 0: no limit)."""
 
     def __init__(self, server, interval: float = 10.0, failures: int = 2,
-                 check: Callable[[str], None] | None = None, log: Callable[[str], None] = print):
+                 check: Callable[[str], None] | None = None, log: Callable[[str], None] = print,
+                 memory_limit: int | None = None):
         if check is None:  # the names this server's repository serves its networks under
             check = functools.partial(canary, networks=served_networks(server.model_repository))
         self.server, self.interval, self.failures, self.check, self.log = server, interval, failures, check, log
+        self.memory_limit = default_memory_limit(server.memory()) if memory_limit is None else memory_limit
         self.restarts = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def check_once(self) -> bool:
-        """True if the server serves; False if it failed this time."""
+    def check_once(self) -> str:
+        """"serving", "failed" (this time), or "beyond recovery" (a dead server or stub)."""
         if self.server.process is None or self.server.process.poll() is not None:
             self.log("supervisor: tritonserver is not running")
-            return False
+            return "beyond recovery"
         try:
             self.check(self.server.grpc_url)
-            return True
         except CanaryFailed as error:
             self.log(f"supervisor: canary failed: {error}")
-            return False
+            return "beyond recovery" if any(s in str(error) for s in BEYOND_RECOVERY) else "failed"
+        held = self.server.memory()
+        if self.memory_limit and held > self.memory_limit:
+            self.log(f"supervisor: tritonserver holds {held / 2**20:.0f} MiB, over its limit of "
+                     f"{self.memory_limit / 2**20:.0f} MiB")
+            return "beyond recovery"
+        return "serving"
 
     def run(self) -> None:
         consecutive = 0
         while not self._stop.wait(self.interval):
-            consecutive = 0 if self.check_once() else consecutive + 1
-            if consecutive >= self.failures or (consecutive and self.server.process is None):
+            state = self.check_once()
+            consecutive = 0 if state == "serving" else consecutive + 1
+            if consecutive >= self.failures or state == "beyond recovery":
                 self.log(f"supervisor: restarting tritonserver (restart {self.restarts + 1})")
                 self.restarts += 1
                 consecutive = 0

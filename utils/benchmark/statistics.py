@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 
+from tritonclient.utils import InferenceServerException
+
 from pipelines.client import connect
+from utils.errors import UsageError
 from utils.layout import network_of
 
 STAGES = ("text_encoder", "unet", "vae_decoder")
@@ -19,6 +22,7 @@ class TritonStatistics:
     """Cumulative per-network figures from Triton's statistics API."""
 
     def __init__(self, url: str, headers: dict[str, str] | None = None):
+        self.url = url
         self.client = connect(url)
         self.headers = headers  # the admin key, where the statistics API is restricted
 
@@ -36,7 +40,13 @@ class TritonStatistics:
         return previous
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        statistics = self.client.get_inference_statistics(as_json=True, headers=self.headers)
+        try:
+            statistics = self.client.get_inference_statistics(as_json=True, headers=self.headers)
+        except InferenceServerException as error:
+            if "restricted" in (error.message() or ""):
+                raise UsageError(f"the statistics API of the server at {self.url} needs its admin key: pass "
+                                 f"--admin-key (the launcher prints it at start).") from None
+            raise
         return per_network(statistics.get("model_stats", []))
 
     @staticmethod

@@ -11,7 +11,8 @@ With Docker, the project's serving image runs the same repository (utils/docker.
 
 from utils.errors import TritonServerError
 from utils.server.install import server_environment, shared_libpython
-from utils.server.process import TritonServer, free_port, port_in_use, shm_regions, stop_on_sigterm
+from utils.server.process import (TritonServer, free_port, port_in_use, process_group, resident_bytes,
+                                  shm_regions, stop_on_sigterm)
 
-__all__ = ["TritonServer", "TritonServerError", "free_port", "port_in_use", "server_environment",
-           "shared_libpython", "shm_regions", "stop_on_sigterm"]
+__all__ = ["TritonServer", "TritonServerError", "free_port", "port_in_use", "process_group", "server_environment",
+           "resident_bytes", "shared_libpython", "shm_regions", "stop_on_sigterm"]

@@ -1,8 +1,11 @@
 """Which of the server's APIs are open to whom.
 
-Inference, health and metadata stay open. The APIs that can change the server's state or reveal
-it (model repository, shared memory, logging, trace, statistics) are restricted to holders of an
-admin key, a random one per start, whenever models can be loaded through the API.
+Inference, health and metadata stay open. The APIs that can change the server's state, reach
+another process's memory or reveal what it serves (model repository, shared memory, logging,
+trace, statistics) are always restricted to holders of an admin key, a random one per start:
+registering a Python stub's own shared-memory region as an output buffer, for one, corrupts the
+stub's messages and takes the server down, and nothing in this tutorial needs a client to
+register shared memory.
 """
 
 from __future__ import annotations
@@ -28,20 +31,19 @@ class AccessPolicy:
     def __post_init__(self):
         if self.model_control not in MODEL_CONTROL_MODES:
             raise UsageError(f"model_control={self.model_control!r}: use one of {MODEL_CONTROL_MODES} (--model-control).")
-        if self.model_control == "explicit" and self.admin_key is None:
+        if self.admin_key is None:
             self.admin_key = secrets.token_urlsafe(24)
 
     def arguments(self) -> list[str]:
         """tritonserver's flags for this policy."""
-        arguments = [f"--model-control-mode={self.model_control}"]
+        rule = f"{ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"
+        arguments = [f"--model-control-mode={self.model_control}", f"--grpc-restricted-protocol={rule}",
+                     f"--http-restricted-api={rule}"]
         if self.model_control == "explicit":
-            rule = f"{ADMIN_APIS}:{ADMIN_HEADER}={self.admin_key}"
-            arguments += ["--load-model=*", f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
+            arguments.append("--load-model=*")
         return arguments
 
     def headers(self, protocol: str = "grpc") -> dict[str, str]:
-        """Headers that open the restricted APIs (none where nothing is restricted)."""
-        if not self.admin_key:
-            return {}
+        """Headers that open the restricted APIs."""
         prefix = GRPC_HEADER_PREFIX if protocol == "grpc" else ""
         return {prefix + ADMIN_HEADER: self.admin_key}

@@ -30,6 +30,41 @@ def shm_regions() -> set[str]:
         return set()
 
 
+def process_group(pgid: int) -> dict[int, list[str]]:
+    """{pid: command line} of the live processes in a process group (a server and its stubs)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == pgid:
+                members[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ProcessLookupError):
+            continue
+    return members
+
+
+def resident_bytes(pgid: int) -> int:
+    """Memory a server and its stubs hold: their resident set sizes, summed (a page two of them
+    map counts twice, which only errs on the safe side for a limit)."""
+    total = 0
+    for pid in process_group(pgid):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def stub_regions(pgid: int) -> set[str]:
+    """The shared-memory regions of a server's own stubs: each stub is given its region's name on
+    its command line (counting /dev/shm before and after a start would take in other servers')."""
+    return {argument for command in process_group(pgid).values() for argument in command
+            if argument.startswith(SHM_PREFIX)}
+
+
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt in a script, so that its ``with TritonServer`` blocks and
     ``finally`` clauses stop the server it started instead of leaving it running."""
@@ -63,14 +98,18 @@ class TritonServer:
     metrics_port: int | None = None
     startup_timeout: float = 180.0
     exit_timeout: int = 30  # seconds Triton waits for in-flight requests on SIGTERM
-    model_control: str = "none"  # "explicit": models load through the API, behind admin_key (access.py)
-    admin_key: str | None = None
+    model_control: str = "none"  # "explicit": models load through the API (behind admin_key, access.py)
+    admin_key: str | None = None  # opens the restricted APIs; a random one per server unless given
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     cuda_pool_bytes: int = 2**30  # per GPU that the repository places instances on
     gpus: tuple[int, ...] | None = None  # the GPUs the server may use (CUDA_VISIBLE_DEVICES); None: all
+    # Triton 2.51's HTTP frontend allocates an input's declared shape before it reads the data (a
+    # 172-byte request can make it allocate 4 GB); gRPC checks the shape first. Off unless asked for.
+    http: bool = False
     process: subprocess.Popen | None = field(default=None, init=False)
     shm_regions: set[str] = field(default_factory=set, init=False)  # made by this server's stubs
+    starts: int = field(default=0, init=False)
     pool_gpus: set[int] = field(default_factory=set, init=False)  # GPUs given a CUDA memory pool
 
     ADMIN_HEADER = access.ADMIN_HEADER
@@ -96,7 +135,8 @@ class TritonServer:
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={Path(self.model_repository).resolve()}",
             f"--backend-directory={server_dir / 'backends'}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            *([f"--http-address={self.host}", f"--http-port={self.http_port}"] if self.http
+              else ["--allow-http=false"]),
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-cpu-metrics=false",
@@ -108,6 +148,14 @@ class TritonServer:
             *(f"--cuda-memory-pool-byte-size={gpu}:{self.cuda_pool_bytes}" for gpu in sorted(self.pool_gpus)),
             *self.extra_args,
         ]
+
+    def ports(self) -> tuple[str, ...]:
+        """The port attributes this server listens on."""
+        return PORTS if self.http else tuple(p for p in PORTS if p != "http_port")
+
+    def memory(self) -> int:
+        """Bytes the running server and its stubs hold (0 when it is not running)."""
+        return resident_bytes(self.process.pid) if self.process else 0
 
     def _check_gpus(self, repository: Path) -> set[int]:
         """The GPUs the repository places instances on, which this machine must have; each gets a
@@ -123,7 +171,7 @@ class TritonServer:
         return placed
 
     def _choose_ports(self) -> None:
-        for name in PORTS:
+        for name in self.ports():
             port = getattr(self, name)
             if port is None:
                 setattr(self, name, free_port(self.host))
@@ -148,15 +196,19 @@ class TritonServer:
         self._choose_ports()
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
-        regions_before = shm_regions()
-        with open(self.log_file, "wb") as log:
+        # A restart appends: the log of the server that died (its abort message) stays readable.
+        with open(self.log_file, "ab" if self.starts else "wb") as log:
+            if self.starts:
+                log.write(f"\n--- restarted at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+                log.flush()
             self.process = subprocess.Popen(
                 self.command(server_dir), stdout=log, stderr=subprocess.STDOUT,
                 env=server_environment(libpython, self.gpus),
                 start_new_session=True,  # its own process group: stop() ends the stubs with it
             )
+        self.starts += 1
         self._wait_until_ready()
-        self.shm_regions = shm_regions() - regions_before
+        self.shm_regions = stub_regions(self.process.pid)
         return self
 
     def _wait_until_ready(self) -> None:
@@ -187,20 +239,26 @@ class TritonServer:
         return log_tail(self.log_file, lines)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the process this object started (and its stubs), nothing else."""
+        """Stop the process this object started and its stubs, nothing else; also after the
+        server died or was killed, when its stubs live on without it."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        process.terminate()  # the server stops its Python-backend stubs itself
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        try:  # anything of its process group still alive (a stuck stub) goes too
+        if process.poll() is None:
+            process.terminate()  # the server stops its Python-backend stubs itself
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.shm_regions |= stub_regions(process.pid)  # stubs still alive (a dead server's) say theirs
+        try:  # anything of its process group still alive (a stuck or orphaned stub) goes too
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 5
+        while process_group(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         # A stub that was killed (or a server that had to be) leaves its shared-memory region
         # behind; the regions this server's stubs made are known, so remove those left.
         for region in self.shm_regions & shm_regions():
@@ -210,7 +268,7 @@ class TritonServer:
     def restart(self, stop_timeout: float = 30.0) -> TritonServer:
         """Stop and start again on the same ports, so clients reconnect to the same address."""
         self.stop(stop_timeout)
-        for name in PORTS:  # wait for the old sockets to go
+        for name in self.ports():  # wait for the old sockets to go
             port = getattr(self, name)
             deadline = time.monotonic() + 30
             while port_in_use(port, self.host) and time.monotonic() < deadline:

@@ -1,0 +1,50 @@
+"""Which failures the clients wait out and retry, and which they report at once."""
+
+from __future__ import annotations
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from pipelines.client import is_retryable
+
+
+@pytest.mark.parametrize("message, status, retried", [
+    ("failed to connect to all addresses", "StatusCode.UNAVAILABLE", True),  # a server restarting
+    ("Request for unknown model: 'pipeline_text_to_image' has no available versions", "StatusCode.NOT_FOUND",
+     True),  # a server shutting down unloads its models
+    ("model 'unet' failed: Stub process 'unet_0_0' is not healthy.", "StatusCode.INTERNAL", True),
+    ("Request for unknown model: 'unet_gpu0' is not found", "StatusCode.UNAVAILABLE", False),  # never coming
+    ("This protocol is restricted, expecting header 'triton-grpc-protocol-admin-key'", "StatusCode.UNAVAILABLE",
+     False),
+    ("num_inference_steps=0 is not allowed: use an integer in [1, 999].", "StatusCode.INVALID_ARGUMENT", False),
+    ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", False),
+])
+def test_retry_rules(message, status, retried):
+    assert is_retryable(InferenceServerException(message, status=status)) is retried
+    assert not is_retryable(ValueError(message))
+
+
+@pytest.mark.slow
+def test_two_threads_can_make_their_first_pipeline_at_once(tiny_model):
+    """In a fresh interpreter (transformers' lazy imports not yet done), two threads load the
+    pipeline's components at the same moment: both succeed."""
+    import subprocess
+    import sys
+
+    code = f"""
+import threading, utils
+from pipelines.stable_diffusion import PipelineComponents
+errors, start = [], threading.Barrier(2)
+def load():
+    start.wait()
+    try:
+        PipelineComponents.from_pretrained({str(tiny_model)!r})
+    except Exception as error:
+        errors.append(repr(error))
+threads = [threading.Thread(target=load) for _ in range(2)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print(errors)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
