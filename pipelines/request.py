@@ -1,13 +1,15 @@
-"""A text-to-image request and its checks, shared by the client-side pipeline and the BLS model.
+"""A generation request and its checks, shared by every client and every served model.
 
-Every error names the argument, the value received and what is allowed, so that a client can
-fix its request from the message alone (no traceback, no server path).
+Text to image, or image to image where the request carries an ``image`` and a ``strength``, with
+the arguments named as diffusers names them. Every error names the argument, the value received
+and what is allowed, so that a client can fix its request from the message alone (no traceback,
+no server path).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -18,6 +20,7 @@ from utils.errors import UserError
 
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
+DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
 MAX_PROMPT_BYTES = 2048  # far above what the tokenizer keeps (77 tokens), small enough to be harmless
 GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 SEED_RANGE = (0, 2**63 - 1)
@@ -29,8 +32,10 @@ class InvalidRequest(UserError, ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: Sequence[str]
+    prompt: Sequence[str] = ()
     negative_prompt: Sequence[str] | None = None
+    image: np.ndarray | None = None  # image to image: uint8 [N, H, W, 3] (or [H, W, 3]), one per prompt or one for all
+    strength: float = DEFAULT_STRENGTH  # image to image: how much of the image is noised away, in (0, 1]
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     seed: int | None = None  # None: a fresh random seed
@@ -52,16 +57,20 @@ class GenerationRequest:
         return list(self.negative_prompt)
 
 
+REQUEST_FIELDS = {field.name for field in fields(GenerationRequest)}
+
+
 def max_inference_steps(scheduler_config: dict) -> int:
     """More steps than training timesteps (less the offset) index past the schedule: PNDM with
     SD1.5's config fails at 1000 steps, inside diffusers' own pipeline too."""
     return scheduler_config.get("num_train_timesteps", 1000) - scheduler_config.get("steps_offset", 0)
 
 
-def check_request(request: GenerationRequest, max_prompts: int, max_steps: int | None) -> GenerationRequest:
+def check_request(request: GenerationRequest, max_prompts: int, max_steps: int | None,
+                  image_size: tuple[int, int] | None = None) -> GenerationRequest:
     """Validate every field; return the request with its types normalized (str, float, int).
     ``max_steps=None``: no upper bound on the steps here (a client that does not know the served
-    scheduler leaves that check to the server)."""
+    scheduler leaves that check to the server); ``image_size``: the (height, width) an image must have."""
     prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)
     negatives = None
     if request.negative_prompt is not None and len(request.negative_prompt) > 0:
@@ -72,6 +81,14 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
                 f"send one negative prompt per prompt, or a single one for all."
             )
         negatives = _check_texts("negative_prompt", negatives, max_prompts, required=False)
+    image = None if request.image is None else check_image(request.image, len(prompts), image_size)
+    request = replace(request, prompt=prompts, negative_prompt=negatives, image=image)
+    return check_options(request, max_steps, image_to_image=image is not None)
+
+
+def check_options(request: GenerationRequest, max_steps: int | None, image_to_image: bool) -> GenerationRequest:
+    """The numeric options alone (what a step without prompts, such as denoise, receives); the
+    strength only matters, and is only checked, from an image."""
     guidance = _number("guidance_scale", request.guidance_scale, float)
     low, high = GUIDANCE_SCALE_RANGE
     if not (math.isfinite(guidance) and low <= guidance <= high):
@@ -85,40 +102,69 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
         seed = _number("seed", seed, int)
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed={seed} is not allowed: use an integer in [0, 2**63 - 1].")
-    return replace(request, prompt=prompts, negative_prompt=negatives, guidance_scale=guidance,
-                   num_inference_steps=steps, seed=seed)
+    strength = _number("strength", request.strength, float)
+    if image_to_image and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise InvalidRequest(f"strength={strength!r} is not allowed: use a number in (0, 1].")
+    if image_to_image and int(steps * strength) < 1:  # diffusers' img2img keeps int(steps * strength) steps
+        raise InvalidRequest(f"strength={strength:g} with num_inference_steps={steps} leaves no denoising step: "
+                             f"raise strength to at least {1 / steps:g} or the steps.")
+    return replace(request, guidance_scale=guidance, num_inference_steps=steps, seed=seed, strength=strength)
 
 
-def request_to_arrays(request: GenerationRequest) -> dict[str, np.ndarray]:
-    """The input tensors of the pipeline model for ``request``; its fields are named as the inputs."""
+def check_image(image, prompts: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    """An image batch: uint8 [N, H, W, 3] (a single [H, W, 3] image is one), N = 1 or one per
+    prompt (``prompts=None``: any N)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
+        raise InvalidRequest(f"image is {kind}: send uint8 RGB pixels, shape [N, H, W, 3].")
+    if image.ndim == 3:
+        image = image[None]
+    height, width = size if size is not None else image.shape[1:3]
+    expected = f"[N, {height}, {width}, 3]" + (f" (N = 1 or one per prompt: {prompts})" if prompts else "")
+    counts = (1, prompts) if prompts else range(1, image.shape[0] + 1)
+    if image.ndim != 4 or image.shape[1:] != (height, width, 3) or image.shape[0] not in counts:
+        raise InvalidRequest(f"image has shape {list(image.shape)}: send {expected}.")
+    return image
+
+
+def request_to_arrays(request: GenerationRequest, spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> dict[str, np.ndarray]:
+    """The input tensors of a pipeline model for ``request``; its fields are named as the inputs."""
     arrays = {}
-    for tensor in specs.TEXT_TO_IMAGE.inputs:
+    for tensor in spec.inputs:
         value = getattr(request, tensor.name)
         if value is None:
+            continue
+        if isinstance(value, np.ndarray):
+            arrays[tensor.name] = np.ascontiguousarray(value)
             continue
         values = [v.encode("utf-8") if isinstance(v, str) else v for v in _as_list(value)]
         arrays[tensor.name] = np.array(values, dtype=triton_to_np_dtype(tensor.dtype))
     return arrays
 
 
-def request_from_arrays(arrays: Mapping[str, np.ndarray | None]) -> GenerationRequest:
-    """Build a request from the input tensors of the pipeline model.
+def request_from_arrays(arrays: Mapping[str, np.ndarray | None],
+                        spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> GenerationRequest:
+    """Build a request from the input tensors of a pipeline model (those named as request fields).
 
     Values are not range-checked here: check_request does that for every pipeline.
     """
-    fields = {}
-    for tensor in specs.TEXT_TO_IMAGE.inputs:
+    fields_ = {}
+    for tensor in spec.inputs:
+        if tensor.name not in REQUEST_FIELDS:  # a step's tensor (text embeddings, ...), not an option
+            continue
         array = arrays.get(tensor.name)
         if array is None:
             if not tensor.optional:
                 raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape {list(tensor.dims)}.")
         elif tensor.dtype == "BYTES":
-            fields[tensor.name] = _decode(tensor.name, array)
-        elif array.size != 1:
-            raise InvalidRequest(f"{tensor.name} has {array.size} values: send exactly one, shape [1].")
+            fields_[tensor.name] = _decode(tensor.name, array)
+        elif tensor.dims == (1,):
+            if array.size != 1:
+                raise InvalidRequest(f"{tensor.name} has {array.size} values: send exactly one, shape [1].")
+            fields_[tensor.name] = array.reshape(-1)[0].item()
         else:
-            fields[tensor.name] = array.reshape(-1)[0].item()
-    return GenerationRequest(**fields)
+            fields_[tensor.name] = array
+    return GenerationRequest(**fields_)
 
 
 def _as_list(value) -> list:

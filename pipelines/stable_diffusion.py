@@ -1,26 +1,28 @@
-"""The Stable Diffusion text-to-image loop, written once.
+"""The Stable Diffusion loop, text to image and image to image, written once.
 
-The client-side pipeline (pipelines/ensemble.py) and the BLS model
-(triton/models/pipeline_text_to_image) run this same code; they differ only in how a network is
-called: ``run_network(spec, *inputs) -> outputs``, over gRPC or as a BLS sub-request. Same seed
-and settings give the image of ``diffusers.StableDiffusionPipeline`` (tests/test_end_to_end.py).
+The client-side pipeline (pipelines/client_side.py), the BLS models (triton/models/pipeline_*)
+and the ensembles' Python steps (tokenizer, denoise, postprocess, preprocess_image) run this same
+code; they differ only in how a network is called: ``run_network(spec, *inputs) -> outputs``, over
+gRPC or as a BLS sub-request, or in which steps they run. Same seed and settings give the image of
+``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` (tests/test_end_to_end.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import secrets
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.request import GenerationRequest, check_request, max_inference_steps
+from pipelines.request import (GenerationRequest, InvalidRequest, check_options, check_request,
+                               max_inference_steps)
 from utils import specs
 
 
@@ -35,47 +37,57 @@ class Cancelled(RuntimeError):
     pass
 
 
-@dataclass
 class PipelineComponents:
-    """What the loop needs from a checkpoint besides the networks: no weights."""
+    """What the loop needs from a checkpoint besides the networks: no weights. The tokenizer and
+    the scheduler load when first used, so that a model that needs neither (an ensemble's image
+    steps) starts without importing transformers or diffusers."""
 
-    tokenizer: object
-    scheduler: object  # a fresh scheduler, copied for each request (new_scheduler)
-    scheduler_config: dict
-    dims: specs.ModelDims
-    vae_scaling_factor: float
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.scheduler_config = json.loads((self.model_dir / "scheduler" / "scheduler_config.json").read_text())
+        vae_config = json.loads((self.model_dir / "vae" / "config.json").read_text())
+        self.vae_scaling_factor = vae_config.get("scaling_factor", 0.18215)
+        self.dims = specs.ModelDims.from_pretrained(self.model_dir)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> PipelineComponents:
-        with _LAZY_IMPORTS:  # transformers' lazy module fails two threads importing from it at once
-            import diffusers
-            from transformers import CLIPTokenizer
+        return cls(model_dir)
 
-        model_dir = Path(model_dir)
-        scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-        vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
-        scheduler_class = getattr(diffusers, scheduler_config["_class_name"])
+    @functools.cached_property
+    def tokenizer(self):
+        with _LAZY_IMPORTS:  # transformers' lazy module fails two threads importing from it at once
+            from transformers import CLIPTokenizer
+        return CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
+
+    @functools.cached_property
+    def scheduler(self):
+        """The checkpoint's scheduler, never used itself: each request gets a copy (new_scheduler)."""
+        with _LAZY_IMPORTS:
+            import diffusers
+        scheduler_class = getattr(diffusers, self.scheduler_config["_class_name"])
         # The constructor, not from_config: from_config imports every compatible scheduler class
         # on each call, and some import scipy, which fails in the pipeline model's numpy 1
         # environment (utils/environments.py). Config keys the class does not take (another
         # scheduler's, like clip_sample for PNDM) are left out, as from_config leaves them.
         accepted = inspect.signature(scheduler_class.__init__).parameters
-        scheduler = scheduler_class(**{k: v for k, v in scheduler_config.items() if k in accepted})
-        return cls(
-            tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-            scheduler=scheduler,
-            scheduler_config=scheduler_config,
-            dims=specs.ModelDims.from_pretrained(model_dir),
-            vae_scaling_factor=vae_config.get("scaling_factor", 0.18215),
-        )
+        return scheduler_class(**{k: v for k, v in self.scheduler_config.items() if k in accepted})
 
     def new_scheduler(self):
         """A scheduler of a request's own: PNDM keeps state between steps."""
         return copy.deepcopy(self.scheduler)
 
 
+class InvalidImage(RuntimeError):
+    """A generated image is not finite or is one flat colour: never sent as a success."""
+
+
 class StableDiffusion:
-    """Text to image with classifier-free guidance, one network call at a time."""
+    """Text to image and image to image with classifier-free guidance, one network call at a time.
+
+    Each step is a method of its own, in the order a request goes through them, so that the
+    ensembles' Python models (tokenizer, denoise, postprocess, preprocess_image) run exactly this
+    code; ``__call__`` runs them all, as the client-side pipeline and the BLS models do.
+    """
 
     def __init__(self, components: PipelineComponents, run_network: RunNetwork,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -83,7 +95,7 @@ class StableDiffusion:
         self.run_network = run_network
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
-        self.max_prompts = specs.TEXT_TO_IMAGE.max_prompts()
+        self.max_prompts = specs.MAX_PROMPTS
         self.max_steps = max_inference_steps(components.scheduler_config)
 
     def run(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -92,12 +104,18 @@ class StableDiffusion:
         return tuple(output.to(self.device) for output in self.run_network(network, *inputs))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
-        return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps)
+        dims = self.components.dims
+        return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps,
+                             image_size=(dims.image_height, dims.image_width))
 
-    def warm_up(self, steps: int = 3) -> None:
-        """Run the loop's own work once (tokenizer, scheduler, guidance, post-processing) with
-        networks that return zeros, so that this process's first request does not pay for lazy
-        initialization (CUDA context, kernel loading, allocator pools), and calls no model."""
+    def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
+        return check_options(request, self.max_steps, image_to_image)
+
+    def warm_up(self, steps: int = 3, tokenize: bool = True) -> None:
+        """Run the loop's own work once (tokenizer, scheduler, guidance) with networks that return
+        zeros, so that this process's first request does not pay for lazy initialization (CUDA
+        context, kernel loading, allocator pools), and calls no model. ``tokenize=False``: for a
+        model that is given text embeddings."""
         dims = self.components.dims
 
         def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -105,40 +123,78 @@ class StableDiffusion:
             return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
                          for t in network.outputs)
 
-        StableDiffusion(self.components, zeros, self.dtype, self.device)(
-            GenerationRequest(prompt="warm-up", num_inference_steps=steps, seed=0))
+        idle = StableDiffusion(self.components, zeros, self.dtype, self.device)
+        request = GenerationRequest(prompt="warm-up", num_inference_steps=steps, seed=0)
+        text_embeddings = (idle.encode_prompt(request) if tokenize
+                           else zeros(specs.TEXT_ENCODER, torch.zeros(2))[0])
+        idle.decode(idle.denoise(text_embeddings, request))
 
     def __call__(self, request: GenerationRequest, progress: bool = False,
                  is_cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
         """Generate; return uint8 images [N, H, W, 3] on the CPU."""
         request = self.check(request)
-        dims = self.components.dims
-        cfg = request.do_classifier_free_guidance
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        text_embeddings = self.encode_prompt(request)
+        latent_parameters = None if request.image is None else self.encode_image(request.image)
+        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled)
+        return self.postprocess(self.decode(latents))
+
+    # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
+    def tokenize(self, request: GenerationRequest) -> torch.Tensor:
+        texts = (request.negative_prompts() if request.do_classifier_free_guidance else []) + list(request.prompt)
+        tokens = self.components.tokenizer(texts, padding="max_length", max_length=self.components.dims.text_length,
+                                           truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(device=self.device, dtype=torch.int32)
+
+    # 2. One text encoder call for both halves.
+    def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
+        (text_embeddings,) = self.run(specs.TEXT_ENCODER, self.tokenize(request))
+        return text_embeddings
+
+    # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
+    def preprocess_image(self, images) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> [N, 3, H, W] in [-1, 1] at the served precision, as diffusers'
+        VaeImageProcessor does for PIL images."""
+        pixels = torch.as_tensor(images).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return (2.0 * pixels - 1.0).to(device=self.device, dtype=self.dtype)
+
+    def encode_image(self, images) -> torch.Tensor:
+        (latent_parameters,) = self.run(specs.VAE_ENCODER, self.preprocess_image(images))
+        return latent_parameters
+
+    # 3-5. The loop: timesteps, initial latents, denoising.
+    def denoise(self, text_embeddings: torch.Tensor, options: GenerationRequest,
+                latent_parameters: torch.Tensor | None = None, progress: bool = False,
+                is_cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+        """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to
+        image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength."""
+        text_embeddings = text_embeddings.to(device=self.device, dtype=self.dtype)
+        cfg = options.do_classifier_free_guidance
+        rows = text_embeddings.shape[0]
+        if cfg and rows % 2:
+            raise InvalidRequest(f"text_embeddings has {rows} rows: with guidance_scale > 1 send the unconditional "
+                                 f"and the conditional rows of each prompt (an even number).")
+        batch = rows // 2 if cfg else rows
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
-
-        # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
-        texts = (request.negative_prompts() if cfg else []) + list(request.prompt)
-        tokens = self.components.tokenizer(
-            texts, padding="max_length", max_length=dims.text_length, truncation=True, return_tensors="pt"
-        )
-
-        # 2. One text encoder call for both halves.
-        input_ids = tokens.input_ids.to(device=self.device, dtype=torch.int32)
-        (text_embeddings,) = self.run(specs.TEXT_ENCODER, input_ids)
 
         # 3. A scheduler of this request's own: PNDM keeps state between steps.
         scheduler = self.components.new_scheduler()
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        scheduler.set_timesteps(options.num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
-        # 4. Initial noise, from the CPU generator as diffusers draws it, in the served precision.
-        shape = (request.batch_size, dims.latent_channels, dims.latent_height, dims.latent_width)
-        latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-        latents = latents * scheduler.init_noise_sigma
+        # 4. Initial latents, from the CPU generator as diffusers draws them, in the served precision.
+        if latent_parameters is None:
+            dims = self.components.dims
+            shape = (batch, dims.latent_channels, dims.latent_height, dims.latent_width)
+            latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            timesteps = self._img2img_timesteps(scheduler, options)
+            latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
 
         # 5. Denoise.
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress, leave=False):
+        for t in tqdm(timesteps, desc="denoising", disable=not progress, leave=False):
             if is_cancelled():
                 raise Cancelled(f"cancelled before step {int(t)}")
             model_input = torch.cat([latents] * 2) if cfg else latents
@@ -147,12 +203,54 @@ class StableDiffusion:
             (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
             if cfg:
                 noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
+                noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents / self.components.vae_scaling_factor
 
-        # 6. Decode.
-        (image,) = self.run(specs.VAE_DECODER, latents / self.components.vae_scaling_factor)
+    @staticmethod
+    def _img2img_timesteps(scheduler, options: GenerationRequest) -> torch.Tensor:
+        """The last int(steps * strength) steps of the schedule, as StableDiffusionImg2ImgPipeline
+        takes them (its get_timesteps)."""
+        steps = options.num_inference_steps
+        start = steps - min(int(steps * options.strength), steps)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
+        return scheduler.timesteps[start * scheduler.order:]
 
-        # 7. To uint8 RGB, as diffusers' VaeImageProcessor.postprocess does.
-        image = (image / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1).float().cpu() * 255).round().to(torch.uint8).contiguous()
+    def _noised_image_latents(self, latent_parameters: torch.Tensor, batch: int, scheduler,
+                              first_timestep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A sample of the VAE's latent distribution with the request's generator (as diffusers'
+        img2img draws it: the sample first, then the noise), scaled, one per prompt, noised to
+        the first timestep."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.utils.torch_utils import randn_tensor
+
+        parameters = latent_parameters.to(device=self.device, dtype=self.dtype)
+        if batch % parameters.shape[0]:
+            raise InvalidRequest(f"latent_parameters has {parameters.shape[0]} images for {batch} prompts: "
+                                 f"send one image per prompt, or one for all.")
+        latents = DiagonalGaussianDistribution(parameters).sample(generator) * self.components.vae_scaling_factor
+        latents = torch.cat([latents] * (batch // latents.shape[0]))
+        noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype)
+        return scheduler.add_noise(latents, noise, first_timestep.repeat(batch))
+
+    # 6. Decode.
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        (image,) = self.run(specs.VAE_DECODER, latents)
+        return image
+
+    # 7. To uint8 RGB, as diffusers' VaeImageProcessor.postprocess does.
+    @staticmethod
+    def postprocess(decoded: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3] on the CPU; an image that is not finite, or
+        one flat colour, is an error that names it, never a blank picture sent as a success."""
+        decoded = decoded.float()
+        for index, image in enumerate(decoded):
+            if not torch.isfinite(image).all():
+                raise InvalidImage(f"image {index} is not finite (NaN or infinity in the VAE decoder's output): "
+                                   f"the networks overflowed at this precision; try FP32 or another seed.")
+            if image.amax() == image.amin():
+                raise InvalidImage(f"image {index} is one flat colour ({float(image.amax()):.3g}): the networks "
+                                   f"produced no picture.")
+        image = (decoded / 2 + 0.5).clamp(0, 1)
+        return (image.permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8).contiguous()

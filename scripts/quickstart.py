@@ -1,8 +1,9 @@
 """The whole walkthrough in one command, on the offline tiny model and a CPU (`make demo`).
 
 Builds the tiny random pipeline, exports its four networks to ONNX, writes the Triton model
-repository (portable python backend), starts the local Triton server, generates one image with
-the client-side pipeline and one with the BLS pipeline, saves both, and stops the server.
+repository (portable python backend), starts the local Triton server, generates one image each
+way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, saves them
+all, and stops the server.
 Each step is the code of one numbered script of the README; this just runs them in a row.
 """
 
@@ -10,7 +11,8 @@ import argparse
 from pathlib import Path
 
 from pipelines.bls import BlsPipeline
-from pipelines.ensemble import ClientSidePipeline
+from pipelines.ensemble import EnsemblePipeline
+from pipelines.client_side import ClientSidePipeline
 from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
@@ -18,6 +20,9 @@ from utils.models import DEFAULT_MODELS_DIR
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
 from utils.workflow import prepare_repository
+
+
+IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
 
 
 def main(argv=None):
@@ -48,8 +53,15 @@ def main(argv=None):
             saved += save_images(bls, args.output_dir / "bls.png")
             difference = abs(client_side.astype(int) - bls).max()
             print(f"    max pixel difference between the two images: {difference} (same loop, same seed)")
+        with timer.step("7. ensemble (encode_prompt -> denoise -> decode, a graph Triton runs)"):
+            ensemble = EnsemblePipeline(server.grpc_url)(**generation_options(args))
+            saved += save_images(ensemble, args.output_dir / "ensemble.png")
+            print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - bls).max()}")
+        with timer.step("8. image to image (the ensemble, from the BLS image)"):
+            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls, strength=0.6)
+            saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
     finally:
-        with timer.step("7. stop Triton"):
+        with timer.step("9. stop Triton"):
             server.stop()
 
     print("\nImages:")

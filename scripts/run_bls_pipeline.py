@@ -1,4 +1,5 @@
-"""Step 6: text to image in one request: the BLS pipeline model runs the loop inside Triton."""
+"""Step 6: text to image (or image to image, --image) in one request: a BLS pipeline model runs
+the whole loop inside Triton."""
 
 import argparse
 from pathlib import Path
@@ -14,9 +15,7 @@ def main(argv=None):
     parser.add_argument("--output", default=Path("outputs/bls.png"), type=Path)
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
-
-    pipeline = BlsPipeline(args.url)
-    generate_and_save(pipeline, args)
+    generate_and_save(BlsPipeline(args.url), args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Regenerate the committed config.pbtxt of each pipeline model from utils/specs.py."""
+"""Regenerate the committed config.pbtxt of each pipeline model and ensemble from utils/specs.py."""
 
 import argparse
 
@@ -9,9 +9,10 @@ from utils.layout import PROJECT_MODELS
 
 def main(argv=None):
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
-    for pipeline in specs.PIPELINES.values():
-        path = PROJECT_MODELS / pipeline.name / "config.pbtxt"
-        path.write_text(configs.to_pbtxt(configs.pipeline_config(pipeline)))
+    for name in [*specs.PIPELINES, *specs.ENSEMBLES]:
+        path = PROJECT_MODELS / name / "config.pbtxt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(configs.to_pbtxt(configs.committed_config(name)))
         print(f"wrote {path}")
 
 

@@ -83,7 +83,7 @@ def test_a_repository_conflict_is_one_line(tiny_model, exports, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arguments", [
     ["scripts/run_bls_pipeline.py"],
-    ["scripts/run_ensemble_pipeline.py", "--model", "tiny"],
+    ["scripts/run_client_side_pipeline.py", "--model", "tiny"],
     ["scripts/query_model.py", "unet"],
 ])
 def test_no_server_is_named_within_seconds_with_the_command_that_starts_one(arguments, tiny_model, tmp_path):

@@ -74,7 +74,33 @@ def test_committed_pipeline_config_is_generated_from_the_specs(pipeline):
     for config_tensor, spec_tensor in zip(config.input, pipeline.inputs):
         assert config_tensor.name == spec_tensor.name
         assert config_tensor.optional == spec_tensor.optional
-    assert [t.name for t in config.input if not t.optional] == ["prompt"]
+    required = {specs.TEXT_TO_IMAGE.name: ["prompt"], specs.IMAGE_TO_IMAGE.name: ["prompt", "image"]}
+    assert [t.name for t in config.input if not t.optional] == required.get(
+        pipeline.name, [t.name for t in pipeline.inputs if not t.optional])
+
+
+@pytest.mark.parametrize("ensemble", specs.ENSEMBLES.values(), ids=list(specs.ENSEMBLES))
+def test_committed_ensemble_config_is_generated_from_the_specs_and_connects(ensemble):
+    """Each step's maps name inputs and outputs its model has; every ensemble input feeds a step;
+    every tensor a step reads is an ensemble input or an earlier step's output; the ensemble's
+    outputs are produced; every input is optional (the steps refuse a missing one by name)."""
+    committed = (PROJECT_MODELS / ensemble.name / "config.pbtxt").read_text()
+    assert committed == configs.to_pbtxt(configs.ensemble_config(ensemble)), \
+        "run `python scripts/write_pipeline_configs.py`"
+    config = configs.parse_pbtxt(committed)
+    assert config.platform == "ensemble" and config.max_batch_size == 0 and not config.instance_group
+    assert all(tensor.optional for tensor in config.input)
+    models = {**specs.NETWORKS, **specs.PIPELINES, **specs.ENSEMBLES}
+    available, consumed = {t.name for t in config.input}, set()
+    for step in config.ensemble_scheduling.step:
+        model = models[step.model_name]
+        assert set(step.input_map) <= {t.name for t in model.inputs}, step.model_name
+        assert set(step.output_map) <= {t.name for t in model.outputs}, step.model_name
+        assert set(step.input_map.values()) <= available, (step.model_name, "reads a tensor nothing made yet")
+        consumed |= set(step.input_map.values())
+        available |= set(step.output_map.values())
+    assert {t.name for t in config.input} <= consumed  # Triton refuses an input that feeds no step
+    assert {t.name for t in config.output} <= available
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

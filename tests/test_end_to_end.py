@@ -9,7 +9,8 @@ from conftest import report
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
-from pipelines.ensemble import ClientSidePipeline
+from pipelines.client_side import ClientSidePipeline
+from pipelines.ensemble import EnsemblePipeline
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
@@ -48,17 +49,70 @@ def bls(triton_server):
     return BlsPipeline(triton_server.grpc_url)
 
 
+@pytest.fixture(scope="module")
+def ensemble(triton_server):
+    return EnsemblePipeline(triton_server.grpc_url)
+
+
+@pytest.fixture(scope="module")
+def ways(client_side, bls, ensemble):
+    """Each way to compose the pipeline, as a function of the request's options."""
+    return {"client-side": lambda **options: client_side(progress=False, **options), "BLS": bls, "ensemble": ensemble}
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["client-side", "BLS"])
-def test_triton_image_equals_diffusers(kind, case, client_side, bls, diffusers_pipeline):
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_triton_image_equals_diffusers(kind, case, ways, diffusers_pipeline):
     options = CASES[case]
-    pipeline = client_side if kind == "client-side" else bls
-    images = pipeline(**options) if kind == "BLS" else pipeline(progress=False, **options)
+    images = ways[kind](**options)
     expected = diffusers_images(diffusers_pipeline, **options)
     assert images.dtype == np.uint8 and images.shape == expected.shape
     assert expected.std() > 5, "the reference image is flat: the comparison would prove nothing"
     difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
     report(f"{kind:<12} vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+IMAGE_TO_IMAGE_CASES = {
+    "one prompt, strength 0.8": dict(prompt="a castle in the clouds", seed=5, num_inference_steps=12, strength=0.8),
+    "two prompts, one image for both, negative prompt, strength 0.5": dict(
+        prompt=["a red cube", "a blue sphere"], negative_prompt="blurry", seed=9, num_inference_steps=10,
+        strength=0.5, guidance_scale=6.0, images=1),
+    "two images, no guidance, strength 1": dict(prompt=["a lake", "a forest"], seed=2, num_inference_steps=6,
+                                                strength=1.0, guidance_scale=1.0, images=2),
+}
+
+
+def init_images(count: int, tiny_model) -> np.ndarray:
+    """Deterministic pictures at the model's size: smooth gradients with a pattern."""
+    from utils.specs import ModelDims
+
+    dims = ModelDims.from_pretrained(tiny_model)
+    y, x = np.mgrid[0:dims.image_height, 0:dims.image_width]
+    return np.stack([np.stack([(x * 4 + 40 * i) % 256, (y * 4) % 256, ((x + y) * 2 + 90 * i) % 256], -1)
+                     for i in range(count)]).astype(np.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts")  # diffusers on one image for two prompts
+@pytest.mark.parametrize("case", IMAGE_TO_IMAGE_CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_image_to_image_equals_diffusers(kind, case, ways, diffusers_pipeline, tiny_model):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    options = dict(IMAGE_TO_IMAGE_CASES[case])
+    images = init_images(options.pop("images", 1), tiny_model)
+    prompts = options["prompt"] if isinstance(options["prompt"], list) else [options["prompt"]]
+    served = ways[kind](image=images, **options)
+    img2img = StableDiffusionImg2ImgPipeline(**diffusers_pipeline.components)
+    negative = options.pop("negative_prompt", None)
+    expected = np.stack([np.asarray(image) for image in img2img(
+        image=[Image.fromarray(image) for image in images], generator=torch.Generator().manual_seed(options.pop("seed")),
+        negative_prompt=[negative] * len(prompts) if negative else None, output_type="pil", **options).images])
+    assert served.shape == expected.shape == (len(prompts), *images.shape[1:])
+    difference = int(np.abs(served.astype(int) - expected.astype(int)).max())
+    report(f"{kind:<12} image to image vs diffusers, {case}: max pixel difference {difference} "
+           f"(allowed {MAX_PIXEL_DIFFERENCE})")
     assert difference <= MAX_PIXEL_DIFFERENCE
 
 

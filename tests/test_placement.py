@@ -69,8 +69,9 @@ def test_repository_on_two_gpus(tiny_model, tmp_path):
     repository = tmp_path / "repository"
     write_repository(repository, tiny_model, None, replace(TORCH_CUDA, placement=TWO_GPUS, torch_compile=("unet",)))
     models = sorted(path.name for path in repository.iterdir())
+    # No ensembles: an ensemble names its models, and each network has two copies here.
     assert models == sorted([f"{name}_gpu{gpu}" for name in specs.NETWORKS for gpu in (0, 1)]
-                            + [specs.TEXT_TO_IMAGE.name])
+                            + [pipeline.name for pipeline in specs.BLS_PIPELINES])
     for gpu in (0, 1):
         config = configs.parse_pbtxt((repository / f"unet_gpu{gpu}" / "config.pbtxt").read_text())
         assert list(config.instance_group[0].gpus) == [gpu]
@@ -86,7 +87,8 @@ def test_repository_on_two_gpus(tiny_model, tmp_path):
 
 def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_path):
     write_repository(tmp_path, tiny_model, None, TORCH_CUDA)
-    assert gpus.repository_gpus(tmp_path) == {name: {0} for name in [*specs.NETWORKS, specs.TEXT_TO_IMAGE.name]}
+    looping = [name for name, spec in specs.PIPELINES.items() if spec.networks]  # the BLS pipelines and denoise
+    assert gpus.repository_gpus(tmp_path) == {name: {0} for name in [*specs.NETWORKS, *looping]}
     pipeline = configs.parse_pbtxt((tmp_path / specs.TEXT_TO_IMAGE.name / "config.pbtxt").read_text())
     assert pipeline.instance_group[0].count == GPU_PIPELINE_INSTANCES
 

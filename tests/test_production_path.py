@@ -82,7 +82,7 @@ def test_the_readme_lists_the_production_commands():
     assert [c.split()[1] for c in commands] == [
         "optim/convert_${network}_to_onnx.py", "scripts/move_onnx_models_to_triton.py",
         "scripts/build_tensorrt_engines.py", "scripts/launch_triton_server.py", "scripts/query_model.py",
-        "scripts/run_bls_pipeline.py", "scripts/run_ensemble_pipeline.py"]
+        "scripts/run_bls_pipeline.py", "scripts/run_ensemble_pipeline.py", "scripts/run_client_side_pipeline.py"]
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from conftest import report
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
-from pipelines.ensemble import ClientSidePipeline
+from pipelines.client_side import ClientSidePipeline
 from utils.health import Supervisor, canary
 from utils.server import TritonServer
 

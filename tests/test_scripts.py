@@ -26,7 +26,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_run_pipeline_scripts_save_the_same_image(triton_server, tiny_model, tmp_path):
     common = ["--url", triton_server.grpc_url, "--steps", "3", "--seed", "5", "--prompt", "a red boat"]
-    out = run("scripts/run_ensemble_pipeline.py", *common, "--model", str(tiny_model),
+    out = run("scripts/run_client_side_pipeline.py", *common, "--model", str(tiny_model),
               "--output", str(tmp_path / "client.png"), cwd=tmp_path)
     assert f"saved {tmp_path / 'client.png'} (64x64, 3 steps" in out
     out = run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "bls.png"), cwd=tmp_path)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS
+from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UserError, UsageError
@@ -27,6 +27,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="num_inference_steps")
     group.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--image", type=Path, default=None,
+                       help="image to image: start from this picture (PNG, JPEG...; the model's image size)")
+    group.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                       help="image to image: how much of the image is noised away, in (0, 1]")
 
 
 def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -99,8 +103,22 @@ def main_entry(main: Callable[[], object]) -> None:
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields from the parsed arguments."""
-    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale, seed=args.seed)
+    options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, seed=args.seed)
+    if args.image is not None:
+        options.update(image=load_image(args.image), strength=args.strength)
+    return options
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [1, H, W, 3]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))[None]
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"--image {path}: not an image file ({error}).") from None
 
 
 def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:

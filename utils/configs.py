@@ -29,7 +29,11 @@ def data_type(dtype: str) -> int:
 
 
 def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDims | None) -> dict:
-    shape = dims.resolve(tensor.wire_dims) if dims is not None else tensor.wire_dims
+    """A config tensor; without ``dims`` (models that take any checkpoint) symbolic sizes are -1."""
+    if dims is not None:
+        shape = dims.resolve(tensor.wire_dims)
+    else:
+        shape = tuple(d if isinstance(d, int) else -1 for d in tensor.wire_dims)
     fields = dict(name=tensor.name, data_type=data_type(tensor.resolved_dtype(precision)), dims=shape)
     if tensor.wire_dims != tensor.dims:
         fields["reshape"] = mc.ModelTensorReshape(shape=tensor.dims)
@@ -106,17 +110,20 @@ def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, deployme
     return config
 
 
-def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU) -> mc.ModelConfig:
-    """The config of a Python-backend pipeline model (BLS): no batch dim, one request per image set.
-    The committed config is the CPU placement's."""
+def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU, precision: str = "FP32") -> mc.ModelConfig:
+    """The config of a Python-backend model of the pipeline (a BLS pipeline, or an ensemble's
+    Python step): no batch dim, one request at a time. The committed config is the CPU's, in FP32."""
     config = mc.ModelConfig(
         name=pipeline.name,
         backend="python",
         max_batch_size=0,
-        input=[mc.ModelInput(**_tensor_fields(t, "FP32", None), optional=t.optional) for t in pipeline.inputs],
-        output=[mc.ModelOutput(**_tensor_fields(t, "FP32", None)) for t in pipeline.outputs],
+        input=[mc.ModelInput(**_tensor_fields(t, precision, None), optional=t.optional) for t in pipeline.inputs],
+        output=[mc.ModelOutput(**_tensor_fields(t, precision, None)) for t in pipeline.outputs],
     )
     config.version_policy.specific.versions.append(layout.ONNX_VERSION)
+    if not pipeline.networks:  # a quick step (tokenizer, pre- and post-processing): one instance, on the CPU
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+        return config
     # Several instances: while one waits on a sub-request, the others prepare or finish their own,
     # and on a GPU their UNet calls meet in the UNet's dynamic batcher, so throughput grows with
     # concurrency. On GPUs, each GPU gets its own instances, which call that GPU's networks.
@@ -125,6 +132,31 @@ def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU) ->
     for gpu in placement.gpus:
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=placement.pipeline_instances, gpus=[gpu])
     return config
+
+
+def ensemble_config(ensemble: specs.EnsembleSpec, precision: str = "FP32") -> mc.ModelConfig:
+    """A Triton ensemble: its steps' input and output maps name the tensors that flow between
+    them. No instances and no batching of its own: its composing models have those."""
+    # Every input optional: a missing one reaches the first step that takes it, which says which
+    # input is missing (Triton's ensemble itself would answer "unexpected deadlock").
+    config = mc.ModelConfig(
+        name=ensemble.name,
+        platform="ensemble",
+        max_batch_size=0,
+        input=[mc.ModelInput(**_tensor_fields(t, precision, None), optional=True) for t in ensemble.inputs],
+        output=[mc.ModelOutput(**_tensor_fields(t, precision, None)) for t in ensemble.outputs],
+    )
+    for step in ensemble.steps:
+        config.ensemble_scheduling.step.add(model_name=step.model, model_version=-1,
+                                            input_map=dict(step.inputs), output_map=dict(step.outputs))
+    return config
+
+
+def committed_config(name: str) -> mc.ModelConfig:
+    """The config committed under triton/models/<name>: the CPU placement's, in FP32."""
+    if name in specs.ENSEMBLES:
+        return ensemble_config(specs.ENSEMBLES[name])
+    return pipeline_config(specs.PIPELINES[name])
 
 
 def to_pbtxt(config: mc.ModelConfig) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, GUIDANCE_SCALE_RANGE,
+from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
                                MAX_PROMPT_BYTES, GenerationRequest, InvalidRequest, check_request,
                                max_inference_steps)
 from utils import specs
@@ -47,20 +47,27 @@ def tensor_table() -> str:
 
 
 def request_table() -> str:
-    pipeline, max_prompts = specs.TEXT_TO_IMAGE, specs.TEXT_TO_IMAGE.max_prompts()
+    """Every input of the pipelines (text to image takes all but ``image`` and ``strength``)."""
+    pipeline, max_prompts = specs.IMAGE_TO_IMAGE, specs.MAX_PROMPTS
     low, high = GUIDANCE_SCALE_RANGE
+    size = f"{SD15.image_height}x{SD15.image_width}"
     allowed = {
-        "prompt": ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes"),
-        "negative_prompt": ("none", "one per prompt, or one for all"),
-        "guidance_scale": (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
-                                                        f"no guidance (half the UNet rows)"),
-        "num_inference_steps": (f"{DEFAULT_NUM_INFERENCE_STEPS}",
-                                f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler)"),
-        "seed": ("random", "[0, 2^63-1]; the same seed gives the same image"),
+        specs.PROMPT.name: ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes"),
+        specs.NEGATIVE_PROMPT.name: ("none", "one per prompt, or one for all"),
+        specs.INIT_IMAGE.name: ("image to image: required", f"uint8 RGB at the model's size (SD1.5: {size}), one per "
+                                                            f"prompt or one for all"),
+        specs.STRENGTH.name: (f"{DEFAULT_STRENGTH}", "image to image: in (0, 1]; keeps int(steps x strength) of the "
+                                                     "steps"),
+        specs.GUIDANCE_SCALE.name: (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
+                                                                 f"no guidance (half the UNet rows)"),
+        specs.NUM_INFERENCE_STEPS.name: (f"{DEFAULT_NUM_INFERENCE_STEPS}",
+                                         f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler)"),
+        specs.SEED.name: ("random", "[0, 2^63-1]; the same seed gives the same image"),
     }
+    shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]"}
     rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]
     for tensor in pipeline.inputs:
-        shape = "[N] or [1]" if tensor.name == "negative_prompt" else ("[N]" if tensor.dims == (-1,) else "[1]")
+        shape = shapes.get(tensor.name, "[N]" if tensor.dims == (-1,) else "[1]")
         default, values = allowed[tensor.name]
         rows.append(f"| `{tensor.name}` | {tensor.dtype} | {shape} | {default} | {values} |")
     (output,) = pipeline.outputs

@@ -2,8 +2,9 @@
 
 Readiness is not enough on tritonserver 2.51: a Python-backend stub that died is never
 restarted, while /v2/health/ready keeps answering 200 and every request to that model fails.
-The canary sends one real request to every network and a one-step request to the pipeline; the
-supervisor runs it periodically and restarts the server after consecutive failures.
+The canary sends one real request to every network and a one-step request to every pipeline (the
+BLS models and the ensembles, whose Python steps have stubs of their own); the supervisor runs it
+periodically and restarts the server when it finds what Triton cannot recover.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
-from pipelines.bls import BlsPipeline
 from pipelines.client import connect, infer_inputs
+from pipelines.request import GenerationRequest, request_to_arrays
 from utils import layout, specs
+
+TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE)
 
 
 class CanaryFailed(RuntimeError):
@@ -46,15 +49,28 @@ def served_networks(repository: Path) -> list[str]:
     return [name for copies in names.values() for name in copies]
 
 
-def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None) -> None:
+def served_pipelines(repository: Path) -> list[specs.PipelineSpec | specs.EnsembleSpec]:
+    """The pipelines a repository serves to clients: its BLS models and top-level ensembles."""
+    return [spec for spec in TOP_LEVEL if (Path(repository) / spec.name / "config.pbtxt").exists()]
+
+
+def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
+           pipelines: list | None = None) -> None:
     """One request to each served network (batch 1; default: the specs' names) and a one-step
-    generation; raise CanaryFailed."""
+    generation through each pipeline (default: the text-to-image BLS model); raise CanaryFailed."""
     client = connect(url)
     try:
+        image = None
         for name in networks or list(specs.NETWORKS):
             config = client.get_model_config(name, as_json=True, client_timeout=timeout)["config"]
             client.infer(name, probe_inputs(config, 1), client_timeout=timeout)
-        BlsPipeline(url, timeout=timeout, retry_for=0)("canary", num_inference_steps=1, seed=0)
+            if layout.network_of(name) == specs.VAE_DECODER.name:  # its image size: the one to send
+                image = np.full((1, *map(int, config["output"][0]["dims"][1:]), 3), 128, np.uint8)
+        for spec in pipelines or [specs.TEXT_TO_IMAGE]:
+            takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
+            request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
+                                        image=image if takes_image else None, strength=1.0)
+            client.infer(spec.name, infer_inputs(request_to_arrays(request, spec)), client_timeout=timeout)
     except Exception as error:
         raise CanaryFailed(f"{type(error).__name__}: {error}") from error
     finally:
@@ -81,8 +97,9 @@ class Supervisor:
     def __init__(self, server, interval: float = 10.0, failures: int = 2,
                  check: Callable[[str], None] | None = None, log: Callable[[str], None] = print,
                  memory_limit: int | None = None):
-        if check is None:  # the names this server's repository serves its networks under
-            check = functools.partial(canary, networks=served_networks(server.model_repository))
+        if check is None:  # the names this server's repository serves its networks and pipelines under
+            check = functools.partial(canary, networks=served_networks(server.model_repository),
+                                      pipelines=served_pipelines(server.model_repository))
         self.server, self.interval, self.failures, self.check, self.log = server, interval, failures, check, log
         self.memory_limit = default_memory_limit(server.memory()) if memory_limit is None else memory_limit
         self.restarts = 0

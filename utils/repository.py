@@ -204,14 +204,11 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     The committed config is the CPU placement's; another placement, or a Python environment of
     the model's own (utils/environments.py), gets its own config (so the project's own
     triton/models/ keeps the committed one unless ``force``)."""
-    committed = layout.PROJECT_MODELS / pipeline.name
-    committed_config = committed / "config.pbtxt"
-    if committed_config.read_text() != configs.to_pbtxt(configs.pipeline_config(pipeline)):
-        raise RuntimeError(f"{committed_config} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
+    committed = _committed(pipeline.name)
     target = repository / pipeline.name
     version_dir = target / str(layout.ONNX_VERSION)
     placement = deployment.placement
-    config = configs.pipeline_config(pipeline, placement)
+    config = configs.pipeline_config(pipeline, placement, precision)
     if deployment.pipeline_environment is not None:
         config.parameters[environments.CONFIG_KEY].string_value = environments.CONFIG_VALUE
         install_file(None, target / environments.ARCHIVE_NAME, report, force,
@@ -225,6 +222,26 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
                "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu"}
     install_file(None, version_dir / layout.SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
+
+
+def _committed(name: str) -> Path:
+    """The committed folder of a pipeline model or ensemble, checked against the specs."""
+    committed = layout.PROJECT_MODELS / name
+    config_file = committed / "config.pbtxt"
+    if config_file.read_text() != configs.to_pbtxt(configs.committed_config(name)):
+        raise RuntimeError(f"{config_file} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
+    return committed
+
+
+def add_ensemble(repository: Path, ensemble: specs.EnsembleSpec, precision: str, report: RepositoryReport,
+                 force: bool = False) -> None:
+    """An ensemble: its config (committed, for the CPU's FP32) and the empty version folder Triton
+    expects."""
+    _committed(ensemble.name)
+    target = repository / ensemble.name
+    (target / str(layout.ONNX_VERSION)).mkdir(parents=True, exist_ok=True)
+    config = configs.ensemble_config(ensemble, precision)
+    install_file(None, target / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
 
 
 def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: dict[str, Path] | None,
@@ -245,6 +262,11 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
         precision = check_exports(onnx_files, dims, deployment)
         for name, network in specs.NETWORKS.items():
             add_network(repository, network, Path(onnx_files[name]), dims, precision, deployment, report, force)
-    for pipeline in specs.PIPELINES.values():
+    # An ensemble names the models it runs: with a copy of each network per GPU there is no one
+    # name to give, so ensembles (and their steps) are served with one copy only.
+    ensembles = not deployment.placement.per_gpu_models
+    for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
         add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)
+    for ensemble in specs.ENSEMBLES.values() if ensembles else ():
+        add_ensemble(repository, ensemble, precision, report, force)
     return report

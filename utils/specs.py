@@ -12,7 +12,7 @@ which is read from the model's own config files, so SD1.5 gets 77 tokens, 768 fe
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -185,30 +185,140 @@ VAE_DECODER = NetworkSpec(
 NETWORKS = {spec.name: spec for spec in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
 
 
+# One request's prompts, whichever way it is served: the smallest batch profile of the networks a
+# request goes through, counted in prompts (the text encoder and the UNet take each prompt twice).
+MAX_PROMPTS = min(network.max_prompts() for network in NETWORKS.values())
+
+
+def batched(tensor: TensorSpec, name: str | None = None, optional: bool = False) -> TensorSpec:
+    """A network's tensor as a model without a batch dimension sees it: the batch as a leading -1
+    (and, where a Python model or an ensemble names it for its role, under that name)."""
+    return TensorSpec(name or tensor.name, tensor.dtype, (-1, *tensor.dims), optional)
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A Python-backend pipeline model: no batch dimension, one request = one generation."""
+    """A Python-backend model that is not a network: no batch dimension, one request at a time.
+    Either a whole pipeline (BLS: it calls ``networks`` itself), or one step of an ensemble."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    networks: tuple[NetworkSpec, ...]  # the component models it calls
+    networks: tuple[NetworkSpec, ...] = ()  # the networks it calls by BLS
 
     def max_prompts(self) -> int:
-        return min(network.max_prompts() for network in self.networks)
+        return MAX_PROMPTS
 
 
-TEXT_TO_IMAGE = PipelineSpec(
-    name="pipeline_text_to_image",
-    inputs=(
-        TensorSpec("prompt", "BYTES", (-1,)),
-        TensorSpec("negative_prompt", "BYTES", (-1,), optional=True),
-        TensorSpec("guidance_scale", "FP32", (1,), optional=True),
-        TensorSpec("num_inference_steps", "INT32", (1,), optional=True),
-        TensorSpec("seed", "INT64", (1,), optional=True),
-    ),
-    outputs=(TensorSpec("image", "UINT8", (-1, -1, -1, 3)),),  # [N, H, W, RGB]
-    networks=(TEXT_ENCODER, UNET, VAE_DECODER),
+# The request, as diffusers names its arguments.
+PROMPT = TensorSpec("prompt", "BYTES", (-1,))
+NEGATIVE_PROMPT = TensorSpec("negative_prompt", "BYTES", (-1,), optional=True)
+GUIDANCE_SCALE = TensorSpec("guidance_scale", "FP32", (1,), optional=True)
+NUM_INFERENCE_STEPS = TensorSpec("num_inference_steps", "INT32", (1,), optional=True)
+SEED = TensorSpec("seed", "INT64", (1,), optional=True)
+INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
+STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
+# [N, H, W, RGB], what every pipeline answers, named as diffusers' output names it. (Not "image":
+# an ensemble's tensors are one namespace, and image to image takes an "image" in.)
+IMAGES = TensorSpec("images", "UINT8", (-1, -1, -1, 3))
+
+TEXT_TO_IMAGE_INPUTS = (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
+IMAGE_TO_IMAGE_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
+
+# What flows between the steps of the ensembles, each one a network's tensor with its batch.
+TEXT_EMBEDDINGS = batched(TEXT_ENCODER.outputs[0], "text_embeddings")
+LATENT_PARAMETERS = batched(VAE_ENCODER.outputs[0])  # the VAE encoder's mean and log-variance
+LATENTS = batched(VAE_DECODER.inputs[0], "latents")  # unscaled, ready for the VAE decoder
+DECODED = batched(VAE_DECODER.outputs[0], "decoded")  # the VAE decoder's image in [-1, 1]
+NORMALIZED = batched(VAE_ENCODER.inputs[0], "normalized")  # an image in [-1, 1], for the VAE encoder
+
+# The BLS pipelines: the whole loop in one model.
+TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
+                             networks=(TEXT_ENCODER, UNET, VAE_DECODER))
+IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
+                              networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
+
+# The Python steps of the ensembles: each a thin adapter over the shared loop's code.
+# The ensembles' first steps take every input as optional, and refuse a missing one themselves:
+# an ensemble whose required input is missing answers only "unexpected deadlock".
+TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
+                         (batched(TEXT_ENCODER.inputs[0]),))
+DENOISE = PipelineSpec(
+    "denoise",
+    (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS,
+     SEED),
+    (LATENTS,),
+    networks=(UNET,),  # the loop repeats with a scheduler: no static graph can express it, so BLS
+)
+POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
+PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
+
+BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE)
+ENSEMBLE_STEPS = (TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
+PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    """One model of an ensemble: which ensemble tensor feeds each of its inputs, and which ensemble
+    tensor each of its outputs becomes (model tensor name -> ensemble tensor name)."""
+
+    model: str
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, str], ...]
+
+
+def step(model: PipelineSpec | NetworkSpec | EnsembleSpec, *inputs: str | tuple[str, str],
+         outputs: tuple[str | tuple[str, str], ...]) -> EnsembleStep:
+    """A step whose tensors keep the model's names, except those given as (model name, ensemble name)."""
+    pairs = lambda names: tuple((n, n) if isinstance(n, str) else n for n in names)  # noqa: E731
+    return EnsembleStep(model.name, pairs(inputs), pairs(outputs))
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A Triton ensemble: a static data-flow graph of models (ensembles among them)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    steps: tuple[EnsembleStep, ...]
+
+    def max_prompts(self) -> int:
+        return MAX_PROMPTS
+
+
+_ID = TEXT_ENCODER.inputs[0].name
+ENCODE_PROMPT = EnsembleSpec(
+    "encode_prompt", (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE), (TEXT_EMBEDDINGS,),
+    (step(TOKENIZER, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(_ID,)),
+     step(TEXT_ENCODER, _ID, outputs=((TEXT_ENCODER.outputs[0].name, TEXT_EMBEDDINGS.name),))),
+)
+DECODE = EnsembleSpec(
+    "decode", (LATENTS,), (IMAGES,),
+    (step(VAE_DECODER, (VAE_DECODER.inputs[0].name, LATENTS.name), outputs=((VAE_DECODER.outputs[0].name, DECODED.name),)),
+     step(POSTPROCESS, DECODED.name, outputs=(IMAGES.name,))),
+)
+ENCODE_IMAGE = EnsembleSpec(
+    "encode_image", (INIT_IMAGE,), (LATENT_PARAMETERS,),
+    (step(PREPROCESS_IMAGE, INIT_IMAGE.name, outputs=(NORMALIZED.name,)),
+     step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
+)
+_OPTIONS = (GUIDANCE_SCALE.name, NUM_INFERENCE_STEPS.name, SEED.name)
+ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
+    "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
+    (step(ENCODE_PROMPT, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
+)
+ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
+    "ensemble_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
+    (step(ENCODE_PROMPT, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_IMAGE, INIT_IMAGE.name, outputs=(LATENT_PARAMETERS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, LATENT_PARAMETERS.name, STRENGTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 
-PIPELINES = {spec.name: spec for spec in (TEXT_TO_IMAGE,)}
+# Inner ensembles first: Triton loads them in any order, but a reader meets them in this one.
+ENSEMBLES = {spec.name: spec for spec in (ENCODE_PROMPT, DECODE, ENCODE_IMAGE, ENSEMBLE_TEXT_TO_IMAGE,
+                                          ENSEMBLE_IMAGE_TO_IMAGE)}

@@ -89,7 +89,7 @@ class CompiledDiffusersContender(DiffusersContender):
 
 
 class ClientSideContender:
-    """pipelines/ensemble.py: the loop here, each network a gRPC call."""
+    """pipelines/client_side.py: the loop here, each network a gRPC call."""
 
     served = True
 
@@ -97,7 +97,7 @@ class ClientSideContender:
         self.context = context
 
     def client(self):
-        from pipelines.ensemble import ClientSidePipeline
+        from pipelines.client_side import ClientSidePipeline
 
         pipeline = ClientSidePipeline(self.context.model_dir, self.context.url, timeout=None)
         return lambda **options: pipeline(progress=False, **options)

@@ -46,12 +46,13 @@ def shared_libpython() -> Path:
 
 
 def check_served_locally(repository: Path) -> None:
-    """The wheel's tritonserver has the Python backend only: say so before it fails to load."""
+    """The wheel's tritonserver has the Python backend and ensembles only: say so before it fails
+    to load a TensorRT or ONNX Runtime model."""
     from utils import configs
 
     for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
         platform = configs.parse_pbtxt(config_file.read_text()).platform
-        if platform:
+        if platform and platform != "ensemble":
             raise TritonServerError(
                 f"{config_file} uses platform {platform!r}, which the pip-installed tritonserver cannot serve "
                 f"(it has the Python backend only). Serve this repository with Docker "

@@ -1,0 +1,91 @@
+"""Client-side pipeline: this process runs the loop and calls each network on Triton over gRPC.
+
+(Earlier Triton tutorials called this way the "ensemble" pipeline; it is not a Triton ensemble,
+which is a graph Triton runs itself: pipelines/ensemble.py.)
+
+Every step crosses the network (2 tensors of latents and one of text embeddings per UNet call),
+which is what the server-side BLS pipeline (pipelines/bls.py) saves. The loop itself is the one
+in pipelines/stable_diffusion.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from pipelines.request import GenerationRequest
+from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
+from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from utils import specs
+from utils.errors import UsageError
+from utils.layout import served_name
+from utils.networks import TORCH_DTYPES
+
+
+class TritonNetworks:
+    """Calls the component models over gRPC, in the dtypes their served configs declare."""
+
+    def __init__(self, url: str, timeout: float | None = 60.0, retry_for: float = DEFAULT_RETRY_FOR,
+                 gpu: int | None = None):
+        self.client = connect(url)
+        self.gpu = gpu  # on a server with a copy of each network per GPU: the copies on this GPU
+        self.timeout = timeout  # per network call
+        self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
+        self._configs: dict[str, dict] = {}
+
+    def served_name(self, network: specs.NetworkSpec) -> str:
+        return served_name(network.name, self.gpu)
+
+    def served_config(self, network: specs.NetworkSpec) -> dict:
+        name = self.served_name(network)
+        if name not in self._configs:
+            self._configs[name] = call_with_retries(
+                lambda: self.client.get_model_config(name, as_json=True)["config"], self.retry_for)
+        return self._configs[name]
+
+    def precision(self) -> str:
+        """The precision the networks are served at: the UNet's sample dtype (FP32 or FP16)."""
+        sample = next(t for t in self.served_config(specs.UNET)["input"] if t["name"] == specs.UNET.inputs[0].name)
+        return sample["data_type"].removeprefix("TYPE_")
+
+    def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        served = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in self.served_config(network)["input"]}
+        inputs = infer_inputs({
+            spec.name: spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(served[spec.name]), copy=False))
+            for spec, tensor in zip(network.inputs, tensors)
+        })
+        outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
+        result = call_with_retries(  # one network call is idempotent: safe to repeat
+            lambda: self.client.infer(self.served_name(network), inputs, outputs=outputs, client_timeout=self.timeout),
+            self.retry_for,
+        )
+        return tuple(torch.from_numpy(result.as_numpy(name).copy()) for name in network.output_names)
+
+
+class ClientSidePipeline:
+    """Text to image and image to image, orchestrated here, each network served by Triton."""
+
+    def __init__(self, model_dir: str | Path, url: str = DEFAULT_URL, timeout: float | None = 60.0,
+                 retry_for: float = DEFAULT_RETRY_FOR, gpu: int | None = None):
+        """``gpu``: on a server that serves a copy of each network per GPU (``unet_gpu0``, ...),
+        call the copies on this GPU."""
+        self.networks = TritonNetworks(url, timeout, retry_for, gpu)
+        check_server(self.networks.client, url)
+        try:
+            dtype = TORCH_DTYPES[self.networks.precision()]
+        except InferenceServerException as error:
+            name = self.networks.served_name(specs.UNET)
+            raise UsageError(f"the server at {url} does not serve {name!r} ({error.message()}): where each GPU "
+                             f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
+        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir), self.networks, dtype=dtype)
+
+    def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
+        """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
+        (negative_prompt, image and strength for image to image, guidance_scale,
+        num_inference_steps, seed)."""
+        request = GenerationRequest(prompt=prompt, **options)
+        return self.loop(request, progress=progress).numpy()

@@ -1,0 +1,50 @@
+"""A pipeline served as one model: one gRPC request in, the images out.
+
+What the BLS pipelines (pipelines/bls.py) and the ensembles (pipelines/ensemble.py) have in
+common as seen from a client: the same inputs, named as diffusers names its arguments, and the
+same output. Only the model a request goes to differs, and whether the request has an ``image``
+decides between text to image and image to image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
+from pipelines.request import GenerationRequest, check_request, request_to_arrays
+from utils import specs
+
+
+class ServedPipeline:
+    text_to_image: specs.PipelineSpec | specs.EnsembleSpec
+    image_to_image: specs.PipelineSpec | specs.EnsembleSpec
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 600.0, retry_for: float = DEFAULT_RETRY_FOR):
+        self.client = connect(url)
+        check_server(self.client, url)
+        self.timeout = timeout  # per request; the server stops working on it when it expires
+        self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
+
+    def __call__(self, prompt: str | list[str] = (), **options) -> np.ndarray:
+        """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
+        (negative_prompt, image and strength for image to image, guidance_scale,
+        num_inference_steps, seed)."""
+        # The shared checks first, as the client-side pipeline does: a bad value gets the server's
+        # message without a round trip (the server checks again, and knows the step cap and sizes).
+        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
+                                max_steps=None)
+        spec = self.text_to_image if request.image is None else self.image_to_image
+        return self.infer(request_to_arrays(request, spec), spec)
+
+    def infer(self, arrays: dict[str, np.ndarray], spec=None) -> np.ndarray:
+        """Send these input tensors as they are (the server validates them)."""
+        spec = spec or self.text_to_image
+        inputs = infer_inputs(arrays)
+        (output,) = spec.outputs
+        outputs = [grpcclient.InferRequestedOutput(output.name)]
+        result = call_with_retries(
+            lambda: self.client.infer(spec.name, inputs, outputs=outputs, client_timeout=self.timeout),
+            self.retry_for,
+        )
+        return result.as_numpy(output.name)

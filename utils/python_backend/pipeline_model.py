@@ -1,0 +1,174 @@
+"""The Triton side of every Python model that is not a network: the BLS pipelines and the
+ensembles' Python steps.
+
+Each ``triton/models/<name>/1/model.py`` is a few lines: a subclass of ``PipelineModel`` that
+names its spec (utils/specs.py) and says which steps of the shared loop
+(pipelines/stable_diffusion.py) it runs. Everything else is here, once: reading the request's
+tensors, calling other models by BLS (one helper that checks ``has_error()``), packing the
+response, and turning each failure into a per-request error that says what went wrong:
+INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a called model fails, INTERNAL for an
+image that is not a picture or a bug (whose traceback goes to the server log, not the client).
+
+Where it runs comes from ``1/serving.json`` (utils/repository.py): the loop's tensors on the CPU
+or on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet_gpu1``...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from pipelines.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
+from pipelines.stable_diffusion import Cancelled, InvalidImage, PipelineComponents, StableDiffusion
+from utils import specs
+from utils.deployment import Placement
+from utils.layout import PIPELINE_FILES, SERVING_FILE
+from utils.networks import TORCH_DTYPES
+
+
+class SubModelError(RuntimeError):
+    pass
+
+
+class PhaseTimes:
+    """Wall time per phase of a request, logged when SD_TRITON_PROFILE_BLS=1: where the time
+    between the networks' own compute goes (docs/gpu-notes.md)."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def summary(self, total: float) -> str:
+        parts = [f"{name} {1000 * seconds:.1f} ms" for name, seconds in self.seconds.items()]
+        rest = total - sum(self.seconds.values())
+        return f"{1000 * total:.1f} ms: " + ", ".join(parts + [f"loop and scheduler {1000 * rest:.1f} ms"])
+
+
+def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
+    """Ask for sub-request outputs where the loop keeps its tensors. Without it they stay where the
+    called model produced them: GPU memory for TensorRT and ONNX Runtime on a GPU."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
+def run_network(times: PhaseTimes, model_name: str, memory: "pb_utils.PreferredMemory", network: specs.NetworkSpec,
+                *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One BLS sub-request; the only place that calls another model, so errors are checked once."""
+    with times.phase("inputs to Triton tensors"):
+        request = pb_utils.InferenceRequest(
+            model_name=model_name,
+            requested_output_names=network.output_names,
+            inputs=[
+                pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
+                for spec, tensor in zip(network.inputs, inputs)
+            ],
+            preferred_memory=memory,
+        )
+    with times.phase(f"{network.name} sub-requests"):
+        response = request.exec()
+    if response.has_error():
+        raise SubModelError(f"model '{model_name}' failed: {response.error().message()}")
+    with times.phase("outputs to torch"):
+        return tuple(
+            torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack())
+            for name in network.output_names
+        )
+
+
+class PipelineModel:
+    """A Python model of the pipeline: ``run`` gets the request's options as a GenerationRequest
+    and its other tensors (text embeddings, latents, ...) as torch tensors, and returns its
+    outputs in the spec's order."""
+
+    spec: specs.PipelineSpec
+    required: tuple[specs.TensorSpec, ...] = ()  # inputs its config marks optional (an ensemble's first step) but it needs
+
+    def initialize(self, args):
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        serving = json.loads((version_dir / SERVING_FILE).read_text())
+        components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
+        device, gpu = torch.device("cpu"), None
+        if args["model_instance_kind"] == "GPU":  # this instance's GPU; the networks it calls live there
+            gpu = int(args["model_instance_device_id"])
+        if serving["device"] == "cuda" and serving.get("loop_device", "cuda") == "cuda" and self.spec.networks:
+            device = torch.device("cuda", gpu or 0)
+            torch.cuda.set_device(device)
+        else:  # the loop's small tensors on the CPU: this process never touches the GPU
+            torch.set_num_threads(1)  # one request per instance; latents of 16k values need no threads
+        placement = Placement(gpus=tuple(serving.get("gpus", ())))
+        model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
+        memory = preferred_memory(device)
+        self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
+        self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
+        self.pipeline = StableDiffusion(
+            components,
+            lambda network, *inputs: run_network(self.times, model_names[network.name], memory, network, *inputs),
+            dtype=TORCH_DTYPES[serving["precision"]], device=device,
+        )
+        self.logger = pb_utils.Logger
+        self.prepare()
+
+    def prepare(self) -> None:
+        """What to do once at load, before the first request (each instance is a process)."""
+
+    def run(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        try:
+            arrays, tensors = {}, {}
+            for tensor in self.spec.inputs:
+                value = pb_utils.get_input_tensor_by_name(request, tensor.name)
+                if value is None and tensor.name in {t.name for t in self.required}:
+                    raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
+                                         f"{list(tensor.dims)}.")
+                if tensor.name in REQUEST_FIELDS:
+                    arrays[tensor.name] = None if value is None else value.as_numpy()
+                elif value is not None:
+                    tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
+            self.times, start = PhaseTimes(), time.perf_counter()
+
+            def is_cancelled() -> bool:
+                with self.times.phase("cancellation checks"):
+                    return request.is_cancelled()
+
+            outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
+            if self.profile:
+                self.logger.log_info(f"{self.spec.name}: {self.times.summary(time.perf_counter() - start)}")
+            return pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack(spec.name, torch.as_tensor(output).contiguous())
+                for spec, output in zip(self.spec.outputs, outputs)])
+        except InvalidRequest as error:
+            return _error(str(error), pb_utils.TritonError.INVALID_ARG)
+        except Cancelled as error:
+            return _error(str(error), pb_utils.TritonError.CANCELLED)
+        except SubModelError as error:
+            return _error(str(error), pb_utils.TritonError.UNAVAILABLE)
+        except InvalidImage as error:
+            return _error(f"{self.spec.name}: {error}", pb_utils.TritonError.INTERNAL)
+        except Exception as error:  # a bug: log it in full, answer without internals
+            self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
+            return _error(f"{self.spec.name}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
+
+
+def _error(message: str, code) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
