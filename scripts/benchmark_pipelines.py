@@ -1,4 +1,4 @@
-"""Benchmark plain diffusers against the Triton pipelines (client-side and BLS) on the same work.
+"""Benchmark plain diffusers against the Triton pipelines (client-side, BLS, ensemble) on the same work.
 
 Starts and stops a local Triton server on a freshly prepared repository unless --url is given.
 Prints a table; writes every raw figure and the environment to a JSON file, and a chart to a PNG.
@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import replace
 from pathlib import Path
 
-from utils.benchmark import (CONTENDERS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency,
+from utils.benchmark import (CONTENDERS, TASKS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency,
                              table, write_results)
 from utils.cli import add_deployment_arguments, deployment_from_args, main_entry
 from utils.deployment import Deployment
@@ -34,6 +34,9 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--admin-key", default=None,
                         help="with --url: the key the launcher printed (the statistics API needs it for the stages)")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--task", default=defaults.task, choices=TASKS,
+                        help="image-to-image starts every pipeline from the same picture, at --strength")
+    parser.add_argument("--strength", type=float, default=defaults.strength, help="image to image: in (0, 1]")
     parser.add_argument("--prompt", default=defaults.prompt)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
@@ -56,7 +59,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
                          f"send at least one request per client")
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
-                        requests=args.requests, deployment=deployment_from_args(args))
+                        requests=args.requests, task=args.task, strength=args.strength,
+                        deployment=deployment_from_args(args))
     return args, settings
 
 

@@ -154,3 +154,48 @@ def test_grpc_checks_a_declared_shape_before_allocating_it(triton_server):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unexpected shape for input 'guidance_scale'" in caught.value.details()
     assert resident_bytes(triton_server.process.pid) - before < 50 * 2**20
+
+
+IMAGE = np.full((1, 64, 64, 3), 100, np.uint8)  # the tiny model's size
+ENSEMBLE_BAD_REQUESTS = {
+    # Not Triton's "unexpected deadlock": the ensemble's first step names what is missing.
+    "missing prompt": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(prompt=None),
+                       r"in ensemble 'ensemble_text_to_image', in ensemble 'encode_prompt', prompt is required"),
+    "missing image": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(),
+                      r"in ensemble 'encode_image', image is required: send a UINT8 tensor of shape \[-1, -1, -1, 3\]"),
+    "image of the wrong size": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 32, 64, 3), np.uint8)),
+                                r"image has shape \[1, 32, 64, 3\]: send \[N, 64, 64, 3\]"),
+    "image with four channels": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 64, 64, 4), np.uint8)),
+                                 r"unexpected shape for input 'image' .* Expected \[-1,-1,-1,3\], got \[1,64,64,4\]"),
+    "image as floats": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 64, 64, 3), np.float32)),
+                        r"inference input 'image' data-type is 'FP32', but model 'ensemble_image_to_image' "
+                        r"expects 'UINT8'"),
+    "zero strength": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=IMAGE, strength=np.array([0.0], np.float32)),
+                      r"strength=0.0 is not allowed: use a number in \(0, 1\]"),
+    "NaN guidance": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(guidance_scale=np.array([np.nan], np.float32)),
+                     r"guidance_scale=nan .*finite"),
+    "zero steps": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(num_inference_steps=np.array([0], np.int32)),
+                   r"num_inference_steps=0 .* \[1, 999\]"),
+    "more images than prompts": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((3, 64, 64, 3), np.uint8)),
+                                 r"latent_parameters has 3 images for 1 prompts"),
+}
+
+
+@pytest.fixture(scope="module")
+def ensemble(triton_server):
+    from pipelines.ensemble import EnsemblePipeline
+
+    return EnsemblePipeline(triton_server.grpc_url)
+
+
+@pytest.mark.parametrize("case", ENSEMBLE_BAD_REQUESTS)
+def test_bad_request_through_an_ensemble_is_named_and_the_server_keeps_serving(case, ensemble):
+    spec, values, message = ENSEMBLE_BAD_REQUESTS[case]
+    with pytest.raises(InferenceServerException) as caught:
+        ensemble.infer(values, spec)
+    text = caught.value.message()
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", text
+    assert re.search(message, text), text
+    assert "deadlock" not in text and "Traceback" not in text
+    assert ensemble("a cat", num_inference_steps=2, seed=1).shape == (1, 64, 64, 3)
+    assert ensemble("a cat", image=IMAGE, num_inference_steps=2, seed=1).shape == (1, 64, 64, 3)

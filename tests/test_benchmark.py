@@ -24,17 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
                "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "1", "2", "--requests", "2",
-               "--pipelines", "diffusers", "triton-client-side", "triton-bls",
+               "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
                "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (json_path,) = (tmp_path / "out").glob("*.json")
     (png_path,) = (tmp_path / "out").glob("*.png")
     assert str(json_path) in result.stdout and str(png_path) in result.stdout  # the table is printed too
-    assert all(name in result.stdout for name in ("diffusers", "triton-client-side", "triton-bls"))
+    assert all(name in result.stdout for name in ("diffusers", "triton-client-side", "triton-bls", "triton-ensemble"))
 
     results = json.loads(json_path.read_text())
-    measured = {"diffusers", "triton-client-side", "triton-bls"}
+    measured = {"diffusers", "triton-client-side", "triton-bls", "triton-ensemble"}
     assert results["failed"] == {}
     assert set(results["pipelines"]) == measured
     assert set(results["concurrency"]) == {name for name in measured if CONTENDERS[name].served}
@@ -50,8 +50,10 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
             assert math.isfinite(stages[stage]) and stages[stage] > 0, (name, stage, stages)
         assert stages["unet_calls_per_run"] == 6  # PNDM: 5 steps = 6 UNet calls
         # Stages add up to no more than the end-to-end time of the runs they were measured in
-        # (the measured runs for the served pipelines; extra timed runs for diffusers).
-        assert sum(stages[stage] for stage in STAGES) <= stages["end_to_end"], (name, stages)
+        # (the measured runs for the served pipelines; extra timed runs for diffusers). Triton's
+        # figures come from the server's clock, the end-to-end time from the client's: on a busy
+        # 2-core machine they can disagree by a fraction of a percent (seen: 0.4 %).
+        assert sum(stages[stage] for stage in STAGES) <= 1.01 * stages["end_to_end"], (name, stages)
         if CONTENDERS[name].served:
             assert stages["end_to_end"] == latency["mean_s"]
         assert stages["other"] >= 0
@@ -73,3 +75,23 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
 
     with Image.open(png_path) as chart:
         assert chart.width > 1000 and chart.height > 300
+
+
+def test_image_to_image_benchmark_against_a_running_server(triton_server, tiny_model, tmp_path):
+    """--url: the session's server (no start of its own); --task image-to-image: every pipeline
+    from the same picture, the VAE encoder among the stages, the same images as diffusers'."""
+    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
+               "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
+               "--task", "image-to-image", "--strength", "0.6", "--warmup", "1", "--runs", "2", "--steps", "5",
+               "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
+               "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    (json_path,) = (tmp_path / "out").glob("*.json")
+    results = json.loads(json_path.read_text())
+    assert results["settings"]["task"] == "image-to-image" and results["settings"]["strength"] == 0.6
+    assert "vae enc" in result.stdout and "fidelity check passed" in result.stdout
+    for name, figures in results["pipelines"].items():
+        stages = figures["stages"]
+        # PNDM: 5 steps are 6 UNet calls; strength 0.6 keeps int(5 x 0.6) = 3 steps, the last 4 calls.
+        assert stages["vae_encoder"] > 0 and stages["unet_calls_per_run"] == 4, (name, stages)

@@ -29,10 +29,24 @@ def test_run_pipeline_scripts_save_the_same_image(triton_server, tiny_model, tmp
     out = run("scripts/run_client_side_pipeline.py", *common, "--model", str(tiny_model),
               "--output", str(tmp_path / "client.png"), cwd=tmp_path)
     assert f"saved {tmp_path / 'client.png'} (64x64, 3 steps" in out
-    out = run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "bls.png"), cwd=tmp_path)
-    assert f"saved {tmp_path / 'bls.png'} (64x64, 3 steps" in out
-    client, bls = (np.asarray(Image.open(tmp_path / name)) for name in ("client.png", "bls.png"))
+    for script, name in (("scripts/run_bls_pipeline.py", "bls.png"), ("scripts/run_ensemble_pipeline.py", "ensemble.png")):
+        out = run(script, *common, "--output", str(tmp_path / name), cwd=tmp_path)
+        assert f"saved {tmp_path / name} (64x64, 3 steps" in out
+    client, bls, ensemble = (np.asarray(Image.open(tmp_path / name)) for name in ("client.png", "bls.png", "ensemble.png"))
     assert client.shape == (64, 64, 3) and np.abs(client.astype(int) - bls).max() <= 2
+    assert np.array_equal(bls, ensemble)  # the same loop code and networks, composed two ways
+
+
+def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_model, tmp_path):
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(tmp_path / "in.png")
+    common = ["--url", triton_server.grpc_url, "--steps", "4", "--seed", "1", "--image", str(tmp_path / "in.png"),
+              "--strength", "0.75"]
+    run("scripts/run_client_side_pipeline.py", *common, "--model", str(tiny_model), "--output", str(tmp_path / "c.png"),
+        cwd=tmp_path)
+    run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "b.png"), cwd=tmp_path)
+    run("scripts/run_ensemble_pipeline.py", *common, "--output", str(tmp_path / "e.png"), cwd=tmp_path)
+    c, b, e = (np.asarray(Image.open(tmp_path / name)).astype(int) for name in ("c.png", "b.png", "e.png"))
+    assert np.abs(c - b).max() <= 2 and np.array_equal(b, e)
 
 
 @pytest.mark.parametrize("network", specs.NETWORKS)
@@ -57,9 +71,10 @@ def test_quickstart_main_job(tmp_path):
     """`make demo`: model, export, repository, server, both pipelines, images, times."""
     out = run("scripts/quickstart.py", "--steps", "5", cwd=tmp_path)
     assert "max pixel difference between the two images: 0" in out
-    for image in ("outputs/client_side.png", "outputs/bls.png"):
+    assert "max pixel difference to the BLS image: 0" in out
+    for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png"):
         assert f"  {image}\n" in out and (tmp_path / image).is_file()
-    for step in range(1, 8):
+    for step in range(1, 10):
         assert f"\n{step}. " in out.split("Times:")[1]
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir()) == sorted(

@@ -29,6 +29,10 @@ class DiffusersContender:
         self.pipeline = StableDiffusionPipeline.from_pretrained(
             context.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
         ).to(settings.device)
+        if settings.task == "image-to-image":  # the same components, the image-to-image loop
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            self.pipeline = StableDiffusionImg2ImgPipeline(**self.pipeline.components)
         self.pipeline.set_progress_bar_config(disable=True)
         diffusers.utils.logging.set_verbosity_error()  # no per-call prompt truncation warnings
 
@@ -39,8 +43,12 @@ class DiffusersContender:
         """How many graphs torch.compile has built so far (a run that builds one is not a measurement)."""
         return 0
 
-    def __call__(self, prompt, seed, **options) -> np.ndarray:
+    def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
+        from PIL import Image
+
         generator = self.torch.Generator().manual_seed(seed)
+        if image is not None:  # PIL images: diffusers scales them to [-1, 1] as the served pipelines do
+            options["image"] = [Image.fromarray(picture) for picture in image]
         images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
         return np.stack([np.asarray(image) for image in images])
 
@@ -49,7 +57,7 @@ class DiffusersContender:
         """Time the three networks' forward calls (synchronizing the GPU, so only while profiling)."""
         # vae.decoder: all of the VAE decoder network but its first 1x1 convolution (post_quant_conv).
         modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet,
-                   "vae_decoder": self.pipeline.vae.decoder}
+                   "vae_encoder": self.pipeline.vae.encoder, "vae_decoder": self.pipeline.vae.decoder}
         starts, handles = {}, []
 
         def sync():
@@ -107,7 +115,7 @@ class ClientSideContender:
 
 
 class BlsContender:
-    """triton/models/pipeline_text_to_image: one request, the loop inside Triton."""
+    """triton/models/pipeline_*: one request, the loop inside Triton."""
 
     served = True
 
@@ -123,9 +131,19 @@ class BlsContender:
         return 0
 
 
+class EnsembleContender(BlsContender):
+    """triton/models/ensemble_*: one request, a graph of models that Triton runs itself."""
+
+    def client(self):
+        from pipelines.ensemble import EnsemblePipeline
+
+        return EnsemblePipeline(self.context.url, timeout=None)
+
+
 CONTENDERS = {
     "diffusers": DiffusersContender,
     "diffusers-compiled": CompiledDiffusersContender,
     "triton-client-side": ClientSideContender,
     "triton-bls": BlsContender,
+    "triton-ensemble": EnsembleContender,
 }

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from utils.benchmark.contenders import CONTENDERS
 from utils.benchmark.fidelity import fidelity
 from utils.benchmark.report import environment
 from utils.benchmark.settings import Context, Settings
-from utils.benchmark.statistics import STAGES, TritonStatistics
+from utils.benchmark.statistics import TritonStatistics
 
 OUTLIER_FACTOR = 3.0  # a measured run this many times slower than the median is reported as an outlier
 SETTLED_FACTOR = 1.5  # warm-up continues while a run takes this much longer than the one before
@@ -86,13 +87,13 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     latencies, discarded, images = measured_runs(name, contender, generate, settings)
     result = {"latency": latency_summary(latencies), "images": images, "discarded_recompilations_s": discarded}
     if contender.served:
-        stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs)
+        stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs, settings.stages)
         stages["end_to_end"] = result["latency"]["mean_s"]
         result["stages_source"] = "Triton statistics API over the measured runs"
     else:
         stages, result["stages_source"] = timed_stages(contender, generate, settings)
     # The rest of the time of the runs the stages were taken from.
-    stages["other"] = stages["end_to_end"] - sum(stages[stage] for stage in STAGES)
+    stages["other"] = stages["end_to_end"] - sum(stages[stage] for stage in settings.stages)
     result["stages"] = stages
     return result
 
@@ -105,7 +106,7 @@ def timed_stages(contender, generate, settings: Settings) -> tuple[dict, str]:
     with contender.stage_timers(totals, calls):
         for _ in range(profiled_runs):
             profiled.append(_timed(generate, settings.options()))
-    stages = {stage: totals.get(stage, 0.0) / profiled_runs for stage in STAGES}
+    stages = {stage: totals.get(stage, 0.0) / profiled_runs for stage in settings.stages}
     stages["unet_per_call"] = totals.get("unet", 0.0) / max(1, calls.get("unet", 0))
     stages["unet_calls_per_run"] = calls.get("unet", 0) / profiled_runs
     stages["end_to_end"] = sum(profiled) / profiled_runs
@@ -176,9 +177,11 @@ def unet_batching(delta: dict, wall: float) -> dict | None:
 
 def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: list[str],
                   headers: dict[str, str] | None = None) -> dict:
+    dims = specs.ModelDims.from_pretrained(model_dir)
+    if settings.task == "image-to-image":
+        settings = replace(settings, image=init_image(dims))
     context = Context(settings, model_dir, url)
     statistics = TritonStatistics(url, headers) if url else None
-    dims = specs.ModelDims.from_pretrained(model_dir)
     scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     results = {
         "settings": {**settings.describe(), "resolution": [dims.image_height, dims.image_width],
@@ -203,6 +206,14 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
     return results
 
 
+def init_image(dims: specs.ModelDims) -> np.ndarray:
+    """The picture image to image starts from: the same every run, at the model's size (smooth
+    gradients with some structure, as a photo has)."""
+    y, x = np.mgrid[0:dims.image_height, 0:dims.image_width] / max(dims.image_height, dims.image_width)
+    pixels = np.stack([np.sin(6 * x) * 0.5 + 0.5, y, (np.cos(9 * x * y) * 0.5 + 0.5)], axis=-1)
+    return (pixels[None] * 255).astype(np.uint8)
+
+
 def concurrency_runs(name: str, contender, settings: Settings, statistics: TritonStatistics) -> dict:
     """One contender at each concurrency of the settings: {clients: run}."""
     return {str(clients): measure_concurrency(name, contender, settings, clients, statistics)
@@ -212,6 +223,8 @@ def concurrency_runs(name: str, contender, settings: Settings, statistics: Trito
 def run_concurrency(settings: Settings, model_dir: Path, url: str, names: list[str],
                     headers: dict[str, str] | None = None) -> dict:
     """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
+    if settings.task == "image-to-image":
+        settings = replace(settings, image=init_image(specs.ModelDims.from_pretrained(model_dir)))
     context, statistics = Context(settings, model_dir, url), TritonStatistics(url, headers)
     return {name: concurrency_runs(name, CONTENDERS[name](context), settings, statistics)
             for name in names if CONTENDERS[name].served}

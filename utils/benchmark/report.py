@@ -14,7 +14,7 @@ import numpy as np
 
 from pipelines.client import connect
 from utils.benchmark.fidelity import fidelity_text
-from utils.benchmark.statistics import STAGES
+from utils.benchmark.settings import IMAGE_TO_IMAGE_STAGES, STAGES
 from utils.models import model_slug
 from utils.version import project_version
 
@@ -69,16 +69,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def stages_of(results: dict) -> tuple[str, ...]:
+    """The networks the run's task goes through (results of earlier versions: text to image)."""
+    return IMAGE_TO_IMAGE_STAGES if results.get("settings", {}).get("task") == "image-to-image" else STAGES
+
+
 def _latency_lines(results: dict) -> list[str]:
+    encoder = "vae_encoder" in stages_of(results)
     header = (f"{'pipeline':<20} {'mean ± std (s)':>16} {'p50':>7} {'p90':>7} {'p99':>7} {'img/s':>7} │ "
-              f"{'text enc':>8} {'unet':>8} {'per call':>9} {'vae dec':>8} {'other':>8}")
+              f"{'text enc':>8} " + (f"{'vae enc':>8} " if encoder else "")
+              + f"{'unet':>8} {'per call':>9} {'vae dec':>8} {'other':>8}")
     lines = [header, "─" * len(header)]
     for name, result in results["pipelines"].items():
         latency, stages = result["latency"], result["stages"]
         lines.append(
             f"{name:<20} {latency['mean_s']:>8.3f} ± {latency['std_s']:<5.3f} {latency['p50_s']:>7.3f} "
             f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
-            f"{stages['text_encoder']:>8.4f} {stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms "
+            f"{stages['text_encoder']:>8.4f} " + (f"{stages['vae_encoder']:>8.4f} " if encoder else "")
+            + f"{stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms "
             f"{stages['vae_decoder']:>8.4f} {stages['other']:>8.4f}"
         )
     return lines
@@ -147,7 +155,8 @@ def chart(results: dict, path: Path) -> Path:
     for axis in axes:
         axis.tick_params(axis="x", labelsize=8)
     s = results["settings"]
-    figure.suptitle(f"{s['model']} on {results['environment']['gpu'] or results['environment']['cpu']} "
+    task = f"{s.get('task', 'text-to-image')}, "
+    figure.suptitle(f"{task}{s['model']} on {results['environment']['gpu'] or results['environment']['cpu']} "
                     f"({s['device']}, {s['precision']}), {s['steps']} steps, guidance {s['guidance_scale']}",
                     fontsize=10)
     figure.tight_layout()
@@ -173,7 +182,10 @@ def _latency_bars(axis, results: dict) -> None:
 def _stage_bars(axis, results: dict) -> None:
     names = list(results["pipelines"])
     left = np.zeros(len(names))
-    for stage, color in zip((*STAGES, "other"), ("#72b7b2", "#4c78a8", "#f58518", "#bab0ac")):
+    colors = {"text_encoder": "#72b7b2", "vae_encoder": "#54a24b", "unet": "#4c78a8", "vae_decoder": "#f58518",
+              "other": "#bab0ac"}
+    for stage in (*stages_of(results), "other"):
+        color = colors[stage]
         widths = np.array([results["pipelines"][n]["stages"][stage] for n in names])
         axis.barh(names, widths, left=left, color=color, label=stage)
         left += np.maximum(widths, 0)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from utils.deployment import Deployment
+
+TASKS = ("text-to-image", "image-to-image")
+STAGES = ("text_encoder", "unet", "vae_decoder")  # the networks of text to image, in the order they run
+IMAGE_TO_IMAGE_STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,9 @@ class Settings:
     runs: int = 20
     concurrency: tuple[int, ...] = ()  # client threads of each concurrency run (none by default)
     requests: int = 0  # requests in each concurrency run
+    task: str = "text-to-image"
+    strength: float = 0.8  # image to image
+    image: np.ndarray | None = field(default=None, compare=False)  # image to image: the picture to start from
     # How the served pipelines are deployed; diffusers runs on the same device and precision.
     deployment: Deployment = field(default_factory=Deployment)
 
@@ -32,15 +41,23 @@ class Settings:
     def precision(self) -> str:
         return self.deployment.served_precision
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return IMAGE_TO_IMAGE_STAGES if self.task == "image-to-image" else STAGES
+
     def options(self) -> dict:
-        return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                    seed=self.seed)
+        options = dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                       seed=self.seed)
+        if self.task == "image-to-image":
+            options.update(image=self.image, strength=self.strength)
+        return options
 
     def describe(self) -> dict:
         """The settings as plain values, for the JSON."""
         return {"model": self.model, "prompt": self.prompt, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "seed": self.seed, "warmup": self.warmup, "runs": self.runs,
-                "concurrency": list(self.concurrency), "requests": self.requests, "device": self.device,
+                "concurrency": list(self.concurrency), "requests": self.requests, "task": self.task,
+                **({"strength": self.strength} if self.task == "image-to-image" else {}), "device": self.device,
                 "precision": self.precision, "deployment": self.deployment.describe()}
 
 

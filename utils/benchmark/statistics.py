@@ -12,9 +12,9 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.client import connect
 from utils.errors import UsageError
+from utils.benchmark.settings import STAGES
 from utils.layout import network_of
 
-STAGES = ("text_encoder", "unet", "vae_decoder")
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -56,10 +56,10 @@ class TritonStatistics:
                 for name in after}
 
     @staticmethod
-    def stages(before: dict, after: dict, runs: int) -> dict:
-        """Seconds per run spent computing in each network, and per UNet call."""
+    def stages(before: dict, after: dict, runs: int, stages: tuple[str, ...] = STAGES) -> dict:
+        """Seconds per run spent computing in each of these networks, and per UNet call."""
         delta = TritonStatistics.delta(before, after)
-        stages = {stage: delta.get(stage, {}).get("compute_ns", 0) / 1e9 / runs for stage in STAGES}
+        stages = {stage: delta.get(stage, {}).get("compute_ns", 0) / 1e9 / runs for stage in stages}
         calls = delta.get("unet", {}).get("executions", 0)
         stages["unet_per_call"] = delta["unet"]["compute_ns"] / 1e9 / calls if calls else 0.0
         stages["unet_calls_per_run"] = calls / runs
