@@ -47,10 +47,12 @@ class DiffusersContender:
         from PIL import Image
 
         generator = self.torch.Generator().manual_seed(seed)
-        if image is not None:  # PIL images: diffusers scales them to [-1, 1] as the served pipelines do
-            options["image"] = [Image.fromarray(picture) for picture in image]
-        images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
-        return np.stack([np.asarray(image) for image in images])
+        if image is None:
+            images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
+        else:  # as PIL images: diffusers scales them to [-1, 1] as the served pipelines do
+            pictures = [Image.fromarray(picture) for picture in image]
+            images = self.pipeline(prompt, image=pictures, generator=generator, output_type="pil", **options).images
+        return np.stack([np.asarray(picture) for picture in images])
 
     @contextmanager
     def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
