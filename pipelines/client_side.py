@@ -81,7 +81,7 @@ class ClientSidePipeline:
             name = self.networks.served_name(specs.UNET)
             raise UsageError(f"the server at {url} does not serve {name!r} ({error.message()}): where each GPU "
                              f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
-        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir), self.networks, dtype=dtype)
+        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype)
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields

@@ -72,6 +72,12 @@ class PipelineComponents:
         accepted = inspect.signature(scheduler_class.__init__).parameters
         return scheduler_class(**{k: v for k, v in self.scheduler_config.items() if k in accepted})
 
+    def load(self) -> PipelineComponents:
+        """Load the tokenizer and the scheduler now, for a pipeline that will need both, rather
+        than in its first request."""
+        self.tokenizer, self.scheduler  # noqa: B018  (cached on first access)
+        return self
+
     def new_scheduler(self):
         """A scheduler of a request's own: PNDM keeps state between steps."""
         return copy.deepcopy(self.scheduler)

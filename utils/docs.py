@@ -105,6 +105,43 @@ def docker_serve() -> str:
     return "```bash\npython scripts/launch_triton_server.py --docker\n# = " + " \\\n#     ".join(lines) + "\n```"
 
 
+def _graph_lines(spec: specs.EnsembleSpec, depth: int = 1) -> list[str]:
+    lines = []
+    for step in spec.steps:
+        inner = specs.ENSEMBLES.get(step.model)
+        if inner is not None:
+            kind = "ensemble"
+        elif step.model in specs.NETWORKS:
+            kind = "network"
+        else:
+            networks = specs.PIPELINES[step.model].networks
+            kind = "python" + (f", calls {', '.join(n.name for n in networks)} by BLS" if networks else "")
+        reads = ", ".join(tensor for _, tensor in step.inputs)
+        makes = ", ".join(tensor for _, tensor in step.outputs)
+        lines.append(f"{'  ' * depth}{step.model:<{24 - 2 * depth}} {reads} -> {makes}   ({kind})")
+        if inner is not None:
+            lines += _graph_lines(inner, depth + 1)
+    return lines
+
+
+def ensemble_graphs() -> str:
+    """The two top-level ensembles, step by step, with the tensors that flow between the steps."""
+    blocks = []
+    for spec in (specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE):
+        inputs = ", ".join(t.name for t in spec.inputs)
+        blocks.append("\n".join([f"{spec.name}: {inputs} -> {', '.join(t.name for t in spec.outputs)}",
+                                  *_graph_lines(spec)]))
+    return "```\n" + "\n\n".join(blocks) + "\n```"
+
+
+def ensemble_config() -> str:
+    """The generated config of the smallest ensemble, whole: what an ensemble is, in Triton's words."""
+    from utils import configs
+
+    text = configs.to_pbtxt(configs.ensemble_config(specs.ENCODE_PROMPT))
+    return "```protobuf\n" + text.split("\n", 1)[1].rstrip() + "\n```"
+
+
 def profile_words() -> str:
     text, vae = specs.TEXT_ENCODER.profile, specs.VAE_DECODER.profile
     return f"{text.min}-{text.max} rows for the text encoder and the UNet, {vae.min}-{vae.max} for the VAE"
@@ -128,7 +165,8 @@ def tiny_sizes() -> str:
 SECTIONS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
-    "tiny-sizes": tiny_sizes, "docker-serve": docker_serve,
+    "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
+    "ensemble-config": ensemble_config,
 }
 
 

@@ -177,6 +177,7 @@ def _latency_bars(axis, results: dict) -> None:
                       ha="center", va="bottom", fontsize=8, xytext=(0, 8), textcoords="offset points")
     axis.set_ylabel("seconds per image (mean ± std)")
     axis.set_title("End-to-end latency")
+    axis.tick_params(axis="x", labelrotation=15)
 
 
 def _stage_bars(axis, results: dict) -> None:
