@@ -54,6 +54,24 @@ def repository(tiny_model, exports, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bls_repository(tiny_model, exports, tmp_path_factory):
+    """The networks and the BLS pipelines only (no ensembles): fewer processes, for the tests that
+    start servers of their own to break or load them."""
+    path = tmp_path_factory.mktemp("bls-repository")
+    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()},
+                     Deployment(ensembles=False))
+    return path
+
+
+def stub_count(repository) -> int:
+    """How many Python-backend stub processes a server of this repository runs: one per instance."""
+    from utils.configs import parse_pbtxt
+
+    configs = [parse_pbtxt(path.read_text()) for path in sorted(repository.glob("*/config.pbtxt"))]
+    return sum(group.count for config in configs if config.backend == "python" for group in config.instance_group)
+
+
+@pytest.fixture(scope="session")
 def triton_server(repository):
     server = TritonServer(repository, http=True)  # the HTTP tests document what Triton's frontend does
     server.start()

@@ -158,7 +158,7 @@ def torch_runtime_server(tiny_model, tmp_path_factory):
     from utils.server import TritonServer
 
     repository = tmp_path_factory.mktemp("torch-runtime")
-    write_repository(repository, tiny_model, None, Deployment(runtime="torch"))
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False))
     with TritonServer(repository) as server:
         yield server
 

@@ -32,10 +32,10 @@ LONG = dict(prompt="a long request", num_inference_steps=999, seed=5)  # ~4 s on
 
 
 @pytest.fixture(scope="module")
-def own_repository(repository, tmp_path_factory):
+def own_repository(bls_repository, tmp_path_factory):
     """A copy, so that this module's stubs are told apart from the session server's by path."""
     copy = tmp_path_factory.mktemp("faults") / "repository"
-    shutil.copytree(repository, copy)
+    shutil.copytree(bls_repository, copy)
     return copy
 
 

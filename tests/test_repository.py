@@ -78,3 +78,15 @@ def test_a_precision_the_graphs_do_not_have_is_refused(tiny_model, exports, tmp_
     with pytest.raises(ValueError, match=r"--precision FP16, but the ONNX files are FP32: export them again"):
         write_repository(tmp_path / "repository", tiny_model, onnx_files(exports), Deployment(precision="FP16"))
     assert not (tmp_path / "repository").exists()
+
+
+def test_without_ensembles_only_the_networks_and_the_bls_pipelines(bls_repository):
+    models = sorted(path.name for path in bls_repository.iterdir())
+    assert models == sorted([*specs.NETWORKS, *(pipeline.name for pipeline in specs.BLS_PIPELINES)])
+
+
+def test_with_ensembles_every_ensemble_and_its_steps(repository):
+    names = {path.name for path in repository.iterdir()}
+    assert set(specs.ENSEMBLES) | set(specs.PIPELINES) | set(specs.NETWORKS) == names
+    for ensemble in specs.ENSEMBLES:
+        assert (repository / ensemble / "1").is_dir()  # the empty version folder Triton needs

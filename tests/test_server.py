@@ -45,8 +45,8 @@ def test_binds_loopback_only(triton_server):
         assert listening_addresses(port) == {"127.0.0.1"}
 
 
-def test_stop_ends_the_server_gracefully_and_frees_its_ports(repository):
-    server = TritonServer(repository).start()
+def test_stop_ends_the_server_gracefully_and_frees_its_ports(bls_repository):
+    server = TritonServer(bls_repository).start()
     process, port = server.process, server.grpc_port
     # Well inside Triton's 30 s exit timeout: a connection left open by the launcher would make the
     # server wait for it, and stop() would then have to kill it (exit code -9, not 0).
@@ -56,12 +56,12 @@ def test_stop_ends_the_server_gracefully_and_frees_its_ports(repository):
     server.stop()  # stopping twice is harmless
 
 
-def test_port_in_use_is_explained_before_starting(repository):
+def test_port_in_use_is_explained_before_starting(bls_repository):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = TritonServer(repository, grpc_port=port)
+        server = TritonServer(bls_repository, grpc_port=port)
         with pytest.raises(TritonServerError, match=rf"port {port} on 127.0.0.1 is already in use \(--grpc-port\)"):
             server.start()
         assert server.process is None
@@ -184,14 +184,14 @@ def test_no_request_content_is_ever_evaluated_or_unpickled():
     assert not offenders, offenders
 
 
-def test_launcher_stops_its_server_on_sigterm(repository, tmp_path):
+def test_launcher_stops_its_server_on_sigterm(bls_repository, tmp_path):
     import shutil
     import signal
     import subprocess
     import sys
 
     copy = tmp_path / "repository"
-    shutil.copytree(repository, copy)
+    shutil.copytree(bls_repository, copy)
     ports = [str(server_module.free_port()) for _ in range(3)]
     launcher = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/launch_triton_server.py"),
@@ -246,20 +246,22 @@ def test_activation_archive_of_a_folder_without_python_is_refused_with_the_fix(t
         environments.activation_archive(tmp_path / "nowhere")
 
 
-def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_restart(repository, tmp_path):
+def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_restart(bls_repository, tmp_path):
     import os
     import shutil
     import signal
 
+    from conftest import stub_count
+
     from utils.server import process_group, shm_regions
 
     copy = tmp_path / "repository"
-    shutil.copytree(repository, copy)
+    shutil.copytree(bls_repository, copy)
     server = TritonServer(copy)
     try:
         server.start()
         pid, regions = server.process.pid, set(server.shm_regions)
-        assert len(regions) == 6, regions  # this server's own: 4 networks and 2 pipeline instances
+        assert len(regions) == stub_count(bls_repository), regions  # this server's own, one per stub
         os.kill(pid, signal.SIGKILL)
         server.process.wait()
         assert process_group(pid), "the stubs outlive a killed server: what stop() has to end"
@@ -273,7 +275,7 @@ def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_resta
     assert not server.shm_regions and not regions & shm_regions()
 
 
-def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(repository, tmp_path):
+def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(bls_repository, tmp_path):
     """A refused 100 MB prompt is copied into the pipeline stub's shared memory first, which grows
     and never shrinks (Triton 2.51). The supervisor restarts a server over its memory limit."""
     import shutil
@@ -287,7 +289,7 @@ def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(reposi
     from utils.health import Supervisor
 
     copy = tmp_path / "repository"
-    shutil.copytree(repository, copy)
+    shutil.copytree(bls_repository, copy)
     with TritonServer(copy) as server:
         baseline = server.memory()
         bls = BlsPipeline(server.grpc_url, retry_for=0)

@@ -48,6 +48,9 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
     group.add_argument("--precision", default=None, choices=PRECISIONS,
                        help="FP32 or FP16: the torch runtime's (default FP16 on cuda, FP32 on cpu); on the ONNX route "
                             "the graphs carry theirs")
+    group.add_argument("--no-ensembles", dest="ensembles", action="store_false",
+                       help="serve the networks and the BLS pipelines only: no ensembles and no ensemble steps "
+                            "(4 fewer processes, a faster start)")
     group = parser.add_argument_group("serving on GPUs (torch runtime on cuda)")
     group.add_argument("--gpus", default=None,
                        help="GPUs to serve on: 0, 0,1 or all (default: GPU 0). On several GPUs each network "
@@ -84,7 +87,7 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                               pipeline_loop=args.pipeline_loop or Placement.pipeline_loop)
     return Deployment(backend=backend, runtime=args.runtime, device=args.device, precision=args.precision,
                       placement=placement, torch_compile=tuple(args.torch_compile),
-                      pipeline_environment=args.pipeline_environment)
+                      pipeline_environment=args.pipeline_environment, ensembles=args.ensembles)
 
 
 def main_entry(main: Callable[[], object]) -> None:

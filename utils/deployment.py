@@ -82,6 +82,10 @@ class Deployment:
     placement: Placement | None = None  # None: GPU 0 for the torch runtime on cuda, else the CPU
     torch_compile: tuple[str, ...] = ()  # networks the torch runtime compiles at load
     pipeline_environment: Path | None = None  # a Python environment for the pipeline models
+    # The ensembles and their Python steps (4 more processes); without them only the BLS pipelines
+    # and the networks are served. Never with a copy of each network per GPU: an ensemble names
+    # the models it runs, and there would be two of each.
+    ensembles: bool = True
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -122,6 +126,10 @@ class Deployment:
         return self.torch_runtime and self.device.startswith("cuda")
 
     @property
+    def serves_ensembles(self) -> bool:
+        return self.ensembles and not self.placement.per_gpu_models
+
+    @property
     def served_precision(self) -> str:
         """The precision the networks are served at, where the deployment decides it (the torch
         runtime, or an export it makes); the ONNX routes otherwise take their graphs'."""
@@ -133,4 +141,5 @@ class Deployment:
                 "precision": self.served_precision, "torch_compile": list(self.torch_compile),
                 "gpus": list(self.placement.gpus), "pipeline_instances": self.placement.pipeline_instances,
                 "pipeline_loop": self.placement.pipeline_loop,
-                "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None}
+                "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None,
+                "ensembles": self.serves_ensembles}

@@ -262,9 +262,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
         precision = check_exports(onnx_files, dims, deployment)
         for name, network in specs.NETWORKS.items():
             add_network(repository, network, Path(onnx_files[name]), dims, precision, deployment, report, force)
-    # An ensemble names the models it runs: with a copy of each network per GPU there is no one
-    # name to give, so ensembles (and their steps) are served with one copy only.
-    ensembles = not deployment.placement.per_gpu_models
+    ensembles = deployment.serves_ensembles
     for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
         add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)
     for ensemble in specs.ENSEMBLES.values() if ensembles else ():
