@@ -65,3 +65,23 @@ def test_warm_up_goes_on_while_runs_still_get_faster(monkeypatch):
     settled = Contender([1.0] * 10)
     warm_up("x", settled, lambda **o: settled.generate(clock, **o), Settings(warmup=3))
     assert settled.calls == 3
+
+
+def test_postprocess_refuses_a_blank_or_broken_image_by_name():
+    """What the postprocess step (and every pipeline) does with a decoded image that is not a
+    picture: an error naming the image, never a black image sent as a success."""
+    import torch
+
+    from pipelines.stable_diffusion import InvalidImage, StableDiffusion
+
+    good = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    images = StableDiffusion.postprocess(good)
+    assert images.dtype == torch.uint8 and images.shape == (2, 4, 4, 3)
+    broken = good.clone()
+    broken[1, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidImage, match=r"image 1 is not finite"):
+        StableDiffusion.postprocess(broken)
+    flat = good.clone()
+    flat[0] = 0.25
+    with pytest.raises(InvalidImage, match=r"image 0 is one flat colour"):
+        StableDiffusion.postprocess(flat)
