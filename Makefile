@@ -30,7 +30,8 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest -m "not server and not slow"
 
-# The README's tables, commands and caps, written again from the code (a test checks them).
+# The README's and the tutorial's tables, commands, configs and code excerpts, written again from
+# the project (a test fails where they differ).
 docs: venv
 	$(BIN)/python scripts/render_docs.py
 

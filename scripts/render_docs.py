@@ -1,6 +1,7 @@
-"""Write the README's generated sections (tables, commands, caps) from the code (`make docs`).
+"""Write the generated sections of the README and of the tutorial's chapters (tables, commands,
+configs, code excerpts, measured figures) from the project (`make docs`).
 
-With --check, change nothing and fail when a section differs from what the code says.
+With --check, change nothing and fail where a document differs from what the project gives.
 """
 
 import argparse
@@ -11,24 +12,28 @@ from utils.docs import render
 from utils.errors import UserError
 from utils.layout import PROJECT_ROOT
 
-README = PROJECT_ROOT / "README.md"
+DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs" / "tutorial").glob("*.md"))]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only compare; exit 2 where the README differs")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 2 where a document differs")
     args = parser.parse_args(argv)
-    current = README.read_text()
-    rendered = render(current)
-    if args.check:
-        if rendered != current:
-            diff = "".join(difflib.unified_diff(current.splitlines(True), rendered.splitlines(True),
-                                                "README.md", "rendered from the code"))
-            raise UserError(f"README.md differs from the code: run `make docs`.\n{diff}")
-        print("README.md agrees with the code")
-        return
-    README.write_text(rendered)
-    print(f"{'rewrote' if rendered != current else 'unchanged:'} {README}")
+    differences = []
+    for document in DOCUMENTS:
+        current = document.read_text()
+        rendered = render(current)
+        name = str(document.relative_to(PROJECT_ROOT))
+        if rendered == current:
+            print(f"unchanged: {name}")
+        elif args.check:
+            differences.append("".join(difflib.unified_diff(current.splitlines(True), rendered.splitlines(True),
+                                                            name, "rendered from the project")))
+        else:
+            document.write_text(rendered)
+            print(f"rewrote:   {name}")
+    if differences:
+        raise UserError("documents differ from the project: run `make docs`.\n" + "\n".join(differences))
 
 
 if __name__ == "__main__":

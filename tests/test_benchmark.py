@@ -57,6 +57,8 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
         if CONTENDERS[name].served:
             assert stages["end_to_end"] == latency["mean_s"]
         assert stages["other"] >= 0
+        budget = results["compute_budget"][name]  # the networks' compute, against the measured time
+        assert 0 < budget["ideal_s"] <= 1.01 * budget["measured_s"] and budget["overhead_fraction"] < 1
     for name, runs in results["concurrency"].items():
         assert set(runs) == {"1", "2"}
         for run in runs.values():

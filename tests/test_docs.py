@@ -1,4 +1,5 @@
-"""The README states what the code says: every generated section agrees with the code."""
+"""The README and the tutorial's chapters state what the code says: every generated section (tables,
+commands, configs, code excerpts, recorded figures) agrees with what the project renders now."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import re
 import pytest
 
 from utils import docs, specs
+from utils.docs.excerpts import RENDERERS
+from utils.docs.facts import FACTS
 from utils.layout import PROJECT_ROOT
-from utils.models import build_preset, preset_dims
+from utils.models import preset_dims
 
 README = (PROJECT_ROOT / "README.md").read_text()
+CHAPTERS = sorted((PROJECT_ROOT / "docs" / "tutorial").glob("[0-9]-*.md"))
+DOCUMENTS = {str(path.relative_to(PROJECT_ROOT)): path.read_text()
+             for path in [PROJECT_ROOT / "README.md", *CHAPTERS, PROJECT_ROOT / "docs" / "tutorial" / "README.md"]}
 
 
-def test_readme_agrees_with_the_code():
-    assert docs.render(README) == README, "run `make docs`"
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_document_agrees_with_the_project(name):
+    assert docs.render(DOCUMENTS[name]) == DOCUMENTS[name], "run `make docs`"
 
 
-def test_every_renderer_has_its_section():
-    used = set(re.findall(r"<!-- generated: ([\w-]+) -->", README))
-    assert used == set(docs.SECTIONS)
+def test_every_fact_and_renderer_is_used():
+    used = {name.split(":")[0] for text in DOCUMENTS.values()
+            for name in re.findall(r"<!-- generated: ([\w:./-]+) -->", text)}
+    assert used == set(FACTS) | set(RENDERERS)
 
 
 def test_a_changed_profile_changes_the_readme(monkeypatch):
@@ -33,14 +41,36 @@ def test_a_changed_profile_changes_the_readme(monkeypatch):
     assert "maxShapes=sample:32x4x64x64" in rendered and "batch-size must be <= 32 for 'unet'" in rendered
 
 
+def test_a_changed_source_changes_its_excerpt(tmp_path, monkeypatch):
+    """An excerpt is the code as it is: edit the function and the chapter no longer agrees."""
+    from utils.docs import excerpts
+
+    (tmp_path / "utils").mkdir()
+    (tmp_path / "utils" / "example.py").write_text("def step(x):\n    return x + 1\n")
+    monkeypatch.setattr(excerpts, "PROJECT_ROOT", tmp_path)
+    document = "<!-- generated: source:utils/example.py:step -->\n<!-- end: source:utils/example.py:step -->"
+    rendered = docs.render(document)
+    assert "def step(x):\n    return x + 1" in rendered and docs.render(rendered) == rendered
+    (tmp_path / "utils" / "example.py").write_text("def step(x):\n    return x + 2\n")
+    assert docs.render(rendered) != rendered
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda path: path.name)
+def test_each_chapter_is_linked_and_ends_with_what_to_read_next(chapter):
+    text = chapter.read_text()
+    assert text.rstrip().split("\n## ")[-1].startswith("Read next")
+    assert re.search(r"\]\(https://", text.split("## Read next")[-1]), "Read next names no documentation"
+    assert f"docs/tutorial/{chapter.name}" in README  # the README links it
+    assert f"]({chapter.name})" in (PROJECT_ROOT / "docs" / "tutorial" / "README.md").read_text()  # and the index
+
+
 def test_an_unknown_section_is_an_error():
     with pytest.raises(KeyError, match="no renderer"):
         docs.render("<!-- generated: nothing --><!-- end: nothing -->")
 
 
-@pytest.mark.parametrize("name", ["tiny"])
-def test_preset_sizes_without_building_equal_the_built_checkpoint(name, tiny_model):
-    assert preset_dims(name) == specs.ModelDims.from_pretrained(tiny_model)
+def test_preset_sizes_without_building_equal_the_built_checkpoint(tiny_model):
+    assert preset_dims("tiny") == specs.ModelDims.from_pretrained(tiny_model)
 
 
 def test_sd15_sizes():

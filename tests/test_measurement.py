@@ -41,10 +41,12 @@ def test_outliers_are_reported_and_stay_in_the_figures():
     assert summary["outliers_s"] == [16.0] and summary["raw_s"][-1] == 16.0
     results = {"pipelines": {"diffusers-compiled": {
         "latency": summary, "discarded_recompilations_s": [12.0],
-        "stages": dict(text_encoder=0.1, unet=0.5, unet_per_call=0.01, vae_decoder=0.1, other=0.1)}}}
+        "stages": dict(text_encoder=0.1, unet=0.5, unet_per_call=0.01, vae_decoder=0.1, other=0.35, end_to_end=1.05)}}}
     text = table(results)
     assert "diffusers-compiled: 1 measured run(s) over 3x the median (16.000 s)" in text
     assert "1 run(s) recompiled the model (12.000 s): left out and run again" in text
+    # The compute budget: the networks' compute (0.7 s) against the end-to-end time (1.05 s).
+    assert "diffusers-compiled        0.700         1.050         0.350       33%" in text
 
 
 def test_a_run_that_compiled_is_measured_again(monkeypatch):

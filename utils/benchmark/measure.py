@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from utils import specs
 from utils.benchmark.contenders import CONTENDERS
 from utils.benchmark.fidelity import fidelity
-from utils.benchmark.report import environment
+from utils.benchmark.report import compute_budget, environment
 from utils.benchmark.settings import Context, Settings
 from utils.benchmark.statistics import TritonStatistics
 
@@ -203,6 +203,7 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
         if settings.requests and contender.served and settings.concurrency:
             results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
+    results["compute_budget"] = compute_budget(results)
     return results
 
 

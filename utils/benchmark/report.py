@@ -53,9 +53,32 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+def compute_budget(results: dict) -> dict[str, dict[str, float]]:
+    """Per pipeline, the ideal time of one image (the networks' own compute, summed: what no way
+    of composing them can go below), the measured end-to-end time of the same runs, and the
+    overhead between them: orchestration, transport, queueing, the scheduler's arithmetic."""
+    budget = {}
+    for name, result in results["pipelines"].items():
+        stages = result["stages"]
+        ideal = sum(stages.get(stage, 0.0) for stage in stages_of(results))
+        measured = stages["end_to_end"]
+        budget[name] = {"ideal_s": ideal, "measured_s": measured, "overhead_s": measured - ideal,
+                        "overhead_fraction": (measured - ideal) / measured if measured else float("nan")}
+    return budget
+
+
+def budget_lines(results: dict) -> list[str]:
+    lines = [f"{'compute budget':<20} {'ideal (s)':>10} {'measured (s)':>13} {'overhead (s)':>13} {'overhead':>9}"]
+    for name, entry in compute_budget(results).items():
+        lines.append(f"{name:<20} {entry['ideal_s']:>10.3f} {entry['measured_s']:>13.3f} "
+                     f"{entry['overhead_s']:>13.3f} {entry['overhead_fraction']:>9.0%}")
+    return lines
+
+
 def table(results: dict) -> str:
-    """The results as text: latency and stages, concurrency, GPU scaling, notes, fidelity."""
-    lines = _latency_lines(results)
+    """The results as text: latency and stages, compute budget, concurrency, GPU scaling, notes,
+    fidelity."""
+    lines = _latency_lines(results) + [""] + budget_lines(results)
     if results.get("concurrency"):
         lines += [""] + _concurrency_lines(results["concurrency"])
     if results.get("gpu_scaling"):

@@ -1,14 +1,7 @@
-"""The README's statements about the code, rendered from the code.
-
-Each such section of README.md sits between ``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``
-(a table, a command, or a few words inside a sentence). ``make docs`` (scripts/render_docs.py)
-writes them again from the specs, the request checks and the trtexec commands; a test fails when
-the README differs from what this module renders, so no number can drift from the code.
-"""
+"""Facts of the code as the documentation states them: tables, commands, caps, a few words."""
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
@@ -22,7 +15,6 @@ from utils.models import SD15_SCHEDULER, preset_dims
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
-SECTION = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
 def _shape(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
@@ -162,22 +154,9 @@ def tiny_sizes() -> str:
             f"latents, {TINY.image_height}x{TINY.image_width} images")
 
 
-SECTIONS: dict[str, Callable[[], str]] = {
+FACTS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
     "ensemble-config": ensemble_config,
 }
-
-
-def render(text: str) -> str:
-    """``text`` with every generated section written anew; an unknown section name is an error."""
-    def section(match: re.Match) -> str:
-        name = match["name"]
-        if name not in SECTIONS:
-            raise KeyError(f"README section {name!r} has no renderer; known: {', '.join(SECTIONS)}")
-        body = SECTIONS[name]()
-        inline = "\n" not in match["body"]
-        return f"{match[1]}{body}{match[4]}" if inline else f"{match[1]}\n{body}\n{match[4]}"
-
-    return SECTION.sub(section, text)

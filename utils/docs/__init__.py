@@ -1,0 +1,36 @@
+"""The documentation's statements about the code, rendered from the code.
+
+Each such section of README.md and of the tutorial's chapters (docs/tutorial/) sits between
+``<!-- generated: NAME -->`` and ``<!-- end: NAME -->``: a table, a command, a config, an excerpt
+of a source file, a few words inside a sentence. NAME is a fact (facts.py), or a renderer with its
+arguments after colons (excerpts.py: ``source:utils/specs.py:UNET``, ``config:unet:tensorrt``,
+``budget:docs/benchmark-tiny-cpu.json``...). ``make docs`` (scripts/render_docs.py) writes every
+section again; a test fails where a document differs from what this package renders.
+"""
+
+from __future__ import annotations
+
+import re
+
+from utils.docs.excerpts import RENDERERS
+from utils.docs.facts import FACTS
+
+SECTION = re.compile(r"(<!-- generated: (?P<name>[\w:./-]+) -->)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+SECTIONS = {**FACTS, **RENDERERS}
+
+
+def render_section(name: str) -> str:
+    kind, *arguments = name.split(":")
+    if kind not in SECTIONS or (arguments and kind not in RENDERERS):
+        raise KeyError(f"section {name!r} has no renderer; known: {', '.join(SECTIONS)}")
+    return SECTIONS[kind](*arguments)
+
+
+def render(text: str) -> str:
+    """``text`` with every generated section written anew; an unknown section name is an error."""
+    def section(match: re.Match) -> str:
+        body = render_section(match["name"])
+        inline = "\n" not in match["body"]
+        return f"{match[1]}{body}{match[4]}" if inline else f"{match[1]}\n{body}\n{match[4]}"
+
+    return SECTION.sub(section, text)
