@@ -13,6 +13,8 @@ from pathlib import Path
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from utils.layout import ONNX_FILE
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -20,7 +22,7 @@ class TritonPythonModel:
         self.model_name = args["model_name"]
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
-        onnx_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        onnx_file = Path(args["model_repository"]) / args["model_version"] / ONNX_FILE
         self.session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
