@@ -21,6 +21,10 @@ from utils.errors import UserError
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
+# The schedulers a request may choose (diffusers' class names; never evaluated, only looked up
+# once found here), each built from the checkpoint's scheduler config.
+SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 MAX_PROMPT_BYTES = 2048  # far above what the tokenizer keeps (77 tokens), small enough to be harmless
 GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 SEED_RANGE = (0, 2**63 - 1)
@@ -36,12 +40,17 @@ class GenerationRequest:
     negative_prompt: Sequence[str] | None = None
     image: np.ndarray | None = None  # image to image: uint8 [N, H, W, 3] (or [H, W, 3]), one per prompt or one for all
     strength: float = DEFAULT_STRENGTH  # image to image: how much of the image is noised away, in (0, 1]
+    scheduler: str | None = None  # one of SCHEDULERS; None: the checkpoint's own
+    num_images_per_prompt: int = 1
+    height: int | None = None  # text to image: the size in pixels; None: the checkpoint's
+    width: int | None = None
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     seed: int | None = None  # None: a fresh random seed
 
     @property
     def batch_size(self) -> int:
+        """Prompts, each giving num_images_per_prompt images."""
         return len(self.prompt)
 
     @property
@@ -82,8 +91,14 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
             )
         negatives = _check_texts("negative_prompt", negatives, max_prompts, required=False)
     image = None if request.image is None else check_image(request.image, len(prompts), image_size)
-    request = replace(request, prompt=prompts, negative_prompt=negatives, image=image)
-    return check_options(request, max_steps, image_to_image=image is not None)
+    request = check_options(replace(request, prompt=prompts, negative_prompt=negatives, image=image), max_steps,
+                            image_to_image=image is not None)
+    if len(prompts) * request.num_images_per_prompt > max_prompts:
+        raise InvalidRequest(
+            f"{len(prompts)} prompt(s) x num_images_per_prompt="
+            f"{request.num_images_per_prompt} make {len(prompts) * request.num_images_per_prompt} images: at most "
+            f"{max_prompts} per request (the engines' batch profiles); split the request.")
+    return request
 
 
 def check_options(request: GenerationRequest, max_steps: int | None, image_to_image: bool) -> GenerationRequest:
@@ -108,7 +123,14 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
     if image_to_image and int(steps * strength) < 1:  # diffusers' img2img keeps int(steps * strength) steps
         raise InvalidRequest(f"strength={strength:g} with num_inference_steps={steps} leaves no denoising step: "
                              f"raise strength to at least {1 / steps:g} or the steps.")
-    return replace(request, guidance_scale=guidance, num_inference_steps=steps, seed=seed, strength=strength)
+    images = _number("num_images_per_prompt", request.num_images_per_prompt, int)
+    if images < 1:
+        raise InvalidRequest(f"num_images_per_prompt={images} is not allowed: use an integer of at least 1.")
+    if request.scheduler is not None and request.scheduler not in SCHEDULERS:
+        raise InvalidRequest(f"scheduler={request.scheduler!r} is not allowed: use one of {', '.join(SCHEDULERS)} "
+                             f"(or leave it out for the checkpoint's own).")
+    return replace(request, guidance_scale=guidance, num_inference_steps=steps, seed=seed, strength=strength,
+                   num_images_per_prompt=images)
 
 
 def check_image(image, prompts: int | None, size: tuple[int, int] | None) -> np.ndarray:
@@ -157,7 +179,10 @@ def request_from_arrays(arrays: Mapping[str, np.ndarray | None],
             if not tensor.optional:
                 raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape {list(tensor.dims)}.")
         elif tensor.dtype == "BYTES":
-            fields_[tensor.name] = _decode(tensor.name, array)
+            texts = _decode(tensor.name, array)
+            if tensor.dims == (1,) and len(texts) != 1:
+                raise InvalidRequest(f"{tensor.name} has {len(texts)} values: send exactly one, shape [1].")
+            fields_[tensor.name] = texts[0] if tensor.dims == (1,) else texts
         elif tensor.dims == (1,):
             if array.size != 1:
                 raise InvalidRequest(f"{tensor.name} has {array.size} values: send exactly one, shape [1].")

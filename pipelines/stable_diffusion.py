@@ -59,12 +59,17 @@ class PipelineComponents:
             from transformers import CLIPTokenizer
         return CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
 
-    @functools.cached_property
+    @property
     def scheduler(self):
-        """The checkpoint's scheduler, never used itself: each request gets a copy (new_scheduler)."""
+        """The checkpoint's own scheduler, never used itself: each request gets a copy (new_scheduler)."""
+        return self._scheduler(self.scheduler_config["_class_name"])
+
+    @functools.lru_cache(maxsize=None)
+    def _scheduler(self, class_name: str):
+        """A scheduler of this class built from the checkpoint's scheduler config, once per class."""
         with _LAZY_IMPORTS:
             import diffusers
-        scheduler_class = getattr(diffusers, self.scheduler_config["_class_name"])
+        scheduler_class = getattr(diffusers, class_name)
         # The constructor, not from_config: from_config imports every compatible scheduler class
         # on each call, and some import scipy, which fails in the pipeline model's numpy 1
         # environment (utils/environments.py). Config keys the class does not take (another
@@ -78,9 +83,10 @@ class PipelineComponents:
         self.tokenizer, self.scheduler  # noqa: B018  (cached on first access)
         return self
 
-    def new_scheduler(self):
-        """A scheduler of a request's own: PNDM keeps state between steps."""
-        return copy.deepcopy(self.scheduler)
+    def new_scheduler(self, class_name: str | None = None):
+        """A scheduler of a request's own (PNDM keeps state between steps): the checkpoint's, or
+        another one of the allowed classes (pipelines/request.py checks the name first)."""
+        return copy.deepcopy(self._scheduler(class_name or self.scheduler_config["_class_name"]))
 
 
 class InvalidImage(RuntimeError):
@@ -179,12 +185,14 @@ class StableDiffusion:
         if cfg and rows % 2:
             raise InvalidRequest(f"text_embeddings has {rows} rows: with guidance_scale > 1 send the unconditional "
                                  f"and the conditional rows of each prompt (an even number).")
-        batch = rows // 2 if cfg else rows
+        # num_images_per_prompt: each prompt's rows repeated, as diffusers' encode_prompt does.
+        text_embeddings = text_embeddings.repeat_interleave(options.num_images_per_prompt, dim=0)
+        batch = text_embeddings.shape[0] // 2 if cfg else text_embeddings.shape[0]
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
 
         # 3. A scheduler of this request's own: PNDM keeps state between steps.
-        scheduler = self.components.new_scheduler()
+        scheduler = self.components.new_scheduler(options.scheduler)
         scheduler.set_timesteps(options.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}

@@ -218,12 +218,20 @@ NUM_INFERENCE_STEPS = TensorSpec("num_inference_steps", "INT32", (1,), optional=
 SEED = TensorSpec("seed", "INT64", (1,), optional=True)
 INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
 STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
+SCHEDULER = TensorSpec("scheduler", "BYTES", (1,), optional=True)  # a diffusers scheduler's class name
+NUM_IMAGES_PER_PROMPT = TensorSpec("num_images_per_prompt", "INT32", (1,), optional=True)
+HEIGHT = TensorSpec("height", "INT32", (1,), optional=True)  # text to image: the image's size in pixels
+WIDTH = TensorSpec("width", "INT32", (1,), optional=True)
 # [N, H, W, RGB], what every pipeline answers, named as diffusers' output names it. (Not "image":
 # an ensemble's tensors are one namespace, and image to image takes an "image" in.)
 IMAGES = TensorSpec("images", "UINT8", (-1, -1, -1, 3))
 
-TEXT_TO_IMAGE_INPUTS = (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
-IMAGE_TO_IMAGE_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
+# Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
+# its size from the image; text to image takes no image.
+REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH,
+                  GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
+TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, STRENGTH))
+IMAGE_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))
 
 # What flows between the steps of the ensembles, each one a network's tensor with its batch.
 TEXT_EMBEDDINGS = batched(TEXT_ENCODER.outputs[0], "text_embeddings")
@@ -245,8 +253,8 @@ TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_
                          (batched(TEXT_ENCODER.inputs[0]),))
 DENOISE = PipelineSpec(
     "denoise",
-    (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS,
-     SEED),
+    (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT,
+     HEIGHT, WIDTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED),
     (LATENTS,),
     networks=(UNET,),  # the loop repeats with a scheduler: no static graph can express it, so BLS
 )
@@ -304,11 +312,11 @@ ENCODE_IMAGE = EnsembleSpec(
     (step(PREPROCESS_IMAGE, INIT_IMAGE.name, outputs=(NORMALIZED.name,)),
      step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
 )
-_OPTIONS = (GUIDANCE_SCALE.name, NUM_INFERENCE_STEPS.name, SEED.name)
+_OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, NUM_INFERENCE_STEPS.name, SEED.name)
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
     "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
     (step(ENCODE_PROMPT, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
-     step(DENOISE, TEXT_EMBEDDINGS.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
