@@ -70,9 +70,11 @@ class ClientSidePipeline:
     """Text to image and image to image, orchestrated here, each network served by Triton."""
 
     def __init__(self, model_dir: str | Path, url: str = DEFAULT_URL, timeout: float | None = 60.0,
-                 retry_for: float = DEFAULT_RETRY_FOR, gpu: int | None = None):
+                 retry_for: float = DEFAULT_RETRY_FOR, gpu: int | None = None,
+                 sizes: specs.ImageSizes | None = None):
         """``gpu``: on a server that serves a copy of each network per GPU (``unet_gpu0``, ...),
-        call the copies on this GPU."""
+        call the copies on this GPU; ``sizes``: the image sizes the server was written for, where
+        not the default (--image-sizes)."""
         self.networks = TritonNetworks(url, timeout, retry_for, gpu)
         check_server(self.networks.client, url)
         try:
@@ -81,11 +83,12 @@ class ClientSidePipeline:
             name = self.networks.served_name(specs.UNET)
             raise UsageError(f"the server at {url} does not serve {name!r} ({error.message()}): where each GPU "
                              f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
-        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype)
+        self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype,
+                                    sizes=sizes)
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
-        (negative_prompt, image and strength for image to image, guidance_scale,
-        num_inference_steps, seed)."""
+        (negative_prompt, image and strength for image to image, scheduler,
+        num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed)."""
         request = GenerationRequest(prompt=prompt, **options)
         return self.loop(request, progress=progress).numpy()

@@ -76,10 +76,11 @@ def max_inference_steps(scheduler_config: dict) -> int:
 
 
 def check_request(request: GenerationRequest, max_prompts: int, max_steps: int | None,
-                  image_size: tuple[int, int] | None = None) -> GenerationRequest:
+                  sizes: specs.ImageSizes | None = None) -> GenerationRequest:
     """Validate every field; return the request with its types normalized (str, float, int).
     ``max_steps=None``: no upper bound on the steps here (a client that does not know the served
-    scheduler leaves that check to the server); ``image_size``: the (height, width) an image must have."""
+    scheduler leaves that check to the server); ``sizes``: the image sizes served (None: any, a
+    check left to the server)."""
     prompts = _check_texts("prompt", request.prompt, max_prompts, required=True)
     negatives = None
     if request.negative_prompt is not None and len(request.negative_prompt) > 0:
@@ -90,9 +91,9 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
                 f"send one negative prompt per prompt, or a single one for all."
             )
         negatives = _check_texts("negative_prompt", negatives, max_prompts, required=False)
-    image = None if request.image is None else check_image(request.image, len(prompts), image_size)
+    image = None if request.image is None else check_image(request.image, len(prompts), sizes)
     request = check_options(replace(request, prompt=prompts, negative_prompt=negatives, image=image), max_steps,
-                            image_to_image=image is not None)
+                            image_to_image=image is not None, sizes=sizes)
     if len(prompts) * request.num_images_per_prompt > max_prompts:
         raise InvalidRequest(
             f"{len(prompts)} prompt(s) x num_images_per_prompt="
@@ -101,9 +102,11 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
     return request
 
 
-def check_options(request: GenerationRequest, max_steps: int | None, image_to_image: bool) -> GenerationRequest:
+def check_options(request: GenerationRequest, max_steps: int | None, image_to_image: bool,
+                  sizes: specs.ImageSizes | None = None) -> GenerationRequest:
     """The numeric options alone (what a step without prompts, such as denoise, receives); the
-    strength only matters, and is only checked, from an image."""
+    strength only matters, and is only checked, from an image, whose size the height and width
+    then are."""
     guidance = _number("guidance_scale", request.guidance_scale, float)
     low, high = GUIDANCE_SCALE_RANGE
     if not (math.isfinite(guidance) and low <= guidance <= high):
@@ -129,23 +132,43 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
     if request.scheduler is not None and request.scheduler not in SCHEDULERS:
         raise InvalidRequest(f"scheduler={request.scheduler!r} is not allowed: use one of {', '.join(SCHEDULERS)} "
                              f"(or leave it out for the checkpoint's own).")
+    height, width = (_check_size(name, getattr(request, name), sizes, image_to_image) for name in ("height", "width"))
     return replace(request, guidance_scale=guidance, num_inference_steps=steps, seed=seed, strength=strength,
-                   num_images_per_prompt=images)
+                   num_images_per_prompt=images, height=height, width=width)
 
 
-def check_image(image, prompts: int | None, size: tuple[int, int] | None) -> np.ndarray:
+def _check_size(name: str, value, sizes: specs.ImageSizes | None, image_to_image: bool) -> int | None:
+    if value is None:
+        return None
+    if image_to_image:
+        raise InvalidRequest(f"{name}={value!r} applies to text to image: image to image keeps its image's size; "
+                             f"resize the image instead, or leave {name} out.")
+    size = _number(name, value, int)
+    if sizes is not None and not sizes.allows(size):
+        raise InvalidRequest(f"{name}={size} is not served: use {sizes.describe()} pixels. The range is the "
+                             f"deployment's (--image-sizes when writing the repository; TensorRT engines are "
+                             f"built for it): widen it there to serve other sizes.")
+    if size < 1:
+        raise InvalidRequest(f"{name}={size} is not allowed: use a positive number of pixels.")
+    return size
+
+
+def check_image(image, prompts: int | None, sizes: specs.ImageSizes | None) -> np.ndarray:
     """An image batch: uint8 [N, H, W, 3] (a single [H, W, 3] image is one), N = 1 or one per
-    prompt (``prompts=None``: any N)."""
+    prompt (``prompts=None``: any N), its height and width sizes served (``sizes=None``: any)."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
         raise InvalidRequest(f"image is {kind}: send uint8 RGB pixels, shape [N, H, W, 3].")
     if image.ndim == 3:
         image = image[None]
-    height, width = size if size is not None else image.shape[1:3]
-    expected = f"[N, {height}, {width}, 3]" + (f" (N = 1 or one per prompt: {prompts})" if prompts else "")
+    expected = "[N, H, W, 3]" + (f" (N = 1 or one per prompt: {prompts})" if prompts else "")
     counts = (1, prompts) if prompts else range(1, image.shape[0] + 1)
-    if image.ndim != 4 or image.shape[1:] != (height, width, 3) or image.shape[0] not in counts:
+    if image.ndim != 4 or image.shape[3] != 3 or image.shape[0] not in counts:
         raise InvalidRequest(f"image has shape {list(image.shape)}: send {expected}.")
+    height, width = image.shape[1:3]
+    if sizes is not None and not (sizes.allows(height) and sizes.allows(width)):
+        raise InvalidRequest(f"image is {height}x{width} pixels (height x width): its height and width must each be "
+                             f"{sizes.describe()}; resize it (the range is the deployment's --image-sizes).")
     return image
 
 

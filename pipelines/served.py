@@ -28,8 +28,8 @@ class ServedPipeline:
 
     def __call__(self, prompt: str | list[str] = (), **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
-        (negative_prompt, image and strength for image to image, guidance_scale,
-        num_inference_steps, seed)."""
+        (negative_prompt, image and strength for image to image, scheduler,
+        num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed)."""
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
         request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,

@@ -18,10 +18,11 @@ import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.request import (GenerationRequest, InvalidRequest, check_options, check_request,
+from pipelines.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
                                max_inference_steps)
 from utils import specs
 
@@ -75,7 +76,10 @@ class PipelineComponents:
         # environment (utils/environments.py). Config keys the class does not take (another
         # scheduler's, like clip_sample for PNDM) are left out, as from_config leaves them.
         accepted = inspect.signature(scheduler_class.__init__).parameters
-        return scheduler_class(**{k: v for k, v in self.scheduler_config.items() if k in accepted})
+        config = {k: v for k, v in self.scheduler_config.items() if k in accepted}
+        if "clip_sample" in accepted:  # as diffusers' StableDiffusionPipeline sets it: SD's latents are not clipped
+            config["clip_sample"] = False
+        return scheduler_class(**config)
 
     def load(self) -> PipelineComponents:
         """Load the tokenizer and the scheduler now, for a pipeline that will need both, rather
@@ -102,8 +106,11 @@ class StableDiffusion:
     """
 
     def __init__(self, components: PipelineComponents, run_network: RunNetwork,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 sizes: specs.ImageSizes | None = None):
+        """``sizes``: the image sizes the networks are served at (default: ImageSizes.default)."""
         self.components = components
+        self.sizes = sizes or specs.ImageSizes.default(components.dims)
         self.run_network = run_network
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
@@ -116,12 +123,13 @@ class StableDiffusion:
         return tuple(output.to(self.device) for output in self.run_network(network, *inputs))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
-        dims = self.components.dims
-        return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps,
-                             image_size=(dims.image_height, dims.image_width))
+        return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
-        return check_options(request, self.max_steps, image_to_image)
+        return check_options(request, self.max_steps, image_to_image, self.sizes)
+
+    def check_image(self, images) -> np.ndarray:
+        return check_image(images, None, self.sizes)
 
     def warm_up(self, steps: int = 3, tokenize: bool = True) -> None:
         """Run the loop's own work once (tokenizer, scheduler, guidance) with networks that return
@@ -135,7 +143,7 @@ class StableDiffusion:
             return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
                          for t in network.outputs)
 
-        idle = StableDiffusion(self.components, zeros, self.dtype, self.device)
+        idle = StableDiffusion(self.components, zeros, self.dtype, self.device, self.sizes)
         request = GenerationRequest(prompt="warm-up", num_inference_steps=steps, seed=0)
         text_embeddings = (idle.encode_prompt(request) if tokenize
                            else zeros(specs.TEXT_ENCODER, torch.zeros(2))[0])
@@ -199,7 +207,8 @@ class StableDiffusion:
 
         # 4. Initial latents, from the CPU generator as diffusers draws them, in the served precision.
         if latent_parameters is None:
-            dims = self.components.dims
+            dims = self.components.dims.at_size(options.height or self.components.dims.image_height,
+                                                options.width or self.components.dims.image_width)
             shape = (batch, dims.latent_channels, dims.latent_height, dims.latent_width)
             latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
             latents = latents * scheduler.init_noise_sigma

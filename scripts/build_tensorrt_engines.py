@@ -19,7 +19,7 @@ from utils.docker import export_command
 from utils.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
                            trtexec_command)
 from utils.errors import UsageError
-from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
+from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY, read_serving
 
 
 def main(argv=None):
@@ -47,13 +47,15 @@ def main(argv=None):
             f"{args.repository} does not serve {', '.join(not_tensorrt)} with TensorRT (its config.pbtxt "
             f"has no platform tensorrt_plan). Write a TensorRT repository first: python "
             f"scripts/move_onnx_models_to_triton.py --backend tensorrt --repository {args.repository} (same --model).")
-    # The sizes of the checkpoint the repository serves (step 3 copied its config files).
+    # The sizes of the checkpoint the repository serves (step 3 copied its config files), and the
+    # image sizes it was written for (--image-sizes): the profiles' spatial range.
     dims = specs.ModelDims.from_pretrained(args.repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
+    sizes = specs.ImageSizes.served(read_serving(args.repository, specs.TEXT_TO_IMAGE.name), dims)
     wrap = export_command if args.docker else (lambda command: command)
     if args.print_commands:
         for network in networks:
             print("$ " + shlex.join(wrap(trtexec_command(network, dims, args.repository, args.precision,
-                                                         args.timing_cache))))
+                                                         args.timing_cache, sizes=sizes))))
         return
     if not args.docker and shutil.which("trtexec") is None:
         raise UsageError("trtexec is not on PATH. Run this inside the export image "
@@ -64,7 +66,8 @@ def main(argv=None):
             tqdm.write(f"{network.name}: {plan} exists, skipped (pass --force to rebuild)")
             continue
         log_file = Path("engines/logs") / f"{network.name}.log"
-        built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap)
+        built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap,
+                             sizes=sizes)
         tqdm.write(f"{network.name}: wrote {plan} (TensorRT {built.tensorrt_version}, {built.gpu_name}, "
                    f"compute capability {built.compute_capability})")
 

@@ -47,6 +47,17 @@ BAD_REQUESTS = {
     # Triton checks the declared dims [1] itself, with a message that names the input.
     "two guidance values": (arrays(guidance_scale=np.array([1.0, 2.0], np.float32)),
                             r"input 'guidance_scale' .* Expected \[1\], got \[2\]"),
+    "unknown scheduler": (arrays(scheduler=np.array([b"__import__('os')"], dtype=object)),
+                          r"scheduler=\"__import__\('os'\)\" is not allowed: use one of PNDMScheduler, DDIMScheduler"),
+    "zero images per prompt": (arrays(num_images_per_prompt=np.array([0], np.int32)),
+                               r"num_images_per_prompt=0 is not allowed: use an integer of at least 1"),
+    "more images than the profiles": (arrays(num_images_per_prompt=np.array([MAX_PROMPTS + 1], np.int32)),
+                                      rf"1 prompt\(s\) x num_images_per_prompt={MAX_PROMPTS + 1} make "
+                                      rf"{MAX_PROMPTS + 1} images: at most {MAX_PROMPTS}"),
+    "height off the step": (arrays(height=np.array([60], np.int32)),
+                            r"height=60 is not served: use a multiple of 8 in \[48, 96\] pixels.*--image-sizes"),
+    "width past the range": (arrays(width=np.array([104], np.int32)),
+                             r"width=104 is not served: use a multiple of 8 in \[48, 96\] pixels"),
     "mismatched negative prompts": (
         arrays(prompt=np.array([b"a", b"b"], dtype=object), negative_prompt=np.array([b"x"] * 3, dtype=object)),
         r"negative_prompt has 3 entries but prompt has 2",
@@ -163,8 +174,13 @@ ENSEMBLE_BAD_REQUESTS = {
                        r"in ensemble 'ensemble_text_to_image', in ensemble 'encode_prompt', prompt is required"),
     "missing image": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(),
                       r"in ensemble 'encode_image', image is required: send a UINT8 tensor of shape \[-1, -1, -1, 3\]"),
-    "image of the wrong size": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 32, 64, 3), np.uint8)),
-                                r"image has shape \[1, 32, 64, 3\]: send \[N, 64, 64, 3\]"),
+    "image of a size not served": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 32, 64, 3), np.uint8)),
+                                   r"image is 32x64 pixels \(height x width\): its height and width must each be "
+                                   r"a multiple of 8 in \[48, 96\]"),
+    "unknown scheduler": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(scheduler=np.array([b"Flux"], dtype=object)),
+                          r"scheduler='Flux' is not allowed"),
+    "height off the step": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(height=np.array([50], np.int32)),
+                            r"height=50 is not served: use a multiple of 8 in \[48, 96\]"),
     "image with four channels": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 64, 64, 4), np.uint8)),
                                  r"unexpected shape for input 'image' .* Expected \[-1,-1,-1,3\], got \[1,64,64,4\]"),
     "image as floats": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 64, 64, 3), np.float32)),

@@ -20,7 +20,7 @@ ONNX_TYPES = {"FP32": onnx.TensorProto.FLOAT, "FP16": onnx.TensorProto.FLOAT16, 
 def assert_tensor_matches(config_tensor, spec_tensor: specs.TensorSpec, precision: str, dims: specs.ModelDims):
     assert config_tensor.name == spec_tensor.name
     assert config_tensor.data_type == configs.data_type(spec_tensor.resolved_dtype(precision))
-    assert list(config_tensor.dims) == list(dims.resolve(spec_tensor.wire_dims))
+    assert list(config_tensor.dims) == list(dims.resolve_static(spec_tensor.wire_dims))
     if spec_tensor.dims != spec_tensor.wire_dims:  # what the model sees after Triton's reshape
         assert list(config_tensor.reshape.shape) == list(dims.resolve(spec_tensor.dims))
     else:
@@ -124,7 +124,9 @@ def test_written_configs_agree_with_the_exported_onnx_graphs(name, written_repos
         assert [t.name for t in config_tensors] == [t.name for t in graph_tensors]
         for config_tensor, graph_tensor in zip(config_tensors, graph_tensors):
             graph_type = graph_tensor.type.tensor_type
-            graph_dims = [d.dim_param or d.dim_value for d in graph_type.shape.dim]
+            # The image's height and width: named axes in the graph, -1 in the config.
+            graph_dims = [-1 if d.dim_param in specs.SPATIAL else d.dim_param or d.dim_value
+                          for d in graph_type.shape.dim]
             model_dims = list(config_tensor.reshape.shape) if config_tensor.HasField("reshape") else list(config_tensor.dims)
             assert graph_dims == ["batch", *model_dims]
             assert graph_type.elem_type == ONNX_TYPES[mc.DataType.Name(config_tensor.data_type).removeprefix("TYPE_")]

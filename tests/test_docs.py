@@ -38,7 +38,7 @@ def test_a_changed_profile_changes_the_readme(monkeypatch):
     monkeypatch.setattr(specs, "UNET", larger)
     rendered = docs.render(README)
     assert rendered != README and "| 1 / 2 / 32 | up to 16 |" in rendered
-    assert "maxShapes=sample:32x4x64x64" in rendered and "batch-size must be <= 32 for 'unet'" in rendered
+    assert "maxShapes=sample:32x4x96x96" in rendered and "batch-size must be <= 32 for 'unet'" in rendered
 
 
 def test_a_changed_source_changes_its_excerpt(tmp_path, monkeypatch):

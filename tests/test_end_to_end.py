@@ -11,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
 from pipelines.ensemble import EnsemblePipeline
+from pipelines.request import SCHEDULERS
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
@@ -73,6 +74,47 @@ def test_triton_image_equals_diffusers(kind, case, ways, diffusers_pipeline):
     assert difference <= MAX_PIXEL_DIFFERENCE
 
 
+# What a request may choose (pipelines/request.py), each against diffusers given the same choice.
+OPTION_CASES = {
+    **{f"scheduler {name}": dict(prompt="a red barn in the snow", seed=4, num_inference_steps=8, scheduler=name)
+       for name in SCHEDULERS},
+    "non-square 48x96": dict(prompt="a wide valley", seed=6, num_inference_steps=8, height=48, width=96),
+    # 11x7 latents: odd sizes, which the UNet's up-sampling follows from its skip connections.
+    "non-square 88x56": dict(prompt="a tall tower", seed=10, num_inference_steps=8, height=88, width=56),
+    "2 prompts x num_images_per_prompt=2": dict(prompt=["a cat", "a dog"], seed=8, num_inference_steps=6,
+                                                num_images_per_prompt=2, guidance_scale=6.0),
+}
+
+
+def with_scheduler(pipeline, scheduler: str | None, kind=None):
+    """The diffusers pipeline (or its ``kind``, e.g. img2img) with the request's scheduler, built
+    from the checkpoint's scheduler config as the served pipelines build it."""
+    import diffusers
+
+    components = dict(pipeline.components)
+    if scheduler is not None:
+        components["scheduler"] = getattr(diffusers, scheduler).from_config(pipeline.scheduler.config)
+    made = (kind or type(pipeline))(**components)
+    made.set_progress_bar_config(disable=True)
+    return made
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_request_options_equal_diffusers(kind, case, ways, diffusers_pipeline):
+    options = dict(OPTION_CASES[case])
+    images = ways[kind](**options)
+    reference = with_scheduler(diffusers_pipeline, options.pop("scheduler", None))
+    expected = diffusers_images(reference, **options)
+    prompts = options["prompt"] if isinstance(options["prompt"], list) else [options["prompt"]]
+    height, width = options.get("height", 64), options.get("width", 64)
+    assert images.shape == expected.shape == (len(prompts) * options.get("num_images_per_prompt", 1), height, width, 3)
+    assert expected.std() > 5, "the reference image is flat: the comparison would prove nothing"
+    difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
+    report(f"{kind:<12} vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
 IMAGE_TO_IMAGE_CASES = {
     "one prompt, strength 0.8": dict(prompt="a castle in the clouds", seed=5, num_inference_steps=12, strength=0.8),
     "two prompts, one image for both, negative prompt, strength 0.5": dict(
@@ -80,15 +122,19 @@ IMAGE_TO_IMAGE_CASES = {
         strength=0.5, guidance_scale=6.0, images=1),
     "two images, no guidance, strength 1": dict(prompt=["a lake", "a forest"], seed=2, num_inference_steps=6,
                                                 strength=1.0, guidance_scale=1.0, images=2),
+    "non-square 56x80 image, Euler ancestral, 2 images per prompt": dict(
+        prompt="a harbour at dusk", seed=12, num_inference_steps=8, strength=0.7, size=(56, 80),
+        scheduler="EulerAncestralDiscreteScheduler", num_images_per_prompt=2),
 }
 
 
-def init_images(count: int, tiny_model) -> np.ndarray:
-    """Deterministic pictures at the model's size: smooth gradients with a pattern."""
+def init_images(count: int, tiny_model, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Deterministic pictures (at the model's size, or ``size``): smooth gradients with a pattern."""
     from utils.specs import ModelDims
 
     dims = ModelDims.from_pretrained(tiny_model)
-    y, x = np.mgrid[0:dims.image_height, 0:dims.image_width]
+    height, width = size or (dims.image_height, dims.image_width)
+    y, x = np.mgrid[0:height, 0:width]
     return np.stack([np.stack([(x * 4 + 40 * i) % 256, (y * 4) % 256, ((x + y) * 2 + 90 * i) % 256], -1)
                      for i in range(count)]).astype(np.uint8)
 
@@ -101,15 +147,16 @@ def test_image_to_image_equals_diffusers(kind, case, ways, diffusers_pipeline, t
     from PIL import Image
 
     options = dict(IMAGE_TO_IMAGE_CASES[case])
-    images = init_images(options.pop("images", 1), tiny_model)
+    images = init_images(options.pop("images", 1), tiny_model, options.pop("size", None))
     prompts = options["prompt"] if isinstance(options["prompt"], list) else [options["prompt"]]
     served = ways[kind](image=images, **options)
-    img2img = StableDiffusionImg2ImgPipeline(**diffusers_pipeline.components)
+    img2img = with_scheduler(diffusers_pipeline, options.pop("scheduler", None), StableDiffusionImg2ImgPipeline)
     negative = options.pop("negative_prompt", None)
     expected = np.stack([np.asarray(image) for image in img2img(
         image=[Image.fromarray(image) for image in images], generator=torch.Generator().manual_seed(options.pop("seed")),
         negative_prompt=[negative] * len(prompts) if negative else None, output_type="pil", **options).images])
-    assert served.shape == expected.shape == (len(prompts), *images.shape[1:])
+    count = len(prompts) * options.get("num_images_per_prompt", 1)
+    assert served.shape == expected.shape == (count, *images.shape[1:])
     difference = int(np.abs(served.astype(int) - expected.astype(int)).max())
     report(f"{kind:<12} image to image vs diffusers, {case}: max pixel difference {difference} "
            f"(allowed {MAX_PIXEL_DIFFERENCE})")
@@ -163,13 +210,14 @@ def torch_runtime_server(tiny_model, tmp_path_factory):
         yield server
 
 
-def test_torch_runtime_images_equal_diffusers(torch_runtime_server, tiny_model, diffusers_pipeline):
-    options = CASES["two prompts, negative prompts"]
+@pytest.mark.parametrize("case", ["two prompts, negative prompts", "non-square 88x56"])
+def test_torch_runtime_images_equal_diffusers(case, torch_runtime_server, tiny_model, diffusers_pipeline):
+    options = {**CASES, **OPTION_CASES}[case]
     expected = diffusers_images(diffusers_pipeline, **options)
     for images in (BlsPipeline(torch_runtime_server.grpc_url)(**options),
                    ClientSidePipeline(tiny_model, torch_runtime_server.grpc_url)(progress=False, **options)):
         difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
-        report(f"torch runtime vs diffusers: max pixel difference {difference}")
+        report(f"torch runtime vs diffusers, {case}: max pixel difference {difference}")
         assert difference <= MAX_PIXEL_DIFFERENCE
 
 

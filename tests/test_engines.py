@@ -9,6 +9,7 @@ import pytest
 
 from utils import specs
 from utils.deployment import Deployment
+from utils.errors import UsageError
 from utils.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log,
                            plan_path, profile_shapes, trtexec_command)
 from utils.repository import write_repository
@@ -18,11 +19,12 @@ SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, laten
 REPO = "triton/models"
 EXPECTED_SD15 = {
     "text_encoder": "--minShapes=input_ids:1x77 --optShapes=input_ids:2x77 --maxShapes=input_ids:16x77",
-    "unet": "--minShapes=sample:1x4x64x64,timestep:1,encoder_hidden_states:1x77x768 "
+    # The image sizes: 384 to 768 pixels a side by default, SD1.5's 512 as the optimum.
+    "unet": "--minShapes=sample:1x4x48x48,timestep:1,encoder_hidden_states:1x77x768 "
             "--optShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768 "
-            "--maxShapes=sample:16x4x64x64,timestep:16,encoder_hidden_states:16x77x768",
-    "vae_encoder": "--minShapes=image:1x3x512x512 --optShapes=image:1x3x512x512 --maxShapes=image:4x3x512x512",
-    "vae_decoder": "--minShapes=sample:1x4x64x64 --optShapes=sample:1x4x64x64 --maxShapes=sample:4x4x64x64",
+            "--maxShapes=sample:16x4x96x96,timestep:16,encoder_hidden_states:16x77x768",
+    "vae_encoder": "--minShapes=image:1x3x384x384 --optShapes=image:1x3x512x512 --maxShapes=image:4x3x768x768",
+    "vae_decoder": "--minShapes=sample:1x4x48x48 --optShapes=sample:1x4x64x64 --maxShapes=sample:4x4x96x96",
 }
 # What trtexec 10.x prints about the device before building (the lines parse_build_log reads).
 TRTEXEC_LOG = """&&&& RUNNING TensorRT.trtexec [TensorRT v100500] [b18] # trtexec --onnx=...
@@ -51,9 +53,12 @@ def test_fp32_engine_has_no_fp16_flag_and_bad_precision_is_refused():
         trtexec_command(specs.UNET, SD15, REPO, precision="int8")
 
 
-def test_profile_shapes_follow_the_spec():
+def test_profile_shapes_follow_the_spec_and_the_image_sizes():
     assert profile_shapes(specs.VAE_DECODER, SD15) == {
-        "sample": {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64], "max": [4, 4, 64, 64]},
+        "sample": {"min": [1, 4, 48, 48], "opt": [1, 4, 64, 64], "max": [4, 4, 96, 96]},
+    }
+    assert profile_shapes(specs.VAE_DECODER, SD15, specs.ImageSizes(256, 1024, 8)) == {
+        "sample": {"min": [1, 4, 32, 32], "opt": [1, 4, 64, 64], "max": [4, 4, 128, 128]},
     }
 
 
@@ -122,3 +127,25 @@ def test_missing_engine_is_refused(tensorrt_repository):
 
 def test_repository_without_tensorrt_models_needs_no_check(repository):
     assert check_engines(repository, H100) == []
+
+
+def test_the_repositorys_image_sizes_are_the_engines_profiles(tmp_path, tiny_model, exports):
+    """--image-sizes when writing the repository; the engine build reads them back from it."""
+    from utils.layout import read_serving
+
+    write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()},
+                     Deployment(backend="tensorrt", image_sizes=(32, 128)))
+    dims = specs.ModelDims.from_pretrained(tiny_model)
+    sizes = specs.ImageSizes.served(read_serving(tmp_path, specs.TEXT_TO_IMAGE.name), dims)
+    assert sizes == specs.ImageSizes(32, 128, 8)
+    command = " ".join(trtexec_command(specs.VAE_DECODER, dims, tmp_path, sizes=sizes))
+    assert "--minShapes=sample:1x4x4x4 --optShapes=sample:1x4x8x8 --maxShapes=sample:4x4x16x16" in command
+
+
+@pytest.mark.parametrize("image_sizes", [(50, 96), (96, 48), (0, 64)])
+def test_image_sizes_the_checkpoint_cannot_serve_are_refused(image_sizes, tmp_path, tiny_model, exports):
+    with pytest.raises(UsageError, match=rf"--image-sizes {image_sizes[0]}-{image_sizes[1]}: give MIN-MAX in pixels, "
+                                         r"multiples of 8 \(one latent pixel\), the smaller first, e\.g\. 48-96"):
+        write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()},
+                         Deployment(image_sizes=image_sizes))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

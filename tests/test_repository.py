@@ -29,8 +29,10 @@ def test_layout(repository):
     assert (files / "tokenizer" / "tokenizer.json").is_file()
     assert (files / "scheduler" / "scheduler_config.json").is_file()
     assert not list(files.rglob("*.safetensors")), "the pipeline model needs no weights"
-    assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {"precision": "FP32", "device": "cpu", "gpus": [],
-                                                                      "loop_device": "cpu"}
+    assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {
+        "precision": "FP32", "device": "cpu", "gpus": [], "loop_device": "cpu",
+        "image_sizes": {"min": 48, "max": 96, "step": 8},  # the tiny model's default: 3/4 to 3/2 of its 64
+    }
 
 
 def test_second_run_changes_nothing(repository, tiny_model, exports):

@@ -45,7 +45,22 @@ def test_profiles_and_cfg_doubling():
     assert specs.TEXT_ENCODER.profile == specs.BatchProfile(1, 2, 16) and specs.TEXT_ENCODER.cfg_doubled
     assert specs.VAE_ENCODER.profile == specs.VAE_DECODER.profile == specs.BatchProfile(1, 1, 4)
     assert specs.TEXT_TO_IMAGE.max_prompts() == 4  # the VAE decoder's max: 4 images per request
-    assert all(n.dynamic_axes() == {t.name: {0: "batch"} for t in n.tensors} for n in specs.NETWORKS.values())
+    assert specs.TEXT_ENCODER.dynamic_axes() == {t.name: {0: "batch"} for t in specs.TEXT_ENCODER.tensors}
+    # The image's height and width are dynamic too, wherever a tensor has them.
+    assert specs.UNET.dynamic_axes()["sample"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
+    assert specs.VAE_DECODER.dynamic_axes()["image"] == {0: "batch", 2: "image_height", 3: "image_width"}
+
+
+def test_default_image_sizes_surround_the_checkpoints_own():
+    sd15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, latent_height=64, latent_width=64,
+                           vae_scale_factor=8)
+    assert specs.ImageSizes.default(sd15) == specs.ImageSizes(384, 768, 8)
+    tiny = sd15.at_size(64, 64)
+    assert specs.ImageSizes.default(tiny) == specs.ImageSizes(48, 96, 8)
+    sizes = specs.ImageSizes.default(sd15)
+    assert sizes.allows(384) and sizes.allows(520) and sizes.allows(768)
+    assert not sizes.allows(376) and not sizes.allows(516) and not sizes.allows(776)
+    assert sd15.at_size(392, 768).latent_height == 49 and sd15.at_size(392, 768).latent_width == 96
 
 
 def test_wire_shape_of_a_per_sample_scalar():
@@ -141,5 +156,5 @@ def test_pipeline_inputs_are_the_request_fields():
     from pipelines.request import GenerationRequest
 
     fields = [f.name for f in dataclasses.fields(GenerationRequest)]
-    assert fields == [t.name for t in specs.IMAGE_TO_IMAGE.inputs]  # image to image takes them all
-    assert {t.name for t in specs.TEXT_TO_IMAGE.inputs} <= set(fields)
+    # Each task takes its own: image to image the image and strength, text to image the size.
+    assert set(fields) == {t.name for spec in (specs.TEXT_TO_IMAGE, specs.IMAGE_TO_IMAGE) for t in spec.inputs}

@@ -51,6 +51,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
     group.add_argument("--no-ensembles", dest="ensembles", action="store_false",
                        help="serve the networks and the BLS pipelines only: no ensembles and no ensemble steps "
                             "(4 fewer processes, a faster start)")
+    group.add_argument("--image-sizes", type=image_sizes, default=None, metavar="MIN-MAX",
+                       help="the heights and widths served, in pixels (each a multiple of 8; default: three "
+                            "quarters to one and a half of the checkpoint's size, 384-768 for SD1.5). The TensorRT "
+                            "engines are built for this range; requests outside it are refused")
     group = parser.add_argument_group("serving on GPUs (torch runtime on cuda)")
     group.add_argument("--gpus", default=None,
                        help="GPUs to serve on: 0, 0,1 or all (default: GPU 0). On several GPUs each network "
@@ -87,7 +91,16 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                               pipeline_loop=args.pipeline_loop or Placement.pipeline_loop)
     return Deployment(backend=backend, runtime=args.runtime, device=args.device, precision=args.precision,
                       placement=placement, torch_compile=tuple(args.torch_compile),
-                      pipeline_environment=args.pipeline_environment, ensembles=args.ensembles)
+                      pipeline_environment=args.pipeline_environment, ensembles=args.ensembles,
+                      image_sizes=args.image_sizes)
+
+
+def image_sizes(text: str) -> tuple[int, int]:
+    """``MIN-MAX`` in pixels, as --image-sizes takes it (the step is checked with the checkpoint)."""
+    low, separator, high = text.partition("-")
+    if not (separator and low.strip().isdigit() and high.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN-MAX in pixels, e.g. 384-768")
+    return int(low), int(high)
 
 
 def main_entry(main: Callable[[], object]) -> None:

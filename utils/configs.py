@@ -29,9 +29,10 @@ def data_type(dtype: str) -> int:
 
 
 def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDims | None) -> dict:
-    """A config tensor; without ``dims`` (models that take any checkpoint) symbolic sizes are -1."""
+    """A config tensor: the checkpoint's sizes, but -1 for the image's height and width (any size
+    the deployment serves); without ``dims`` (models that take any checkpoint) every symbolic size."""
     if dims is not None:
-        shape = dims.resolve(tensor.wire_dims)
+        shape = dims.resolve_static(tensor.wire_dims)
     else:
         shape = tuple(d if isinstance(d, int) else -1 for d in tensor.wire_dims)
     fields = dict(name=tensor.name, data_type=data_type(tensor.resolved_dtype(precision)), dims=shape)
@@ -55,6 +56,7 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     config.version_policy.specific.versions.append(version)
     gpus = placement.gpus if gpu is None else (gpu,)
     if deployment.backend == "python":
+        _add_warmup(config, network, precision, dims)
         return _python_backend(config, network, deployment, precision, gpus)
     config.platform = "tensorrt_plan" if deployment.backend == "tensorrt" else "onnxruntime_onnx"
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=gpus)
@@ -63,25 +65,28 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
     # add it for a batching TensorRT model anyway; written here, the config says what runs.
     config.dynamic_batching.SetInParent()
     if deployment.backend == "tensorrt":
-        # Only the batch is dynamic, so each batch size of the profile is one static shape that a
-        # CUDA graph can replay: capture one per batch size (launch overhead dominates the UNet).
+        # A CUDA graph replays one static shape: capture one per batch size of the profile at the
+        # checkpoint's own image size (launch overhead dominates the UNet); other sizes run
+        # without one.
         config.optimization.cuda.graphs = True
         for batch in range(network.profile.min, network.profile.max + 1):
-            config.optimization.cuda.graph_spec.add(batch_size=batch)
+            graph = config.optimization.cuda.graph_spec.add(batch_size=batch)
+            for tensor in network.inputs:
+                graph.input[tensor.name].dim.extend(dims.resolve(tensor.wire_dims))
     _add_warmup(config, network, precision, dims)
     return config
 
 
 def _add_warmup(config: mc.ModelConfig, network: specs.NetworkSpec, precision: str, dims: specs.ModelDims) -> None:
-    """One request at the profile's optimal batch at load time, so the first user does not pay for
-    lazy initialization (cuDNN/TensorRT tactics, memory pools). Token ids are zeros: random INT32
-    values would index past the vocabulary."""
+    """One request at the profile's optimal batch and the checkpoint's own size at load time, so
+    the first user does not pay for lazy initialization (cuDNN/TensorRT tactics, memory pools);
+    its shapes also tell a client what the -1 sizes can be (utils/health.py). Token ids are zeros:
+    random INT32 values would index past the vocabulary."""
     warmup = config.model_warmup.add(name=f"batch_{network.profile.opt}", batch_size=network.profile.opt, count=1)
     for tensor in network.inputs:
-        fields = _tensor_fields(tensor, precision, dims)
         warmup_input = warmup.inputs[tensor.name]
-        warmup_input.data_type = fields["data_type"]
-        warmup_input.dims.extend(fields["dims"])
+        warmup_input.data_type = _tensor_fields(tensor, precision, dims)["data_type"]
+        warmup_input.dims.extend(dims.resolve(tensor.wire_dims))
         if tensor.dtype == "INT32":
             warmup_input.zero_data = True
         else:

@@ -86,6 +86,10 @@ class Deployment:
     # and the networks are served. Never with a copy of each network per GPU: an ensemble names
     # the models it runs, and there would be two of each.
     ensembles: bool = True
+    # The heights and widths served, (min, max) in pixels; None: ImageSizes.default, around the
+    # checkpoint's own size. The TensorRT profiles are built for them and the pipelines refuse
+    # others, so a wider range costs engine build time and, at the extremes, some speed.
+    image_sizes: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -116,6 +120,18 @@ class Deployment:
                 f"ONNX Runtime backends run on every visible GPU: leave --gpus out)."
             )
 
+    def sizes(self, dims: specs.ModelDims) -> specs.ImageSizes:
+        """The image sizes served, for a checkpoint of ``dims``."""
+        if self.image_sizes is None:
+            return specs.ImageSizes.default(dims)
+        low, high = self.image_sizes
+        step = dims.size_step
+        if not (0 < low <= high and low % step == 0 and high % step == 0):
+            raise UsageError(f"--image-sizes {low}-{high}: give MIN-MAX in pixels, multiples of {step} "
+                             f"(one latent pixel), the smaller first, e.g. "
+                             f"{specs.ImageSizes.default(dims).min}-{specs.ImageSizes.default(dims).max}.")
+        return specs.ImageSizes(low, high, step)
+
     @property
     def torch_runtime(self) -> bool:
         return self.backend == "python" and self.runtime == "torch"
@@ -142,4 +158,5 @@ class Deployment:
                 "gpus": list(self.placement.gpus), "pipeline_instances": self.placement.pipeline_instances,
                 "pipeline_loop": self.placement.pipeline_loop,
                 "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None,
-                "ensembles": self.serves_ensembles}
+                "ensembles": self.serves_ensembles,
+                "image_sizes": list(self.image_sizes) if self.image_sizes else "default"}

@@ -39,13 +39,21 @@ def shapes_flag(network: specs.NetworkSpec, dims: specs.ModelDims, batch: int) -
     )
 
 
-def profile_shapes(network: specs.NetworkSpec, dims: specs.ModelDims) -> dict[str, dict[str, list[int]]]:
+def profile_levels(network: specs.NetworkSpec, dims: specs.ModelDims,
+                   sizes: specs.ImageSizes | None = None) -> dict[str, tuple[int, specs.ModelDims]]:
+    """The optimization profile's min, opt and max as (batch, dims): the batch profile's, with the
+    smallest, the checkpoint's own and the largest image size the deployment serves."""
+    sizes = sizes or specs.ImageSizes.default(dims)
     profile = network.profile
-    return {
-        name: {level: list(network.input_shapes(batch, dims)[name])
-               for level, batch in (("min", profile.min), ("opt", profile.opt), ("max", profile.max))}
-        for name in network.input_names
-    }
+    return {"min": (profile.min, dims.at_size(sizes.min, sizes.min)), "opt": (profile.opt, dims),
+            "max": (profile.max, dims.at_size(sizes.max, sizes.max))}
+
+
+def profile_shapes(network: specs.NetworkSpec, dims: specs.ModelDims,
+                   sizes: specs.ImageSizes | None = None) -> dict[str, dict[str, list[int]]]:
+    levels = profile_levels(network, dims, sizes)
+    return {name: {level: list(network.input_shapes(batch, at)[name]) for level, (batch, at) in levels.items()}
+            for name in network.input_names}
 
 
 def plan_path(repository: Path, network: specs.NetworkSpec) -> Path:
@@ -58,18 +66,17 @@ def onnx_in_repository(repository: Path, network: specs.NetworkSpec) -> Path:
 
 def trtexec_command(network: specs.NetworkSpec, dims: specs.ModelDims, repository: Path,
                     precision: str = "fp16", timing_cache: Path = DEFAULT_TIMING_CACHE,
-                    trtexec: str = "trtexec") -> list[str]:
-    """The trtexec command that builds ``network``'s engine from the repository's ONNX file."""
+                    trtexec: str = "trtexec", sizes: specs.ImageSizes | None = None) -> list[str]:
+    """The trtexec command that builds ``network``'s engine from the repository's ONNX file, for
+    the batch profile and the image sizes (default: ImageSizes.default) the deployment serves."""
     if precision not in ENGINE_PRECISIONS:
         raise UsageError(f"precision={precision!r} is not supported; use one of {ENGINE_PRECISIONS} (--precision).")
-    profile = network.profile
     command = [
         trtexec,
         f"--onnx={onnx_in_repository(repository, network)}",
         f"--saveEngine={plan_path(repository, network)}",
-        f"--minShapes={shapes_flag(network, dims, profile.min)}",
-        f"--optShapes={shapes_flag(network, dims, profile.opt)}",
-        f"--maxShapes={shapes_flag(network, dims, profile.max)}",
+        *(f"--{level}Shapes={shapes_flag(network, at, batch)}"
+          for level, (batch, at) in profile_levels(network, dims, sizes).items()),
     ]
     if precision == "fp16":
         command.append("--fp16")
@@ -182,10 +189,10 @@ def check_engines(repository: Path, target: Target) -> list[str]:
 
 def build_engine(network: specs.NetworkSpec, dims: specs.ModelDims, repository: Path, log_file: Path,
                  precision: str = "fp16", timing_cache: Path = DEFAULT_TIMING_CACHE,
-                 wrap=lambda command: command) -> Provenance:
+                 wrap=lambda command: command, sizes: specs.ImageSizes | None = None) -> Provenance:
     """Run trtexec for one network (``wrap`` may prefix it, e.g. with ``docker run``), its output
     going to ``log_file``; record the engine's provenance next to the plan."""
-    command = trtexec_command(network, dims, repository, precision, timing_cache)
+    command = trtexec_command(network, dims, repository, precision, timing_cache, sizes=sizes)
     full_command = wrap(command)
     print("$ " + shlex.join(full_command), flush=True)
     plan_path(repository, network).parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +207,7 @@ def build_engine(network: specs.NetworkSpec, dims: specs.ModelDims, repository: 
             f"trtexec failed for {network.name} (exit code {returncode}). The command:\n  {' '.join(full_command)}\n"
             f"Its last lines (full log: {log_file}):\n{tail}"
         )
-    provenance = Provenance(precision=precision, profiles=profile_shapes(network, dims), command=command,
+    provenance = Provenance(precision=precision, profiles=profile_shapes(network, dims, sizes), command=command,
                             **parse_build_log(output))
     provenance.save(plan_path(repository, network))
     return provenance

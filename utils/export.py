@@ -103,7 +103,7 @@ def export_network(
         # By path: works above the 2 GB protobuf limit. full_check runs ONNX's type inference,
         # which catches a graph that mixes FP32 and FP16 inputs of one operator.
         onnx.checker.check_model(str(staged), full_check=True)
-        check_inputs = module.example_inputs(check_batch(network.profile), dims, generator)
+        check_inputs = module.example_inputs(check_batch(network.profile), check_size(dims), generator)
         error = _check_parity(network, module, staged, _on(network, check_inputs, precision, device), precision)
         for produced in Path(staging).iterdir():  # the graph, and its weights if stored apart
             os.replace(produced, output.parent / produced.name)
@@ -161,6 +161,14 @@ def compare_with_torch(module: torch.nn.Module, onnx_file: Path, inputs: tuple[t
     return error, scale
 
 
+def check_size(dims: specs.ModelDims) -> specs.ModelDims:
+    """The image size the graph is checked at: not the traced one, and not square (the largest
+    width of the default range, and a height one latent pixel above its smallest, which no fixed
+    up-sampling factor fits): proves both spatial axes dynamic at any multiple of the step."""
+    sizes = specs.ImageSizes.default(dims)
+    return dims.at_size(sizes.min + sizes.step, sizes.max)
+
+
 def check_batch(profile: specs.BatchProfile) -> int:
     """The batch the exported graph is checked at: not the traced one (``opt``), which proves the
     batch axis dynamic, and small, because the check runs ONNX Runtime on the CPU."""
@@ -201,16 +209,20 @@ def _single_file_or_external_data(path: Path, external_data: bool = False) -> Pa
 def _set_static_dims(path: Path, network: specs.NetworkSpec, dims: specs.ModelDims) -> None:
     """Write the spec's sizes into the graph's inputs and outputs: the exporter sometimes leaves an
     output dim symbolic (e.g. the text encoder's sequence length), which configs and TensorRT
-    profiles would then have to guess. Only the batch stays dynamic."""
+    profiles would then have to guess. Only the batch and the image's height and width stay
+    dynamic, under the spec's names."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     for tensors, specs_ in ((model.graph.input, network.inputs), (model.graph.output, network.outputs)):
         for tensor, spec in zip(tensors, specs_):
             shape = tensor.type.tensor_type.shape.dim
-            for dim, size in zip(list(shape)[1:], dims.resolve(spec.dims)):
+            for dim, name, size in zip(list(shape)[1:], spec.dims, dims.resolve(spec.dims)):
                 dim.Clear()
-                dim.dim_value = size
+                if name in specs.SPATIAL:
+                    dim.dim_param = name
+                else:
+                    dim.dim_value = size
             shape[0].Clear()
             shape[0].dim_param = specs.BATCH_AXIS
     onnx.save_model(model, str(path))  # external weights, if any, stay where they are

@@ -30,12 +30,15 @@ class CanaryFailed(RuntimeError):
 
 
 def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.InferInput]:
-    """Random inputs of the shapes and dtypes a served model's config declares."""
+    """Random inputs of the shapes and dtypes a served model's config declares (where it leaves a
+    size open, -1, the size of its warm-up request: the checkpoint's own)."""
     rng = np.random.default_rng(seed)
+    warmups = config.get("model_warmup") or [{}]
+    samples = {name: sample["dims"] for name, sample in warmups[0].get("inputs", {}).items()}
     arrays = {}
     for tensor in config["input"]:
         dtype = triton_to_np_dtype(tensor["data_type"].removeprefix("TYPE_"))
-        shape = [batch, *map(int, tensor["dims"])]
+        shape = [batch, *map(int, samples.get(tensor["name"], tensor["dims"]))]
         if np.issubdtype(dtype, np.integer):  # token ids: stay in the vocabulary
             arrays[tensor["name"]] = rng.integers(0, 100, shape).astype(dtype)
         else:
@@ -64,8 +67,9 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
         for name in networks or list(specs.NETWORKS):
             config = client.get_model_config(name, as_json=True, client_timeout=timeout)["config"]
             client.infer(name, probe_inputs(config, 1), client_timeout=timeout)
-            if layout.network_of(name) == specs.VAE_DECODER.name:  # its image size: the one to send
-                image = np.full((1, *map(int, config["output"][0]["dims"][1:]), 3), 128, np.uint8)
+            if layout.network_of(name) == specs.VAE_ENCODER.name:  # its warm-up's image: a size it serves
+                _, height, width = map(int, config["model_warmup"][0]["inputs"][specs.VAE_ENCODER.inputs[0].name]["dims"])
+                image = np.full((1, height, width, 3), 128, np.uint8)
         for spec in pipelines or [specs.TEXT_TO_IMAGE]:
             takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,

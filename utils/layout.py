@@ -35,7 +35,7 @@ ONNX_DATA_FILE = "model.onnx.data"  # the weights of a graph over 2 GB
 PLAN_FILE = "model.plan"
 CHECKPOINT_DIR = "checkpoint"  # in a torch-runtime network's version folder
 PIPELINE_FILES = "stable_diffusion"  # in a pipeline model's version folder: no weights
-SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision, devices, GPUs
+SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision, devices, GPUs, image sizes
 
 _GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")
 
@@ -53,8 +53,8 @@ def network_of(model_name: str) -> str:
 
 
 def read_serving(repository: Path, pipeline: str) -> dict:
-    """What a pipeline model's serving.json records (precision, device, gpus, loop_device); {}
-    where the repository has none."""
+    """What a pipeline model's serving.json records (precision, device, gpus, loop_device,
+    image_sizes); {} where the repository has none."""
     path = Path(repository) / pipeline / str(ONNX_VERSION) / SERVING_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 

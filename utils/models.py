@@ -24,6 +24,7 @@ SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_MODELS_DIR = Path("models")
 
 # The scheduler SD1.5 ships (scheduler/scheduler_config.json of the hub checkpoint).
+SD15_SCHEDULER_CLASS = "PNDMScheduler"  # its scheduler_config.json's _class_name
 SD15_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -155,7 +156,8 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     half-written preset is never mistaken for a finished one.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     architecture = PRESETS[name]
@@ -177,7 +179,7 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=getattr(diffusers, SD15_SCHEDULER_CLASS)(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

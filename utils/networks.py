@@ -58,6 +58,14 @@ class UNet(_Network):
     def forward(self, sample, timestep, encoder_hidden_states):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
+    def for_export(self) -> nn.Module:
+        # diffusers up-samples by a fixed factor of 2 when the latents divide by every
+        # down-sampling (a multiple of 64 pixels for SD1.5), and to the size of the skip connection
+        # otherwise. The trace keeps only the path it took: make it take the second, which reads
+        # the sizes from the tensors, so the graph serves every multiple of 8 pixels.
+        self.unet.num_upsamplers = 32  # 2**32 divides no latent size (and fits an int64)
+        return self
+
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
         sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
         timestep = torch.randint(0, 1000, (batch,), generator=generator).float()

@@ -15,7 +15,7 @@ import filecmp
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from utils import configs, environments, layout, specs
@@ -66,7 +66,7 @@ def onnx_precision(onnx_file: Path, network: specs.NetworkSpec, dims: specs.Mode
         for spec, tensor in zip(expected, actual):
             shape = tensor.type.tensor_type.shape.dim
             got = [d.dim_param or d.dim_value for d in shape]
-            want = [specs.BATCH_AXIS, *dims.resolve(spec.dims)]
+            want = [specs.BATCH_AXIS, *(d if d in specs.SPATIAL else r for d, r in zip(spec.dims, dims.resolve(spec.dims)))]
             if got != want:
                 problems.append(f"{spec.name} has shape {got}, the spec says {want}")
             dtype = onnx.TensorProto.DataType.Name(tensor.type.tensor_type.elem_type)
@@ -220,7 +220,8 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
     on_gpu = deployment.torch_on_gpu
     serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
-               "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu"}
+               "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu",
+               "image_sizes": asdict(deployment.sizes(specs.ModelDims.from_pretrained(model_dir)))}
     install_file(None, version_dir / layout.SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
 
 
@@ -253,6 +254,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
     """
     repository, model_dir = Path(repository), Path(model_dir)
     dims = specs.ModelDims.from_pretrained(model_dir)
+    deployment.sizes(dims)  # a range the checkpoint cannot serve is refused before anything is written
     report = RepositoryReport()
     if deployment.torch_runtime:
         precision = deployment.served_precision

@@ -23,6 +23,9 @@ PRECISIONS = ("FP32", "FP16")
 ONNX_FLOAT_PRECISIONS = {"FLOAT": "FP32", "FLOAT16": "FP16"}  # ONNX's element type names
 
 BATCH_AXIS = "batch"
+# The sizes that follow the image a request asks for: dynamic axes of the graphs, -1 in the
+# configs, a range in TensorRT's optimization profiles (ImageSizes).
+SPATIAL = ("latent_height", "latent_width", "image_height", "image_width")
 
 Dim = Union[int, str]
 
@@ -82,7 +85,9 @@ class NetworkSpec:
         return [t.name for t in self.outputs]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: {0: BATCH_AXIS} for t in self.tensors}
+        """The batch, and the image's height and width where a tensor has them."""
+        return {t.name: {0: BATCH_AXIS, **{i + 1: d for i, d in enumerate(t.dims) if d in SPATIAL}}
+                for t in self.tensors}
 
     def shape(self, tensor: TensorSpec, batch: int, dims: ModelDims) -> tuple[int, ...]:
         return (batch, *dims.resolve(tensor.dims))
@@ -118,8 +123,21 @@ class ModelDims:
     def latent_parameters(self) -> int:
         return 2 * self.latent_channels  # the VAE encoder's mean and log-variance
 
+    @property
+    def size_step(self) -> int:
+        """What an image's height and width must be multiples of: one latent pixel."""
+        return self.vae_scale_factor
+
+    def at_size(self, height: int, width: int) -> ModelDims:
+        """These dims for an image of ``height`` x ``width`` pixels."""
+        return replace(self, latent_height=height // self.vae_scale_factor, latent_width=width // self.vae_scale_factor)
+
     def resolve(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else getattr(self, d) for d in dims)
+
+    def resolve_static(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
+        """As a config declares them: the image's sizes vary (-1), the others are this checkpoint's."""
+        return tuple(-1 if d in SPATIAL else r for d, r in zip(dims, self.resolve(dims)))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelDims:
@@ -140,6 +158,38 @@ class ModelDims:
             latent_width=latent,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
         )
+
+
+@dataclass(frozen=True)
+class ImageSizes:
+    """The heights and widths (each, in pixels) a deployment serves: multiples of ``step`` in
+    [min, max]. TensorRT's optimization profiles take the range on their spatial axes (the
+    checkpoint's own size as ``opt``); the pipelines refuse a size outside it."""
+
+    min: int
+    max: int
+    step: int
+
+    @classmethod
+    def default(cls, dims: ModelDims) -> ImageSizes:
+        """Around the checkpoint's size: three quarters of it to one and a half (SD1.5: 384-768)."""
+        step, native = dims.size_step, min(dims.image_height, dims.image_width)
+        return cls(max(step, native * 3 // 4 // step * step), -(-native * 3 // 2 // step) * step, step)
+
+    def __post_init__(self):
+        if not (0 < self.min <= self.max and self.min % self.step == 0 and self.max % self.step == 0):
+            raise ValueError(f"image sizes {self.min}-{self.max}: give multiples of {self.step}, the smaller first.")
+
+    @classmethod
+    def served(cls, serving: dict, dims: ModelDims) -> ImageSizes:
+        """The sizes a pipeline model's serving.json records; the default where it has none."""
+        return cls(**serving["image_sizes"]) if "image_sizes" in serving else cls.default(dims)
+
+    def allows(self, size: int) -> bool:
+        return self.min <= size <= self.max and size % self.step == 0
+
+    def describe(self) -> str:
+        return f"a multiple of {self.step} in [{self.min}, {self.max}]"
 
 
 TEXT_ENCODER = NetworkSpec(

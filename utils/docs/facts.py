@@ -5,21 +5,26 @@ from __future__ import annotations
 from typing import Callable
 
 from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
-                               MAX_PROMPT_BYTES, GenerationRequest, InvalidRequest, check_request,
+                               MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest, InvalidRequest, check_request,
                                max_inference_steps)
 from utils import specs
 from utils.engines import trtexec_command
 from utils.docker import SERVE_IMAGE
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
-from utils.models import SD15_SCHEDULER, preset_dims
+from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
 
 
+# The image's sizes, as the README writes them: h = H / 8 (the latents), w = W / 8.
+SPATIAL_SYMBOLS = {"latent_height": "h", "latent_width": "w", "image_height": "H", "image_width": "W"}
+
+
 def _shape(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
     batch = "2B" if network.cfg_doubled else "B"
-    return "[" + ", ".join([batch, *map(str, SD15.resolve(tensor.dims))]) + "]"
+    sizes = [SPATIAL_SYMBOLS.get(d, str(r)) for d, r in zip(tensor.dims, SD15.resolve(tensor.dims))]
+    return "[" + ", ".join([batch, *sizes]) + "]"
 
 
 def _tensor(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
@@ -39,17 +44,23 @@ def tensor_table() -> str:
 
 
 def request_table() -> str:
-    """Every input of the pipelines (text to image takes all but ``image`` and ``strength``)."""
-    pipeline, max_prompts = specs.IMAGE_TO_IMAGE, specs.MAX_PROMPTS
+    """Every input of the pipelines: text to image takes all but ``image`` and ``strength``, image
+    to image all but ``height`` and ``width`` (its image's size is the output's)."""
+    max_prompts = specs.MAX_PROMPTS
     low, high = GUIDANCE_SCALE_RANGE
-    size = f"{SD15.image_height}x{SD15.image_width}"
+    sizes = specs.ImageSizes.default(SD15)
+    size_range = f"a multiple of {sizes.step} in [{sizes.min}, {sizes.max}] (SD1.5's default; --image-sizes)"
     allowed = {
         specs.PROMPT.name: ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes"),
         specs.NEGATIVE_PROMPT.name: ("none", "one per prompt, or one for all"),
-        specs.INIT_IMAGE.name: ("image to image: required", f"uint8 RGB at the model's size (SD1.5: {size}), one per "
-                                                            f"prompt or one for all"),
+        specs.INIT_IMAGE.name: ("image to image: required", f"uint8 RGB, height and width each {size_range}; one "
+                                                            f"per prompt or one for all"),
         specs.STRENGTH.name: (f"{DEFAULT_STRENGTH}", "image to image: in (0, 1]; keeps int(steps x strength) of the "
                                                      "steps"),
+        specs.SCHEDULER.name: (f"the checkpoint's (SD1.5: {SD15_SCHEDULER_CLASS})", ", ".join(f"`{name}`" for name in SCHEDULERS)),
+        specs.NUM_IMAGES_PER_PROMPT.name: ("1", f"at least 1, with N x num_images_per_prompt <= {max_prompts}"),
+        specs.HEIGHT.name: (f"the checkpoint's ({SD15.image_height})", f"text to image: {size_range}"),
+        specs.WIDTH.name: (f"the checkpoint's ({SD15.image_width})", f"text to image: {size_range}"),
         specs.GUIDANCE_SCALE.name: (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
                                                                  f"no guidance (half the UNet rows)"),
         specs.NUM_INFERENCE_STEPS.name: (f"{DEFAULT_NUM_INFERENCE_STEPS}",
@@ -58,12 +69,12 @@ def request_table() -> str:
     }
     shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]"}
     rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]
-    for tensor in pipeline.inputs:
+    for tensor in specs.REQUEST_INPUTS:
         shape = shapes.get(tensor.name, "[N]" if tensor.dims == (-1,) else "[1]")
         default, values = allowed[tensor.name]
         rows.append(f"| `{tensor.name}` | {tensor.dtype} | {shape} | {default} | {values} |")
-    (output,) = pipeline.outputs
-    rows.append(f"| output `{output.name}` | {output.dtype} | [N, H, W, 3] | | |")
+    (output,) = specs.TEXT_TO_IMAGE.outputs
+    rows.append(f"| output `{output.name}` | {output.dtype} | [N x num_images_per_prompt, H, W, 3] | | |")
     return "\n".join(rows)
 
 

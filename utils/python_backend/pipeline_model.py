@@ -120,6 +120,7 @@ class PipelineModel:
             components,
             lambda network, *inputs: run_network(self.times, model_names[network.name], memory, network, *inputs),
             dtype=TORCH_DTYPES[serving["precision"]], device=device,
+            sizes=specs.ImageSizes.served(serving, components.dims),
         )
         self.logger = pb_utils.Logger
         self.prepare()

@@ -1,6 +1,5 @@
 """Ensemble step: uint8 RGB images [N, H, W, 3] -> the VAE encoder's input, [N, 3, H, W] in [-1, 1]."""
 
-from pipelines.request import check_image
 from utils import specs
 from utils.python_backend.pipeline_model import PipelineModel
 
@@ -10,6 +9,4 @@ class TritonPythonModel(PipelineModel):
     required = (specs.INIT_IMAGE,)
 
     def run(self, request, tensors, is_cancelled):
-        dims = self.pipeline.components.dims
-        images = check_image(request.image, None, (dims.image_height, dims.image_width))
-        return (self.pipeline.preprocess_image(images),)
+        return (self.pipeline.preprocess_image(self.pipeline.check_image(request.image)),)
