@@ -58,7 +58,9 @@ def main(argv=None):
             saved += save_images(ensemble, args.output_dir / "ensemble.png")
             print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - bls).max()}")
         with timer.step("8. image to image (the ensemble, from the BLS image)"):
-            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls, strength=0.6)
+            # The first BLS image sets the size: height and width are text to image's options.
+            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1], strength=0.6,
+                                                      height=None, width=None)
             saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
     finally:
         with timer.step("9. stop Triton"):

@@ -49,6 +49,21 @@ def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_mode
     assert np.abs(c - b).max() <= 2 and np.array_equal(b, e)
 
 
+def test_request_options_from_the_command_line(triton_server, tiny_model, tmp_path):
+    common = ["--url", triton_server.grpc_url, "--steps", "3", "--seed", "2", "--scheduler",
+              "EulerAncestralDiscreteScheduler", "--num-images-per-prompt", "2", "--height", "48", "--width", "80"]
+    outputs = {}
+    for script, extra in (("scripts/run_client_side_pipeline.py", ["--model", str(tiny_model)]),
+                          ("scripts/run_bls_pipeline.py", []), ("scripts/run_ensemble_pipeline.py", [])):
+        out = run(script, *common, *extra, "--output", str(tmp_path / "o.png"), cwd=tmp_path)
+        for index in range(2):
+            assert f"saved {tmp_path / f'o-{index}.png'} (80x48, 3 steps" in out
+        outputs[script] = [np.asarray(Image.open(tmp_path / f"o-{index}.png")).astype(int) for index in range(2)]
+    first, *others = outputs.values()
+    assert np.abs(first[0] - first[1]).max() > 0  # two images of one prompt: two draws of the noise
+    assert all(np.abs(a - b).max() <= 2 for other in others for a, b in zip(first, other))
+
+
 @pytest.mark.parametrize("network", specs.NETWORKS)
 def test_query_model(network, triton_server, tmp_path):
     out = run("scripts/query_model.py", network, "--url", triton_server.grpc_url, cwd=tmp_path)

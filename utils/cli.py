@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH
+from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, SCHEDULERS
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UserError, UsageError
@@ -27,8 +27,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="num_inference_steps")
     group.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--scheduler", default=None, choices=SCHEDULERS,
+                       help="a diffusers scheduler class (default: the checkpoint's own)")
+    group.add_argument("--num-images-per-prompt", type=int, default=1)
+    group.add_argument("--height", type=int, default=None,
+                       help="text to image: the image's height in pixels (default: the checkpoint's)")
+    group.add_argument("--width", type=int, default=None, help="text to image: the image's width in pixels")
     group.add_argument("--image", type=Path, default=None,
-                       help="image to image: start from this picture (PNG, JPEG...; the model's image size)")
+                       help="image to image: start from this picture (PNG, JPEG...; its size is the output's)")
     group.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
                        help="image to image: how much of the image is noised away, in (0, 1]")
 
@@ -120,9 +126,12 @@ def main_entry(main: Callable[[], object]) -> None:
 def generation_options(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields from the parsed arguments."""
     options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed)
+                   guidance_scale=args.guidance_scale, seed=args.seed, scheduler=args.scheduler,
+                   num_images_per_prompt=args.num_images_per_prompt)
     if args.image is not None:
         options.update(image=load_image(args.image), strength=args.strength)
+    else:
+        options.update(height=args.height, width=args.width)
     return options
 
 
