@@ -21,6 +21,7 @@ from utils.errors import UserError
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
+DEFAULT_PREVIEW_EVERY = 1  # the streaming pipeline's: a progress response (and preview) every step
 # The schedulers a request may choose (diffusers' class names; never evaluated, only looked up
 # once found here), each built from the checkpoint's scheduler config.
 SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",

@@ -28,6 +28,12 @@ from utils import specs
 
 
 _LAZY_IMPORTS = threading.Lock()
+# A linear fit from SD1.x's (scaled) latent channels to RGB in [-1, 1], rows per channel: the
+# approximation community previewers use (e.g. ComfyUI's latent_rgb_factors for SD1.5).
+LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
+                      (0.3250, 0.4974, 0.2350),
+                      (-0.2829, 0.1762, 0.2721),
+                      (-0.2120, -0.2616, -0.7177))
 
 
 class RunNetwork(Protocol):
@@ -150,12 +156,13 @@ class StableDiffusion:
         idle.decode(idle.denoise(text_embeddings, request))
 
     def __call__(self, request: GenerationRequest, progress: bool = False,
-                 is_cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
-        """Generate; return uint8 images [N, H, W, 3] on the CPU."""
+                 is_cancelled: Callable[[], bool] = lambda: False,
+                 on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Generate; return uint8 images [N, H, W, 3] on the CPU. ``on_step``: see denoise."""
         request = self.check(request)
         text_embeddings = self.encode_prompt(request)
         latent_parameters = None if request.image is None else self.encode_image(request.image)
-        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled)
+        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step)
         return self.postprocess(self.decode(latents))
 
     # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
@@ -184,9 +191,12 @@ class StableDiffusion:
     # 3-5. The loop: timesteps, initial latents, denoising.
     def denoise(self, text_embeddings: torch.Tensor, options: GenerationRequest,
                 latent_parameters: torch.Tensor | None = None, progress: bool = False,
-                is_cancelled: Callable[[], bool] = lambda: False) -> torch.Tensor:
+                is_cancelled: Callable[[], bool] = lambda: False,
+                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to
-        image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength."""
+        image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength,
+        scheduler, images per prompt, and for text to image the size (default: the checkpoint's).
+        ``on_step(done, total, latents)`` after each step (a streaming model's previews)."""
         text_embeddings = text_embeddings.to(device=self.device, dtype=self.dtype)
         cfg = options.do_classifier_free_guidance
         rows = text_embeddings.shape[0]
@@ -217,9 +227,9 @@ class StableDiffusion:
             latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
 
         # 5. Denoise.
-        for t in tqdm(timesteps, desc="denoising", disable=not progress, leave=False):
+        for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
             if is_cancelled():
-                raise Cancelled(f"cancelled before step {int(t)}")
+                raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = t.to(torch.float32).expand(model_input.shape[0])  # one per sample (FP32)
@@ -228,7 +238,20 @@ class StableDiffusion:
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
+
+    @staticmethod
+    def preview(latents: torch.Tensor) -> torch.Tensor:
+        """A cheap picture of the loop's latents: uint8 [N, h, w, 3] on the CPU, each latent pixel
+        one RGB pixel by a linear map instead of the VAE decoder (at 1/64 of the pixels, for
+        nothing like its cost). SD1.x's four latent channels only; others get grey previews."""
+        if latents.shape[1] != len(LATENT_RGB_FACTORS):
+            return torch.full((latents.shape[0], *latents.shape[2:], 3), 128, dtype=torch.uint8)
+        factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
+        rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
+        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
     @staticmethod
     def _img2img_timesteps(scheduler, options: GenerationRequest) -> torch.Tensor:

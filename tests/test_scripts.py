@@ -94,3 +94,25 @@ def test_quickstart_main_job(tmp_path):
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
     assert sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir()) == sorted(
         f"{name}.onnx" for name in specs.NETWORKS)
+
+
+def test_the_readmes_request_examples_run_as_written(triton_server):
+    """The Python and HTTP examples of step 6, against the session's server (its addresses)."""
+    import contextlib
+    import io
+    import json
+    import urllib.request
+
+    from utils.docs.facts import HTTP_EXAMPLE, HTTP_EXAMPLE_URL, PYTHON_EXAMPLE
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(PYTHON_EXAMPLE.replace("127.0.0.1:8001", triton_server.grpc_url), {})
+    assert printed.getvalue().strip() == PYTHON_EXAMPLE.rsplit("# ", 1)[1]  # what its comment says it prints
+
+    url = "http://" + HTTP_EXAMPLE_URL.replace("127.0.0.1:8000", triton_server.http_url.removeprefix("http://"))
+    request = urllib.request.Request(url, data=json.dumps(HTTP_EXAMPLE).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        (output,) = json.loads(response.read())["outputs"]
+    assert output["name"] == "images" and output["shape"] == [2, 64, 80, 3] and output["datatype"] == "UINT8"
+    assert len(output["data"]) == 2 * 64 * 80 * 3

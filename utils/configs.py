@@ -126,6 +126,8 @@ def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU, pr
         output=[mc.ModelOutput(**_tensor_fields(t, precision, None)) for t in pipeline.outputs],
     )
     config.version_policy.specific.versions.append(layout.ONNX_VERSION)
+    if pipeline.decoupled:
+        config.model_transaction_policy.decoupled = True
     if not pipeline.networks:  # a quick step (tokenizer, pre- and post-processing): one instance, on the CPU
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
         return config

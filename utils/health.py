@@ -22,7 +22,10 @@ from pipelines.client import connect, infer_inputs
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import layout, specs
 
-TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE)
+# The models a user calls with one request and one answer (the streaming pipeline runs the text to
+# image loop too, but answers over a gRPC stream only).
+TOP_LEVEL = (*(spec for spec in specs.BLS_PIPELINES if not spec.decoupled), specs.ENSEMBLE_TEXT_TO_IMAGE,
+             specs.ENSEMBLE_IMAGE_TO_IMAGE)
 
 
 class CanaryFailed(RuntimeError):

@@ -255,6 +255,9 @@ class PipelineSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     networks: tuple[NetworkSpec, ...] = ()  # the networks it calls by BLS
+    # Decoupled (Triton's name for a model that streams): any number of responses per request,
+    # the last one flagged final; a client reads them over a gRPC stream.
+    decoupled: bool = False
 
     def max_prompts(self) -> int:
         return MAX_PROMPTS
@@ -275,6 +278,13 @@ WIDTH = TensorSpec("width", "INT32", (1,), optional=True)
 # [N, H, W, RGB], what every pipeline answers, named as diffusers' output names it. (Not "image":
 # an ensemble's tensors are one namespace, and image to image takes an "image" in.)
 IMAGES = TensorSpec("images", "UINT8", (-1, -1, -1, 3))
+# Streaming: a response every PREVIEW_EVERY denoising steps (0: none but the last) with the steps
+# done so far, of TOTAL_STEPS, and a preview as IMAGES (the latents' size: H/8 x W/8); the last
+# response, FINAL, carries the decoded images.
+PREVIEW_EVERY = TensorSpec("preview_every", "INT32", (1,), optional=True)
+STEP = TensorSpec("step", "INT32", (1,))
+TOTAL_STEPS = TensorSpec("total_steps", "INT32", (1,))
+FINAL = TensorSpec("final", "BOOL", (1,))
 
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
@@ -295,6 +305,10 @@ TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IM
                              networks=(TEXT_ENCODER, UNET, VAE_DECODER))
 IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
                               networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
+# Text to image with live progress: the same loop, streaming previews, then the images.
+TEXT_TO_IMAGE_STREAM = PipelineSpec("pipeline_text_to_image_stream", (*TEXT_TO_IMAGE_INPUTS, PREVIEW_EVERY),
+                                    (STEP, TOTAL_STEPS, IMAGES, FINAL), networks=TEXT_TO_IMAGE.networks,
+                                    decoupled=True)
 
 # The Python steps of the ensembles: each a thin adapter over the shared loop's code.
 # The ensembles' first steps take every input as optional, and refuse a missing one themselves:
@@ -311,7 +325,7 @@ DENOISE = PipelineSpec(
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
 
-BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE)
+BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM)
 ENSEMBLE_STEPS = (TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
 PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
 

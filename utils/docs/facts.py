@@ -165,9 +165,50 @@ def tiny_sizes() -> str:
             f"latents, {TINY.image_height}x{TINY.image_width} images")
 
 
+# The README's request examples, for the tiny default (its sizes: 48-96 pixels a side). A test
+# runs each of them against the local server, as written here.
+PYTHON_EXAMPLE = """\
+from pipelines.bls import BlsPipeline
+
+pipeline = BlsPipeline("127.0.0.1:8001")
+images = pipeline("a watercolor fox", scheduler="EulerAncestralDiscreteScheduler", num_images_per_prompt=2,
+                  height=48, width=80, num_inference_steps=20, seed=0)
+print(images.shape, images.dtype)  # (2, 48, 80, 3) uint8"""
+HTTP_EXAMPLE = {"inputs": [
+    {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a watercolor fox"]},
+    {"name": "scheduler", "shape": [1], "datatype": "BYTES", "data": ["DPMSolverMultistepScheduler"]},
+    {"name": "num_images_per_prompt", "shape": [1], "datatype": "INT32", "data": [2]},
+    {"name": "width", "shape": [1], "datatype": "INT32", "data": [80]},
+    {"name": "num_inference_steps", "shape": [1], "datatype": "INT32", "data": [20]},
+    {"name": "seed", "shape": [1], "datatype": "INT64", "data": [0]}]}
+HTTP_EXAMPLE_URL = "127.0.0.1:8000/v2/models/pipeline_text_to_image/infer"
+STREAM_COMMAND = ("python scripts/run_streaming_pipeline.py --prompt \"a small boat\" --steps 4 "
+                  "--scheduler DDIMScheduler")
+STREAM_OUTPUT = """\
+denoising on the server: 100%|██████████| 4/4 [00:00<00:00, 65.05step/s]
+saved 3 previews in outputs/previews (8x8 each)
+saved outputs/stream.png (64x64, 4 steps)"""
+
+
+def python_example() -> str:
+    return f"```python\n{PYTHON_EXAMPLE}\n```"
+
+
+def http_example() -> str:
+    import json
+
+    lines = ",\n  ".join(json.dumps(tensor) for tensor in HTTP_EXAMPLE["inputs"])
+    return f"```bash\ncurl -s -X POST {HTTP_EXAMPLE_URL} -d '{{\"inputs\": [\n  {lines}]}}'\n```"
+
+
+def stream_example() -> str:
+    return f"```bash\n{STREAM_COMMAND}\n```\n\n```\n{STREAM_OUTPUT}\n```"
+
+
 FACTS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
-    "ensemble-config": ensemble_config,
+    "ensemble-config": ensemble_config, "python-example": python_example, "http-example": http_example,
+    "stream-example": stream_example,
 }

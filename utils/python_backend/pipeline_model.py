@@ -34,6 +34,9 @@ from utils.layout import PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES
 
 
+_TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
+
+
 class SubModelError(RuntimeError):
     pass
 
@@ -132,43 +135,77 @@ class PipelineModel:
         raise NotImplementedError
 
     def execute(self, requests):
+        if self.spec.decoupled:  # each request answered through its own response sender
+            for request in requests:
+                self._stream(request)
+            return None
         return [self._answer(request) for request in requests]
+
+    def send(self, outputs: tuple) -> None:
+        """A streaming model's partial response (in the spec's output order), sent at once."""
+        self._sender.send(self._response(outputs))
 
     def _answer(self, request):
         try:
-            arrays, tensors = {}, {}
-            for tensor in self.spec.inputs:
-                value = pb_utils.get_input_tensor_by_name(request, tensor.name)
-                if value is None and tensor.name in {t.name for t in self.required}:
-                    raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
-                                         f"{list(tensor.dims)}.")
-                if tensor.name in REQUEST_FIELDS:
-                    arrays[tensor.name] = None if value is None else value.as_numpy()
-                elif value is not None:
-                    tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
-            self.times, start = PhaseTimes(), time.perf_counter()
+            return self._response(self._run(request))
+        except Exception as error:
+            return self._failure(error)
 
-            def is_cancelled() -> bool:
-                with self.times.phase("cancellation checks"):
-                    return request.is_cancelled()
+    def _stream(self, request) -> None:
+        """Decoupled: ``run`` sends what it has with ``send`` and returns the final response."""
+        self._sender = request.get_response_sender()
+        try:
+            response = self._response(self._run(request))
+        except Exception as error:
+            response = self._failure(error)
+        try:
+            self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as error:  # the stream was closed: nobody is left to tell
+            self.logger.log_info(f"{self.spec.name}: final response not sent ({error})")
 
-            outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
-            if self.profile:
-                self.logger.log_info(f"{self.spec.name}: {self.times.summary(time.perf_counter() - start)}")
-            return pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor.from_dlpack(spec.name, torch.as_tensor(output).contiguous())
-                for spec, output in zip(self.spec.outputs, outputs)])
-        except InvalidRequest as error:
+    def _run(self, request) -> tuple:
+        arrays, tensors = {}, {}
+        for tensor in self.spec.inputs:
+            value = pb_utils.get_input_tensor_by_name(request, tensor.name)
+            if value is None and tensor.name in {t.name for t in self.required}:
+                raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
+                                     f"{list(tensor.dims)}.")
+            if tensor.name in REQUEST_FIELDS:
+                arrays[tensor.name] = None if value is None else value.as_numpy()
+            elif value is not None:
+                tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
+        self.times, start = PhaseTimes(), time.perf_counter()
+
+        def is_cancelled() -> bool:
+            with self.times.phase("cancellation checks"):
+                return request.is_cancelled()
+
+        outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
+        if self.profile:
+            self.logger.log_info(f"{self.spec.name}: {self.times.summary(time.perf_counter() - start)}")
+        return outputs
+
+    def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":
+        """Every output as a torch tensor by DLPack (plain numbers too, at the spec's dtype): the
+        24.10 stub mangles tensors built from numpy 2 arrays (docs/tutorial/3-python-backend.md)."""
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor.from_dlpack(spec.name, torch.atleast_1d(torch.as_tensor(
+                output, dtype=None if isinstance(output, torch.Tensor) else _TORCH_TYPES[spec.dtype])).contiguous())
+            for spec, output in zip(self.spec.outputs, outputs)])
+
+    def _failure(self, error: Exception) -> "pb_utils.InferenceResponse":
+        """A failed request's answer: the error's kind as Triton's status, a message for the user."""
+        if isinstance(error, InvalidRequest):
             return _error(str(error), pb_utils.TritonError.INVALID_ARG)
-        except Cancelled as error:
+        if isinstance(error, Cancelled):
             return _error(str(error), pb_utils.TritonError.CANCELLED)
-        except SubModelError as error:
+        if isinstance(error, SubModelError):
             return _error(str(error), pb_utils.TritonError.UNAVAILABLE)
-        except InvalidImage as error:
+        if isinstance(error, InvalidImage):
             return _error(f"{self.spec.name}: {error}", pb_utils.TritonError.INTERNAL)
-        except Exception as error:  # a bug: log it in full, answer without internals
-            self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
-            return _error(f"{self.spec.name}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
+        # A bug: log it in full, answer without internals.
+        self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
+        return _error(f"{self.spec.name}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
 
 
 def _error(message: str, code) -> "pb_utils.InferenceResponse":

@@ -1,0 +1,57 @@
+"""Step 6, with live progress: text to image from a streaming (decoupled) BLS model, which sends
+the steps done and a preview every --preview-every steps, then the images. Ctrl+C closes the
+stream, which cancels the request on the server."""
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipelines.client import DEFAULT_URL
+from pipelines.request import DEFAULT_PREVIEW_EVERY
+from pipelines.streaming import StreamingPipeline
+from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
+from utils.errors import UsageError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
+    parser.add_argument("--output", default=Path("outputs/stream.png"), type=Path)
+    parser.add_argument("--previews", default=Path("outputs/previews"), type=Path,
+                        help="folder for the previews, one PNG per image and step (the latents' size, H/8 x W/8)")
+    parser.add_argument("--preview-every", type=int, default=DEFAULT_PREVIEW_EVERY,
+                        help="a preview every this many steps (0: progress only at the end)")
+    add_generation_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.image is not None:
+        raise UsageError("--image: the streaming pipeline is text to image; for image to image run "
+                         "scripts/run_bls_pipeline.py --image.")
+    previews, bar = [], None
+    try:
+        for progress in StreamingPipeline(args.url).stream(preview_every=args.preview_every,
+                                                           **generation_options(args)):
+            bar = bar or tqdm(total=progress.total_steps, desc="denoising on the server", unit="step")
+            bar.update(progress.step - bar.n)
+            if progress.final:
+                images = progress.images
+            else:
+                previews += save_images(progress.images, args.previews / f"step-{progress.step:03d}.png")
+    finally:
+        if bar is not None:
+            bar.close()
+    if previews:
+        print(f"saved {len(previews)} previews in {args.previews} ({progress_size(previews[0])} each)")
+    for path in save_images(images, args.output):
+        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {progress.total_steps} steps)")
+
+
+def progress_size(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return f"{image.width}x{image.height}"
+
+
+if __name__ == "__main__":
+    main_entry(main)
