@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # The production path's repository (default: triton/production, utils/layout.py); set it for another.
 PRODUCTION_REPOSITORY ?=
 
-.PHONY: venv demo test test-fast docs test-docker-pins images engines clean
+.PHONY: venv tools demo test test-fast docs test-docker-pins images engines clean
 
 venv: $(VENV)/.installed
 
@@ -20,10 +20,17 @@ $(VENV)/.installed: $(REQUIREMENTS) setup.py
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
+# perf_analyzer, prometheus and promtool under .tools/ (utils/tools.py): pip does not install them.
+tools: .tools/.installed
+
+.tools/.installed: utils/tools.py | venv
+	$(BIN)/python -m utils.tools
+	touch $@
+
 demo: venv
 	$(BIN)/python scripts/quickstart.py
 
-test: venv
+test: venv tools
 	$(BIN)/pytest
 
 # The fast tier: no server start, no long subprocess (well under a minute).
@@ -47,4 +54,4 @@ engines: venv
 	$(BIN)/python scripts/build_tensorrt_engines.py --docker $(if $(PRODUCTION_REPOSITORY),--repository $(PRODUCTION_REPOSITORY))
 
 clean:
-	rm -rf $(VENV) .venv-py310 models onnx outputs engines triton/production
+	rm -rf $(VENV) .venv-py310 .tools models onnx outputs engines triton/production

@@ -130,6 +130,11 @@ class TritonServer:
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus' scrape address: http://<metrics_url>/metrics."""
+        return f"{self.host}:{self.metrics_port}"
+
     def command(self, server_dir: Path) -> list[str]:
         return [
             str(server_dir / "bin" / "tritonserver"),

@@ -1,0 +1,38 @@
+"""The pipeline's own Prometheus metrics, next to Triton's ``nv_*`` metrics on the metrics port
+(8002, ``/metrics``).
+
+Triton counts requests and executions per model; it cannot know that one request of
+``pipeline_text_to_image`` made four images in 50 steps, or why a request was refused. The Python
+models report that through the Python backend's custom metrics API
+(utils/python_backend/pipeline_model.py), every series labelled with the model that reported it.
+The dashboard and the recording rules (deploy/) read these names from here by way of a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # counter | histogram
+    description: str
+    labels: tuple[str, ...] = ("model",)
+    buckets: tuple[float, ...] = ()  # a histogram's upper bounds, in the metric's unit
+
+
+IMAGES = Metric("sd_images_total", "counter", "Images generated and sent (final images; not the streamed previews).")
+STEPS = Metric("sd_denoising_steps_total", "counter", "Denoising steps run: one UNet call (both CFG halves) each.")
+UNET_STEP_SECONDS = Metric(
+    "sd_unet_step_seconds", "histogram",
+    "One UNet call as the denoising loop sees it: the sub-request, its queue and the tensors' way there and back.",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+)
+REJECTED = Metric("sd_requests_rejected_total", "counter",
+                  "Requests refused by validation (INVALID_ARG), by the input they got wrong.",
+                  labels=("model", "input"))
+INVALID_IMAGES = Metric("sd_invalid_images_total", "counter",
+                        "Generated images refused before sending: not finite (NaN or infinity), or one flat colour.",
+                        labels=("model", "reason"))
+METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, REJECTED, INVALID_IMAGES)
