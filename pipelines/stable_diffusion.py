@@ -102,6 +102,10 @@ class PipelineComponents:
 class InvalidImage(RuntimeError):
     """A generated image is not finite or is one flat colour: never sent as a success."""
 
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason  # not_finite | flat: the label it is counted under (utils/metrics.py)
+
 
 class StableDiffusion:
     """Text to image and image to image with classifier-free guidance, one network call at a time.
@@ -294,9 +298,10 @@ class StableDiffusion:
         for index, image in enumerate(decoded):
             if not torch.isfinite(image).all():
                 raise InvalidImage(f"image {index} is not finite (NaN or infinity in the VAE decoder's output): "
-                                   f"the networks overflowed at this precision; try FP32 or another seed.")
+                                   f"the networks overflowed at this precision; try FP32 or another seed.",
+                                   reason="not_finite")
             if image.amax() == image.amin():
                 raise InvalidImage(f"image {index} is one flat colour ({float(image.amax()):.3g}): the networks "
-                                   f"produced no picture.")
+                                   f"produced no picture.", reason="flat")
         image = (decoded / 2 + 0.5).clamp(0, 1)
         return (image.permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8).contiguous()

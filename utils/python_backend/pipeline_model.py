@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 from collections import defaultdict
@@ -28,7 +29,7 @@ import triton_python_backend_utils as pb_utils
 
 from pipelines.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
 from pipelines.stable_diffusion import Cancelled, InvalidImage, PipelineComponents, StableDiffusion
-from utils import specs
+from utils import metrics, specs
 from utils.deployment import Placement
 from utils.layout import PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES
@@ -39,6 +40,47 @@ _TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
 
 class SubModelError(RuntimeError):
     pass
+
+
+class PipelineMetrics:
+    """This model's series of the pipeline's own metrics (utils/metrics.py), through the Python
+    backend's custom metrics API: Triton serves them with its own on the metrics port. Every
+    instance (a process of its own) asks for the same families and series, and Triton hands it
+    the one it already has, so the counts add up across instances."""
+
+    def __init__(self, model: str, inputs: set[str]):
+        self.model, self.inputs = model, inputs
+        # pb_utils gains MetricFamily when the stub starts the model, not at import.
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "histogram": pb_utils.MetricFamily.HISTOGRAM}
+        self.families = {metric.name: pb_utils.MetricFamily(name=metric.name, description=metric.description,
+                                                            kind=kinds[metric.kind])
+                         for metric in metrics.METRICS}
+        self.images = self._series(metrics.IMAGES)
+        self.steps = self._series(metrics.STEPS)
+        self.unet_seconds = self._series(metrics.UNET_STEP_SECONDS)
+        self.cache: dict[tuple, object] = {}
+
+    def _series(self, metric: metrics.Metric, **labels: str):
+        labels = {"model": self.model, **labels}
+        if metric.buckets:
+            return self.families[metric.name].Metric(labels=labels, buckets=list(metric.buckets))
+        return self.families[metric.name].Metric(labels=labels)
+
+    def _labelled(self, metric: metrics.Metric, **labels: str):
+        key = (metric.name, *labels.values())
+        if key not in self.cache:
+            self.cache[key] = self._series(metric, **labels)
+        return self.cache[key]
+
+    def rejected(self, error: InvalidRequest) -> None:
+        """Count a refused request under the input its message names first (every check's message
+        starts with it), or "request" where it names none."""
+        match = re.match(r"[a-z_]+", str(error))
+        name = match[0] if match and match[0] in self.inputs else "request"
+        self._labelled(metrics.REJECTED, input=name).increment(1)
+
+    def invalid_image(self, error: InvalidImage) -> None:
+        self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)
 
 
 class PhaseTimes:
@@ -119,12 +161,18 @@ class PipelineModel:
         memory = preferred_memory(device)
         self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
         self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
-        self.pipeline = StableDiffusion(
-            components,
-            lambda network, *inputs: run_network(self.times, model_names[network.name], memory, network, *inputs),
-            dtype=TORCH_DTYPES[serving["precision"]], device=device,
-            sizes=specs.ImageSizes.served(serving, components.dims),
-        )
+        self.metrics = PipelineMetrics(args["model_name"], {t.name for t in self.spec.inputs} | REQUEST_FIELDS)
+
+        def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            start = time.perf_counter()
+            outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
+            if network is specs.UNET:  # one denoising step
+                self.metrics.steps.increment(1)
+                self.metrics.unet_seconds.observe(time.perf_counter() - start)
+            return outputs
+
+        self.pipeline = StableDiffusion(components, call, dtype=TORCH_DTYPES[serving["precision"]], device=device,
+                                        sizes=specs.ImageSizes.served(serving, components.dims))
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -183,6 +231,8 @@ class PipelineModel:
         outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
         if self.profile:
             self.logger.log_info(f"{self.spec.name}: {self.times.summary(time.perf_counter() - start)}")
+        if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
+            self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
         return outputs
 
     def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":
@@ -196,12 +246,14 @@ class PipelineModel:
     def _failure(self, error: Exception) -> "pb_utils.InferenceResponse":
         """A failed request's answer: the error's kind as Triton's status, a message for the user."""
         if isinstance(error, InvalidRequest):
+            self.metrics.rejected(error)
             return _error(str(error), pb_utils.TritonError.INVALID_ARG)
         if isinstance(error, Cancelled):
             return _error(str(error), pb_utils.TritonError.CANCELLED)
         if isinstance(error, SubModelError):
             return _error(str(error), pb_utils.TritonError.UNAVAILABLE)
         if isinstance(error, InvalidImage):
+            self.metrics.invalid_image(error)
             return _error(f"{self.spec.name}: {error}", pb_utils.TritonError.INTERNAL)
         # A bug: log it in full, answer without internals.
         self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
