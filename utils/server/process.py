@@ -20,6 +20,9 @@ LOCALHOST = "127.0.0.1"
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "triton_python_backend_shm_region_"
 PORTS = ("http_port", "grpc_port", "metrics_port")
+# Per model, latency quantiles (p50-p99.9, over the last minute) next to the cumulative counters:
+# what a dashboard's latency panel reads, where Triton 2.51 has no latency histograms.
+METRICS_ARGUMENTS = ("--metrics-config=summary_latencies=true",)
 
 
 def shm_regions() -> set[str]:
@@ -144,7 +147,7 @@ class TritonServer:
               else ["--allow-http=false"]),
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-cpu-metrics=false",
+            "--allow-cpu-metrics=false", *METRICS_ARGUMENTS,
             "--strict-readiness=true",  # ready only when every model is
             "--exit-on-error=true",  # a model that fails to load stops the start, with its error
             f"--exit-timeout-secs={self.exit_timeout}",
