@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipelines.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
                                max_inference_steps)
-from utils import specs
+from utils import metrics, specs
 
 
 _LAZY_IMPORTS = threading.Lock()
@@ -104,7 +104,7 @@ class InvalidImage(RuntimeError):
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
-        self.reason = reason  # not_finite | flat: the label it is counted under (utils/metrics.py)
+        self.reason = reason  # the label it is counted under (utils/metrics.py)
 
 
 class StableDiffusion:
@@ -299,9 +299,9 @@ class StableDiffusion:
             if not torch.isfinite(image).all():
                 raise InvalidImage(f"image {index} is not finite (NaN or infinity in the VAE decoder's output): "
                                    f"the networks overflowed at this precision; try FP32 or another seed.",
-                                   reason="not_finite")
+                                   reason=metrics.NOT_FINITE)
             if image.amax() == image.amin():
                 raise InvalidImage(f"image {index} is one flat colour ({float(image.amax()):.3g}): the networks "
-                                   f"produced no picture.", reason="flat")
+                                   f"produced no picture.", reason=metrics.FLAT)
         image = (decoded / 2 + 0.5).clamp(0, 1)
         return (image.permute(0, 2, 3, 1).cpu() * 255).round().to(torch.uint8).contiguous()

@@ -35,4 +35,5 @@ REJECTED = Metric("sd_requests_rejected_total", "counter",
 INVALID_IMAGES = Metric("sd_invalid_images_total", "counter",
                         "Generated images refused before sending: not finite (NaN or infinity), or one flat colour.",
                         labels=("model", "reason"))
+NOT_FINITE, FLAT = "not_finite", "flat"  # INVALID_IMAGES' reasons
 METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, REJECTED, INVALID_IMAGES)

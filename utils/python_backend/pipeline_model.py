@@ -59,6 +59,8 @@ class PipelineMetrics:
         self.steps = self._series(metrics.STEPS)
         self.unet_seconds = self._series(metrics.UNET_STEP_SECONDS)
         self.cache: dict[tuple, object] = {}
+        for reason in (metrics.NOT_FINITE, metrics.FLAT):  # at 0 from the start: a rate over them has data
+            self._labelled(metrics.INVALID_IMAGES, reason=reason)
 
     def _series(self, metric: metrics.Metric, **labels: str):
         labels = {"model": self.model, **labels}

@@ -1,0 +1,41 @@
+"""The Grafana dashboard: generated from the code, every query valid PromQL over known metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import promql_parser
+import pytest
+
+from utils import dashboard, metrics
+
+# Triton 2.51's metric families this dashboard reads (with --metrics-config=summary_latencies=true).
+TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
+                  "nv_inference_exec_count", "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+                  "nv_inference_pending_request_count", "nv_inference_request_summary_us", "nv_gpu_utilization",
+                  "nv_gpu_memory_used_bytes"}
+
+
+def test_committed_dashboard_is_generated_from_the_code():
+    assert json.loads(dashboard.PATH.read_text()) == dashboard.dashboard(), \
+        "deploy/grafana/sd-triton.json differs: run `python scripts/write_dashboard.py`"
+
+
+@pytest.mark.parametrize("title, expression", dashboard.queries())
+def test_every_query_parses_and_reads_known_metrics(title, expression):
+    promql_parser.parse(expression.replace(dashboard.RATE, "1m"))
+    names = set(re.findall(r"\b((?:nv|sd)_[a-z_]+)", expression))
+    ours = {m.name for m in metrics.METRICS} | {f"{metrics.UNET_STEP_SECONDS.name}_bucket"}
+    assert names and names <= TRITON_METRICS | ours, names - TRITON_METRICS - ours
+
+
+def test_every_metric_of_the_pipeline_is_on_the_dashboard():
+    text = dashboard.PATH.read_text()
+    assert all(metric.name in text for metric in metrics.METRICS)
+
+
+def test_ensembles_are_not_among_the_models_that_work():
+    assert re.fullmatch(dashboard.WORKING_MODELS, "unet_gpu1") and re.fullmatch(dashboard.WORKING_MODELS, "denoise")
+    assert not re.fullmatch(dashboard.WORKING_MODELS, "ensemble_text_to_image")
+    assert not re.fullmatch(dashboard.WORKING_MODELS, "decode")
