@@ -10,6 +10,7 @@ left out of the per-model times rather than averaged in.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from utils import metrics, specs
@@ -74,16 +75,18 @@ PANELS = (
         (_per_model("nv_inference_compute_infer_duration_us", "nv_inference_exec_count", WORKING_MODELS),
          "{{model}}"),
     ), "One execution may hold several requests (the networks' dynamic batching)."),
-    Panel("UNet executions and batch", "short", (
-        (f"sum(rate(nv_inference_exec_count{{model=~\"{UNET}\"}}[{RATE}]))", "executions/s"),
+    Panel("UNet executions and denoising steps per second", "short", (
+        (f"sum(rate(nv_inference_exec_count{{model=~\"{UNET}\"}}[{RATE}]))", "UNet executions/s"),
+        (f"sum(rate({metrics.STEPS.name}[{RATE}]))", "denoising steps/s"),
+    ), "Fewer executions than steps: the dynamic batcher put several requests' steps in one call."),
+    Panel("UNet rows per execution", "short", (
         (f"sum(rate(nv_inference_count{{model=~\"{UNET}\"}}[{RATE}])) / "
          f"sum(rate(nv_inference_exec_count{{model=~\"{UNET}\"}}[{RATE}]))", "rows per execution"),
-    ), "Rows per execution: how many requests' steps the dynamic batcher put in one call."),
+    ), "Rows (a request's step with guidance is two) per UNet call: the batch the engine ran."),
     Panel("UNet step, as the loop sees it", "s", tuple(
         (f"histogram_quantile({q}, sum by (le) (rate({metrics.UNET_STEP_SECONDS.name}_bucket[{RATE}])))", f"p{label}")
         for q, label in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
-    ) + ((f"sum(rate({metrics.STEPS.name}[{RATE}]))", "steps/s"),),
-          "The sub-request round trip: the UNet's queue and compute, and the tensors' way."),
+    ), "The sub-request round trip: the UNet's queue and compute, and the tensors' way."),
     Panel("Pending requests", "short", (
         (f"sum by (model) (nv_inference_pending_request_count{{model=~\"{WORKING_MODELS}\"}})", "{{model}}"),
     )),
@@ -121,3 +124,46 @@ def dashboard() -> dict:
 
 def to_json() -> str:
     return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def render(prometheus, start: float, end: float, path, window: str = "20s") -> None:
+    """The dashboard's panels as one picture, from a Prometheus's data between ``start`` and
+    ``end`` (what Grafana would draw over that time; rates from one ``window`` after ``start``).
+    Series that stayed at 0 are left out, and said so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 2
+    rows = -(-len(PANELS) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(14, 3.2 * rows), squeeze=False)
+    first = start + float(window.removesuffix("s"))
+    step = max(1.0, (end - first) / 120)
+    for axis, panel in zip(axes.flat, PANELS):
+        drawn, zeros = 0, 0
+        for expression, legend in panel.queries:
+            for series in prometheus.query_range(expression.replace(RATE, window), first, end, step):
+                times, values = zip(*((float(t) - start, float(v)) for t, v in series["values"]))
+                if not any(values):
+                    zeros += 1
+                    continue
+                label = re.sub(r"\{\{(\w+)\}\}", lambda m: series["metric"].get(m[1], ""), legend)
+                axis.plot(times, values, label=label, linewidth=1.2)
+                drawn += 1
+        axis.set_title(panel.title + (f" ({zeros} series at 0 not drawn)" if zeros else ""), fontsize=10, loc="left")
+        axis.set_xlabel("seconds", fontsize=8)
+        axis.set_ylabel(panel.unit, fontsize=8)
+        axis.tick_params(labelsize=7)
+        if drawn:
+            axis.legend(fontsize=6, ncol=3, loc="upper left")
+        else:
+            reason = ("no GPU here: Triton reports these only where it sees one" if panel.title in GPU_PANELS
+                      else "every series at 0" if zeros else "no data")
+            axis.text(0.5, 0.5, reason, ha="center", va="center", transform=axis.transAxes, color="grey")
+    for axis in list(axes.flat)[len(PANELS):]:
+        axis.axis("off")
+    figure.suptitle("Stable Diffusion on Triton (deploy/grafana/sd-triton.json), from a live Prometheus", fontsize=12)
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -205,10 +205,27 @@ def stream_example() -> str:
     return f"```bash\n{STREAM_COMMAND}\n```\n\n```\n{STREAM_OUTPUT}\n```"
 
 
+def metrics_table() -> str:
+    from utils import metrics
+
+    rows = ["| metric | kind | labels | what it counts |", "| --- | --- | --- | --- |"]
+    for metric in metrics.METRICS:
+        buckets = f" Buckets (s): {', '.join(f'{b:g}' for b in metric.buckets)}." if metric.buckets else ""
+        rows.append(f"| `{metric.name}` | {metric.kind} | {', '.join(metric.labels)} | {metric.description}{buckets} |")
+    return "\n".join(rows)
+
+
+def dashboard_panels() -> str:
+    from utils import dashboard
+
+    return "\n".join(f"- **{panel.title}**" + (f": {panel.description}" if panel.description else "")
+                     for panel in dashboard.PANELS)
+
+
 FACTS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
     "ensemble-config": ensemble_config, "python-example": python_example, "http-example": http_example,
-    "stream-example": stream_example,
+    "stream-example": stream_example, "metrics": metrics_table, "dashboard-panels": dashboard_panels,
 }
