@@ -16,7 +16,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from utils.errors import UserError
+from utils.errors import UsageError, UserError
+from utils.layout import network_of
 
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
@@ -38,6 +39,17 @@ def check_server(client: grpcclient.InferenceServerClient, url: str, timeout: fl
         pass
     raise ServerUnavailable(f"no Triton server answers at {url}: start one with `{START_COMMAND}` (step 4 of "
                             f"the README) in another terminal, or pass --url with the address of a running one.")
+
+
+def served_config(client: grpcclient.InferenceServerClient, url: str, model: str) -> dict:
+    """A served model's config in Triton's JSON form, once a server is known to answer at ``url``;
+    where it does not serve ``model``, an error naming the per-GPU copies it may serve instead."""
+    check_server(client, url)
+    try:
+        return client.get_model_config(model, as_json=True)["config"]
+    except InferenceServerException as error:
+        raise UsageError(f"model {model!r}: the server at {url} does not serve it ({error.message()}); on several "
+                         f"GPUs each network is served per GPU: name its copy, e.g. {network_of(model)}_gpu0.") from None
 
 
 def connect(url: str) -> grpcclient.InferenceServerClient:

@@ -10,7 +10,7 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from pipelines.client import DEFAULT_URL, check_server, connect
+from pipelines.client import DEFAULT_URL, connect, served_config
 from utils import specs
 from utils.cli import main_entry
 from utils.errors import UsageError
@@ -31,12 +31,7 @@ def main(argv=None):
                          f"a GPU (e.g. unet_gpu1).")
 
     client = connect(args.url)
-    check_server(client, args.url)
-    try:
-        config = client.get_model_config(args.model, as_json=True)["config"]
-    except InferenceServerException as error:
-        raise UsageError(f"the server at {args.url} does not serve {args.model!r} ({error.message()}); on several "
-                         f"GPUs each network is served per GPU: name its copy, e.g. {network.name}_gpu0.") from None
+    config = served_config(client, args.url, args.model)
     batch = args.batch or network.profile.opt
     inputs = probe_inputs(config, batch)
     start = time.perf_counter()

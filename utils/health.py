@@ -21,6 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 from pipelines.client import connect, infer_inputs
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import layout, specs
+from utils.errors import UsageError
 
 # The models a user calls with one request and one answer (the streaming pipeline runs the text to
 # image loop too, but answers over a gRPC stream only).
@@ -32,20 +33,37 @@ class CanaryFailed(RuntimeError):
     pass
 
 
-def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.InferInput]:
-    """Random inputs of the shapes and dtypes a served model's config declares (where it leaves a
-    size open, -1, the size of its warm-up request: the checkpoint's own)."""
-    rng = np.random.default_rng(seed)
+def served_shapes(config: dict) -> dict[str, list[int]]:
+    """The shape of each input of a served model's config, without the batch dim; where the config
+    leaves a size open (-1), the size of its warm-up request: the checkpoint's own. ``config`` is
+    Triton's JSON form (``get_model_config(..., as_json=True)["config"]``)."""
     warmups = config.get("model_warmup") or [{}]
-    samples = {name: sample["dims"] for name, sample in warmups[0].get("inputs", {}).items()}
-    arrays = {}
+    samples = {name: [int(d) for d in sample["dims"]] for name, sample in warmups[0].get("inputs", {}).items()}
+    shapes = {}
     for tensor in config["input"]:
-        dtype = triton_to_np_dtype(tensor["data_type"].removeprefix("TYPE_"))
-        shape = [batch, *map(int, samples.get(tensor["name"], tensor["dims"]))]
+        dims = [int(d) for d in tensor["dims"]]
+        if any(d < 0 for d in dims):
+            if tensor["name"] not in samples:
+                raise UsageError(f"{config['name']}: input {tensor['name']!r} has open dims {dims} and no warm-up to "
+                                 f"take its size from; rewrite the repository with "
+                                 f"`python scripts/move_onnx_models_to_triton.py`.")
+            dims = samples[tensor["name"]]
+        shapes[tensor["name"]] = dims
+    return shapes
+
+
+def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.InferInput]:
+    """Random inputs of the shapes (``served_shapes``) and dtypes a served model's config declares."""
+    rng = np.random.default_rng(seed)
+    dtypes = {tensor["name"]: triton_to_np_dtype(tensor["data_type"].removeprefix("TYPE_"))
+              for tensor in config["input"]}
+    arrays = {}
+    for name, shape in served_shapes(config).items():
+        dtype, shape = dtypes[name], [batch, *shape]
         if np.issubdtype(dtype, np.integer):  # token ids: stay in the vocabulary
-            arrays[tensor["name"]] = rng.integers(0, 100, shape).astype(dtype)
+            arrays[name] = rng.integers(0, 100, shape).astype(dtype)
         else:
-            arrays[tensor["name"]] = rng.standard_normal(shape).astype(dtype)
+            arrays[name] = rng.standard_normal(shape).astype(dtype)
     return infer_inputs(arrays)
 
 

@@ -97,7 +97,16 @@ def batching(path: str) -> str:
     return "```\n" + "\n".join(rows) + "\n```"
 
 
+def perf_analyzer(path: str) -> str:
+    """A recorded perf_analyzer run: its command and its figures, as scripts/run_perf_analyzer.py
+    prints them."""
+    from utils.benchmark import perf_analyzer as tool
+
+    invocation, command, results = tool.read_record(PROJECT_ROOT / path)
+    return f"```\n$ {invocation}\n# runs: {command}\n\n{tool.table(results)}\n```"
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "source": source, "config": config, "trtexec": trtexec, "budget": budget, "statistics": statistics,
-    "batching": batching,
+    "batching": batching, "perf-analyzer": perf_analyzer,
 }
