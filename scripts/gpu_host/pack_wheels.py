@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from utils.cli import main_entry
 from utils.errors import UserError
@@ -31,20 +32,15 @@ def download(destination: Path) -> None:
                     *WHEELS], check=True)
 
 
-def keep_only_stub(wheel: Path, python: str = PYTHON) -> None:
-    """Rewrite the nvidia-pytriton wheel without the stubs of other Pythons (and their libraries),
-    with a RECORD that lists what is left."""
-    stubs = "pytriton/tritonserver/python_backend_stubs/"
+def rewrite_wheel(wheel: Path, dropped: Callable[[str], bool]) -> None:
+    """Rewrite a wheel without the files ``dropped`` names, with a RECORD that lists what is left."""
     with zipfile.ZipFile(wheel) as source:
-        names = source.namelist()
-        dropped = {n for n in names if n.startswith(stubs) and not n.startswith(f"{stubs}{python}/")}
-        dropped |= {n for n in names if "/libpython3" in n}  # only the 3.13 stub links the bundled one
-        record = next(n for n in names if n.endswith(".dist-info/RECORD"))
+        record = next(n for n in source.namelist() if n.endswith(".dist-info/RECORD"))
         trimmed = wheel.with_suffix(".trimmed")
         with zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as target:
             lines = []
             for info in source.infolist():
-                if info.filename in dropped or info.filename == record:
+                if dropped(info.filename) or info.filename == record:
                     continue
                 data = source.read(info)
                 target.writestr(info, data)
@@ -52,6 +48,19 @@ def keep_only_stub(wheel: Path, python: str = PYTHON) -> None:
                 lines.append(f"{info.filename},sha256={digest},{len(data)}")
             target.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")
     trimmed.replace(wheel)
+
+
+def keep_only_stub(wheel: Path, python: str = PYTHON) -> None:
+    """The nvidia-pytriton wheel without the stubs of other Pythons (and their libraries): only
+    the 3.13 stub links the bundled libpython."""
+    stubs = "pytriton/tritonserver/python_backend_stubs/"
+    rewrite_wheel(wheel, lambda name: (name.startswith(stubs) and not name.startswith(f"{stubs}{python}/"))
+                  or "/libpython3" in name)
+
+
+def drop_tests(wheel: Path) -> None:
+    """A wheel without its packages' own test suites (numpy's are a fifth of its wheel)."""
+    rewrite_wheel(wheel, lambda name: "/tests/" in name)
 
 
 def main(argv=None):
@@ -63,6 +72,8 @@ def main(argv=None):
     download(args.dest)
     (pytriton,) = args.dest.glob("nvidia_pytriton-*.whl")
     keep_only_stub(pytriton)
+    for numpy in args.dest.glob("numpy-*.whl"):
+        drop_tests(numpy)
     total = sum(p.stat().st_size for p in args.dest.glob("*.whl"))
     print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the limit is {args.limit_mib:g} MiB)")
     if total > args.limit_mib * 2**20:

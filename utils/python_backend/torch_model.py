@@ -2,17 +2,17 @@
 portable backend (it also runs on a CPU, which is how CI exercises it).
 
 On CUDA: FP16 weights, PyTorch's fused attention (diffusers' default processor), one CUDA graph
-per batch size of the profile at the checkpoint's image size, captured and replayed at load so
-that the first request is not slow (other image sizes: at their first request), and tensors in
-and out on the GPU by DLPack (no host copy). Requests that arrive together (dynamic batching) run
-as one batch: each UNet sample carries its own timestep, so requests at different steps can share
-a call (Triton batches only requests of one image size).
+per batch size of the profile at the checkpoint's image size (cuda_graphs.py), captured and
+replayed at load so that the first request is not slow (other image sizes: at their first
+request), and tensors in and out on the GPU by DLPack (no host copy).
+Requests that arrive together (dynamic batching) run as one batch: each UNet sample carries its
+own timestep, so requests at different steps can share a call (Triton batches only requests of
+one image size).
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,74 +21,7 @@ import triton_python_backend_utils as pb_utils
 from utils import specs
 from utils.networks import TORCH_DTYPES, load_network
 from utils.layout import CHECKPOINT_DIR
-
-
-class GraphedNetwork:
-    """The module's forward captured in CUDA graphs, replayed on copies of the inputs into static
-    buffers (launch overhead dominates a UNet step on a fast GPU): one per batch size at the
-    checkpoint's own image size, captured at load, and one per (batch, size) bucket of the other
-    image sizes, captured at its first request, the most recent ``OTHER_SIZES`` kept."""
-
-    OTHER_SIZES = 8  # graphs of other image sizes kept: each holds its static inputs and outputs
-
-    def __init__(self, module, spec: specs.NetworkSpec, dims: specs.ModelDims, device, dtype,
-                 compile_module: bool = False):
-        self.module, self.device = module, device
-        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # by the first input's shape
-        # torch.compile fuses the elementwise and normalization kernels between the matmuls and
-        # convolutions. One compilation for every batch size above 1 (the batch is marked dynamic)
-        # at the checkpoint's size; batch 1 (no guidance) and other sizes keep the eager kernels
-        # rather than compiling again (a minute each).
-        compiled = module
-        if compile_module:
-            # As diffusers' own guide to a faster pipeline does: one projection for q, k and v,
-            # NHWC convolutions, and 1x1 convolutions as matmuls.
-            for submodule in module.children():
-                if hasattr(submodule, "fuse_qkv_projections"):
-                    submodule.fuse_qkv_projections()
-            module.to(memory_format=torch.channels_last)
-            torch._inductor.config.conv_1x1_as_mm = True
-            compiled = torch.compile(module, dynamic=False)
-        self.stream, self.pool = torch.cuda.Stream(device), None
-        # Largest batch first, all graphs in its memory pool: one instance replays one graph at a
-        # time and copies its output out at once, so the graphs can share their activations' memory.
-        for batch in range(spec.profile.max, spec.profile.min - 1, -1):
-            inputs = [torch.zeros(spec.shape(t, batch, dims), device=device, dtype=_torch_dtype(t, dtype))
-                      for t in spec.inputs]
-            if compile_module and batch == spec.profile.max:
-                for tensor in inputs:
-                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
-            self._capture(compiled if batch > 1 else module, inputs)
-        self.own_size = set(self.graphs)  # never evicted
-
-    def _capture(self, forward, inputs: list[torch.Tensor]) -> tuple:
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for _ in range(2):  # warm-up outside the graph (cuDNN/cuBLAS choose their kernels)
-                forward(*inputs)
-        torch.cuda.current_stream().wait_stream(self.stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            output = forward(*inputs)
-        self.pool = graph.pool()
-        self.graphs[tuple(inputs[0].shape)] = entry = (graph, inputs, output)
-        return entry
-
-    def __call__(self, *inputs):
-        key = tuple(inputs[0].shape)
-        entry = self.graphs.get(key)
-        if entry is None:  # another image size: capture its bucket, forget the oldest other one
-            entry = self._capture(self.module, [torch.zeros_like(value) for value in inputs])
-            others = [k for k in self.graphs if k not in self.own_size]
-            for old in others[:-self.OTHER_SIZES]:
-                del self.graphs[old]
-        elif key not in self.own_size:
-            self.graphs.move_to_end(key)
-        graph, static_inputs, static_output = entry
-        for static, value in zip(static_inputs, inputs):
-            static.copy_(value)
-        graph.replay()
-        return static_output.clone()  # the next replay overwrites the static output
+from utils.python_backend.cuda_graphs import GraphedNetwork
 
 
 class TritonPythonModel:
@@ -106,8 +39,10 @@ class TritonPythonModel:
         module = load_network(self.spec.name, checkpoint, parameters.get("precision", "FP16"), str(self.device))
         dims = specs.ModelDims.from_pretrained(checkpoint)
         with torch.inference_mode():
-            self.run = GraphedNetwork(module, self.spec, dims, self.device, self.dtype,
-                                      compile_module=parameters.get("torch_compile") == "yes") \
+            self.run = GraphedNetwork(module, self.spec, dims, self.device,
+                                      [_torch_dtype(t, self.dtype) for t in self.spec.inputs],
+                                      compile_module=parameters.get("torch_compile") == "yes",
+                                      log=pb_utils.Logger.log_info) \
                 if self.device.type == "cuda" else module
 
     def execute(self, requests):

@@ -26,6 +26,7 @@ from pathlib import Path
 from utils.errors import TritonServerError
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-triton"
+COMPILE_CACHE = DEFAULT_CACHE / "torch-compile"
 
 
 def shared_libpython() -> Path:
@@ -100,6 +101,10 @@ def server_environment(libpython: Path, gpus: tuple[int, ...] | None = None) -> 
         p for p in (str(libpython.parent), str(libs), env.get("LD_LIBRARY_PATH", "")) if p
     )
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    # torch.compile's kernels (the torch runtime's --torch-compile) kept across restarts: with them
+    # a restart recompiles in a fraction of the first start's time. /tmp, torch's own default,
+    # does not survive a reboot or a container.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
     if gpus is not None:  # the repository's GPU indices then count within these
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return env

@@ -1,0 +1,81 @@
+"""Time the torch runtime's build of one network on a GPU, and its calls at each batch size.
+
+Builds the network as the served model does (utils/python_backend/cuda_graphs.py: compiled for
+each batch bucket and captured in CUDA graphs, or eager graphs per batch size), prints how long
+each bucket took, then times calls (copy in, replay, copy out) with CUDA events at every batch
+size of the profile, padded ones included. Run it twice with the same TORCHINDUCTOR_CACHE_DIR:
+the second run shows what a server restart pays with the first run's compile cache.
+  python scripts/gpu_host/measure_compile.py --model sd15-random --network unet --compile --output outputs/compile.json
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from utils import specs
+from utils.cli import main_entry
+from utils.errors import UsageError
+from utils.models import resolve_model
+from utils.networks import TORCH_DTYPES, load_network
+from utils.python_backend.cuda_graphs import GraphedNetwork
+
+
+def timed_calls(network: GraphedNetwork, spec: specs.NetworkSpec, dims: specs.ModelDims, dtypes, batch: int,
+                calls: int) -> float:
+    """Milliseconds per call at ``batch`` rows, as the served model calls it (inputs and output
+    copied), averaged over ``calls`` after a few unmeasured ones."""
+    inputs = [torch.randn(spec.shape(t, batch, dims), device="cuda").to(dtype) for t, dtype in zip(spec.inputs, dtypes)]
+    for _ in range(3):
+        network(*inputs)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        network(*inputs)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-random", help="a preset, a diffusers folder or a hub id")
+    parser.add_argument("--network", default=specs.UNET.name, choices=list(specs.NETWORKS))
+    parser.add_argument("--compile", action="store_true", help="torch.compile it, as --torch-compile does")
+    parser.add_argument("--calls", type=int, default=50, help="timed calls per batch size")
+    parser.add_argument("--output", type=Path, required=True, help="a JSON of every figure")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise UsageError("no CUDA device: this measures the GPU runtime (CUDA graphs), run it on a GPU host.")
+
+    spec = specs.NETWORKS[args.network]
+    checkpoint = resolve_model(args.model)
+    dims = specs.ModelDims.from_pretrained(checkpoint)
+    dtypes = [TORCH_DTYPES["FP16"] if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype] for t in spec.inputs]
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "network": spec.name,
+              "compiled": args.compile, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
+    start = time.perf_counter()
+    module = load_network(spec.name, checkpoint, "FP16", "cuda")
+    record["load_s"] = time.perf_counter() - start
+    with torch.inference_mode():
+        start = time.perf_counter()
+        network = GraphedNetwork(module, spec, dims, torch.device("cuda", 0), dtypes, compile_module=args.compile,
+                                 log=lambda line: print(line, flush=True))
+        record["build_s"] = time.perf_counter() - start
+        record["build_s_per_batch"] = network.build_seconds
+        record["ms_per_call"] = {}
+        for batch in range(spec.profile.min, spec.profile.max + 1):
+            milliseconds = timed_calls(network, spec, dims, dtypes, batch, args.calls)
+            record["ms_per_call"][batch] = milliseconds
+            print(f"batch {batch:>2}: {milliseconds:6.2f} ms per call, {milliseconds / batch:5.2f} ms per row",
+                  flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"built in {record['build_s']:.1f} s; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main_entry(main)
