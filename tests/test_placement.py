@@ -5,6 +5,7 @@ this machine does not have. (The two-GPU run itself needs a machine with two GPU
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import replace
 import subprocess
@@ -22,6 +23,7 @@ from utils.health import served_networks
 from utils.layout import SERVING_FILE
 from utils.repository import write_repository
 from utils.server import TritonServer, TritonServerError, server_environment, shared_libpython
+from utils.server.install import COMPILE_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_GPUS = Placement(gpus=(0, 1), pipeline_instances=3)
@@ -152,6 +154,14 @@ def test_server_sees_only_the_gpus_it_is_given(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert server_environment(shared_libpython(), gpus=(1, 3))["CUDA_VISIBLE_DEVICES"] == "1,3"
     assert "CUDA_VISIBLE_DEVICES" not in server_environment(shared_libpython())  # all of them
+
+
+def test_compiled_kernels_are_kept_where_a_restart_finds_them(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert server_environment(shared_libpython())["TORCHINDUCTOR_CACHE_DIR"] == str(COMPILE_CACHE)
+    assert COMPILE_CACHE.is_relative_to(Path.home() / ".cache") or "XDG_CACHE_HOME" in os.environ  # not /tmp
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # the user's own choice wins
+    assert server_environment(shared_libpython())["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 def test_docker_gets_the_listed_devices(tmp_path):

@@ -1,9 +1,8 @@
 """Time the torch runtime's build of one network on a GPU, and its calls at each batch size.
 
-Builds the network as the served model does (utils/python_backend/cuda_graphs.py: compiled for
-each batch bucket and captured in CUDA graphs, or eager graphs per batch size), prints how long
-each bucket took, then times calls (copy in, replay, copy out) with CUDA events at every batch
-size of the profile, padded ones included. Run it twice with the same TORCHINDUCTOR_CACHE_DIR:
+Builds the network as the served model does (utils/python_backend/cuda_graphs.py: a CUDA graph
+per batch size, compiled with --compile), prints how long that took, then times calls (copy in,
+replay, copy out) with CUDA events at every batch size of the profile. Run it twice with the same TORCHINDUCTOR_CACHE_DIR:
 the second run shows what a server restart pays with the first run's compile cache.
   python scripts/gpu_host/measure_compile.py --model sd15-random --network unet --compile --output outputs/compile.json
 """
@@ -65,7 +64,6 @@ def main(argv=None):
         network = GraphedNetwork(module, spec, dims, torch.device("cuda", 0), dtypes, compile_module=args.compile,
                                  log=lambda line: print(line, flush=True))
         record["build_s"] = time.perf_counter() - start
-        record["build_s_per_batch"] = network.build_seconds
         record["ms_per_call"] = {}
         for batch in range(spec.profile.min, spec.profile.max + 1):
             milliseconds = timed_calls(network, spec, dims, dtypes, batch, args.calls)
