@@ -206,8 +206,15 @@ def torch_runtime_server(tiny_model, tmp_path_factory):
 
     repository = tmp_path_factory.mktemp("torch-runtime")
     write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False))
-    with TritonServer(repository) as server:
+    from utils.timing import PROFILE_VARIABLE
+
+    with pytest.MonkeyPatch.context() as environment:  # the models inherit it: they log their split
+        environment.setenv(PROFILE_VARIABLE, "1")
+        server = TritonServer(repository).start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("case", ["two prompts, negative prompts", "non-square 88x56"])
@@ -247,6 +254,21 @@ def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):
     executions = int(after["execution_count"]) - int(before["execution_count"])
     report(f"torch runtime: 16 concurrent UNet requests ran in {executions} executions")
     assert executions < len(requests)
+
+
+def test_profiling_splits_a_networks_calls_and_a_pipelines_request(torch_runtime_server):
+    """SD_TRITON_PROFILE_BLS=1: the BLS model logs each request's split, the torch runtime's UNet
+    an average split of its calls every PROFILE_EVERY calls."""
+    from utils.timing import PROFILE_EVERY
+
+    BlsPipeline(torch_runtime_server.grpc_url)(prompt=["a red fox"], num_inference_steps=PROFILE_EVERY, seed=0)
+    log = torch_runtime_server.log_file.read_text()
+    unet = [line for line in log.splitlines() if f"unet: {PROFILE_EVERY} calls, per call" in line]
+    assert unet and all(phase in unet[-1] for phase in ("inputs (DLPack, to the device)", "batch joined",
+                                                         "network", "answers (DLPack)"))
+    pipeline = [line for line in log.splitlines() if "pipeline_text_to_image: " in line and "loop and scheduler" in line]
+    assert pipeline and "unet sub-requests" in pipeline[-1]
+    report(f"profile: {unet[-1].split('] ', 1)[-1]}")
 
 
 def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):

@@ -1,8 +1,11 @@
-"""Wall-clock timing of named steps, printed as a table at the end of a run."""
+"""Wall-clock timing: named steps of a script, printed as a table at the end of a run; phases of
+a served model's requests, logged when profiling."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 
 
@@ -26,3 +29,34 @@ class StepTimer:
         lines = [f"{name:<{width}}  {seconds:7.1f} s" for name, seconds in self.steps]
         total = sum(seconds for _, seconds in self.steps)
         return "\n".join(lines + [f"{'total':<{width}}  {total:7.1f} s"])
+
+
+PROFILE_VARIABLE = "SD_TRITON_PROFILE_BLS"  # =1: the served Python models log where their time goes
+PROFILE_EVERY = 100  # a network's calls per logged split
+
+
+def profiling() -> bool:
+    return os.environ.get(PROFILE_VARIABLE) == "1"
+
+
+class PhaseTimes:
+    """Wall time per named phase, summed over calls: what the Python models log when
+    SD_TRITON_PROFILE_BLS=1 (where a request's time goes between the networks' own compute, and
+    within a network's call)."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def summary(self, total: float, rest: str = "the rest", calls: int = 1) -> str:
+        """``total`` seconds split by phase, per call over ``calls``; what the phases leave is ``rest``."""
+        parts = [f"{name} {1000 * seconds / calls:.2f} ms" for name, seconds in self.seconds.items()]
+        left = total - sum(self.seconds.values())
+        return f"{1000 * total / calls:.2f} ms: " + ", ".join(parts + [f"{rest} {1000 * left / calls:.2f} ms"])

@@ -16,12 +16,9 @@ or on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import traceback
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ from utils import metrics, specs
 from utils.deployment import Placement
 from utils.layout import PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES
+from utils.timing import PhaseTimes, profiling
 
 
 _TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
@@ -83,27 +81,6 @@ class PipelineMetrics:
 
     def invalid_image(self, error: InvalidImage) -> None:
         self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)
-
-
-class PhaseTimes:
-    """Wall time per phase of a request, logged when SD_TRITON_PROFILE_BLS=1: where the time
-    between the networks' own compute goes (docs/gpu-notes.md)."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-
-    @contextmanager
-    def phase(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
-
-    def summary(self, total: float) -> str:
-        parts = [f"{name} {1000 * seconds:.1f} ms" for name, seconds in self.seconds.items()]
-        rest = total - sum(self.seconds.values())
-        return f"{1000 * total:.1f} ms: " + ", ".join(parts + [f"loop and scheduler {1000 * rest:.1f} ms"])
 
 
 def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
@@ -161,7 +138,7 @@ class PipelineModel:
         placement = Placement(gpus=tuple(serving.get("gpus", ())))
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
         memory = preferred_memory(device)
-        self.profile = os.environ.get("SD_TRITON_PROFILE_BLS") == "1"
+        self.profile = profiling()
         self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
         self.metrics = PipelineMetrics(args["model_name"], {t.name for t in self.spec.inputs} | REQUEST_FIELDS)
 
@@ -232,7 +209,8 @@ class PipelineModel:
 
         outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
         if self.profile:
-            self.logger.log_info(f"{self.spec.name}: {self.times.summary(time.perf_counter() - start)}")
+            split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
+            self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
         return outputs

@@ -13,6 +13,8 @@ one image size).
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from utils import specs
 from utils.networks import TORCH_DTYPES, load_network
 from utils.layout import CHECKPOINT_DIR
 from utils.python_backend.cuda_graphs import GraphedNetwork
+from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
 
 
 class TritonPythonModel:
@@ -44,16 +47,32 @@ class TritonPythonModel:
                                       compile_module=parameters.get("torch_compile") == "yes",
                                       log=pb_utils.Logger.log_info) \
                 if self.device.type == "cuda" else module
+        # SD_TRITON_PROFILE_BLS=1: log where a call's time goes, as the pipeline models do for a
+        # request (each phase then waits for the GPU, so the split is true and the calls slower).
+        self.profile = profiling()
+        self.times, self.calls, self.profiled_seconds = PhaseTimes(), 0, 0.0
+
+    @contextmanager
+    def _phase(self, name: str):
+        if not self.profile:
+            yield
+            return
+        with self.times.phase(name):
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
 
     def execute(self, requests):
         """All requests of this call as one batch; where the batch fails, each request alone, so
         that one bad request fails by itself (as in Triton's own backends)."""
+        start = time.perf_counter()
         responses, inputs = {}, {}
-        for index, request in enumerate(requests):
-            try:
-                inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
-            except Exception as error:
-                responses[index] = _error(f"{self.spec.name}: bad input: {error}")
+        with self._phase("inputs (DLPack, to the device)"):
+            for index, request in enumerate(requests):
+                try:
+                    inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
+                except Exception as error:
+                    responses[index] = _error(f"{self.spec.name}: bad input: {error}")
         try:
             responses.update(self._respond(inputs))
         except Exception:
@@ -62,7 +81,16 @@ class TritonPythonModel:
                     responses.update(self._respond({index: values}))
                 except Exception as error:
                     responses[index] = _error(f"{self.spec.name}: {type(error).__name__}: {error}")
+        if self.profile:
+            self._log_profile(time.perf_counter() - start)
         return [responses[index] for index in range(len(requests))]
+
+    def _log_profile(self, seconds: float) -> None:
+        self.calls, self.profiled_seconds = self.calls + 1, self.profiled_seconds + seconds
+        if self.calls == PROFILE_EVERY:
+            split = self.times.summary(self.profiled_seconds, calls=self.calls)
+            pb_utils.Logger.log_info(f"{self.spec.name}: {self.calls} calls, per call {split}")
+            self.times, self.calls, self.profiled_seconds = PhaseTimes(), 0, 0.0
 
     def _respond(self, inputs: dict[int, list[torch.Tensor]]) -> dict[int, object]:
         """Run these requests' inputs as one batch, in chunks the profile allows; one response each."""
@@ -70,18 +98,21 @@ class TritonPythonModel:
             return {}
         sizes = {index: values[0].shape[0] for index, values in inputs.items()}
         with torch.inference_mode():
-            merged = [torch.cat(column) for column in zip(*inputs.values())]
-            output = torch.cat([self.run(*[t[start:start + self.spec.profile.max] for t in merged])
-                                for start in range(0, sum(sizes.values()), self.spec.profile.max)])
+            with self._phase("batch joined"):
+                merged = [torch.cat(column) for column in zip(*inputs.values())]
+            with self._phase("network"):
+                output = torch.cat([self.run(*[t[start:start + self.spec.profile.max] for t in merged])
+                                    for start in range(0, sum(sizes.values()), self.spec.profile.max)])
         (output_spec,) = self.spec.outputs
         responses, start = {}, 0
-        for index, size in sizes.items():
-            # Answered in the memory it computed in, as TensorRT and ONNX Runtime answer: Triton
-            # copies to the caller where the caller asks for other memory (a gRPC client, a BLS
-            # request's preferred_memory).
-            piece = output[start:start + size].contiguous()
-            responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)])
-            start += size
+        with self._phase("answers (DLPack)"):
+            for index, size in sizes.items():
+                # Answered in the memory it computed in, as TensorRT and ONNX Runtime answer: Triton
+                # copies to the caller where the caller asks for other memory (a gRPC client, a BLS
+                # request's preferred_memory).
+                piece = output[start:start + size].contiguous()
+                responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)])
+                start += size
         return responses
 
     def _input(self, value: torch.Tensor, tensor: specs.TensorSpec) -> torch.Tensor:
