@@ -1,4 +1,5 @@
-"""Which failures the clients wait out and retry, and which they report at once."""
+"""Which failures the clients wait out and retry, and which they report at once; how often the
+served loop asks Triton whether its request was cancelled."""
 
 from __future__ import annotations
 
@@ -48,3 +49,18 @@ print(errors)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_served_loop_asks_about_cancellation_at_most_every_interval():
+    """Triton's is_cancelled() is a round trip to the server process: asked before the first step,
+    then only once the interval has passed (a cancelled request still stops within it)."""
+    import time
+
+    from pipelines.stable_diffusion import at_most_every
+
+    asked = []
+    is_cancelled = at_most_every(0.2, lambda: asked.append(time.monotonic()) or len(asked) == 2)
+    assert [is_cancelled() for _ in range(50)] == [False] * 50 and len(asked) == 1  # the first call asks
+    time.sleep(0.25)
+    assert is_cancelled() and len(asked) == 2  # the interval passed: asked, and the answer passed on
+    assert not is_cancelled() and len(asked) == 2

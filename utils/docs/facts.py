@@ -222,10 +222,18 @@ def dashboard_panels() -> str:
                      for panel in dashboard.PANELS)
 
 
+def cancellation_interval() -> str:
+    """How often at most the served loop asks Triton whether its request was cancelled."""
+    from pipelines.stable_diffusion import CANCELLATION_CHECK_SECONDS
+
+    return f"{1000 * CANCELLATION_CHECK_SECONDS:g} ms"
+
+
 FACTS: dict[str, Callable[[], str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
     "ensemble-config": ensemble_config, "python-example": python_example, "http-example": http_example,
     "stream-example": stream_example, "metrics": metrics_table, "dashboard-panels": dashboard_panels,
+    "cancellation-interval": cancellation_interval,
 }

@@ -25,7 +25,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from pipelines.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
-from pipelines.stable_diffusion import Cancelled, InvalidImage, PipelineComponents, StableDiffusion
+from pipelines.stable_diffusion import (CANCELLATION_CHECK_SECONDS, Cancelled, InvalidImage, PipelineComponents,
+                                        StableDiffusion, at_most_every)
 from utils import metrics, specs
 from utils.deployment import Placement
 from utils.layout import PIPELINE_FILES, SERVING_FILE
@@ -207,7 +208,8 @@ class PipelineModel:
             with self.times.phase("cancellation checks"):
                 return request.is_cancelled()
 
-        outputs = self.run(request_from_arrays(arrays, self.spec), tensors, is_cancelled)
+        outputs = self.run(request_from_arrays(arrays, self.spec), tensors,
+                           at_most_every(CANCELLATION_CHECK_SECONDS, is_cancelled))
         if self.profile:
             split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
             self.logger.log_info(f"{self.spec.name}: {split}")
