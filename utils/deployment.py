@@ -160,3 +160,11 @@ class Deployment:
                 "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None,
                 "ensembles": self.serves_ensembles,
                 "image_sizes": list(self.image_sizes) if self.image_sizes else "default"}
+
+
+def served_network_names(repository: Path, pipeline: str) -> dict[str, list[str]]:
+    """Per network, the names a repository serves it under (one, or one per GPU), from what the
+    pipeline's serving.json records."""
+    placement = Placement(gpus=tuple(layout.read_serving(repository, pipeline).get("gpus", ())))
+    return {network: [placement.model_name(network, gpu) for gpu in placement.network_gpus()]
+            for network in specs.NETWORKS}

@@ -21,6 +21,7 @@ from tritonclient.utils import triton_to_np_dtype
 from pipelines.client import connect, infer_inputs
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import layout, specs
+from utils.deployment import served_network_names
 from utils.errors import UsageError
 
 # The models a user calls with one request and one answer (the streaming pipeline runs the text to
@@ -69,7 +70,7 @@ def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.Inf
 
 def served_networks(repository: Path) -> list[str]:
     """Every name a repository serves a network under (one per network, or one per GPU copy)."""
-    names = layout.served_network_names(repository, specs.TEXT_TO_IMAGE.name)
+    names = served_network_names(repository, specs.TEXT_TO_IMAGE.name)
     return [name for copies in names.values() for name in copies]
 
 

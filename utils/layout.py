@@ -57,13 +57,3 @@ def read_serving(repository: Path, pipeline: str) -> dict:
     image_sizes); {} where the repository has none."""
     path = Path(repository) / pipeline / str(ONNX_VERSION) / SERVING_FILE
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def served_network_names(repository: Path, pipeline: str) -> dict[str, list[str]]:
-    """Per network, the names a repository serves it under (one, or one per GPU)."""
-    from utils import specs
-    from utils.deployment import Placement
-
-    placement = Placement(gpus=tuple(read_serving(repository, pipeline).get("gpus", ())))
-    return {network: [placement.model_name(network, gpu) for gpu in placement.network_gpus()]
-            for network in specs.NETWORKS}
