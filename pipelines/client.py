@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from utils.errors import UsageError, UserError
 from utils.layout import network_of
+from utils import specs
 
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
@@ -48,8 +49,9 @@ def served_config(client: grpcclient.InferenceServerClient, url: str, model: str
     try:
         return client.get_model_config(model, as_json=True)["config"]
     except InferenceServerException as error:
-        raise UsageError(f"model {model!r}: the server at {url} does not serve it ({error.message()}); on several "
-                         f"GPUs each network is served per GPU: name its copy, e.g. {network_of(model)}_gpu0.") from None
+        hint = (f"; on several GPUs each network is served per GPU: name its copy, e.g. {network_of(model)}_gpu0"
+                if network_of(model) in specs.NETWORKS else "")
+        raise UsageError(f"the server at {url} does not serve {model!r} ({error.message()}){hint}.") from None
 
 
 def connect(url: str) -> grpcclient.InferenceServerClient:

@@ -73,6 +73,8 @@ def main(argv=None):
     config = served_config(client, args.url, args.model)
     headers = AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
     perf_analyzer.check_statistics_access(client, args.model, args.url, headers, args.admin_key)
+    if pipeline is not None:
+        perf_analyzer.check_composing_models(client, pipeline, args.url)
     client.close()
 
     with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as work:

@@ -119,13 +119,31 @@ def test_parse_results():
     assert (unet.latency_s, unet.queue_s, unet.compute_infer_s) == pytest.approx((2355e-6, 48e-6, 2194e-6))
 
 
-def test_table_shows_a_pipelines_networks_not_perf_analyzers_folded_server_times():
+def test_table_shows_the_models_own_times_and_a_pipelines_networks():
     (result,) = perf_analyzer.parse_results(CSV, SUMMARY)
-    pipeline = perf_analyzer.table([result])
-    assert "server queue" not in pipeline and "composing model" in pipeline
-    assert "unet" in pipeline.splitlines()[-1] and "2.0" in pipeline.splitlines()[-1]  # 120 rows in 60 calls
-    network = perf_analyzer.table([replace(result, composing=())])
-    assert "server queue ms" in network and "composing model" not in network
+    pipeline = perf_analyzer.table([result]).splitlines()
+    assert pipeline[1].split() == ["1", "20", "19.99", "18.8", "15.8", "22.7", "25.3", "55.4", "0.0", "18.2"]
+    assert pipeline[-1].split() == ["1", "unet", "60", "120", "2.0", "2.35", "0.05", "2.19"]  # 120 rows in 60 calls
+    assert "composing model" not in perf_analyzer.table([replace(result, composing=())])
+
+
+def test_the_admin_key_is_left_out_of_printed_commands_and_nothing_else():
+    headers = {"triton-grpc-protocol-admin-key": "1"}  # a key that also appears elsewhere in the line
+    line = perf_analyzer.printable(["perf_analyzer", "--concurrency-range", "1:4:1", "-H",
+                                    "triton-grpc-protocol-admin-key:1", "--admin-key", "1"], headers)
+    assert line == "perf_analyzer --concurrency-range 1:4:1 -H 'triton-grpc-protocol-admin-key:<admin key>' " \
+                   "--admin-key <admin key>"
+
+
+@pytest.mark.parametrize("lines, said", [
+    (["Request concurrency: 1", "Thread [0] had error: failed to connect to all addresses"],
+     "failed to connect to all addresses"),
+    (["error: Failed to obtain stable measurement"], "Failed to obtain stable measurement"),
+    (["Request concurrency: 1", "Failed to obtain stable measurement within 10 windows."],
+     "Request concurrency: 1 Failed to obtain stable measurement within 10 windows."),
+])
+def test_a_failed_run_is_told_by_its_last_words(lines, said):
+    assert perf_analyzer._last_words(lines) == said
 
 
 def test_a_record_reads_back_as_written(tmp_path):

@@ -91,7 +91,7 @@ def unet_executions(server) -> int:
     return int(stats.get("execution_count", 0))
 
 
-def test_client_timeout_cancels_the_work_within_a_step(server):
+def test_client_timeout_cancels_the_work(server):
     with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
         BlsPipeline(server.grpc_url, timeout=0.5, retry_for=0)(**LONG)
     time.sleep(0.2)  # the step running when the deadline passed finishes

@@ -46,8 +46,8 @@ def served_shapes(config: dict) -> dict[str, list[int]]:
         if any(d < 0 for d in dims):
             if tensor["name"] not in samples:
                 raise UsageError(f"{config['name']}: input {tensor['name']!r} has open dims {dims} and no warm-up to "
-                                 f"take its size from; rewrite the repository with "
-                                 f"`python scripts/move_onnx_models_to_triton.py`.")
+                                 f"take its size from: a config this project did not write; write the repository "
+                                 f"again with its step 3 (or P3 for TensorRT), which adds the warm-up.")
             dims = samples[tensor["name"]]
         shapes[tensor["name"]] = dims
     return shapes

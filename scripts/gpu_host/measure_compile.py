@@ -4,7 +4,7 @@ Builds the network as the served model does (utils/python_backend/cuda_graphs.py
 per batch size, compiled with --compile), prints how long that took, then times calls (copy in,
 replay, copy out) with CUDA events at every batch size of the profile. Run it twice with the same TORCHINDUCTOR_CACHE_DIR:
 the second run shows what a server restart pays with the first run's compile cache.
-  python scripts/gpu_host/measure_compile.py --model sd15-random --network unet --compile --output outputs/compile.json
+  python scripts/gpu_host/measure_compile.py --network unet --compile --output outputs/compile.json
 """
 
 import argparse
@@ -27,7 +27,9 @@ def timed_calls(network: GraphedNetwork, spec: specs.NetworkSpec, dims: specs.Mo
                 calls: int) -> float:
     """Milliseconds per call at ``batch`` rows, as the served model calls it (inputs and output
     copied), averaged over ``calls`` after a few unmeasured ones."""
-    inputs = [torch.randn(spec.shape(t, batch, dims), device="cuda").to(dtype) for t, dtype in zip(spec.inputs, dtypes)]
+    inputs = [torch.randint(0, 100, spec.shape(t, batch, dims), device="cuda").to(dtype) if not dtype.is_floating_point
+              else torch.randn(spec.shape(t, batch, dims), device="cuda").to(dtype)  # token ids stay in the vocabulary
+              for t, dtype in zip(spec.inputs, dtypes)]
     for _ in range(3):
         network(*inputs)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -78,7 +78,7 @@ class Load:
 def parse_concurrency(text: str) -> tuple[int, int, int]:
     """``START[:END[:STEP]]``, as perf_analyzer's --concurrency-range takes it."""
     parts = text.split(":")
-    if not (1 <= len(parts) <= 3 and all(part.strip().isdigit() for part in parts)):
+    if not (1 <= len(parts) <= 3 and all(part.strip().isdecimal() for part in parts)):
         raise UsageError(f"--concurrency {text!r}: give START[:END[:STEP]] in requests in flight, e.g. 1:4.")
     start, end, step = [*map(int, parts), *[None] * (3 - len(parts))]
     return start, end if end is not None else start, step if step is not None else 1
@@ -141,6 +141,17 @@ def check_statistics_access(client, model: str, url: str, headers: Mapping[str, 
                          f"which needs the key the launcher printed at start.") from None
 
 
+def check_composing_models(client, spec: specs.PipelineSpec, url: str) -> None:
+    """perf_analyzer reports the networks a BLS pipeline calls by the names given to it, the
+    specs' own: a repository placed on several GPUs serves per-GPU copies instead."""
+    missing = [network.name for network in spec.networks if not client.is_model_ready(network.name)]
+    if missing:
+        raise UsageError(f"--model {spec.name}: the server at {url} does not serve {', '.join(missing)} under those "
+                         f"names (on several GPUs each network is served per GPU, e.g. {missing[0]}_gpu0), which "
+                         f"perf_analyzer needs to report them: load-test a network copy with --model "
+                         f"{missing[0]}_gpu0, or a repository on one GPU.")
+
+
 def pipeline_input_data(request: GenerationRequest, spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> dict:
     """perf_analyzer's JSON input data: every request carries these tensors, as the project's
     clients send them (pipelines/request.py), each with its full shape (the model has no batch
@@ -175,11 +186,16 @@ def _common_arguments(url: str, load: Load, headers: Mapping[str, str] | None) -
 
 
 def printable(command: Sequence[str], headers: Mapping[str, str] | None = None) -> str:
-    """The command as a shell line, with the admin key left out."""
-    line = shlex.join(map(str, command))
-    for value in (headers or {}).values():
-        line = line.replace(value, "<admin key>")
-    return line
+    """The command as a shell line, with the admin key (the value of -H and of --admin-key) left out."""
+    secrets = set((headers or {}).values())
+    shown = list(map(str, command))
+    for index in range(1, len(shown)):
+        if shown[index - 1] == "-H" and ":" in shown[index]:
+            key, value = shown[index].split(":", 1)
+            shown[index] = f"{key}:<admin key>" if value in secrets else shown[index]
+        elif shown[index - 1] == "--admin-key":
+            shown[index] = "<admin key>"
+    return shlex.join(shown).replace("'<admin key>'", "<admin key>")
 
 
 def full_command(arguments: Sequence[str], report: Path) -> list[str]:
@@ -220,9 +236,9 @@ def run(arguments: Sequence[str], report: Path, echo: Callable[[str], None] | No
 def _last_words(lines: list[str]) -> str:
     """Its error line where it wrote one, else its last two lines (an unstable measurement)."""
     said = [line.strip() for line in lines if line.strip()]
-    errors = [line for line in said if line.lower().startswith("error")]
+    errors = [line for line in said if "error" in line.lower()]
     words = errors[-1:] or said[-2:]
-    return " ".join(re.sub(r"^error:\s*", "", line, flags=re.IGNORECASE) for line in words) or "no output"
+    return " ".join(re.sub(r"^.*?error:\s*", "", line, flags=re.IGNORECASE) for line in words) or "no output"
 
 
 def parse_results(csv_text: str, summary: str) -> list[LoadResult]:
@@ -280,22 +296,16 @@ def _parse_summary(summary: str) -> dict[int, dict]:
 
 
 def table(results: Sequence[LoadResult]) -> str:
-    """The parsed figures: a row per concurrency, then for a pipeline each composing model's
-    server times. A pipeline's rows leave out the server's queue and compute columns: for a BLS
-    model perf_analyzer folds its networks' times into them in a way that is neither the
-    pipeline's own nor its networks' sum (measured here, 4 in flight: 73 ms of "server queue" in a
-    164 ms request whose networks queued 17 ms per request in all), so the networks' own rows
-    below say where the time went."""
-    pipeline = any(r.composing for r in results)
-    server = "" if pipeline else f" {'server queue ms':>15} {'server compute ms':>17}"
+    """The parsed figures: a row per concurrency (the server's columns are the model's own: for a
+    BLS pipeline, its queue is the wait for a free instance and its compute the whole loop), then
+    for a pipeline each composing model's server times."""
     lines = [f"{'concurrency':>11} {'requests':>8} {'infer/s':>8} {'mean ms':>8} {'p50 ms':>7} {'p90 ms':>7} "
-             f"{'p95 ms':>7} {'p99 ms':>7}{server}"]
+             f"{'p95 ms':>7} {'p99 ms':>7} {'server queue ms':>15} {'server compute ms':>17}"]
     for r in results:
-        server = "" if pipeline else f" {1000 * r.server_queue_s:>15.1f} {1000 * r.server_compute_s:>17.1f}"
         lines.append(f"{r.concurrency:>11} {r.requests:>8} {r.throughput:>8.2f} {1000 * r.mean_s:>8.1f} "
-                     f"{1000 * r.p50_s:>7.1f} {1000 * r.p90_s:>7.1f} {1000 * r.p95_s:>7.1f} {1000 * r.p99_s:>7.1f}"
-                     f"{server}")
-    if pipeline:
+                     f"{1000 * r.p50_s:>7.1f} {1000 * r.p90_s:>7.1f} {1000 * r.p95_s:>7.1f} {1000 * r.p99_s:>7.1f} "
+                     f"{1000 * r.server_queue_s:>15.1f} {1000 * r.server_compute_s:>17.1f}")
+    if any(r.composing for r in results):
         lines += ["", f"{'concurrency':>11} {'composing model':<16} {'calls':>6} {'rows':>6} {'rows/call':>9} "
                       f"{'latency ms':>10} {'queue ms':>8} {'infer ms':>8}"]
         for r in results:

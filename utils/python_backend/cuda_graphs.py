@@ -5,8 +5,8 @@ copied into the graph's static buffers, the graph runs, its output is copied out
 batch size of the profile at the checkpoint's own image size, captured at load; at another image
 size, one per (batch, size), captured at its first request.
 
-A compiled network (``torch.compile``) is compiled once for every batch size above 1, its batch
-dimension marked dynamic. Measured on an H100 (docs/gpu-notes.md): a UNet compiled for static
+A compiled network (``torch.compile``) is compiled once, covering every batch size above 1 (its
+batch dimension marked dynamic). Measured on an H100 (docs/gpu-notes.md): a UNet compiled for static
 batch sizes instead (2, 4, 8, 16, a batch padded to the next) ran faster alone (6.5 ms a call at
 batch 2) but no faster served, and slower under load, where batches of 5-15 rows paid for the
 padding; the dynamic compilation also builds once, not once per size.
@@ -57,7 +57,7 @@ class GraphedNetwork:
         # time and copies its output out at once, so the graphs can share their activations' memory.
         for batch in range(spec.profile.max, spec.profile.min - 1, -1):
             inputs = [torch.zeros(spec.shape(t, batch, dims), device=device, dtype=dtype)
-                      for t, dtype in zip(spec.inputs, dtypes)]
+                      for t, dtype in zip(spec.inputs, dtypes, strict=True)]
             if compile_module and batch == spec.profile.max:
                 for tensor in inputs:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
