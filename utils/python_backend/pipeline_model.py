@@ -242,5 +242,16 @@ class PipelineModel:
         return _error(f"{self.spec.name}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
 
 
+class BlsPipelineModel(PipelineModel):
+    """A BLS pipeline: the whole loop on one request, its networks called as sub-requests; warmed
+    up at load so that the first request does not pay for lazy initialization."""
+
+    def prepare(self) -> None:
+        self.pipeline.warm_up()
+
+    def run(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
+        return (self.pipeline(request, is_cancelled=is_cancelled),)
+
+
 def _error(message: str, code) -> "pb_utils.InferenceResponse":
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

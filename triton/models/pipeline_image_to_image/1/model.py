@@ -3,14 +3,8 @@ latents of the request's image, noised to its ``strength`` (as StableDiffusionIm
 """
 
 from utils import specs
-from utils.python_backend.pipeline_model import PipelineModel
+from utils.python_backend.pipeline_model import BlsPipelineModel
 
 
-class TritonPythonModel(PipelineModel):
+class TritonPythonModel(BlsPipelineModel):
     spec = specs.IMAGE_TO_IMAGE
-
-    def prepare(self):
-        self.pipeline.warm_up()  # so that the first request does not pay for lazy initialization
-
-    def run(self, request, tensors, is_cancelled):
-        return (self.pipeline(request, is_cancelled=is_cancelled),)

@@ -6,14 +6,8 @@ turns every failure into a per-request error.
 """
 
 from utils import specs
-from utils.python_backend.pipeline_model import PipelineModel
+from utils.python_backend.pipeline_model import BlsPipelineModel
 
 
-class TritonPythonModel(PipelineModel):
+class TritonPythonModel(BlsPipelineModel):
     spec = specs.TEXT_TO_IMAGE
-
-    def prepare(self):
-        self.pipeline.warm_up()  # so that the first request does not pay for lazy initialization
-
-    def run(self, request, tensors, is_cancelled):
-        return (self.pipeline(request, is_cancelled=is_cancelled),)

@@ -9,14 +9,11 @@ pipeline_model.py turns that into a CANCELLED answer nobody waits for).
 
 from pipelines.request import DEFAULT_PREVIEW_EVERY, InvalidRequest
 from utils import specs
-from utils.python_backend.pipeline_model import PipelineModel
+from utils.python_backend.pipeline_model import BlsPipelineModel
 
 
-class TritonPythonModel(PipelineModel):
+class TritonPythonModel(BlsPipelineModel):
     spec = specs.TEXT_TO_IMAGE_STREAM
-
-    def prepare(self):
-        self.pipeline.warm_up()  # so that the first request does not pay for lazy initialization
 
     def run(self, request, tensors, is_cancelled):
         every = preview_every(tensors.get(specs.PREVIEW_EVERY.name))
