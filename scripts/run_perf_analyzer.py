@@ -18,6 +18,7 @@ from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEP
 from utils import specs
 from utils.benchmark import perf_analyzer
 from utils.benchmark.report import environment
+from utils.benchmark.statistics import inference_statistics
 from utils.cli import DEFAULT_PROMPT, main_entry
 from utils.errors import UsageError
 from utils.layout import network_of
@@ -72,7 +73,7 @@ def main(argv=None):
     client = connect(args.url)
     config = served_config(client, args.url, args.model)
     headers = AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
-    perf_analyzer.check_statistics_access(client, args.model, args.url, headers, args.admin_key)
+    inference_statistics(client, args.url, headers, "perf_analyzer reads", args.model)  # before a run that needs it
     if pipeline is not None:
         perf_analyzer.check_composing_models(client, pipeline, args.url)
     client.close()

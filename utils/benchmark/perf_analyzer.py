@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from tritonclient.utils import InferenceServerException
 
 from pipelines.request import GenerationRequest, request_to_arrays
 from utils import specs
@@ -125,20 +124,6 @@ def network_arguments(config: Mapping, batch: int, url: str, load: Load,
     shapes = [argument for tensor, shape in served_shapes(config).items()
               for argument in ("--shape", f"{tensor}:{','.join(map(str, shape))}")]
     return ["-m", name, "-b", str(batch), *shapes, *_common_arguments(url, load, headers)]
-
-
-def check_statistics_access(client, model: str, url: str, headers: Mapping[str, str] | None,
-                            admin_key: str | None) -> None:
-    """perf_analyzer reads the server's statistics API, which this project's servers restrict to
-    the admin key (utils/server/access.py): say so before a run that would fail at its end."""
-    try:
-        client.get_inference_statistics(model, headers=headers)
-    except InferenceServerException as error:
-        if "restricted" not in (error.message() or ""):
-            raise
-        given = f"{admin_key!r} is not the server's key" if admin_key else "is needed"
-        raise UsageError(f"--admin-key {given}: perf_analyzer reads the statistics API of the server at {url}, "
-                         f"which needs the key the launcher printed at start.") from None
 
 
 def check_composing_models(client, spec: specs.PipelineSpec, url: str) -> None:

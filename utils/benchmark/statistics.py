@@ -18,6 +18,20 @@ from utils.layout import network_of
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
+def inference_statistics(client, url: str, headers: dict[str, str] | None, reader: str, model: str = "") -> dict:
+    """Triton's statistics (JSON) for ``model`` (every model: ""), which this project's servers
+    restrict to the admin key (utils/server/access.py): without it, or with another key, one line
+    naming --admin-key and who reads the API (``reader``)."""
+    try:
+        return client.get_inference_statistics(model, as_json=True, headers=headers)
+    except InferenceServerException as error:
+        if "restricted" not in (error.message() or ""):
+            raise
+        given = f"{next(iter(headers.values()))!r} is not the server's key" if headers else "is needed"
+        raise UsageError(f"--admin-key {given}: {reader} the statistics API of the server at {url}, which needs "
+                         f"the key the launcher printed at start.") from None
+
+
 class TritonStatistics:
     """Cumulative per-network figures from Triton's statistics API."""
 
@@ -40,13 +54,7 @@ class TritonStatistics:
         return previous
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        try:
-            statistics = self.client.get_inference_statistics(as_json=True, headers=self.headers)
-        except InferenceServerException as error:
-            if "restricted" in (error.message() or ""):
-                raise UsageError(f"the statistics API of the server at {self.url} needs its admin key: pass "
-                                 f"--admin-key (the launcher prints it at start).") from None
-            raise
+        statistics = inference_statistics(self.client, self.url, self.headers, "the benchmark reads")
         return per_network(statistics.get("model_stats", []))
 
     @staticmethod
