@@ -108,6 +108,11 @@ WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEnc
 TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
 
 
+def torch_dtype(tensor: specs.TensorSpec, precision_dtype: torch.dtype) -> torch.dtype:
+    """Float activations at the served precision; the other tensors at their spec's dtype."""
+    return precision_dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
+
+
 def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, dims: specs.ModelDims,
                  generator: torch.Generator) -> torch.Tensor:
     return torch.randn(spec.shape(tensor, batch, dims), generator=generator)

@@ -19,7 +19,7 @@ from utils import specs
 from utils.cli import main_entry
 from utils.errors import UsageError
 from utils.models import resolve_model
-from utils.networks import TORCH_DTYPES, load_network
+from utils.networks import TORCH_DTYPES, load_network, torch_dtype
 from utils.python_backend.cuda_graphs import GraphedNetwork
 
 
@@ -55,7 +55,7 @@ def main(argv=None):
     spec = specs.NETWORKS[args.network]
     checkpoint = resolve_model(args.model)
     dims = specs.ModelDims.from_pretrained(checkpoint)
-    dtypes = [TORCH_DTYPES["FP16"] if t.dtype == specs.ACTIVATION else TORCH_DTYPES[t.dtype] for t in spec.inputs]
+    dtypes = [torch_dtype(t, TORCH_DTYPES["FP16"]) for t in spec.inputs]
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "network": spec.name,
               "compiled": args.compile, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     start = time.perf_counter()

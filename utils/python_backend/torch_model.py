@@ -21,7 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from utils import specs
-from utils.networks import TORCH_DTYPES, load_network
+from utils.networks import TORCH_DTYPES, load_network, torch_dtype
 from utils.layout import CHECKPOINT_DIR
 from utils.python_backend.cuda_graphs import GraphedNetwork
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
@@ -43,7 +43,7 @@ class TritonPythonModel:
         dims = specs.ModelDims.from_pretrained(checkpoint)
         with torch.inference_mode():
             self.run = GraphedNetwork(module, self.spec, dims, self.device,
-                                      [_torch_dtype(t, self.dtype) for t in self.spec.inputs],
+                                      [torch_dtype(t, self.dtype) for t in self.spec.inputs],
                                       compile_module=parameters.get("torch_compile") == "yes",
                                       log=pb_utils.Logger.log_info) \
                 if self.device.type == "cuda" else module
@@ -116,12 +116,7 @@ class TritonPythonModel:
         return responses
 
     def _input(self, value: torch.Tensor, tensor: specs.TensorSpec) -> torch.Tensor:
-        return value.to(device=self.device, dtype=_torch_dtype(tensor, self.dtype))
-
-
-def _torch_dtype(tensor: specs.TensorSpec, precision_dtype: torch.dtype) -> torch.dtype:
-    """Float activations at the served precision; the other tensors at their spec's dtype."""
-    return precision_dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
+        return value.to(device=self.device, dtype=torch_dtype(tensor, self.dtype))
 
 
 def _received(request, tensor: specs.TensorSpec) -> torch.Tensor:
