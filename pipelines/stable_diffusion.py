@@ -148,6 +148,7 @@ class StableDiffusion:
         self.device = torch.device(device)
         self.max_prompts = specs.MAX_PROMPTS
         self.max_steps = max_inference_steps(components.scheduler_config)
+        self._tokenizing = threading.Lock()
 
     def run(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Call a network and get its outputs on the loop's device, wherever it answered:
@@ -194,8 +195,10 @@ class StableDiffusion:
     # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
     def tokenize(self, request: GenerationRequest) -> torch.Tensor:
         texts = (request.negative_prompts() if request.do_classifier_free_guidance else []) + list(request.prompt)
-        tokens = self.components.tokenizer(texts, padding="max_length", max_length=self.components.dims.text_length,
-                                           truncation=True, return_tensors="pt")
+        with self._tokenizing:  # a fast tokenizer sets its padding per call: one thread at a time
+            tokens = self.components.tokenizer(texts, padding="max_length",
+                                               max_length=self.components.dims.text_length, truncation=True,
+                                               return_tensors="pt")
         return tokens.input_ids.to(device=self.device, dtype=torch.int32)
 
     # 2. One text encoder call for both halves.

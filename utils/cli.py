@@ -70,7 +70,9 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                             f"or on the CPU ({PIPELINE_INSTANCES})")
     group.add_argument("--pipeline-loop", default=None, choices=PIPELINE_LOOPS,
                        help="where each BLS pipeline instance keeps its loop's tensors (default cpu: the pipeline "
-                            "processes stay off the GPU, which the networks then have to themselves; gpu: DLPack)")
+                            "processes stay off the GPU, which the networks then have to themselves; gpu: DLPack); "
+                            "with-unet: each model that runs the loop holds a UNet of its own and batches the steps "
+                            "of its requests in flight (--pipeline-instances of them), with no Triton call per step")
     group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
                        help="networks the torch runtime compiles with torch.compile at load, e.g. unet "
                             "(a minute or more per network; pays where a network runs at every step)")

@@ -17,7 +17,8 @@ from utils.errors import UsageError
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 RUNTIMES = ("onnxruntime", "torch")  # what runs a network inside the python backend
-PIPELINE_LOOPS = ("cpu", "gpu")
+PIPELINE_LOOPS = ("cpu", "gpu", "with-unet")
+WITH_UNET = "with-unet"  # the loop in the UNet's process (utils/python_backend/step_batching.py)
 PIPELINE_INSTANCES = 2  # BLS instances on the CPU
 # Per GPU: each instance runs one request's loop; 8 in flight let the UNet batch 8 requests' steps.
 GPU_PIPELINE_INSTANCES = 8
@@ -39,6 +40,9 @@ class Placement:
     # each BLS process off the GPU, so no CUDA context per instance competes with the networks for
     # it; the networks' answers are copied a few hundred KB each way. Measured on an H100
     # (docs/gpu-notes.md): faster than "gpu" (GPU tensors through DLPack) both alone and under load.
+    # "with-unet": each model that runs the loop holds a UNet of its own and runs every in-flight
+    # request's loop in one process, batching their steps, with no Triton call per step (the torch
+    # runtime only; ``pipeline_instances`` is then the loops in flight per model).
     pipeline_loop: str = "cpu"
 
     def __post_init__(self):
@@ -56,6 +60,10 @@ class Placement:
     @property
     def per_gpu_models(self) -> bool:
         return len(self.gpus) > 1
+
+    @property
+    def loop_with_unet(self) -> bool:
+        return self.pipeline_loop == WITH_UNET
 
     def model_name(self, network_name: str, gpu: int | None = None) -> str:
         """The served name of a network (on ``gpu``, where each GPU has its own copy)."""
@@ -119,6 +127,12 @@ class Deployment:
                 f"(got --backend {self.backend} --runtime {self.runtime} --device {self.device}; the TensorRT and "
                 f"ONNX Runtime backends run on every visible GPU: leave --gpus out)."
             )
+        if self.placement.loop_with_unet and (not self.torch_runtime or self.placement.per_gpu_models):
+            raise UsageError(
+                f"--pipeline-loop {WITH_UNET} loads the UNet into the loop's own process, which the torch runtime "
+                f"on one device does (got --backend {self.backend} --runtime {self.runtime}, "
+                f"--gpus {','.join(map(str, self.placement.gpus)) or 'none'}): add --runtime torch, keep to one GPU, "
+                f"or use --pipeline-loop cpu.")
 
     def sizes(self, dims: specs.ModelDims) -> specs.ImageSizes:
         """The image sizes served, for a checkpoint of ``dims``."""

@@ -222,6 +222,10 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
                "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu",
                "image_sizes": asdict(deployment.sizes(specs.ModelDims.from_pretrained(model_dir)))}
+    if placement.loop_with_unet and specs.UNET in pipeline.networks:  # the served UNet's weights, loaded again
+        serving["unet_in_process"] = {"model": placement.model_name(specs.UNET.name),
+                                      "compile": specs.UNET.name in deployment.torch_compile,
+                                      "loops_in_flight": placement.pipeline_instances}
     install_file(None, version_dir / layout.SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
 
 

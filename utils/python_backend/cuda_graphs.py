@@ -19,10 +19,25 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
 from utils import specs
+from utils.networks import TORCH_DTYPES, load_network, torch_dtype
+
+
+def runnable_network(spec: specs.NetworkSpec, checkpoint: Path, precision: str, device: torch.device,
+                     compile_module: bool = False, log=print):
+    """A network of the checkpoint as the torch runtime runs it: in CUDA graphs on a GPU (compiled
+    first if asked), the module itself on the CPU. Called with tensors of the spec's inputs."""
+    module = load_network(spec.name, checkpoint, precision, str(device))
+    if device.type != "cuda":
+        return module
+    dtypes = [torch_dtype(t, TORCH_DTYPES[precision]) for t in spec.inputs]
+    with torch.inference_mode():
+        return GraphedNetwork(module, spec, specs.ModelDims.from_pretrained(checkpoint), device, dtypes,
+                              compile_module=compile_module, log=log)
 
 
 class GraphedNetwork:

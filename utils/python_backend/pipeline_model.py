@@ -10,15 +10,21 @@ INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a called model fails,
 image that is not a picture or a bug (whose traceback goes to the server log, not the client).
 
 Where it runs comes from ``1/serving.json`` (utils/repository.py): the loop's tensors on the CPU
-or on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet_gpu1``...).
+or on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet_gpu1``...). With
+``--pipeline-loop with-unet`` a model that runs the loop holds a UNet of its own: one instance
+runs each request in a thread of its own (answered through the request's response sender, so
+that ``execute`` returns at once and the next requests start) and their steps meet in one batch
+(step_batching.py) instead of one Triton call per step.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,8 +35,10 @@ from pipelines.stable_diffusion import (CANCELLATION_CHECK_SECONDS, Cancelled, I
                                         StableDiffusion, at_most_every)
 from utils import metrics, specs
 from utils.deployment import Placement
-from utils.layout import PIPELINE_FILES, SERVING_FILE
-from utils.networks import TORCH_DTYPES
+from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
+from utils.networks import TORCH_DTYPES, torch_dtype
+from utils.python_backend.cuda_graphs import runnable_network
+from utils.python_backend.step_batching import StepBatcher
 from utils.timing import PhaseTimes, profiling
 
 
@@ -41,6 +49,23 @@ class SubModelError(RuntimeError):
     pass
 
 
+class SerializedMetric:
+    """A series whose updates take the model's metrics lock: the 24.10 backend crashes the server
+    (SIGSEGV) when two threads of one stub update metrics at once, which the loop with the UNet's
+    threads would do."""
+
+    def __init__(self, series, lock: threading.Lock):
+        self.series, self.lock = series, lock
+
+    def increment(self, value: float) -> None:
+        with self.lock:
+            self.series.increment(value)
+
+    def observe(self, value: float) -> None:
+        with self.lock:
+            self.series.observe(value)
+
+
 class PipelineMetrics:
     """This model's series of the pipeline's own metrics (utils/metrics.py), through the Python
     backend's custom metrics API: Triton serves them with its own on the metrics port. Every
@@ -49,6 +74,7 @@ class PipelineMetrics:
 
     def __init__(self, model: str, inputs: set[str]):
         self.model, self.inputs = model, inputs
+        self.lock = threading.Lock()
         # pb_utils gains MetricFamily when the stub starts the model, not at import.
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "histogram": pb_utils.MetricFamily.HISTOGRAM}
         self.families = {metric.name: pb_utils.MetricFamily(name=metric.name, description=metric.description,
@@ -63,13 +89,16 @@ class PipelineMetrics:
 
     def _series(self, metric: metrics.Metric, **labels: str):
         labels = {"model": self.model, **labels}
-        if metric.buckets:
-            return self.families[metric.name].Metric(labels=labels, buckets=list(metric.buckets))
-        return self.families[metric.name].Metric(labels=labels)
+        with self.lock:
+            if metric.buckets:
+                series = self.families[metric.name].Metric(labels=labels, buckets=list(metric.buckets))
+            else:
+                series = self.families[metric.name].Metric(labels=labels)
+        return SerializedMetric(series, self.lock)
 
     def _labelled(self, metric: metrics.Metric, **labels: str):
         key = (metric.name, *labels.values())
-        if key not in self.cache:
+        if key not in self.cache:  # two threads may make the same series: Triton hands both the one it has
             self.cache[key] = self._series(metric, **labels)
         return self.cache[key]
 
@@ -140,12 +169,22 @@ class PipelineModel:
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
         memory = preferred_memory(device)
         self.profile = profiling()
-        self.times = PhaseTimes()  # the current request's (an instance runs one request at a time)
+        self._request = threading.local()  # the current request's timings and sender, per thread
+        self._request.times = PhaseTimes()
         self.metrics = PipelineMetrics(args["model_name"], {t.name for t in self.spec.inputs} | REQUEST_FIELDS)
+        self.unet, self.threads = None, None
+        if "unet_in_process" in serving:
+            self.unet = self._in_process_unet(Path(args["model_repository"]).parent, serving, gpu)
+            self.threads = ThreadPoolExecutor(serving["unet_in_process"]["loops_in_flight"],
+                                              thread_name_prefix=f"{args['model_name']} request")
 
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             start = time.perf_counter()
-            outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
+            if network is specs.UNET and self.unet is not None:
+                with self.times.phase("unet (in process, batched)"):
+                    outputs = (self.unet(*inputs),)
+            else:
+                outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
             if network is specs.UNET:  # one denoising step
                 self.metrics.steps.increment(1)
                 self.metrics.unet_seconds.observe(time.perf_counter() - start)
@@ -156,6 +195,24 @@ class PipelineModel:
         self.logger = pb_utils.Logger
         self.prepare()
 
+    @property
+    def times(self) -> PhaseTimes:
+        """The current request's phase times (each request runs in one thread)."""
+        return self._request.times
+
+    def _in_process_unet(self, repository: Path, serving: dict, gpu: int | None) -> StepBatcher:
+        """The served UNet's weights loaded into this process, as the torch runtime runs them, behind
+        a StepBatcher that the loops of this model's requests in flight share."""
+        settings, precision = serving["unet_in_process"], serving["precision"]
+        device = torch.device("cuda", gpu or 0) if serving["device"] == "cuda" else torch.device("cpu")
+        checkpoint = repository / settings["model"] / str(ONNX_VERSION) / CHECKPOINT_DIR
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=settings["compile"],
+                                   log=pb_utils.Logger.log_info)
+        return StepBatcher(network, specs.UNET.profile.max, device,
+                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
+
     def prepare(self) -> None:
         """What to do once at load, before the first request (each instance is a process)."""
 
@@ -163,6 +220,10 @@ class PipelineModel:
         raise NotImplementedError
 
     def execute(self, requests):
+        if self.threads is not None:  # each request in a thread, answered through its response sender
+            for request in requests:
+                self.threads.submit(self._answer_in_thread, request)
+            return None
         if self.spec.decoupled:  # each request answered through its own response sender
             for request in requests:
                 self._stream(request)
@@ -171,7 +232,7 @@ class PipelineModel:
 
     def send(self, outputs: tuple) -> None:
         """A streaming model's partial response (in the spec's output order), sent at once."""
-        self._sender.send(self._response(outputs))
+        self._request.sender.send(self._response(outputs))
 
     def _answer(self, request):
         try:
@@ -179,15 +240,27 @@ class PipelineModel:
         except Exception as error:
             return self._failure(error)
 
+    def _answer_in_thread(self, request) -> None:
+        """One request, in a thread of its own: the one final response of a non-decoupled model
+        goes through the sender as well, which the Python backend allows."""
+        try:
+            if self.spec.decoupled:
+                self._stream(request)
+            else:
+                request.get_response_sender().send(self._answer(request),
+                                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # nothing else would see it: an executor keeps a thread's exception to itself
+            self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
+
     def _stream(self, request) -> None:
         """Decoupled: ``run`` sends what it has with ``send`` and returns the final response."""
-        self._sender = request.get_response_sender()
+        sender = self._request.sender = request.get_response_sender()
         try:
             response = self._response(self._run(request))
         except Exception as error:
             response = self._failure(error)
         try:
-            self._sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as error:  # the stream was closed: nobody is left to tell
             self.logger.log_info(f"{self.spec.name}: final response not sent ({error})")
 
@@ -202,7 +275,7 @@ class PipelineModel:
                 arrays[tensor.name] = None if value is None else value.as_numpy()
             elif value is not None:
                 tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
-        self.times, start = PhaseTimes(), time.perf_counter()
+        self._request.times, start = PhaseTimes(), time.perf_counter()
 
         def is_cancelled() -> bool:
             with self.times.phase("cancellation checks"):
@@ -212,6 +285,9 @@ class PipelineModel:
                            at_most_every(CANCELLATION_CHECK_SECONDS, is_cancelled))
         if self.profile:
             split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
+            if self.unet is not None and self.unet.batches:
+                split += (f"; UNet in process so far: {self.unet.batches} calls of "
+                          f"{self.unet.rows / self.unet.batches:.1f} rows on average")
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))

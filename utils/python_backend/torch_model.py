@@ -21,9 +21,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from utils import specs
-from utils.networks import TORCH_DTYPES, load_network, torch_dtype
+from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.layout import CHECKPOINT_DIR
-from utils.python_backend.cuda_graphs import GraphedNetwork
+from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
 
 
@@ -38,15 +38,9 @@ class TritonPythonModel:
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
             torch.cuda.set_device(self.device)
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
-        checkpoint = version_dir / CHECKPOINT_DIR
-        module = load_network(self.spec.name, checkpoint, parameters.get("precision", "FP16"), str(self.device))
-        dims = specs.ModelDims.from_pretrained(checkpoint)
-        with torch.inference_mode():
-            self.run = GraphedNetwork(module, self.spec, dims, self.device,
-                                      [torch_dtype(t, self.dtype) for t in self.spec.inputs],
-                                      compile_module=parameters.get("torch_compile") == "yes",
-                                      log=pb_utils.Logger.log_info) \
-                if self.device.type == "cuda" else module
+        self.run = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
+                                    self.device, compile_module=parameters.get("torch_compile") == "yes",
+                                    log=pb_utils.Logger.log_info)
         # SD_TRITON_PROFILE_BLS=1: log where a call's time goes, as the pipeline models do for a
         # request (each phase then waits for the GPU, so the split is true and the calls slower).
         self.profile = profiling()

@@ -1,0 +1,107 @@
+"""``--pipeline-loop with-unet`` on the real server: each model that runs the loop holds a UNet of
+its own and batches the steps of its requests in flight (here the torch runtime on the CPU; the
+CUDA graphs around the same UNet are exercised by scripts/gpu_host/benchmark.sh).
+
+Images still equal diffusers', through BLS, the ensemble and the stream; concurrent requests run
+at once in one process and their steps meet in one UNet call; no step goes through the served
+UNet; a client's time-out still stops the loop.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import report
+from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_images, diffusers_pipeline  # noqa: F401 (fixture)
+from test_metrics import scrape, value
+from tritonclient.utils import InferenceServerException
+
+from pipelines.bls import BlsPipeline
+from pipelines.ensemble import EnsemblePipeline
+from pipelines.streaming import StreamingPipeline
+from utils import metrics
+
+pytestmark = pytest.mark.server  # starts tritonserver
+
+LOOPS_IN_FLIGHT = 4
+OPTIONS = dict(prompt=["a red cube", "a blue sphere"], negative_prompt=["blurry", "low quality"], seed=123,
+               num_inference_steps=12, guidance_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    from utils.deployment import Deployment, Placement
+    from utils.repository import write_repository
+    from utils.server import TritonServer
+    from utils.timing import PROFILE_VARIABLE
+
+    repository = tmp_path_factory.mktemp("loop-with-unet")
+    placement = Placement(pipeline_loop="with-unet", pipeline_instances=LOOPS_IN_FLIGHT)
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch", placement=placement))
+    with pytest.MonkeyPatch.context() as environment:  # the models log their split, with the batches
+        environment.setenv(PROFILE_VARIABLE, "1")
+        server = TritonServer(repository).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def unet_executions(server) -> int:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics("unet", headers=server.admin_headers(), as_json=True)["model_stats"][0]
+    return int(stats.get("execution_count", 0))
+
+
+def difference(images: np.ndarray, expected: np.ndarray) -> int:
+    assert images.shape == expected.shape
+    return int(np.abs(images.astype(int) - expected.astype(int)).max())
+
+
+def test_bls_ensemble_and_stream_equal_diffusers_without_the_served_unet(server, diffusers_pipeline):
+    expected = diffusers_images(diffusers_pipeline, **OPTIONS)
+    before = unet_executions(server)
+    for name, pipeline in (("BLS", BlsPipeline(server.grpc_url)), ("ensemble", EnsemblePipeline(server.grpc_url)),
+                           ("stream", StreamingPipeline(server.grpc_url))):
+        pixels = difference(pipeline(**OPTIONS), expected)
+        report(f"loop with the UNet, {name} vs diffusers: max pixel difference {pixels}")
+        assert pixels <= MAX_PIXEL_DIFFERENCE
+    assert unet_executions(server) == before  # every step ran in the loop's own process
+
+
+def test_concurrent_requests_run_at_once_and_their_steps_share_unet_calls(server, diffusers_pipeline):
+    seeds = range(40, 40 + LOOPS_IN_FLIGHT)
+    options = dict(prompt="a lighthouse at dusk", num_inference_steps=20)
+    with ThreadPoolExecutor(LOOPS_IN_FLIGHT) as threads:
+        results = list(threads.map(lambda seed: BlsPipeline(server.grpc_url)(seed=seed, **options), seeds))
+    for seed, images in zip(seeds, results, strict=True):
+        assert difference(images, diffusers_images(diffusers_pipeline, seed=seed, **options)) <= MAX_PIXEL_DIFFERENCE
+    # The model's profile line: "...; UNet in process so far: N calls of R rows on average".
+    lines = [line for line in server.log_file.read_text().splitlines()
+             if "pipeline_text_to_image: " in line and "UNet in process so far" in line]
+    rows = float(lines[-1].rsplit(" calls of ", 1)[1].split(" rows")[0])
+    batches = lines[-1].rsplit("so far: ", 1)[1].rstrip('"')
+    report(f"loop with the UNet, {LOOPS_IN_FLIGHT} concurrent requests: {batches}")
+    assert rows > 2  # one request's step is 2 rows (guidance): steps of several requests met
+
+
+def test_a_client_timeout_stops_the_loop(server):
+    with pytest.raises(InferenceServerException, match="Deadline Exceeded"):
+        BlsPipeline(server.grpc_url, timeout=0.5, retry_for=0)(prompt="a long request", num_inference_steps=999,
+                                                               seed=5)
+    time.sleep(0.3)  # the step running when the deadline passed finishes
+
+    def steps() -> float:
+        return value(scrape(server), metrics.STEPS.name, model="pipeline_text_to_image")
+
+    before = steps()
+    time.sleep(1.5)  # hundreds of steps if the loop kept going
+    after = steps()
+    report(f"loop with the UNet: steps in the 1.5 s after a client timeout: {after - before:.0f}")
+    assert after - before <= 2
+    assert BlsPipeline(server.grpc_url)(prompt="still serving", num_inference_steps=2, seed=1).shape[0] == 1

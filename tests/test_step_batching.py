@@ -1,0 +1,96 @@
+"""StepBatcher (utils/python_backend/step_batching.py) on its own: the UNet steps of loops that
+run in threads of one process meet in one batch, and each loop gets its own rows back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from utils.python_backend.step_batching import StepBatcher
+
+
+class Recorder:
+    """A network that returns each row's sample times its timestep and records its batch sizes.
+    Its first call holds the worker until ``release`` is set, so that the next calls queue."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self.busy, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, sample, timestep, hidden):
+        if not self.busy.is_set():
+            self.busy.set()
+            assert self.release.wait(timeout=10)
+        self.batches.append(sample.shape[0])
+        if (timestep < 0).any():
+            raise ValueError("negative timestep")
+        return sample * timestep.view(-1, 1, 1, 1) + hidden.sum()
+
+
+def new_batcher(network, max_batch: int = 16) -> StepBatcher:
+    return StepBatcher(network, max_batch, torch.device("cpu"), [torch.float32] * 3)
+
+
+def step(batcher, rows: int, value: float, size: int = 4, timestep: float = 2.0):
+    return batcher(torch.full((rows, 4, size, size), value), torch.full((rows,), timestep), torch.zeros(rows, 3, 5))
+
+
+def queue_behind_a_busy_worker(batcher, network, threads, calls):
+    """Start one call that holds the worker, queue ``calls`` behind it, then let the worker go."""
+    first = threads.submit(step, batcher, 2, 1.0)
+    assert network.busy.wait(timeout=10)
+    futures = [threads.submit(call) for call in calls]
+    deadline = time.monotonic() + 10
+    while len(batcher._pending) < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    network.release.set()
+    return first, futures
+
+
+def test_calls_that_wait_together_run_as_one_batch_and_each_gets_its_own_rows():
+    network = Recorder()
+    batcher = new_batcher(network)
+    with ThreadPoolExecutor(6) as threads:
+        first, others = queue_behind_a_busy_worker(
+            batcher, network, threads, [lambda v=v: step(batcher, 2, float(v)) for v in range(2, 7)])
+        results = [first.result(timeout=10)] + [future.result(timeout=10) for future in others]
+    for value, result in zip(range(1, 7), results, strict=True):
+        assert result.shape == (2, 4, 4, 4) and torch.equal(result, torch.full_like(result, 2.0 * value))
+    assert network.batches == [2, 10]  # the five waiting calls in one batch
+    assert (batcher.batches, batcher.rows) == (2, 12)
+
+
+def test_a_batch_larger_than_the_profile_runs_in_chunks():
+    network = Recorder()
+    network.busy.set()
+    batcher = new_batcher(network, max_batch=4)
+    result = step(batcher, 10, 3.0)
+    assert network.batches == [4, 4, 2] and torch.equal(result, torch.full_like(result, 6.0))
+
+
+def test_other_image_sizes_run_in_batches_of_their_own():
+    network = Recorder()
+    batcher = new_batcher(network)
+    with ThreadPoolExecutor(3) as threads:
+        first, others = queue_behind_a_busy_worker(
+            batcher, network, threads, [lambda: step(batcher, 2, 1.0, 4), lambda: step(batcher, 2, 1.0, 6)])
+        shapes = [tuple(future.result(timeout=10).shape) for future in (first, *others)]
+    assert shapes == [(2, 4, 4, 4), (2, 4, 4, 4), (2, 4, 6, 6)]
+    assert network.batches == [2, 2, 2]  # the first alone, then one batch per size
+
+
+def test_a_failing_batch_fails_only_the_call_that_broke_it():
+    network = Recorder()
+    batcher = new_batcher(network)
+    with ThreadPoolExecutor(3) as threads:
+        first, (good, bad) = queue_behind_a_busy_worker(
+            batcher, network, threads, [lambda: step(batcher, 2, 5.0), lambda: step(batcher, 2, 1.0, timestep=-1.0)])
+        assert torch.equal(good.result(timeout=10), torch.full((2, 4, 4, 4), 10.0))
+        with pytest.raises(ValueError, match="negative timestep"):
+            bad.result(timeout=10)
+        assert torch.equal(first.result(timeout=10), torch.full((2, 4, 4, 4), 2.0))
+    assert network.batches == [2, 4, 2, 2]  # the batch of both failed; then each alone
