@@ -99,6 +99,9 @@ def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_
 @pytest.mark.parametrize("options, message", [
     (dict(runtime="onnxruntime", device="cpu", placement=TWO_GPUS), r"needs --backend python --runtime torch"),
     (dict(runtime="torch", device="cuda", torch_compile=("unett",)), r"torch_compile=\['unett'\]: name networks"),
+    (dict(placement=Placement(pipeline_loop="with-unet")), r"--pipeline-loop with-unet .* add --runtime torch"),
+    (dict(runtime="torch", device="cuda", placement=Placement(gpus=(0, 1), pipeline_loop="with-unet")),
+     r"--gpus 0,1\): add --runtime torch, keep to one GPU"),
 ])
 def test_placements_the_backend_cannot_serve_are_refused(options, message):
     with pytest.raises(ValueError, match=message):  # refused before a repository can be written
@@ -117,6 +120,28 @@ def test_pipeline_environment_is_an_archive_next_to_the_config(tiny_model, tmp_p
     report = write_repository(tmp_path / "repository", tiny_model, None,
                               replace(TORCH_CUDA, pipeline_environment=environment))
     assert not report.written
+
+
+def test_the_loop_with_the_unet_runs_in_one_instance_that_loads_the_served_unets_weights(tiny_model, tmp_path):
+    placement = Placement.on_gpus(pipeline_loop="with-unet", pipeline_instances=6)
+    write_repository(tmp_path, tiny_model, None, replace(TORCH_CUDA, placement=placement, torch_compile=("unet",)))
+    for spec in (specs.TEXT_TO_IMAGE, specs.IMAGE_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.DENOISE):
+        config = configs.parse_pbtxt((tmp_path / spec.name / "config.pbtxt").read_text())
+        assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1, [0])]
+        serving = json.loads((tmp_path / spec.name / "1" / SERVING_FILE).read_text())
+        assert serving["unet_in_process"] == {"model": "unet", "compile": True, "loops_in_flight": 6}
+        assert serving["loop_device"] == "cpu"
+    assert "unet_in_process" not in json.loads((tmp_path / specs.TOKENIZER.name / "1" / SERVING_FILE).read_text())
+
+
+def test_a_pipeline_environment_has_numpy_2s_names_for_c_long(tmp_path):
+    """Libraries built for numpy 2 (scipy 1.18, which transformers' model code imports) use
+    numpy.long; the numpy 1 of a pipeline environment gets it as numpy 1's C long."""
+    environments.create(tmp_path / "env")
+    probe = "import numpy; print(numpy.long is numpy.int_ or numpy.__version__ >= '2', numpy.ulong().dtype.itemsize)"
+    result = subprocess.run([str(tmp_path / "env" / "bin" / "python3"), "-c", probe], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["True", "8"]
 
 
 def test_gpu_argument():

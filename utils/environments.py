@@ -39,7 +39,15 @@ def create(path: Path | str) -> Path:
     (site_packages / "shared_with_parent.pth").write_text(
         f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
     )
+    # numpy 2's names for C long, which libraries built for numpy 2 use and numpy 1 lacks: scipy
+    # 1.18's sparse module, which transformers' model code imports (the loop with the UNet loads
+    # diffusers' UNet here). Run at start, after the line above (.pth files go in name order).
+    (site_packages / "zz_numpy2_names.pth").write_text(NUMPY2_NAMES)
     return site_packages
+
+
+NUMPY2_NAMES = ("import numpy; numpy.__dict__.setdefault('long', numpy.int_); "
+                "numpy.__dict__.setdefault('ulong', numpy.uint)\n")
 
 
 def activation_archive(environment: Path | str) -> bytes:
