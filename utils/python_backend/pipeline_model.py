@@ -38,7 +38,7 @@ from utils.deployment import Placement
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
-from utils.python_backend.step_batching import StepBatcher
+from utils.python_backend.step_batching import STATIC_BATCHES, StepBatcher
 from utils.timing import PhaseTimes, profiling
 
 
@@ -209,7 +209,7 @@ class PipelineModel:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=settings["compile"],
-                                   log=pb_utils.Logger.log_info)
+                                   static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
         return StepBatcher(network, specs.UNET.profile.max, device,
                            [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
 

@@ -20,7 +20,13 @@ from typing import Callable
 
 import torch
 
+from utils import specs
+
 Network = Callable[..., torch.Tensor]
+# The batch sizes a compiled in-process UNet is built for (GraphedNetwork's static_batches): one
+# request's step with guidance, alone, and the largest batch, which the loops in flight fill under
+# load; the batches between run in the next one up.
+STATIC_BATCHES = (specs.UNET.profile.opt, specs.UNET.profile.max)
 
 
 class StepBatcher:
