@@ -9,6 +9,7 @@ gRPC or as a BLS sub-request, or in which steps they run. Same seed and settings
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -17,7 +18,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -139,8 +140,12 @@ class StableDiffusion:
 
     def __init__(self, components: PipelineComponents, run_network: RunNetwork,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 sizes: specs.ImageSizes | None = None):
-        """``sizes``: the image sizes the networks are served at (default: ImageSizes.default)."""
+                 sizes: specs.ImageSizes | None = None,
+                 loop_scope: Callable[[], ContextManager] = contextlib.nullcontext):
+        """``sizes``: the image sizes the networks are served at (default: ImageSizes.default).
+        ``loop_scope``: entered around each denoising loop (a UNet in the loop's own process counts
+        the loops whose steps it batches, utils/python_backend/step_batching.py)."""
+        self.loop_scope = loop_scope
         self.components = components
         self.sizes = sizes or specs.ImageSizes.default(components.dims)
         self.run_network = run_network
@@ -255,20 +260,21 @@ class StableDiffusion:
             timesteps = self._img2img_timesteps(scheduler, options)
             latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
 
-        # 5. Denoise.
-        for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
-            if is_cancelled():
-                raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            timestep = t.to(torch.float32).expand(model_input.shape[0])  # one per sample (FP32)
-            (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
-            if cfg:
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
-            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if on_step is not None:
-                on_step(done + 1, len(timesteps), latents)
+        # 5. Denoise (loop_scope: see __init__).
+        with self.loop_scope():
+            for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+                if is_cancelled():
+                    raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                model_input = scheduler.scale_model_input(model_input, t)
+                timestep = t.to(torch.float32).expand(model_input.shape[0])  # one per sample (FP32)
+                (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
+                if cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
+                latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
 
     @staticmethod

@@ -94,3 +94,26 @@ def test_a_failing_batch_fails_only_the_call_that_broke_it():
             bad.result(timeout=10)
         assert torch.equal(first.result(timeout=10), torch.full((2, 4, 4, 4), 2.0))
     assert network.batches == [2, 4, 2, 2]  # the batch of both failed; then each alone
+
+
+def test_the_worker_waits_for_every_loop_in_flight_so_the_loops_stay_in_step():
+    """Three loops of 5 steps that do not start together: once all three are in their loops,
+    each batch holds one step of each, and a loop that ends stops being waited for."""
+    network = Recorder()
+    network.busy.set()
+    batcher = new_batcher(network)
+    started = threading.Barrier(3)
+
+    def run_loop(steps: int, delay: float):
+        time.sleep(delay)
+        with batcher.loop():
+            started.wait(timeout=10)  # all three in their loops before any step
+            for _ in range(steps):
+                step(batcher, 2, 1.0)
+                time.sleep(0.002)  # the scheduler's work between two steps
+
+    with ThreadPoolExecutor(3) as threads:
+        for future in [threads.submit(run_loop, 5, 0.0), threads.submit(run_loop, 5, 0.01),
+                       threads.submit(run_loop, 3, 0.02)]:
+            future.result(timeout=30)
+    assert network.batches == [6, 6, 6, 4, 4]  # three loops' steps together, then the two longer ones

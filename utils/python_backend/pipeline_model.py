@@ -191,7 +191,8 @@ class PipelineModel:
             return outputs
 
         self.pipeline = StableDiffusion(components, call, dtype=TORCH_DTYPES[serving["precision"]], device=device,
-                                        sizes=specs.ImageSizes.served(serving, components.dims))
+                                        sizes=specs.ImageSizes.served(serving, components.dims),
+                                        **({"loop_scope": self.unet.loop} if self.unet is not None else {}))
         self.logger = pb_utils.Logger
         self.prepare()
 

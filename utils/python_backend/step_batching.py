@@ -4,9 +4,12 @@ A served UNet costs each denoising step a Triton request and response, through t
 backend's stubs on both sides: about 4 ms a step on an H100, against 6.5 ms of the UNet's own
 kernels (docs/gpu-notes.md). With ``--pipeline-loop with-unet`` a loop model holds a UNet of its
 own: it runs each request's loop (the shared one, pipelines/stable_diffusion.py) in a thread, and
-each step's UNet call comes here instead. One worker thread takes every call waiting when it is
-free, runs them as one batch (in chunks the UNet's profile allows) and hands each caller its rows:
-the dynamic batching Triton's scheduler does for the served UNet, without a request per step.
+each step's UNet call comes here instead. One worker thread waits until every loop in flight has
+asked for its step (``loop()`` counts them), runs their calls as one batch (in chunks the UNet's
+profile allows) and hands each caller its rows: the dynamic batching Triton's scheduler does for
+the served UNet, without a request per step. Waiting for every loop, rather than taking whatever
+is waiting when the worker is free, keeps the loops in step: otherwise a request that arrives
+while a batch runs starts a second group, and the groups take turns at half the batch each.
 
 Kept free of Triton's ``triton_python_backend_utils``, so that it can be tested on its own.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -32,19 +36,34 @@ STATIC_BATCHES = (specs.UNET.profile.opt, specs.UNET.profile.max)
 class StepBatcher:
     """Call it like the network, from any thread: ``noise = batcher(sample, timestep, hidden)``.
 
-    Calls wait until the worker is free, then run together: calls of one input shape (an image
-    size) as one batch, ``max_batch`` rows at a time. Inputs are moved to ``dtypes`` on
-    ``device``; the output comes back on the CPU, where the loops keep their tensors.
+    Calls wait until every loop inside ``loop()`` has called (or ``max_wait`` seconds passed,
+    should one be slow to come back), then run together: calls of one input shape (an image size)
+    as one batch, ``max_batch`` rows at a time. Inputs are moved to ``dtypes`` on ``device``; the
+    output comes back on the CPU, where the loops keep their tensors.
     """
 
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
-                 name: str = "unet"):
+                 name: str = "unet", max_wait: float = 0.05):
         self.network, self.max_batch, self.device, self.dtypes = network, max_batch, device, dtypes
+        self.max_wait = max_wait
         self.batches, self.rows = 0, 0  # network calls made, rows run: rows / batches is the mean batch
+        self._loops = 0  # loops in flight: each will call before its next step is done
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
         self._worker = threading.Thread(target=self._serve, name=f"{name} steps", daemon=True)
         self._worker.start()
+
+    @contextmanager
+    def loop(self):
+        """Around one request's denoising loop: the batches wait for its steps while it runs."""
+        with self._wake:
+            self._loops += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._loops -= 1
+                self._wake.notify()  # the worker may have been waiting for this loop's next step
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         future: Future = Future()
@@ -60,6 +79,7 @@ class StepBatcher:
             with self._wake:
                 while not self._pending:
                     self._wake.wait()
+                self._wake.wait_for(lambda: len(self._pending) >= self._loops, timeout=self.max_wait)
                 calls, self._pending = self._pending, []
             by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
             for call in calls:
