@@ -31,16 +31,20 @@ OPTIONS = dict(prompt=["a red cube", "a blue sphere"], negative_prompt=["blurry"
                num_inference_steps=12, guidance_scale=5.0)
 
 
+def server_deployment():
+    from utils.deployment import Deployment, Placement
+
+    return Deployment(runtime="torch", placement=Placement(pipeline_loop="with-unet", pipeline_instances=LOOPS_IN_FLIGHT))
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    from utils.deployment import Deployment, Placement
     from utils.repository import write_repository
     from utils.server import TritonServer
     from utils.timing import PROFILE_VARIABLE
 
     repository = tmp_path_factory.mktemp("loop-with-unet")
-    placement = Placement(pipeline_loop="with-unet", pipeline_instances=LOOPS_IN_FLIGHT)
-    write_repository(repository, tiny_model, None, Deployment(runtime="torch", placement=placement))
+    write_repository(repository, tiny_model, None, server_deployment())
     with pytest.MonkeyPatch.context() as environment:  # the models log their split, with the batches
         environment.setenv(PROFILE_VARIABLE, "1")
         server = TritonServer(repository).start()
@@ -105,3 +109,23 @@ def test_a_client_timeout_stops_the_loop(server):
     report(f"loop with the UNet: steps in the 1.5 s after a client timeout: {after - before:.0f}")
     assert after - before <= 2
     assert BlsPipeline(server.grpc_url)(prompt="still serving", num_inference_steps=2, seed=1).shape[0] == 1
+
+
+def test_the_benchmark_says_the_unet_ran_in_the_loop_rather_than_reporting_zero(server, tiny_model):
+    """Triton's statistics do not see an in-process UNet: the benchmark marks it, and gives those
+    pipelines no compute budget rather than a budget without their UNet."""
+    from utils.benchmark.measure import run_benchmark
+    from utils.benchmark.report import IN_LOOP, table
+    from utils.benchmark.settings import Settings
+
+    settings = Settings(steps=4, warmup=1, runs=2, deployment=server_deployment())
+    results = run_benchmark(settings, tiny_model, server.grpc_url, ["triton-client-side", "triton-bls"],
+                            headers=server.admin_headers())
+    assert results["failed"] == {}
+    assert results["pipelines"]["triton-bls"]["stages"]["unet_in_loop"]
+    assert not results["pipelines"]["triton-client-side"]["stages"]["unet_in_loop"]  # it calls the served UNet
+    assert set(results["compute_budget"]) == {"triton-client-side"}
+    text = table(results)
+    bls_row = next(line for line in text.splitlines() if line.startswith("triton-bls") and "│" in line)
+    assert "in loop" in bls_row
+    assert f"triton-bls           none: {IN_LOOP}" in text

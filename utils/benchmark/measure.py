@@ -90,6 +90,9 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
         stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs, settings.stages)
         stages["end_to_end"] = result["latency"]["mean_s"]
         result["stages_source"] = "Triton statistics API over the measured runs"
+        # --pipeline-loop with-unet: the steps ran in the loop's own process, which Triton's
+        # statistics do not see (SD_TRITON_PROFILE_BLS=1 logs their share per request).
+        stages["unet_in_loop"] = not stages["unet_calls_per_run"]
     else:
         stages, result["stages_source"] = timed_stages(contender, generate, settings)
     # The rest of the time of the runs the stages were taken from.
