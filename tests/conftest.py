@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import utils  # noqa: F401  (first: keeps the repository's triton/ folder from shadowing a package)
 
+from contextlib import contextmanager
+
 import pytest
 
 from utils import specs
@@ -18,6 +20,21 @@ from utils.repository import write_repository
 from utils.server import TritonServer
 
 REPORT: list[str] = []  # figures printed at the end of the run (pytest_terminal_summary)
+
+
+@contextmanager
+def profiled_server(repository):
+    """A started server whose Python models log where their time goes (SD_TRITON_PROFILE_BLS=1,
+    which they inherit), stopped on leaving."""
+    from utils.timing import PROFILE_VARIABLE
+
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv(PROFILE_VARIABLE, "1")
+        server = TritonServer(repository).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def report(line: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import report
+from conftest import profiled_server, report
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
@@ -202,19 +202,11 @@ def torch_runtime_server(tiny_model, tmp_path_factory):
     clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_host/benchmark.sh)."""
     from utils.deployment import Deployment
     from utils.repository import write_repository
-    from utils.server import TritonServer
 
     repository = tmp_path_factory.mktemp("torch-runtime")
     write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False))
-    from utils.timing import PROFILE_VARIABLE
-
-    with pytest.MonkeyPatch.context() as environment:  # the models inherit it: they log their split
-        environment.setenv(PROFILE_VARIABLE, "1")
-        server = TritonServer(repository).start()
-    try:
+    with profiled_server(repository) as server:  # the models log their split
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("case", ["two prompts, negative prompts", "non-square 88x56"])

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import report
+from conftest import profiled_server, report
 from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_images, diffusers_pipeline  # noqa: F401 (fixture)
 from test_metrics import scrape, value
 from tritonclient.utils import InferenceServerException
@@ -39,19 +39,13 @@ def server_deployment():
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
+    """Its models log their split, with the in-process UNet's batches."""
     from utils.repository import write_repository
-    from utils.server import TritonServer
-    from utils.timing import PROFILE_VARIABLE
 
     repository = tmp_path_factory.mktemp("loop-with-unet")
     write_repository(repository, tiny_model, None, server_deployment())
-    with pytest.MonkeyPatch.context() as environment:  # the models log their split, with the batches
-        environment.setenv(PROFILE_VARIABLE, "1")
-        server = TritonServer(repository).start()
-    try:
+    with profiled_server(repository) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def unet_executions(server) -> int:
