@@ -117,3 +117,20 @@ def test_the_worker_waits_for_every_loop_in_flight_so_the_loops_stay_in_step():
                        threads.submit(run_loop, 3, 0.02)]:
             future.result(timeout=30)
     assert network.batches == [6, 6, 6, 4, 4]  # three loops' steps together, then the two longer ones
+
+
+def test_measure_loop_times_the_shared_loop_per_step(tiny_model, tmp_path):
+    """scripts/gpu_host/measure_loop.py: what a served step costs besides its UNet call."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_host" / "measure_loop.py"
+    output = tmp_path / "loop.json"
+    result = subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--steps", "4", "--runs", "1",
+                             "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(output.read_text())["ms_per_step"]
+    assert {"cpu FP16", "cpu FP32"} <= set(figures) and all(0 < value < 1000 for value in figures.values())
+    assert "loop on cpu, FP16:" in result.stdout

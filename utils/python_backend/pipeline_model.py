@@ -186,8 +186,10 @@ class PipelineModel:
             else:
                 outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
             if network is specs.UNET:  # one denoising step
-                self.metrics.steps.increment(1)
-                self.metrics.unet_seconds.observe(time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                with self.times.phase("metrics"):  # each update is a message to Triton's process
+                    self.metrics.steps.increment(1)
+                    self.metrics.unet_seconds.observe(seconds)
             return outputs
 
         self.pipeline = StableDiffusion(components, call, dtype=TORCH_DTYPES[serving["precision"]], device=device,
