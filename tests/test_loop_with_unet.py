@@ -9,6 +9,7 @@ UNet; a client's time-out still stops the loop.
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,20 +73,31 @@ def test_bls_ensemble_and_stream_equal_diffusers_without_the_served_unet(server,
     assert unet_executions(server) == before  # every step ran in the loop's own process
 
 
+def unet_batches_so_far(server) -> tuple[int, float]:
+    """The BLS model's in-process UNet calls and rows since the start, from its last profile line:
+    "...; UNet in process so far: N calls, M rows (R per call)"."""
+    lines = [line for line in server.log_file.read_text().splitlines()
+             if "pipeline_text_to_image: " in line and "UNet in process so far" in line]
+    if not lines:
+        return 0, 0
+    calls, rows = re.search(r"so far: (\d+) calls, (\d+) rows", lines[-1]).groups()
+    return int(calls), int(rows)
+
+
 def test_concurrent_requests_run_at_once_and_their_steps_share_unet_calls(server, diffusers_pipeline):
     seeds = range(40, 40 + LOOPS_IN_FLIGHT)
     options = dict(prompt="a lighthouse at dusk", num_inference_steps=20)
+    calls_before, rows_before = unet_batches_so_far(server)
     with ThreadPoolExecutor(LOOPS_IN_FLIGHT) as threads:
         results = list(threads.map(lambda seed: BlsPipeline(server.grpc_url)(seed=seed, **options), seeds))
     for seed, images in zip(seeds, results, strict=True):
         assert difference(images, diffusers_images(diffusers_pipeline, seed=seed, **options)) <= MAX_PIXEL_DIFFERENCE
-    # The model's profile line: "...; UNet in process so far: N calls of R rows on average".
-    lines = [line for line in server.log_file.read_text().splitlines()
-             if "pipeline_text_to_image: " in line and "UNet in process so far" in line]
-    rows = float(lines[-1].rsplit(" calls of ", 1)[1].split(" rows")[0])
-    batches = lines[-1].rsplit("so far: ", 1)[1].rstrip('"')
-    report(f"loop with the UNet, {LOOPS_IN_FLIGHT} concurrent requests: {batches}")
-    assert rows > 2  # one request's step is 2 rows (guidance): steps of several requests met
+    calls, rows = unet_batches_so_far(server)
+    calls, rows = calls - calls_before, rows - rows_before
+    report(f"loop with the UNet, {LOOPS_IN_FLIGHT} concurrent requests of 21 steps: {calls} UNet calls of "
+           f"{rows / calls:.1f} rows on average")
+    assert rows == LOOPS_IN_FLIGHT * 21 * 2  # every step ran, 2 rows each (guidance)
+    assert calls < LOOPS_IN_FLIGHT * 21  # so steps of several requests shared calls
 
 
 def test_a_client_timeout_stops_the_loop(server):

@@ -101,7 +101,7 @@ def test_the_worker_waits_for_every_loop_in_flight_so_the_loops_stay_in_step():
     each batch holds one step of each, and a loop that ends stops being waited for."""
     network = Recorder()
     network.busy.set()
-    batcher = new_batcher(network)
+    batcher = StepBatcher(network, 16, torch.device("cpu"), [torch.float32] * 3, max_wait=10)  # no time-outs here
     started = threading.Barrier(3)
 
     def run_loop(steps: int, delay: float):
@@ -117,6 +117,28 @@ def test_the_worker_waits_for_every_loop_in_flight_so_the_loops_stay_in_step():
                        threads.submit(run_loop, 3, 0.02)]:
             future.result(timeout=30)
     assert network.batches == [6, 6, 6, 4, 4]  # three loops' steps together, then the two longer ones
+
+
+def test_a_loop_that_fails_is_no_longer_waited_for_and_a_broken_batch_fails_its_callers():
+    network = Recorder()
+    network.busy.set()
+    batcher = StepBatcher(network, 16, torch.device("cpu"), [torch.float32] * 3, max_wait=10)
+
+    def failing_loop():
+        with batcher.loop():
+            step(batcher, 2, 1.0)
+            raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        failing_loop()
+    started = time.monotonic()
+    with batcher.loop():  # a loop alone runs at once: the failed one is not waited for
+        assert torch.equal(step(batcher, 2, 3.0), torch.full((2, 4, 4, 4), 6.0))
+    assert time.monotonic() - started < 5
+    # Inputs that cannot even be grouped (no shape) fail their caller; the worker lives on.
+    with pytest.raises(Exception):
+        batcher(3.0, 2.0, 1.0)
+    assert torch.equal(step(batcher, 2, 1.0), torch.full((2, 4, 4, 4), 2.0))
 
 
 def test_measure_loop_times_the_shared_loop_per_step(tiny_model, tmp_path):

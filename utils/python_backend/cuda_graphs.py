@@ -6,10 +6,12 @@ batch size of the profile at the checkpoint's own image size, captured at load; 
 size, one per (batch, size), captured at its first request.
 
 A compiled network (``torch.compile``) is compiled once, covering every batch size above 1 (its
-batch dimension marked dynamic). Measured on an H100 (docs/gpu-notes.md): a UNet compiled for static
-batch sizes instead (2, 4, 8, 16, a batch padded to the next) ran faster alone (6.5 ms a call at
-batch 2) but no faster served, and slower under load, where batches of 5-15 rows paid for the
-padding; the dynamic compilation also builds once, not once per size.
+batch dimension marked dynamic): what the served networks do. Measured on an H100
+(docs/gpu-notes.md): a served UNet compiled for static batch sizes instead (2, 4, 8, 16, a batch
+padded to the next) ran faster alone (6.5 ms a call at batch 2 timed on its own) but no faster
+served, and slower under load, where batches of 5-15 rows paid for the padding. The UNet in a
+loop's own process (step_batching.py) is compiled for static batches 2 and 16
+(``static_batches``): there the batches are one loop's step alone, or full.
 
 Kept free of Triton's ``triton_python_backend_utils`` so that it can be timed on its own
 (scripts/gpu_host/measure_compile.py).
@@ -50,8 +52,9 @@ class GraphedNetwork:
     Compiled with ``static_batches``, the checkpoint's size gets one static compilation per batch
     size listed instead, and a batch between two runs in the next one up, in the first rows of its
     buffers (a network's rows are computed apart, so the spare rows change nothing). Static shapes
-    give Inductor's fastest kernels (on an H100 the UNet ran batch 2 in 6.5 ms against 7.4 ms
-    compiled for every batch) at a minute or more of compilation each.
+    give Inductor's fastest kernels (timed alone on an H100, the UNet ran batch 2 in 6.5 ms against
+    7.4 ms compiled for every batch; served, the difference has not shown yet) at a minute or more
+    of compilation each.
     """
 
     OTHER_SIZES = 8  # graphs of other image sizes kept: each holds its static inputs and outputs
@@ -65,7 +68,8 @@ class GraphedNetwork:
         # torch.compile fuses the elementwise and normalization kernels between the matmuls and
         # convolutions. One compilation for every batch size above 1 (the batch is marked dynamic)
         # at the checkpoint's size; batch 1 (no guidance) and other sizes keep the eager kernels
-        # rather than compiling again (a minute each).
+        # rather than compiling again (a minute each). With static_batches, one compilation per
+        # batch listed, and every batch at the checkpoint's size runs in one of them.
         compiled = module
         if compile_module:
             # As diffusers' own guide to a faster pipeline does: one projection for q, k and v,

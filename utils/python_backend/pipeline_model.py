@@ -163,7 +163,7 @@ class PipelineModel:
         if serving["device"] == "cuda" and serving.get("loop_device", "cuda") == "cuda" and self.spec.networks:
             device = torch.device("cuda", gpu or 0)
             torch.cuda.set_device(device)
-        else:  # the loop's small tensors on the CPU: this process never touches the GPU
+        elif "unet_in_process" not in serving:  # the loop's small tensors on the CPU, this process off the GPU
             torch.set_num_threads(1)  # one request per instance; latents of 16k values need no threads
         placement = Placement(gpus=tuple(serving.get("gpus", ())))
         model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
@@ -254,6 +254,12 @@ class PipelineModel:
                                                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # nothing else would see it: an executor keeps a thread's exception to itself
             self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
+            try:  # the client still gets its one final answer rather than waiting for ever
+                request.get_response_sender().send(
+                    _error(f"{self.spec.name}: internal error", pb_utils.TritonError.INTERNAL),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception:  # already answered, or the client has gone
+                pass
 
     def _stream(self, request) -> None:
         """Decoupled: ``run`` sends what it has with ``send`` and returns the final response."""
@@ -289,8 +295,8 @@ class PipelineModel:
         if self.profile:
             split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
             if self.unet is not None and self.unet.batches:
-                split += (f"; UNet in process so far: {self.unet.batches} calls of "
-                          f"{self.unet.rows / self.unet.batches:.1f} rows on average")
+                split += (f"; UNet in process so far: {self.unet.batches} calls, {self.unet.rows} rows "
+                          f"({self.unet.rows / self.unet.batches:.1f} per call)")
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))

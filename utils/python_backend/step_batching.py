@@ -81,11 +81,16 @@ class StepBatcher:
                     self._wake.wait()
                 self._wake.wait_for(lambda: len(self._pending) >= self._loops, timeout=self.max_wait)
                 calls, self._pending = self._pending, []
-            by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
-            for call in calls:
-                by_shape[tuple(tuple(t.shape[1:]) for t in call[0])].append(call)
-            for group in by_shape.values():
-                self._answer(group)
+            try:
+                by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
+                for call in calls:
+                    by_shape[tuple(tuple(t.shape[1:]) for t in call[0])].append(call)
+                for group in by_shape.values():
+                    self._answer(group)
+            except Exception as error:  # the worker lives on: every loop waiting on this batch hears why
+                for _, future in calls:
+                    if not future.done():
+                        future.set_exception(error)
 
     def _answer(self, calls: list[tuple[tuple[torch.Tensor, ...], Future]]) -> None:
         """Run the calls as one batch; where the batch fails, each call alone, so that one bad call
