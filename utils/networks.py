@@ -113,6 +113,13 @@ def torch_dtype(tensor: specs.TensorSpec, precision_dtype: torch.dtype) -> torch
     return precision_dtype if tensor.dtype == specs.ACTIVATION else TORCH_DTYPES[tensor.dtype]
 
 
+def run_in_chunks(network, inputs: list[torch.Tensor], max_batch: int) -> torch.Tensor:
+    """A network called on more rows than its profile takes: ``max_batch`` rows at a time, the
+    outputs joined (the torch runtime's batch of requests, the in-process UNet's batch of steps)."""
+    return torch.cat([network(*[t[start:start + max_batch] for t in inputs])
+                      for start in range(0, inputs[0].shape[0], max_batch)])
+
+
 def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, dims: specs.ModelDims,
                  generator: torch.Generator) -> torch.Tensor:
     return torch.randn(spec.shape(tensor, batch, dims), generator=generator)

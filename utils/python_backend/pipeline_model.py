@@ -19,6 +19,7 @@ that ``execute`` returns at once and the next requests start) and their steps me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -194,7 +195,7 @@ class PipelineModel:
 
         self.pipeline = StableDiffusion(components, call, dtype=TORCH_DTYPES[serving["precision"]], device=device,
                                         sizes=specs.ImageSizes.served(serving, components.dims),
-                                        **({"loop_scope": self.unet.loop} if self.unet is not None else {}))
+                                        loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext)
         self.logger = pb_utils.Logger
         self.prepare()
 

@@ -16,6 +16,7 @@ Kept free of Triton's ``triton_python_backend_utils``, so that it can be tested 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from concurrent.futures import Future
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 
 from utils import specs
+from utils.networks import run_in_chunks
 
 Network = Callable[..., torch.Tensor]
 # The batch sizes a compiled in-process UNet is built for (GraphedNetwork's static_batches): one
@@ -112,9 +114,7 @@ class StepBatcher:
         with torch.inference_mode():
             merged = [torch.cat(column).to(device=self.device, dtype=dtype)
                       for column, dtype in zip(zip(*calls), self.dtypes, strict=True)]
-            total = sum(sizes)
-            chunks = [self.network(*[t[start:start + self.max_batch] for t in merged])
-                      for start in range(0, total, self.max_batch)]
-            output = torch.cat(chunks).cpu()
-        self.batches, self.rows = self.batches + len(chunks), self.rows + total
+            output = run_in_chunks(self.network, merged, self.max_batch).cpu()
+        self.batches += math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' network calls
+        self.rows += sum(sizes)
         return list(output.split(sizes))

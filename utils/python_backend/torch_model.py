@@ -21,7 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from utils import specs
-from utils.networks import TORCH_DTYPES, torch_dtype
+from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.layout import CHECKPOINT_DIR
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
@@ -95,8 +95,7 @@ class TritonPythonModel:
             with self._phase("batch joined"):
                 merged = [torch.cat(column) for column in zip(*inputs.values())]
             with self._phase("network"):
-                output = torch.cat([self.run(*[t[start:start + self.spec.profile.max] for t in merged])
-                                    for start in range(0, sum(sizes.values()), self.spec.profile.max)])
+                output = run_in_chunks(self.run, merged, self.spec.profile.max)
         (output_spec,) = self.spec.outputs
         responses, start = {}, 0
         with self._phase("answers (DLPack)"):
