@@ -37,6 +37,7 @@ def runnable_network(spec: specs.NetworkSpec, checkpoint: Path, precision: str, 
     module = load_network(spec.name, checkpoint, precision, str(device))
     if device.type != "cuda":
         return module
+    torch.cuda.set_device(device)  # this process's GPU, for what it allocates without naming one
     dtypes = [torch_dtype(t, TORCH_DTYPES[precision]) for t in spec.inputs]
     with torch.inference_mode():
         return GraphedNetwork(module, spec, specs.ModelDims.from_pretrained(checkpoint), device, dtypes,
@@ -116,12 +117,8 @@ class GraphedNetwork:
         entry = self.graphs.get(key)
         if entry is None and self.static_batches and (self.static_batches[-1], *key[1:]) in self.own_size:
             bucket = next(batch for batch in self.static_batches if batch >= rows)  # the next one up
-            graph, static_inputs, static_output = self.graphs[(bucket, *key[1:])]
-            for static, value in zip(static_inputs, inputs):
-                static[:rows].copy_(value)
-            graph.replay()
-            return static_output[:rows].clone()
-        if entry is None:  # another image size: capture its graph, forget the oldest other one
+            entry = self.graphs[(bucket, *key[1:])]  # its first rows
+        elif entry is None:  # another image size: capture its graph, forget the oldest other one
             entry = self._capture(self.module, [torch.zeros_like(value) for value in inputs])
             others = [k for k in self.graphs if k not in self.own_size]
             for old in others[:-self.OTHER_SIZES]:
@@ -130,6 +127,6 @@ class GraphedNetwork:
             self.graphs.move_to_end(key)
         graph, static_inputs, static_output = entry
         for static, value in zip(static_inputs, inputs):
-            static.copy_(value)
+            static[:rows].copy_(value)
         graph.replay()
-        return static_output.clone()  # the next replay overwrites the static output
+        return static_output[:rows].clone()  # the next replay overwrites the static output

@@ -210,8 +210,6 @@ class PipelineModel:
         settings, precision = serving["unet_in_process"], serving["precision"]
         device = torch.device("cuda", gpu or 0) if serving["device"] == "cuda" else torch.device("cpu")
         checkpoint = repository / settings["model"] / str(ONNX_VERSION) / CHECKPOINT_DIR
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=settings["compile"],
                                    static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
         return StepBatcher(network, specs.UNET.profile.max, device,

@@ -34,9 +34,8 @@ class TritonPythonModel:
         self.spec = specs.NETWORKS[parameters["network"]]  # the served name may carry a GPU suffix
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.device = torch.device("cpu")
-        if parameters.get("device", "cuda") == "cuda":  # this instance's GPU, from its instance group
+        if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-            torch.cuda.set_device(self.device)
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
         self.run = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
                                     self.device, compile_module=parameters.get("torch_compile") == "yes",
