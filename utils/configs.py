@@ -131,21 +131,16 @@ def pipeline_config(pipeline: specs.PipelineSpec, placement: Placement = CPU, pr
     if not pipeline.networks:  # a quick step (tokenizer, pre- and post-processing): one instance, on the CPU
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
         return config
-    if placement.loop_with_unet and specs.UNET in pipeline.networks:
-        # One process with its own UNet runs every request's loop, each in a thread, and batches
-        # their steps (utils/python_backend/step_batching.py): one instance.
-        if not placement.gpus:
-            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-        for gpu in placement.gpus:
-            config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=1, gpus=[gpu])
-        return config
     # Several instances: while one waits on a sub-request, the others prepare or finish their own,
     # and on a GPU their UNet calls meet in the UNet's dynamic batcher, so throughput grows with
-    # concurrency. On GPUs, each GPU gets its own instances, which call that GPU's networks.
+    # concurrency. On GPUs, each GPU gets its own instances, which call that GPU's networks. With
+    # the UNet in the loop's process, one instance runs every request's loop, each in a thread, and
+    # batches their steps itself (utils/python_backend/step_batching.py).
+    count = 1 if placement.unet_in_process(pipeline) else placement.pipeline_instances
     if not placement.gpus:
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=placement.pipeline_instances)
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
     for gpu in placement.gpus:
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=placement.pipeline_instances, gpus=[gpu])
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=count, gpus=[gpu])
     return config
 
 

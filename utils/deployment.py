@@ -65,6 +65,11 @@ class Placement:
     def loop_with_unet(self) -> bool:
         return self.pipeline_loop == WITH_UNET
 
+    def unet_in_process(self, pipeline: specs.PipelineSpec) -> bool:
+        """Whether this pipeline model holds a UNet of its own: with-unet, for the models that run
+        the loop."""
+        return self.loop_with_unet and specs.UNET in pipeline.networks
+
     def model_name(self, network_name: str, gpu: int | None = None) -> str:
         """The served name of a network (on ``gpu``, where each GPU has its own copy)."""
         return layout.served_name(network_name, gpu if self.per_gpu_models else None)

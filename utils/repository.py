@@ -222,7 +222,7 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
                "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu",
                "image_sizes": asdict(deployment.sizes(specs.ModelDims.from_pretrained(model_dir)))}
-    if placement.loop_with_unet and specs.UNET in pipeline.networks:  # the served UNet's weights, loaded again
+    if placement.unet_in_process(pipeline):  # the served UNet's weights, loaded again
         serving["unet_in_process"] = {"model": placement.model_name(specs.UNET.name),
                                       "compile": specs.UNET.name in deployment.torch_compile,
                                       "loops_in_flight": placement.pipeline_instances}
