@@ -18,6 +18,7 @@ import pytest
 from conftest import profiled_server, report
 from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_images, diffusers_pipeline  # noqa: F401 (fixture)
 from test_metrics import scrape, value
+from test_reliability import unet_executions
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
@@ -47,14 +48,6 @@ def server(tiny_model, tmp_path_factory):
     write_repository(repository, tiny_model, None, server_deployment())
     with profiled_server(repository) as server:
         yield server
-
-
-def unet_executions(server) -> int:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics("unet", headers=server.admin_headers(), as_json=True)["model_stats"][0]
-    return int(stats.get("execution_count", 0))
 
 
 def difference(images: np.ndarray, expected: np.ndarray) -> int:
