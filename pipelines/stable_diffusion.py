@@ -243,9 +243,12 @@ class StableDiffusion:
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
 
-        # 3. A scheduler of this request's own: PNDM keeps state between steps.
+        # 3. A scheduler of this request's own: PNDM keeps state between steps. Its timesteps stay
+        # on the CPU, where it looks up its tables with them: a GPU timestep would make each step
+        # wait for the GPU to tell the CPU its value, which stops a GPU loop from queuing its
+        # next step while the UNet runs this one (step_batching.py).
         scheduler = self.components.new_scheduler(options.scheduler)
-        scheduler.set_timesteps(options.num_inference_steps, device=self.device)
+        scheduler.set_timesteps(options.num_inference_steps, device="cpu")
         timesteps = scheduler.timesteps
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
@@ -260,14 +263,16 @@ class StableDiffusion:
             timesteps = self._img2img_timesteps(scheduler, options)
             latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
 
-        # 5. Denoise (loop_scope: see __init__).
+        # 5. Denoise (loop_scope: see __init__). The UNet's timesteps (FP32, one per sample) go to
+        # the loop's device once, not at every step.
+        unet_timesteps = timesteps.to(device=self.device, dtype=torch.float32)
         with self.loop_scope():
             for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
                 if is_cancelled():
                     raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
-                timestep = t.to(torch.float32).expand(model_input.shape[0])  # one per sample (FP32)
+                timestep = unet_timesteps[done].expand(model_input.shape[0])
                 (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)

@@ -8,6 +8,7 @@ On the tiny default it takes about two minutes on 2 CPU cores; SD1.5's settings 
 
 import argparse
 import contextlib
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
                         help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
     parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
+    parser.add_argument("--time-restart", action="store_true",
+                        help="after the runs, restart the server this script started and record how long it took "
+                             "to be ready again (with the compile cache of the first start)")
     parser.add_argument("--min-psnr", type=float, default=None,
                         help="fail (exit 1) unless every pipeline's image is within this PSNR (dB) of diffusers' "
                              "for the same seed, and none is constant")
@@ -84,10 +88,19 @@ def main(argv=None):
             one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines, server.admin_headers())
     with contextlib.ExitStack() as stack:
         url, headers = args.url, AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
+        server_seconds = {}  # until ready: what a user waits for at a start, compilation included
         if served and url is None:
+            started = time.monotonic()
             server = stack.enter_context(serve(args.repository, deployment))
+            server_seconds["start_s"] = time.monotonic() - started
             url, headers = server.grpc_url, server.admin_headers()
         results = run_benchmark(settings, model_dir, url, args.pipelines, headers)
+        if server_seconds and args.time_restart:
+            started = time.monotonic()
+            server.restart()
+            server_seconds["restart_s"] = time.monotonic() - started
+        if server_seconds:
+            results["server"] = server_seconds
     if one_gpu is not None:
         results["gpu_scaling"] = gpu_scaling(one_gpu, results["concurrency"], len(placement.gpus))
     json_path, png_path = write_results(results, args.output_dir)

@@ -25,7 +25,7 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
                "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "1", "2", "--requests", "2",
                "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
-               "--output-dir", str(tmp_path / "out")]
+               "--time-restart", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (json_path,) = (tmp_path / "out").glob("*.json")
@@ -40,6 +40,9 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     assert set(results["concurrency"]) == {name for name in measured if CONTENDERS[name].served}
     assert results["settings"]["steps"] == 5 and results["settings"]["resolution"] == [64, 64]
     assert results["environment"]["versions"]["tritonserver"] == "2.51.0"
+    server = results["server"]  # the start this script made, and --time-restart's restart
+    assert 0 < server["start_s"] < 600 and 0 < server["restart_s"] < 600, server
+    assert f"restarted (stop, start with the compile cache) in {server['restart_s']:.0f} s" in result.stdout
     for name, figures in results["pipelines"].items():
         latency, stages = figures["latency"], figures["stages"]
         assert len(latency["raw_s"]) == 2

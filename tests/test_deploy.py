@@ -21,7 +21,7 @@ from utils import metrics, specs
 from utils.docker import SERVE_IMAGE
 from utils.layout import PROJECT_ROOT
 from utils.server.access import ADMIN_APIS, ADMIN_HEADER
-from utils.server.process import METRICS_ARGUMENTS
+from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
 from utils.tools import tool
 
 CHART = PROJECT_ROOT / "deploy" / "helm" / "sd-triton"
@@ -262,7 +262,8 @@ def test_the_deployment_serves_the_project_image_on_one_gpu_of_one_product(chart
     assert f"--http-restricted-api={restricted}" in tritonserver["args"]
     assert f"--grpc-restricted-protocol={restricted}" in tritonserver["args"]
     assert "TRITON_ADMIN_KEY" in {variable["name"] for variable in tritonserver["env"]}
-    assert set(METRICS_ARGUMENTS) <= set(tritonserver["args"])  # as the local launcher serves its metrics
+    # As the local launcher serves its metrics and loads its models.
+    assert set(METRICS_ARGUMENTS) | set(LOAD_ARGUMENTS) <= set(tritonserver["args"])
     assert tritonserver["resources"]["limits"]["nvidia.com/gpu"] == 1
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [

@@ -130,8 +130,10 @@ def test_the_loop_with_the_unet_runs_in_one_instance_that_loads_the_served_unets
         assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1, [0])]
         serving = json.loads((tmp_path / spec.name / "1" / SERVING_FILE).read_text())
         assert serving["unet_in_process"] == {"model": "unet", "compile": True, "loops_in_flight": 6}
-        assert serving["loop_device"] == "cpu"
-    assert "unet_in_process" not in json.loads((tmp_path / specs.TOKENIZER.name / "1" / SERVING_FILE).read_text())
+        assert serving["loop_device"] == "cuda"  # the loop's tensors where its UNet is
+    for spec in (specs.TOKENIZER, specs.POSTPROCESS):  # no loop: kept off the GPU
+        serving = json.loads((tmp_path / spec.name / "1" / SERVING_FILE).read_text())
+        assert "unet_in_process" not in serving and serving["loop_device"] == "cpu"
 
 
 def test_a_pipeline_environment_has_numpy_2s_names_for_c_long(tmp_path):

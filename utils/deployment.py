@@ -41,8 +41,9 @@ class Placement:
     # it; the networks' answers are copied a few hundred KB each way. Measured on an H100
     # (docs/gpu-notes.md): faster than "gpu" (GPU tensors through DLPack) both alone and under load.
     # "with-unet": each model that runs the loop holds a UNet of its own and runs every in-flight
-    # request's loop in one process, batching their steps, with no Triton call per step (the torch
-    # runtime only; ``pipeline_instances`` is then the loops in flight per model).
+    # request's loop in one process, batching their steps, with no Triton call per step, the loop's
+    # tensors on the UNet's device (the torch runtime only; ``pipeline_instances`` is then the
+    # loops in flight per model).
     pipeline_loop: str = "cpu"
 
     def __post_init__(self):
@@ -69,6 +70,12 @@ class Placement:
         """Whether this pipeline model holds a UNet of its own: with-unet, for the models that run
         the loop."""
         return self.loop_with_unet and specs.UNET in pipeline.networks
+
+    def loop_on_gpu(self, pipeline: specs.PipelineSpec) -> bool:
+        """Whether this pipeline model keeps its loop's tensors on its GPU (where the networks
+        are): with ``--pipeline-loop gpu``, and a model that holds a UNet of its own, whose loops
+        then queue their steps on the GPU without waiting for each (step_batching.py)."""
+        return self.pipeline_loop == "gpu" or self.unet_in_process(pipeline)
 
     def model_name(self, network_name: str, gpu: int | None = None) -> str:
         """The served name of a network (on ``gpu``, where each GPU has its own copy)."""

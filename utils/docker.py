@@ -54,7 +54,7 @@ def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, a
     localhost, on these GPUs (None: all), with the local server's safe defaults: the admin APIs
     behind ``access``'s key (utils/server/access.py), HTTP only when asked for."""
     from utils.server.access import AccessPolicy
-    from utils.server.process import METRICS_ARGUMENTS
+    from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
 
     access = access or AccessPolicy()
     ports = (8000, 8001, 8002) if http else (8001, 8002)
@@ -62,6 +62,7 @@ def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, a
         "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
         *[argument for port in ports for argument in ("-p", f"{LOCALHOST}:{port}:{port}")],
         "-v", f"{Path(model_repository).resolve()}:/models",
-        SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(), *METRICS_ARGUMENTS,
+        SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(),
+        *METRICS_ARGUMENTS, *LOAD_ARGUMENTS,
         *([] if http else ["--allow-http=false"]),
     ]

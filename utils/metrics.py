@@ -26,7 +26,8 @@ IMAGES = Metric("sd_images_total", "counter", "Images generated and sent (final 
 STEPS = Metric("sd_denoising_steps_total", "counter", "Denoising steps run: one UNet call (both CFG halves) each.")
 UNET_STEP_SECONDS = Metric(
     "sd_unet_step_seconds", "histogram",
-    "One UNet call as the denoising loop sees it: the sub-request, its queue and the tensors' way there and back.",
+    "One UNet call as the denoising loop sees it: the sub-request, its queue and the tensors' way there and back "
+    "(a UNet in the loop's process: the batch of steps, and on a GPU the wait for the loop's step two back).",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
 REJECTED = Metric("sd_requests_rejected_total", "counter",

@@ -220,7 +220,7 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
     on_gpu = deployment.torch_on_gpu
     serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
-               "loop_device": "cuda" if on_gpu and placement.pipeline_loop == "gpu" else "cpu",
+               "loop_device": "cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
                "image_sizes": asdict(deployment.sizes(specs.ModelDims.from_pretrained(model_dir)))}
     if placement.unet_in_process(pipeline):  # the served UNet's weights, loaded again
         serving["unet_in_process"] = {"model": placement.model_name(specs.UNET.name),

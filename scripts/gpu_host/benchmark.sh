@@ -3,7 +3,8 @@
 # with random weights (sd15-random), 512x512, 50 PNDM steps, guidance 7.5, FP16, the portable
 # backend's torch runtime with the UNet compiled; diffusers eager and compiled, client-side and
 # BLS, concurrency 1/4/8, and the fidelity check (PSNR >= 35 dB vs diffusers, no constant image:
-# the script fails otherwise). Writes the JSON, the chart and the logs under $OUT.
+# the script fails otherwise), and how long the server took to start and to restart with its
+# compile cache. Writes the JSON, the chart and the logs under $OUT.
 # On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
 case "${1-}" in  # --help prints the comment above, and does nothing else
   -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
@@ -18,7 +19,8 @@ if [ -n "${TORCH_COMPILE-unet}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
-  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-cpu}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" --min-psnr 35 \
+  --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-cpu}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
+  --min-psnr 35 --time-restart \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \
   --output-dir "$OUT" > "$OUT/benchmark.log" 2>&1 || status=$?

@@ -94,11 +94,22 @@ def table(results: dict) -> str:
         lines += [""] + _scaling_lines(results["gpu_scaling"])
     for name, error in results.get("failed", {}).items():
         lines.append(f"{name}: FAILED: {error}")
+    if results.get("server"):
+        lines += ["", server_text(results["server"])]
     lines += _notes(results)
     if results.get("fidelity"):
         lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
             fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
     return "\n".join(lines)
+
+
+def server_text(server: dict) -> str:
+    """How long the server this run started took to be ready (compilation at load included), and
+    a restart with the first start's compile cache, where measured."""
+    text = f"server: ready {server['start_s']:.0f} s after its start"
+    if "restart_s" in server:
+        text += f"; restarted (stop, start with the compile cache) in {server['restart_s']:.0f} s"
+    return text
 
 
 def stages_of(results: dict) -> tuple[str, ...]:

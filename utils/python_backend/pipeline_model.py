@@ -182,7 +182,7 @@ class PipelineModel:
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             start = time.perf_counter()
             if network is specs.UNET and self.unet is not None:
-                with self.times.phase("unet (in process, batched)"):
+                with self.times.phase("unet (in process: batched, and on a GPU the wait for the step two back)"):
                     outputs = (self.unet(*inputs),)
             else:
                 outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)

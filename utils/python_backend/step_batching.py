@@ -11,6 +11,12 @@ the served UNet, without a request per step. Waiting for every loop, rather than
 is waiting when the worker is free, keeps the loops in step: otherwise a request that arrives
 while a batch runs starts a second group, and the groups take turns at half the batch each.
 
+On a GPU nothing here waits for the GPU: the loops keep their tensors on it, a batch is queued
+and its rows handed back at once, and each loop goes on to queue its scheduler arithmetic and its
+next step while the UNet runs, up to ``STEPS_QUEUED`` steps ahead of the GPU. So the CPU's work of
+a step (the loops' Python, the hand-over, metric updates) overlaps the UNet's kernels instead of
+adding to them, and a cancelled loop stops within that many steps.
+
 Kept free of Triton's ``triton_python_backend_utils``, so that it can be tested on its own.
 """
 
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable
@@ -33,6 +39,9 @@ Network = Callable[..., torch.Tensor]
 # request's step with guidance, alone, and the largest batch, which the loops in flight fill under
 # load; the batches between run in the next one up.
 STATIC_BATCHES = (specs.UNET.profile.opt, specs.UNET.profile.max)
+# Steps a loop on the GPU may have queued and not finished: one to run while the CPU prepares the
+# next, and one to spare for a slow turn of the CPU (Python's garbage collector, the GIL).
+STEPS_QUEUED = 2
 
 
 class StepBatcher:
@@ -41,7 +50,8 @@ class StepBatcher:
     Calls wait until every loop inside ``loop()`` has called (or ``max_wait`` seconds passed,
     should one be slow to come back), then run together: calls of one input shape (an image size)
     as one batch, ``max_batch`` rows at a time. Inputs are moved to ``dtypes`` on ``device``; the
-    output comes back on the CPU, where the loops keep their tensors.
+    output stays there. On a GPU a call returns once its batch is queued and this loop's step
+    ``STEPS_QUEUED`` back has finished.
     """
 
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
@@ -52,12 +62,14 @@ class StepBatcher:
         self._loops = 0  # loops in flight: each will call before its next step is done
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
+        self._queued = threading.local()  # per loop (a thread each): its steps' events, oldest first
         self._worker = threading.Thread(target=self._serve, name=f"{name} steps", daemon=True)
         self._worker.start()
 
     @contextmanager
     def loop(self):
         """Around one request's denoising loop: the batches wait for its steps while it runs."""
+        self._queued.steps = deque()
         with self._wake:
             self._loops += 1
         try:
@@ -72,7 +84,13 @@ class StepBatcher:
         with self._wake:
             self._pending.append((inputs, future))
             self._wake.notify()
-        return future.result()
+        output, finished = future.result()
+        if finished is not None:  # a GPU batch, queued: wait only for this loop's step STEPS_QUEUED back
+            queued = self._queued.__dict__.setdefault("steps", deque())
+            queued.append(finished)
+            while len(queued) > STEPS_QUEUED:
+                queued.popleft().synchronize()
+        return output
 
     def _serve(self) -> None:
         if self.device.type == "cuda":
@@ -102,19 +120,30 @@ class StepBatcher:
         except Exception:
             for inputs, future in calls:
                 try:
-                    future.set_result(self._run([inputs])[0])
+                    output = self._run([inputs])[0]
+                    future.set_result((output, self._queued_event()))
                 except Exception as error:
                     future.set_exception(error)
             return
+        finished = self._queued_event()
         for (_, future), output in zip(calls, outputs, strict=True):
-            future.set_result(output)
+            future.set_result((output, finished))
+
+    def _queued_event(self):
+        """On a GPU, an event that fires once the work queued so far has run (None on a CPU, where
+        the batch has run already)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(blocking=True)  # a waiting loop sleeps rather than spins a core
+        event.record()
+        return event
 
     def _run(self, calls: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         sizes = [inputs[0].shape[0] for inputs in calls]
         with torch.inference_mode():
             merged = [torch.cat(column).to(device=self.device, dtype=dtype)
                       for column, dtype in zip(zip(*calls), self.dtypes, strict=True)]
-            output = run_in_chunks(self.network, merged, self.max_batch).cpu()
+            output = run_in_chunks(self.network, merged, self.max_batch)
         self.batches += math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' network calls
         self.rows += sum(sizes)
         return list(output.split(sizes))

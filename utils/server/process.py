@@ -23,6 +23,10 @@ PORTS = ("http_port", "grpc_port", "metrics_port")
 # Per model, latency quantiles (p50-p99.9, over the last minute) next to the cumulative counters:
 # what a dashboard's latency panel reads, where Triton 2.51 has no latency histograms.
 METRICS_ARGUMENTS = ("--metrics-config=summary_latencies=true",)
+# Models loaded side by side: Triton's default is 4, so a fifth model that compiles at load (the
+# torch runtime's UNet, each loop model's own UNet with --pipeline-loop with-unet: a minute or
+# two each) waited for one of the first four to finish.
+LOAD_ARGUMENTS = ("--model-load-thread-count=8",)
 
 
 def shm_regions() -> set[str]:
@@ -147,7 +151,7 @@ class TritonServer:
               else ["--allow-http=false"]),
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-            "--allow-cpu-metrics=false", *METRICS_ARGUMENTS,
+            "--allow-cpu-metrics=false", *METRICS_ARGUMENTS, *LOAD_ARGUMENTS,
             "--strict-readiness=true",  # ready only when every model is
             "--exit-on-error=true",  # a model that fails to load stops the start, with its error
             f"--exit-timeout-secs={self.exit_timeout}",
