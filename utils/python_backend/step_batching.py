@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import defaultdict, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -55,10 +56,15 @@ class StepBatcher:
     """
 
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
-                 name: str = "unet", max_wait: float = 0.05):
+                 name: str = "unet", max_wait: float = 0.05, timed: bool = False):
+        """``timed`` (a GPU only, for profiling): each batch's GPU time is measured with CUDA events
+        (``gpu_report``)."""
         self.network, self.max_batch, self.device, self.dtypes = network, max_batch, device, dtypes
         self.max_wait = max_wait
         self.batches, self.rows = 0, 0  # network calls made, rows run: rows / batches is the mean batch
+        self._timed = [] if timed and device.type == "cuda" else None  # (start, end) events not yet read
+        self._timing = threading.Lock()
+        self._gpu = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
         self._loops = 0  # loops in flight: each will call before its next step is done
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
@@ -143,7 +149,31 @@ class StepBatcher:
         with torch.inference_mode():
             merged = [torch.cat(column).to(device=self.device, dtype=dtype)
                       for column, dtype in zip(zip(*calls), self.dtypes, strict=True)]
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self._timed is not None else ()
+            if events:
+                events[0].record()
             output = run_in_chunks(self.network, merged, self.max_batch)
+            if events:
+                events[1].record()
+                with self._timing:
+                    self._timed.append(events)
         self.batches += math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' network calls
         self.rows += sum(sizes)
         return list(output.split(sizes))
+
+    def gpu_report(self) -> str:
+        """With ``timed``: the batches' GPU time per call so far, and how busy they kept the GPU
+        since the last report (wall time): under load, whether the GPU waits for the loops."""
+        if self._timed is None:
+            return ""
+        with self._timing:
+            gpu = self._gpu
+            while self._timed and self._timed[0][1].query():  # finished batches, oldest first
+                start, end = self._timed.pop(0)
+                gpu["seconds"] += start.elapsed_time(end) / 1000
+                gpu["batches"] += 1
+            now = time.monotonic()
+            busy = (gpu["seconds"] - gpu["reported_seconds"]) / max(now - gpu["reported_at"], 1e-9)
+            gpu["reported_at"], gpu["reported_seconds"] = now, gpu["seconds"]
+            per_call = 1000 * gpu["seconds"] / max(gpu["batches"], 1)
+        return f"{per_call:.2f} ms per call on the GPU, busy {100 * busy:.0f} % since the last report"
