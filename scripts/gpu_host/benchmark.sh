@@ -16,10 +16,13 @@ source scripts/gpu_host/setup.sh  # wheels, this project, the pipeline model's e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 COMPILE=()  # TORCH_COMPILE= (empty) serves the eager networks, still in CUDA graphs
 if [ -n "${TORCH_COMPILE-unet}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE-unet}); fi
+INSTANCES=()  # PIPELINE_INSTANCES=16: BLS instances (with-unet: loops in flight per model)
+if [ -n "${PIPELINE_INSTANCES-}" ]; then INSTANCES=(--pipeline-instances "$PIPELINE_INSTANCES"); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
   --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-cpu}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
+  "${INSTANCES[@]}" \
   --min-psnr 35 --time-restart \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 4 8} --requests "${REQUESTS:-24}" \

@@ -68,9 +68,10 @@ class GraphedNetwork:
         start = time.perf_counter()
         # torch.compile fuses the elementwise and normalization kernels between the matmuls and
         # convolutions. One compilation for every batch size above 1 (the batch is marked dynamic)
-        # at the checkpoint's size; batch 1 (no guidance) and other sizes keep the eager kernels
-        # rather than compiling again (a minute each). With static_batches, one compilation per
-        # batch listed, and every batch at the checkpoint's size runs in one of them.
+        # at the checkpoint's size, and one for batch 1 where that is the network's usual call
+        # (the VAE's one image); the UNet's batch 1 (no guidance) and other sizes keep the eager
+        # kernels rather than compiling again (a minute each). With static_batches, one
+        # compilation per batch listed, and every batch at the checkpoint's size runs in one of them.
         compiled = module
         if compile_module:
             # As diffusers' own guide to a faster pipeline does: one projection for q, k and v,
@@ -93,7 +94,8 @@ class GraphedNetwork:
             if compile_module and not self.static_batches and batch == spec.profile.max:
                 for tensor in inputs:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
-            self._capture(compiled if batch > 1 or self.static_batches else module, inputs)
+            compiles = batch > 1 or self.static_batches or spec.profile.opt == 1
+            self._capture(compiled if compiles else module, inputs)
         self.own_size = set(self.graphs)  # never evicted
         self.build_seconds = time.perf_counter() - start
         log(f"{spec.name}: {'compiled and ' if compile_module else ''}captured {len(self.graphs)} CUDA graphs in "
