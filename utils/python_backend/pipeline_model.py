@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,21 +51,48 @@ class SubModelError(RuntimeError):
     pass
 
 
-class SerializedMetric:
-    """A series whose updates take the model's metrics lock: the 24.10 backend crashes the server
-    (SIGSEGV) when two threads of one stub update metrics at once, which the loop with the UNet's
-    threads would do."""
+class MetricsWriter:
+    """The one thread that talks to Triton's metrics for this model. Each update is a message to
+    Triton's process, which a loop's step should not wait for, and the 24.10 backend crashes the
+    server (SIGSEGV) when two threads of one stub update metrics at once, which the loops with the
+    UNet's threads would do. Updates are queued and made in order; ``flush`` waits for them."""
 
-    def __init__(self, series, lock: threading.Lock):
-        self.series, self.lock = series, lock
+    def __init__(self, log_error):
+        self.log_error = log_error
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="metrics", daemon=True).start()
+
+    def call(self, function, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((future, function, args))
+        return future
+
+    def flush(self) -> None:
+        """Wait until every update queued so far is made (before a request's answer: a client that
+        reads the metrics after its answer sees its request counted)."""
+        self.call(lambda: None).result()
+
+    def _serve(self) -> None:
+        while True:
+            future, function, args = self._queue.get()
+            try:
+                future.set_result(function(*args))
+            except Exception as error:  # an update nobody waits for: say so in the log
+                self.log_error(f"metrics: {function} failed: {error}")
+                future.set_exception(error)
+
+
+class QueuedMetric:
+    """A series whose updates go through the model's MetricsWriter."""
+
+    def __init__(self, series, writer: MetricsWriter):
+        self.series, self.writer = series, writer
 
     def increment(self, value: float) -> None:
-        with self.lock:
-            self.series.increment(value)
+        self.writer.call(self.series.increment, value)
 
     def observe(self, value: float) -> None:
-        with self.lock:
-            self.series.observe(value)
+        self.writer.call(self.series.observe, value)
 
 
 class PipelineMetrics:
@@ -75,11 +103,11 @@ class PipelineMetrics:
 
     def __init__(self, model: str, inputs: set[str]):
         self.model, self.inputs = model, inputs
-        self.lock = threading.Lock()
+        self.writer = MetricsWriter(pb_utils.Logger.log_error)
         # pb_utils gains MetricFamily when the stub starts the model, not at import.
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "histogram": pb_utils.MetricFamily.HISTOGRAM}
-        self.families = {metric.name: pb_utils.MetricFamily(name=metric.name, description=metric.description,
-                                                            kind=kinds[metric.kind])
+        self.families = {metric.name: self.writer.call(lambda m=metric: pb_utils.MetricFamily(
+                             name=m.name, description=m.description, kind=kinds[m.kind])).result()
                          for metric in metrics.METRICS}
         self.images = self._series(metrics.IMAGES)
         self.steps = self._series(metrics.STEPS)
@@ -88,16 +116,16 @@ class PipelineMetrics:
         for reason in (metrics.NOT_FINITE, metrics.FLAT):  # at 0 from the start: a rate over them has data
             self._labelled(metrics.INVALID_IMAGES, reason=reason)
 
-    def _series(self, metric: metrics.Metric, **labels: str):
+    def _series(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:
         labels = {"model": self.model, **labels}
-        with self.lock:
-            if metric.buckets:
-                series = self.families[metric.name].Metric(labels=labels, buckets=list(metric.buckets))
-            else:
-                series = self.families[metric.name].Metric(labels=labels)
-        return SerializedMetric(series, self.lock)
+        family = self.families[metric.name]
+        if metric.buckets:
+            series = self.writer.call(lambda: family.Metric(labels=labels, buckets=list(metric.buckets))).result()
+        else:
+            series = self.writer.call(lambda: family.Metric(labels=labels)).result()
+        return QueuedMetric(series, self.writer)
 
-    def _labelled(self, metric: metrics.Metric, **labels: str):
+    def _labelled(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:
         key = (metric.name, *labels.values())
         if key not in self.cache:  # two threads may make the same series: Triton hands both the one it has
             self.cache[key] = self._series(metric, **labels)
@@ -109,9 +137,11 @@ class PipelineMetrics:
         match = re.match(r"[a-z_]+", str(error))
         name = match[0] if match and match[0] in self.inputs else "request"
         self._labelled(metrics.REJECTED, input=name).increment(1)
+        self.writer.flush()
 
     def invalid_image(self, error: InvalidImage) -> None:
         self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)
+        self.writer.flush()
 
 
 def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
@@ -188,7 +218,7 @@ class PipelineModel:
                 outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
             if network is specs.UNET:  # one denoising step
                 seconds = time.perf_counter() - start
-                with self.times.phase("metrics"):  # each update is a message to Triton's process
+                with self.times.phase("metrics"):  # queued: made by the metrics thread
                     self.metrics.steps.increment(1)
                     self.metrics.unet_seconds.observe(seconds)
             return outputs
@@ -302,6 +332,7 @@ class PipelineModel:
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
+        self.metrics.writer.flush()
         return outputs
 
     def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":
