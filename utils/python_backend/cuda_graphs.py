@@ -24,9 +24,17 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils import specs
 from utils.networks import TORCH_DTYPES, load_network, torch_dtype
+
+
+# PyTorch's fused attention, in this order of preference where a kernel takes the shapes: cuDNN's
+# first, then flash attention, memory-efficient attention and the plain one. The choice is made
+# when a graph is traced or captured, and kept in it.
+ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
 
 
 def runnable_network(spec: specs.NetworkSpec, checkpoint: Path, precision: str, device: torch.device,
@@ -103,12 +111,13 @@ class GraphedNetwork:
 
     def _capture(self, forward, inputs: list[torch.Tensor]) -> tuple:
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
             for _ in range(2):  # warm-up outside the graph (compilation, cuDNN/cuBLAS kernel choices)
                 forward(*inputs)
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), \
+                sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
             output = forward(*inputs)
         self.pool = graph.pool()
         self.graphs[tuple(inputs[0].shape)] = entry = (graph, inputs, output)

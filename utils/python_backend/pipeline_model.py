@@ -67,14 +67,18 @@ class MetricsWriter:
         self._queue.put((future, function, args))
         return future
 
+    def close(self) -> None:
+        """Make the updates queued so far, then stop the thread."""
+        self._queue.put(None)
+
     def flush(self) -> None:
         """Wait until every update queued so far is made (before a request's answer: a client that
         reads the metrics after its answer sees its request counted)."""
         self.call(lambda: None).result()
 
     def _serve(self) -> None:
-        while True:
-            future, function, args = self._queue.get()
+        while (item := self._queue.get()) is not None:
+            future, function, args = item
             try:
                 future.set_result(function(*args))
             except Exception as error:  # an update nobody waits for: say so in the log
@@ -247,6 +251,15 @@ class PipelineModel:
 
     def prepare(self) -> None:
         """What to do once at load, before the first request (each instance is a process)."""
+
+    def finalize(self) -> None:
+        """At unload: the request threads, the UNet's worker and the metrics thread end, and with
+        them every tensor they held, so that the stub exits when Triton asks it to."""
+        if self.threads is not None:
+            self.threads.shutdown(wait=True, cancel_futures=True)
+        if self.unet is not None:
+            self.unet.close()
+        self.metrics.writer.close()
 
     def run(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         raise NotImplementedError

@@ -66,6 +66,7 @@ class StepBatcher:
         self._timing = threading.Lock()
         self._gpu = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
         self._loops = 0  # loops in flight: each will call before its next step is done
+        self._closed = False
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
         self._queued = threading.local()  # per loop (a thread each): its steps' events, oldest first
@@ -98,25 +99,38 @@ class StepBatcher:
                 queued.popleft().synchronize()
         return output
 
+    def close(self) -> None:
+        """Stop the worker once the calls waiting now are answered (the model's unload)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
     def _serve(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the current device is per thread
-        while True:
-            with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                self._wake.wait_for(lambda: len(self._pending) >= self._loops, timeout=self.max_wait)
-                calls, self._pending = self._pending, []
-            try:
-                by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
-                for call in calls:
-                    by_shape[tuple(tuple(t.shape[1:]) for t in call[0])].append(call)
-                for group in by_shape.values():
-                    self._answer(group)
-            except Exception as error:  # the worker lives on: every loop waiting on this batch hears why
-                for _, future in calls:
-                    if not future.done():
-                        future.set_exception(error)
+        while (calls := self._next_calls()) is not None:
+            self._run_batch(calls)  # its tensors are let go on return, not kept while the worker waits
+
+    def _next_calls(self) -> list | None:
+        """The calls of the next batch, once every loop in flight has called (None: closed)."""
+        with self._wake:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            self._wake.wait_for(lambda: len(self._pending) >= self._loops, timeout=self.max_wait)
+            calls, self._pending = self._pending, []
+        return calls or None
+
+    def _run_batch(self, calls: list[tuple[tuple[torch.Tensor, ...], Future]]) -> None:
+        try:
+            by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
+            for call in calls:
+                by_shape[tuple(tuple(t.shape[1:]) for t in call[0])].append(call)
+            for group in by_shape.values():
+                self._answer(group)
+        except Exception as error:  # the worker lives on: every loop waiting on this batch hears why
+            for _, future in calls:
+                if not future.done():
+                    future.set_exception(error)
 
     def _answer(self, calls: list[tuple[tuple[torch.Tensor, ...], Future]]) -> None:
         """Run the calls as one batch; where the batch fails, each call alone, so that one bad call
