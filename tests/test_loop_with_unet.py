@@ -87,6 +87,8 @@ def test_concurrent_requests_run_at_once_and_their_steps_share_unet_calls(server
         assert difference(images, diffusers_images(diffusers_pipeline, seed=seed, **options)) <= MAX_PIXEL_DIFFERENCE
     calls, rows = unet_batches_so_far(server)
     calls, rows = calls - calls_before, rows - rows_before
+    last = [line for line in server.log_file.read_text().splitlines() if "UNet in process so far" in line][-1]
+    assert re.search(r"[\d.]+ ms per call on the CPU, busy \d+ % since the last report", last), last  # its compute
     report(f"loop with the UNet, {LOOPS_IN_FLIGHT} concurrent requests of 21 steps: {calls} UNet calls of "
            f"{rows / calls:.1f} rows on average")
     assert rows == LOOPS_IN_FLIGHT * 21 * 2  # every step ran, 2 rows each (guidance)

@@ -156,3 +156,17 @@ def test_measure_loop_times_the_shared_loop_per_step(tiny_model, tmp_path):
     figures = json.loads(output.read_text())["ms_per_step"]
     assert {"cpu FP16", "cpu FP32"} <= set(figures) and all(0 < value < 1000 for value in figures.values())
     assert "loop on cpu, FP16:" in result.stdout
+
+
+def test_close_answers_the_calls_waiting_then_ends_the_worker_and_counts_the_compute_time():
+    network = Recorder()
+    batcher = new_batcher(network)
+    with ThreadPoolExecutor(2) as threads:
+        first, (queued,) = queue_behind_a_busy_worker(batcher, network, threads, [lambda: step(batcher, 2, 3.0)])
+        batcher.close()
+        assert torch.equal(first.result(timeout=10), torch.full((2, 4, 4, 4), 2.0))
+        assert torch.equal(queued.result(timeout=10), torch.full((2, 4, 4, 4), 6.0))
+    batcher._worker.join(timeout=10)
+    assert not batcher._worker.is_alive()  # a model's unload does not wait for it
+    # On the CPU the batches ran when they were timed: the worker held the first one until released.
+    assert 0 < batcher.compute_seconds() < 10

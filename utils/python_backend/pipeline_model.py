@@ -247,7 +247,7 @@ class PipelineModel:
         network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=settings["compile"],
                                    static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
         return StepBatcher(network, specs.UNET.profile.max, device,
-                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs], timed=self.profile)
+                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
 
     def prepare(self) -> None:
         """What to do once at load, before the first request (each instance is a process)."""
@@ -339,9 +339,7 @@ class PipelineModel:
             if self.unet is not None and self.unet.batches:
                 split += (f"; UNet in process so far: {self.unet.batches} calls, {self.unet.rows} rows "
                           f"({self.unet.rows / self.unet.batches:.1f} per call)")
-                gpu = self.unet.gpu_report()
-                if gpu:
-                    split += f", {gpu}"
+                split += f", {self.unet.compute_report()}"
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))

@@ -56,15 +56,15 @@ class StepBatcher:
     """
 
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
-                 name: str = "unet", max_wait: float = 0.05, timed: bool = False):
-        """``timed`` (a GPU only, for profiling): each batch's GPU time is measured with CUDA events
-        (``gpu_report``)."""
+                 name: str = "unet", max_wait: float = 0.05):
         self.network, self.max_batch, self.device, self.dtypes = network, max_batch, device, dtypes
         self.max_wait = max_wait
         self.batches, self.rows = 0, 0  # network calls made, rows run: rows / batches is the mean batch
-        self._timed = [] if timed and device.type == "cuda" else None  # (start, end) events not yet read
+        # Each batch's compute time: CUDA events on a GPU (read once the batch has run), the wall
+        # time of the call on a CPU (where it has run when it returns).
+        self._events: list[tuple] = []
         self._timing = threading.Lock()
-        self._gpu = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
+        self._compute = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
         self._loops = 0  # loops in flight: each will call before its next step is done
         self._closed = False
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
@@ -163,31 +163,40 @@ class StepBatcher:
         with torch.inference_mode():
             merged = [torch.cat(column).to(device=self.device, dtype=dtype)
                       for column, dtype in zip(zip(*calls), self.dtypes, strict=True)]
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self._timed is not None else ()
-            if events:
+            on_gpu = self.device.type == "cuda"
+            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if on_gpu else ()
+            if on_gpu:
                 events[0].record()
+            start = time.perf_counter()
             output = run_in_chunks(self.network, merged, self.max_batch)
-            if events:
-                events[1].record()
-                with self._timing:
-                    self._timed.append(events)
+            with self._timing:
+                if on_gpu:
+                    events[1].record()
+                    self._events.append(events)
+                else:
+                    self._compute["seconds"] += time.perf_counter() - start
+                    self._compute["batches"] += 1
         self.batches += math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' network calls
         self.rows += sum(sizes)
         return list(output.split(sizes))
 
-    def gpu_report(self) -> str:
-        """With ``timed``: the batches' GPU time per call so far, and how busy they kept the GPU
-        since the last report (wall time): under load, whether the GPU waits for the loops."""
-        if self._timed is None:
-            return ""
+    def compute_seconds(self) -> float:
+        """The compute time of the batches run so far (on a GPU: those that have finished)."""
         with self._timing:
-            gpu = self._gpu
-            while self._timed and self._timed[0][1].query():  # finished batches, oldest first
-                start, end = self._timed.pop(0)
-                gpu["seconds"] += start.elapsed_time(end) / 1000
-                gpu["batches"] += 1
-            now = time.monotonic()
-            busy = (gpu["seconds"] - gpu["reported_seconds"]) / max(now - gpu["reported_at"], 1e-9)
-            gpu["reported_at"], gpu["reported_seconds"] = now, gpu["seconds"]
-            per_call = 1000 * gpu["seconds"] / max(gpu["batches"], 1)
-        return f"{per_call:.2f} ms per call on the GPU, busy {100 * busy:.0f} % since the last report"
+            while self._events and self._events[0][1].query():  # finished batches, oldest first
+                start, end = self._events.pop(0)
+                self._compute["seconds"] += start.elapsed_time(end) / 1000
+                self._compute["batches"] += 1
+            return self._compute["seconds"]
+
+    def compute_report(self) -> str:
+        """The batches' compute time per call so far, and how busy they kept the device since the
+        last report (of the wall time): under load, whether the GPU waits for the loops."""
+        seconds = self.compute_seconds()
+        with self._timing:
+            compute, now = self._compute, time.monotonic()
+            busy = (seconds - compute["reported_seconds"]) / max(now - compute["reported_at"], 1e-9)
+            compute["reported_at"], compute["reported_seconds"] = now, seconds
+            per_call = 1000 * seconds / max(compute["batches"], 1)
+        device = self.device.type.upper()
+        return f"{per_call:.2f} ms per call on the {device}, busy {100 * busy:.0f} % since the last report"
