@@ -34,6 +34,9 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--url", default=None, help="benchmark a running server (gRPC) instead of starting one")
     parser.add_argument("--admin-key", default=None,
                         help="with --url: the key the launcher printed (the statistics API needs it for the stages)")
+    parser.add_argument("--metrics-url", default=None,
+                        help="with --url: the server's metrics address, host:port (8002), for the compute of a UNet "
+                             "that runs in the loop's process (--pipeline-loop with-unet)")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
                         help="image-to-image starts every pipeline from the same picture, at --strength")
@@ -88,13 +91,14 @@ def main(argv=None):
             one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines, server.admin_headers())
     with contextlib.ExitStack() as stack:
         url, headers = args.url, AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
+        metrics_url = args.metrics_url
         server_seconds = {}  # until ready: what a user waits for at a start, compilation included
         if served and url is None:
             started = time.monotonic()
             server = stack.enter_context(serve(args.repository, deployment))
             server_seconds["start_s"] = time.monotonic() - started
-            url, headers = server.grpc_url, server.admin_headers()
-        results = run_benchmark(settings, model_dir, url, args.pipelines, headers)
+            url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
+        results = run_benchmark(settings, model_dir, url, args.pipelines, headers, metrics_url)
         if server_seconds and args.time_restart:
             started = time.monotonic()
             server.restart()

@@ -81,12 +81,16 @@ def test_concurrent_requests_run_at_once_and_their_steps_share_unet_calls(server
     seeds = range(40, 40 + LOOPS_IN_FLIGHT)
     options = dict(prompt="a lighthouse at dusk", num_inference_steps=20)
     calls_before, rows_before = unet_batches_so_far(server)
+    computed_before = metrics.total(metrics.scrape(server.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
     with ThreadPoolExecutor(LOOPS_IN_FLIGHT) as threads:
         results = list(threads.map(lambda seed: BlsPipeline(server.grpc_url)(seed=seed, **options), seeds))
     for seed, images in zip(seeds, results, strict=True):
         assert difference(images, diffusers_images(diffusers_pipeline, seed=seed, **options)) <= MAX_PIXEL_DIFFERENCE
     calls, rows = unet_batches_so_far(server)
     calls, rows = calls - calls_before, rows - rows_before
+    # Its compute, which Triton's statistics do not see, is on the metrics port (the dashboard's panel).
+    computed = metrics.total(metrics.scrape(server.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
+    assert computed > computed_before, (computed_before, computed)
     last = [line for line in server.log_file.read_text().splitlines() if "UNet in process so far" in line][-1]
     assert re.search(r"[\d.]+ ms per call on the CPU, busy \d+ % since the last report", last), last  # its compute
     report(f"loop with the UNet, {LOOPS_IN_FLIGHT} concurrent requests of 21 steps: {calls} UNet calls of "
@@ -112,9 +116,11 @@ def test_a_client_timeout_stops_the_loop(server):
     assert BlsPipeline(server.grpc_url)(prompt="still serving", num_inference_steps=2, seed=1).shape[0] == 1
 
 
-def test_the_benchmark_says_the_unet_ran_in_the_loop_rather_than_reporting_zero(server, tiny_model):
-    """Triton's statistics do not see an in-process UNet: the benchmark marks it, and gives those
-    pipelines no compute budget rather than a budget without their UNet."""
+def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_says_it_cannot(server, tiny_model):
+    """Triton's statistics do not see an in-process UNet. With the server's metrics address the
+    benchmark reads its compute from sd_unet_in_process_seconds_total and budgets the pipeline as
+    any other; without it, it marks the UNet `in loop` and gives no budget rather than one without
+    the UNet."""
     from utils.benchmark.measure import run_benchmark
     from utils.benchmark.report import IN_LOOP, table
     from utils.benchmark.settings import Settings
@@ -130,3 +136,11 @@ def test_the_benchmark_says_the_unet_ran_in_the_loop_rather_than_reporting_zero(
     bls_row = next(line for line in text.splitlines() if line.startswith("triton-bls") and "│" in line)
     assert "in loop" in bls_row
     assert f"triton-bls           none: {IN_LOOP}" in text
+
+    results = run_benchmark(settings, tiny_model, server.grpc_url, ["triton-bls"], headers=server.admin_headers(),
+                            metrics_url=server.metrics_url)
+    stages, budget = results["pipelines"]["triton-bls"]["stages"], results["compute_budget"]["triton-bls"]
+    assert stages["unet_in_loop"] and 0 < stages["unet"] < stages["end_to_end"], stages
+    assert stages["unet"] <= budget["ideal_s"] <= budget["measured_s"], budget
+    bls_row = next(line for line in table(results).splitlines() if line.startswith("triton-bls") and "│" in line)
+    assert f"{stages['unet']:>8.3f}   in loop" in bls_row

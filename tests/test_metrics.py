@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -15,20 +12,10 @@ from utils import metrics
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
-SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
-
 
 def scrape(server) -> dict[tuple[str, frozenset], float]:
-    """Every sample on the metrics port: (name, labels) -> value."""
-    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-            samples[(match["name"], labels)] = float(match["value"])
-    return samples
+    """Every sample on the server's metrics port: (name, labels) -> value."""
+    return metrics.scrape(server.metrics_url)
 
 
 def value(samples, name: str, **labels: str) -> float:

@@ -170,3 +170,39 @@ def test_close_answers_the_calls_waiting_then_ends_the_worker_and_counts_the_com
     assert not batcher._worker.is_alive()  # a model's unload does not wait for it
     # On the CPU the batches ran when they were timed: the worker held the first one until released.
     assert 0 < batcher.compute_seconds() < 10
+
+
+def test_a_request_whose_loop_has_not_started_is_waited_for_and_one_that_leaves_without_a_loop_is_not():
+    batches = []
+
+    def network(sample, timestep, hidden):
+        batches.append(sample.shape[0])
+        return sample
+
+    batcher = StepBatcher(network, 16, torch.device("cpu"), [torch.float32] * 3, max_wait=5.0)
+    started = threading.Event()
+
+    def request(before_loop: float, loop: bool = True):
+        with batcher.request():
+            started.set()
+            time.sleep(before_loop)  # the text encoder, say
+            if loop:
+                with batcher.loop():
+                    return step(batcher, 2, 1.0)
+
+    with ThreadPoolExecutor(2) as threads:
+        late = threads.submit(request, 0.3)
+        assert started.wait(timeout=10)
+        start = time.monotonic()
+        first = threads.submit(request, 0.0)
+        first.result(timeout=10), late.result(timeout=10)
+    assert batches == [4]  # the first request's step waited for the late one's, not for max_wait
+    assert time.monotonic() - start < 4
+
+    batches.clear()
+    with ThreadPoolExecutor(2) as threads:
+        refused = threads.submit(request, 0.2, loop=False)  # e.g. an invalid request: no loop at all
+        start = time.monotonic()
+        threads.submit(request, 0.0).result(timeout=10)
+        refused.result(timeout=10)
+    assert batches == [2] and time.monotonic() - start < 4  # not held for max_wait by the one that left

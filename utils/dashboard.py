@@ -33,6 +33,7 @@ ENTRY_MODELS = models_regex(*(spec.name for spec in specs.BLS_PIPELINES), *specs
 WORKING_MODELS = models_regex(*specs.NETWORKS, *specs.PIPELINES)
 UNET = models_regex(specs.UNET.name)
 GPU_PANELS = ("GPU utilization", "GPU memory used")  # Triton reports them only where it sees a GPU
+IN_PROCESS_UNET = "UNet in the loop's process, share of the time computing"  # only --pipeline-loop with-unet
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ PANELS = (
         (f"sum(rate(nv_inference_count{{model=~\"{UNET}\"}}[{RATE}])) / "
          f"sum(rate(nv_inference_exec_count{{model=~\"{UNET}\"}}[{RATE}]))", "rows per execution"),
     ), "Rows (a request's step with guidance is two) per UNet call: the batch the engine ran."),
+    Panel(IN_PROCESS_UNET, "percentunit", (
+        (f"sum by (model) (rate({metrics.UNET_IN_PROCESS_SECONDS.name}[{RATE}]))", "{{model}}"),
+    ), "--pipeline-loop with-unet: the UNet of each loop model, which Triton's statistics do not see; near 100 %, "
+       "it is the bottleneck."),
     Panel("UNet step, as the loop sees it", "s", tuple(
         (f"histogram_quantile({q}, sum by (le) (rate({metrics.UNET_STEP_SECONDS.name}_bucket[{RATE}])))", f"p{label}")
         for q, label in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
@@ -159,6 +164,7 @@ def render(prometheus, start: float, end: float, path, window: str = "20s") -> N
             axis.legend(fontsize=6, ncol=3, loc="upper left")
         else:
             reason = ("no GPU here: Triton reports these only where it sees one" if panel.title in GPU_PANELS
+                      else "only with --pipeline-loop with-unet" if panel.title == IN_PROCESS_UNET
                       else "every series at 0" if zeros else "no data")
             axis.text(0.5, 0.5, reason, ha="center", va="center", transform=axis.transAxes, color="grey")
     for axis in list(axes.flat)[len(PANELS):]:

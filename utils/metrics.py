@@ -10,6 +10,8 @@ The dashboard and the recording rules (deploy/) read these names from here by wa
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from dataclasses import dataclass
 
 
@@ -30,6 +32,11 @@ UNET_STEP_SECONDS = Metric(
     "(a UNet in the loop's process: the batch of steps, and on a GPU the wait for the loop's step two back).",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
+UNET_IN_PROCESS_SECONDS = Metric(
+    "sd_unet_in_process_seconds_total", "counter",
+    "Compute time of the UNet batches a loop model ran in its own process (--pipeline-loop with-unet; CUDA events "
+    "on a GPU): the UNet's compute, which Triton's statistics do not see. Its rate is the share of the time that "
+    "UNet computes.")
 REJECTED = Metric("sd_requests_rejected_total", "counter",
                   "Requests refused by validation (INVALID_ARG), by the input they got wrong.",
                   labels=("model", "input"))
@@ -37,4 +44,25 @@ INVALID_IMAGES = Metric("sd_invalid_images_total", "counter",
                         "Generated images refused before sending: not finite (NaN or infinity), or one flat colour.",
                         labels=("model", "reason"))
 NOT_FINITE, FLAT = "not_finite", "flat"  # INVALID_IMAGES' reasons
-METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, REJECTED, INVALID_IMAGES)
+METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, UNET_IN_PROCESS_SECONDS, REJECTED, INVALID_IMAGES)
+
+# One sample of Prometheus' text format as Triton writes it: name{labels} value (no timestamps).
+SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample on a Triton metrics port (``host:port``): (name, labels) -> value."""
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+            samples[(match["name"], labels)] = float(match["value"])
+    return samples
+
+
+def total(samples: dict[tuple[str, frozenset], float], metric: Metric) -> float:
+    """A metric's samples summed over their labels (every model's series)."""
+    return sum(value for (name, _), value in samples.items() if name == metric.name)

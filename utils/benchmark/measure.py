@@ -84,6 +84,7 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     generate = contender.client()
     warm_up(name, contender, generate, settings)
     before = statistics.settled_snapshot() if contender.served else None
+    in_process_before = statistics.unet_in_process_seconds() if contender.served else None
     latencies, discarded, images = measured_runs(name, contender, generate, settings)
     result = {"latency": latency_summary(latencies), "images": images, "discarded_recompilations_s": discarded}
     if contender.served:
@@ -91,8 +92,11 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
         stages["end_to_end"] = result["latency"]["mean_s"]
         result["stages_source"] = "Triton statistics API over the measured runs"
         # --pipeline-loop with-unet: the steps ran in the loop's own process, which Triton's
-        # statistics do not see (SD_TRITON_PROFILE_BLS=1 logs their share per request).
+        # statistics do not see; its compute comes from the pipeline's own metric where the
+        # benchmark knows the server's metrics address (SD_TRITON_PROFILE_BLS=1 logs it too).
         stages["unet_in_loop"] = not stages["unet_calls_per_run"]
+        if stages["unet_in_loop"] and in_process_before is not None:
+            stages["unet"] = (statistics.unet_in_process_seconds() - in_process_before) / settings.runs
     else:
         stages, result["stages_source"] = timed_stages(contender, generate, settings)
     # The rest of the time of the runs the stages were taken from.
@@ -179,12 +183,12 @@ def unet_batching(delta: dict, wall: float) -> dict | None:
 
 
 def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: list[str],
-                  headers: dict[str, str] | None = None) -> dict:
+                  headers: dict[str, str] | None = None, metrics_url: str | None = None) -> dict:
     dims = specs.ModelDims.from_pretrained(model_dir)
     if settings.task == "image-to-image":
         settings = replace(settings, image=init_image(dims))
     context = Context(settings, model_dir, url)
-    statistics = TritonStatistics(url, headers) if url else None
+    statistics = TritonStatistics(url, headers, metrics_url) if url else None
     scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
     results = {
         "settings": {**settings.describe(), "resolution": [dims.image_height, dims.image_width],

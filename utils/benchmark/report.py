@@ -60,7 +60,7 @@ def compute_budget(results: dict) -> dict[str, dict[str, float]]:
     budget = {}
     for name, result in results["pipelines"].items():
         stages = result["stages"]
-        if stages.get("unet_in_loop"):  # its UNet's compute is not in the figures: no ideal to compare with
+        if unet_unmeasured(stages):  # its UNet's compute is not in the figures: no ideal to compare with
             continue
         ideal = sum(stages.get(stage, 0.0) for stage in stages_of(results))
         measured = stages["end_to_end"]
@@ -75,13 +75,18 @@ def budget_lines(results: dict) -> list[str]:
         lines.append(f"{name:<20} {entry['ideal_s']:>10.3f} {entry['measured_s']:>13.3f} "
                      f"{entry['overhead_s']:>13.3f} {entry['overhead_fraction']:>9.0%}")
     for name, result in results["pipelines"].items():
-        if result["stages"].get("unet_in_loop"):
+        if unet_unmeasured(result["stages"]):
             lines.append(f"{name:<20} none: {IN_LOOP}")
     return lines
 
 
-IN_LOOP = ("its UNet ran in the loop's own process (--pipeline-loop with-unet), out of Triton's statistics; "
-           "SD_TRITON_PROFILE_BLS=1 logs its share")
+IN_LOOP = ("its UNet ran in the loop's own process (--pipeline-loop with-unet), out of Triton's statistics: "
+           "with --url, give --metrics-url for its compute")
+
+
+def unet_unmeasured(stages: dict) -> bool:
+    """Its UNet ran in the loop's process and its compute could not be read (no metrics address)."""
+    return bool(stages.get("unet_in_loop")) and not stages.get("unet")
 
 
 def table(results: dict) -> str:
@@ -129,7 +134,8 @@ def _latency_lines(results: dict) -> list[str]:
             f"{name:<20} {latency['mean_s']:>8.3f} ± {latency['std_s']:<5.3f} {latency['p50_s']:>7.3f} "
             f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
             f"{stages['text_encoder']:>8.4f} " + (f"{stages['vae_encoder']:>8.4f} " if encoder else "")
-            + (f"{'in loop':>8} {'-':>9} " if stages.get("unet_in_loop")
+            + (f"{'in loop':>8} {'-':>9} " if unet_unmeasured(stages)
+               else f"{stages['unet']:>8.3f} {'in loop':>9} " if stages.get("unet_in_loop")
                else f"{stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms ")
             + f"{stages['vae_decoder']:>8.4f} {stages['other']:>8.4f}"
         )

@@ -11,6 +11,7 @@ import time
 from tritonclient.utils import InferenceServerException
 
 from pipelines.client import connect
+from utils import metrics
 from utils.errors import UsageError
 from utils.benchmark.settings import STAGES
 from utils.layout import network_of
@@ -35,10 +36,19 @@ def inference_statistics(client, url: str, headers: dict[str, str] | None, reade
 class TritonStatistics:
     """Cumulative per-network figures from Triton's statistics API."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None):
+    def __init__(self, url: str, headers: dict[str, str] | None = None, metrics_url: str | None = None):
         self.url = url
         self.client = connect(url)
         self.headers = headers  # the admin key, where the statistics API is restricted
+        self.metrics_url = metrics_url  # host:port of its metrics, for what the statistics do not see
+
+    def unet_in_process_seconds(self) -> float | None:
+        """The compute of the UNets in the loop models' own processes (--pipeline-loop with-unet),
+        which Triton's statistics do not see, so far: from the pipeline's own metric (None without
+        the server's metrics address). Each request counts it before it is answered."""
+        if self.metrics_url is None:
+            return None
+        return metrics.total(metrics.scrape(self.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
 
     def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """A snapshot once the figures stop moving: Triton records a request's statistics just

@@ -117,6 +117,7 @@ class PipelineMetrics:
         self.steps = self._series(metrics.STEPS)
         self.unet_seconds = self._series(metrics.UNET_STEP_SECONDS)
         self.cache: dict[tuple, object] = {}
+        self.counted_lock, self.counted_seconds = threading.Lock(), 0.0  # unet_in_process's
         for reason in (metrics.NOT_FINITE, metrics.FLAT):  # at 0 from the start: a rate over them has data
             self._labelled(metrics.INVALID_IMAGES, reason=reason)
 
@@ -134,6 +135,15 @@ class PipelineMetrics:
         if key not in self.cache:  # two threads may make the same series: Triton hands both the one it has
             self.cache[key] = self._series(metric, **labels)
         return self.cache[key]
+
+    def unet_in_process(self, seconds: float) -> None:
+        """The in-process UNet's compute so far (``seconds``, StepBatcher.compute_seconds), counted by
+        what it grew since the last call: its batches are shared by the requests in flight, so
+        each request counts those that have finished since the one before."""
+        with self.counted_lock:
+            grown, self.counted_seconds = seconds - self.counted_seconds, max(seconds, self.counted_seconds)
+        if grown > 0:
+            self._labelled(metrics.UNET_IN_PROCESS_SECONDS).increment(grown)
 
     def rejected(self, error: InvalidRequest) -> None:
         """Count a refused request under the input its message names first (every check's message
@@ -289,11 +299,12 @@ class PipelineModel:
         """One request, in a thread of its own: the one final response of a non-decoupled model
         goes through the sender as well, which the Python backend allows."""
         try:
-            if self.spec.decoupled:
-                self._stream(request)
-            else:
-                request.get_response_sender().send(self._answer(request),
-                                                   flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            with self.unet.request():  # its first step is waited for from now (step_batching.py)
+                if self.spec.decoupled:
+                    self._stream(request)
+                else:
+                    request.get_response_sender().send(self._answer(request),
+                                                       flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception:  # nothing else would see it: an executor keeps a thread's exception to itself
             self.logger.log_error(f"{self.spec.name}: unexpected error\n{traceback.format_exc()}")
             try:  # the client still gets its one final answer rather than waiting for ever
@@ -343,6 +354,8 @@ class PipelineModel:
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
+        if self.unet is not None:
+            self.metrics.unet_in_process(self.unet.compute_seconds())
         self.metrics.writer.flush()
         return outputs
 

@@ -66,6 +66,7 @@ class StepBatcher:
         self._timing = threading.Lock()
         self._compute = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
         self._loops = 0  # loops in flight: each will call before its next step is done
+        self._arriving = 0  # requests in flight whose loop has not started yet (see request())
         self._closed = False
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
@@ -74,9 +75,31 @@ class StepBatcher:
         self._worker.start()
 
     @contextmanager
+    def request(self):
+        """Around a whole request that will run a loop: until its loop starts (after the text
+        encoder), the batches wait for its first step too, up to ``max_wait``. Requests that
+        arrive together (a round of clients answered at once) then start in full batches rather
+        than the first ones a step or more ahead, in batches the others join late."""
+        with self._wake:
+            self._arriving += 1
+        self._queued.arriving = True
+        try:
+            yield
+        finally:
+            self._arrived()  # never reached its loop (refused, cancelled, failed)
+
+    def _arrived(self) -> None:
+        if getattr(self._queued, "arriving", False):
+            self._queued.arriving = False
+            with self._wake:
+                self._arriving -= 1
+                self._wake.notify()
+
+    @contextmanager
     def loop(self):
         """Around one request's denoising loop: the batches wait for its steps while it runs."""
         self._queued.steps = deque()
+        self._arrived()
         with self._wake:
             self._loops += 1
         try:
@@ -116,7 +139,7 @@ class StepBatcher:
         with self._wake:
             while not self._pending and not self._closed:
                 self._wake.wait()
-            self._wake.wait_for(lambda: len(self._pending) >= self._loops, timeout=self.max_wait)
+            self._wake.wait_for(lambda: len(self._pending) >= self._loops + self._arriving, timeout=self.max_wait)
             calls, self._pending = self._pending, []
         return calls or None
 
