@@ -29,14 +29,14 @@ STEPS = Metric("sd_denoising_steps_total", "counter", "Denoising steps run: one 
 UNET_STEP_SECONDS = Metric(
     "sd_unet_step_seconds", "histogram",
     "One UNet call as the denoising loop sees it: the sub-request, its queue and the tensors' way there and back "
-    "(a UNet in the loop's process: the batch of steps, and on a GPU the wait for the loop's step two back).",
+    "(a UNet in the loop's process: the batch of steps, and on a GPU the wait for the loop's queued steps).",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
 UNET_IN_PROCESS_SECONDS = Metric(
     "sd_unet_in_process_seconds_total", "counter",
     "Compute time of the UNet batches a loop model ran in its own process (--pipeline-loop with-unet; CUDA events "
-    "on a GPU): the UNet's compute, which Triton's statistics do not see. Its rate is the share of the time that "
-    "UNet computes.")
+    "on a GPU, an upper bound: kernels other loops queue between a batch's events count too): the UNet's compute, "
+    "which Triton's statistics do not see. Its rate is the share of the time that UNet computes.")
 REJECTED = Metric("sd_requests_rejected_total", "counter",
                   "Requests refused by validation (INVALID_ARG), by the input they got wrong.",
                   labels=("model", "input"))

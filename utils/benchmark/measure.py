@@ -95,8 +95,9 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
         # statistics do not see; its compute comes from the pipeline's own metric where the
         # benchmark knows the server's metrics address (SD_TRITON_PROFILE_BLS=1 logs it too).
         stages["unet_in_loop"] = not stages["unet_calls_per_run"]
-        if stages["unet_in_loop"] and in_process_before is not None:
-            stages["unet"] = (statistics.unet_in_process_seconds() - in_process_before) / settings.runs
+        in_process_after = statistics.unet_in_process_seconds() if stages["unet_in_loop"] else None
+        if in_process_before is not None and in_process_after is not None:  # 0: not that metric's server
+            stages["unet"] = (in_process_after - in_process_before) / settings.runs
     else:
         stages, result["stages_source"] = timed_stages(contender, generate, settings)
     # The rest of the time of the runs the stages were taken from.

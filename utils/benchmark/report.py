@@ -80,8 +80,8 @@ def budget_lines(results: dict) -> list[str]:
     return lines
 
 
-IN_LOOP = ("its UNet ran in the loop's own process (--pipeline-loop with-unet), out of Triton's statistics: "
-           "with --url, give --metrics-url for its compute")
+IN_LOOP = ("its UNet ran in the loop's own process (--pipeline-loop with-unet), out of Triton's statistics, and "
+           "its compute metric could not be read (with --url, give --metrics-url)")
 
 
 def unet_unmeasured(stages: dict) -> bool:

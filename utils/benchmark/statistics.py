@@ -48,7 +48,10 @@ class TritonStatistics:
         the server's metrics address). Each request counts it before it is answered."""
         if self.metrics_url is None:
             return None
-        return metrics.total(metrics.scrape(self.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
+        try:
+            return metrics.total(metrics.scrape(self.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
+        except OSError:  # not a metrics port: the stages simply lack that UNet, as without an address
+            return None
 
     def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:
         """A snapshot once the figures stop moving: Triton records a request's statistics just

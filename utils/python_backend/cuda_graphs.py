@@ -116,7 +116,9 @@ class GraphedNetwork:
                 forward(*inputs)
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), \
+        # thread_local: other threads (a loop model's request threads) may go on with their own
+        # CUDA calls while a graph of a new image size is captured.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"), \
                 sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
             output = forward(*inputs)
         self.pool = graph.pool()

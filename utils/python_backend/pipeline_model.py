@@ -40,11 +40,12 @@ from utils.deployment import Placement
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
-from utils.python_backend.step_batching import STATIC_BATCHES, StepBatcher
+from utils.python_backend.step_batching import STATIC_BATCHES, STEPS_QUEUED, StepBatcher
 from utils.timing import PhaseTimes, profiling
 
 
 _TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
+IN_PROCESS_UNET_PHASE = f"unet (in process, batched; on a GPU, waits for its step {STEPS_QUEUED} back)"
 
 
 class SubModelError(RuntimeError):
@@ -151,11 +152,9 @@ class PipelineMetrics:
         match = re.match(r"[a-z_]+", str(error))
         name = match[0] if match and match[0] in self.inputs else "request"
         self._labelled(metrics.REJECTED, input=name).increment(1)
-        self.writer.flush()
 
     def invalid_image(self, error: InvalidImage) -> None:
         self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)
-        self.writer.flush()
 
 
 def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
@@ -220,13 +219,15 @@ class PipelineModel:
         self.unet, self.threads = None, None
         if "unet_in_process" in serving:
             self.unet = self._in_process_unet(Path(args["model_repository"]).parent, serving, gpu)
+            # Each request's thread makes this model's GPU its current device (the default is GPU 0).
+            on_gpu = {"initializer": torch.cuda.set_device, "initargs": (device,)} if device.type == "cuda" else {}
             self.threads = ThreadPoolExecutor(serving["unet_in_process"]["loops_in_flight"],
-                                              thread_name_prefix=f"{args['model_name']} request")
+                                              thread_name_prefix=f"{args['model_name']} request", **on_gpu)
 
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             start = time.perf_counter()
             if network is specs.UNET and self.unet is not None:
-                with self.times.phase("unet (in process: batched, and on a GPU the wait for the step two back)"):
+                with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs),)
             else:
                 outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
@@ -265,8 +266,8 @@ class PipelineModel:
     def finalize(self) -> None:
         """At unload: the request threads, the UNet's worker and the metrics thread end, and with
         them every tensor they held, so that the stub exits when Triton asks it to."""
-        if self.threads is not None:
-            self.threads.shutdown(wait=True, cancel_futures=True)
+        if self.threads is not None:  # the requests it holds still get their answers
+            self.threads.shutdown(wait=True)
         if self.unet is not None:
             self.unet.close()
         self.metrics.writer.close()
@@ -291,9 +292,11 @@ class PipelineModel:
 
     def _answer(self, request):
         try:
-            return self._response(self._run(request))
+            response = self._response(self._run(request))
         except Exception as error:
-            return self._failure(error)
+            response = self._failure(error)
+        self._settle_metrics()
+        return response
 
     def _answer_in_thread(self, request) -> None:
         """One request, in a thread of its own: the one final response of a non-decoupled model
@@ -321,6 +324,7 @@ class PipelineModel:
             response = self._response(self._run(request))
         except Exception as error:
             response = self._failure(error)
+        self._settle_metrics()
         try:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as error:  # the stream was closed: nobody is left to tell
@@ -354,10 +358,15 @@ class PipelineModel:
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
+        return outputs
+
+    def _settle_metrics(self) -> None:
+        """Before a request's final answer, succeeded or not: the in-process UNet's compute so far
+        counted, and every update queued so far made (a client that reads the metrics after its
+        answer sees its request counted)."""
         if self.unet is not None:
             self.metrics.unet_in_process(self.unet.compute_seconds())
         self.metrics.writer.flush()
-        return outputs
 
     def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":
         """Every output as a torch tensor by DLPack (plain numbers too, at the spec's dtype): the

@@ -11,11 +11,15 @@ the served UNet, without a request per step. Waiting for every loop, rather than
 is waiting when the worker is free, keeps the loops in step: otherwise a request that arrives
 while a batch runs starts a second group, and the groups take turns at half the batch each.
 
-On a GPU nothing here waits for the GPU: the loops keep their tensors on it, a batch is queued
-and its rows handed back at once, and each loop goes on to queue its scheduler arithmetic and its
-next step while the UNet runs, up to ``STEPS_QUEUED`` steps ahead of the GPU. So the CPU's work of
-a step (the loops' Python, the hand-over, metric updates) overlaps the UNet's kernels instead of
-adding to them, and a cancelled loop stops within that many steps.
+On a GPU the steps are queued rather than waited for: the loops keep their tensors on it, a batch
+is queued and its rows handed back at once, and each loop goes on to queue its scheduler
+arithmetic and its next step while the UNet runs, up to ``STEPS_QUEUED`` steps ahead of the GPU.
+So the CPU's work of a step (the loops' Python, the hand-over, metric updates) overlaps the
+UNet's kernels instead of adding to them, and a cancelled loop stops within that many steps. (A
+scheduler that draws its noise on the CPU each step, like Euler ancestral, waits for the GPU
+when it copies the noise over; so does every Triton sub-request, for the work queued so far.)
+A loop waits for all its queued steps when it ends, so that its latents are ready for whatever
+reads them next, on whichever GPU.
 
 Kept free of Triton's ``triton_python_backend_utils``, so that it can be tested on its own.
 """
@@ -58,46 +62,50 @@ class StepBatcher:
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
                  name: str = "unet", max_wait: float = 0.05):
         self.network, self.max_batch, self.device, self.dtypes = network, max_batch, device, dtypes
+        self.on_gpu = device.type == "cuda"
         self.max_wait = max_wait
         self.batches, self.rows = 0, 0  # network calls made, rows run: rows / batches is the mean batch
-        # Each batch's compute time: CUDA events on a GPU (read once the batch has run), the wall
-        # time of the call on a CPU (where it has run when it returns).
-        self._events: list[tuple] = []
+        # Each batch's compute time: CUDA events on a GPU (read once the batch has run; an upper
+        # bound, as kernels that other loops queue between a batch's two events count too: their
+        # scheduler arithmetic, a few per cent under load at most), the wall time of the call on a
+        # CPU (where it has run when it returns).
+        self._events: list[tuple] = []  # (start, end, network calls) of batches not read yet
         self._timing = threading.Lock()
-        self._compute = {"seconds": 0.0, "batches": 0, "reported_at": time.monotonic(), "reported_seconds": 0.0}
+        self._compute = ComputeTime()
         self._loops = 0  # loops in flight: each will call before its next step is done
-        self._arriving = 0  # requests in flight whose loop has not started yet (see request())
+        self._arrivals: dict[int, float] = {}  # requests whose loop has not started: when each came
         self._closed = False
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
-        self._queued = threading.local()  # per loop (a thread each): its steps' events, oldest first
+        # Per request (a thread each): its queued steps' events, oldest first, and its arrival.
+        self._queued = threading.local()
         self._worker = threading.Thread(target=self._serve, name=f"{name} steps", daemon=True)
         self._worker.start()
 
     @contextmanager
     def request(self):
         """Around a whole request that will run a loop: until its loop starts (after the text
-        encoder), the batches wait for its first step too, up to ``max_wait``. Requests that
-        arrive together (a round of clients answered at once) then start in full batches rather
-        than the first ones a step or more ahead, in batches the others join late."""
+        encoder), the batches wait for its first step too, for at most ``max_wait`` after it
+        came. Requests that arrive together (a round of clients answered at once) then start in
+        full batches rather than the first ones a step or more ahead, in batches the others join
+        late; one that is slow to start (a long text encoding under load) holds them up once."""
+        key = threading.get_ident()
         with self._wake:
-            self._arriving += 1
-        self._queued.arriving = True
+            self._arrivals[key] = time.monotonic()
         try:
             yield
         finally:
             self._arrived()  # never reached its loop (refused, cancelled, failed)
 
     def _arrived(self) -> None:
-        if getattr(self._queued, "arriving", False):
-            self._queued.arriving = False
-            with self._wake:
-                self._arriving -= 1
+        with self._wake:
+            if self._arrivals.pop(threading.get_ident(), None) is not None:
                 self._wake.notify()
 
     @contextmanager
     def loop(self):
-        """Around one request's denoising loop: the batches wait for its steps while it runs."""
+        """Around one request's denoising loop: the batches wait for its steps while it runs. At
+        its end it waits for its queued steps, so that its latents are ready when it returns."""
         self._queued.steps = deque()
         self._arrived()
         with self._wake:
@@ -108,38 +116,50 @@ class StepBatcher:
             with self._wake:
                 self._loops -= 1
                 self._wake.notify()  # the worker may have been waiting for this loop's next step
+            if self._queued.steps:
+                self._queued.steps[-1].synchronize()
+            self._queued.steps = deque()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         future: Future = Future()
         with self._wake:
+            if self._closed:
+                raise RuntimeError("the UNet's worker has stopped: the model is unloading")
             self._pending.append((inputs, future))
             self._wake.notify()
         output, finished = future.result()
         if finished is not None:  # a GPU batch, queued: wait only for this loop's step STEPS_QUEUED back
-            queued = self._queued.__dict__.setdefault("steps", deque())
+            queued = self._queued.__dict__.setdefault("steps", deque())  # a call outside loop() too
             queued.append(finished)
             while len(queued) > STEPS_QUEUED:
                 queued.popleft().synchronize()
         return output
 
     def close(self) -> None:
-        """Stop the worker once the calls waiting now are answered (the model's unload)."""
+        """Stop the worker once the calls waiting now are answered (the model's unload); a call
+        after this fails at once."""
         with self._wake:
             self._closed = True
             self._wake.notify()
 
     def _serve(self) -> None:
-        if self.device.type == "cuda":
+        if self.on_gpu:
             torch.cuda.set_device(self.device)  # the current device is per thread
         while (calls := self._next_calls()) is not None:
             self._run_batch(calls)  # its tensors are let go on return, not kept while the worker waits
 
     def _next_calls(self) -> list | None:
-        """The calls of the next batch, once every loop in flight has called (None: closed)."""
+        """The calls of the next batch, once every loop in flight and every request that came
+        less than ``max_wait`` ago has called, or ``max_wait`` has passed (None: closed)."""
+        def everyone_called() -> bool:
+            now = time.monotonic()
+            arriving = sum(now - came < self.max_wait for came in self._arrivals.values())
+            return len(self._pending) >= self._loops + arriving
+
         with self._wake:
             while not self._pending and not self._closed:
                 self._wake.wait()
-            self._wake.wait_for(lambda: len(self._pending) >= self._loops + self._arriving, timeout=self.max_wait)
+            self._wake.wait_for(everyone_called, timeout=self.max_wait)
             calls, self._pending = self._pending, []
         return calls or None
 
@@ -175,7 +195,7 @@ class StepBatcher:
     def _queued_event(self):
         """On a GPU, an event that fires once the work queued so far has run (None on a CPU, where
         the batch has run already)."""
-        if self.device.type != "cuda":
+        if not self.on_gpu:
             return None
         event = torch.cuda.Event(blocking=True)  # a waiting loop sleeps rather than spins a core
         event.record()
@@ -186,20 +206,19 @@ class StepBatcher:
         with torch.inference_mode():
             merged = [torch.cat(column).to(device=self.device, dtype=dtype)
                       for column, dtype in zip(zip(*calls), self.dtypes, strict=True)]
-            on_gpu = self.device.type == "cuda"
-            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if on_gpu else ()
-            if on_gpu:
+            events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(2)) if self.on_gpu else ()
+            if events:
                 events[0].record()
             start = time.perf_counter()
             output = run_in_chunks(self.network, merged, self.max_batch)
+            network_calls = math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' calls
             with self._timing:
-                if on_gpu:
+                if events:
                     events[1].record()
-                    self._events.append(events)
+                    self._events.append((*events, network_calls))
                 else:
-                    self._compute["seconds"] += time.perf_counter() - start
-                    self._compute["batches"] += 1
-        self.batches += math.ceil(sum(sizes) / self.max_batch)  # run_in_chunks' network calls
+                    self._compute.add(time.perf_counter() - start, network_calls)
+        self.batches += network_calls
         self.rows += sum(sizes)
         return list(output.split(sizes))
 
@@ -207,19 +226,34 @@ class StepBatcher:
         """The compute time of the batches run so far (on a GPU: those that have finished)."""
         with self._timing:
             while self._events and self._events[0][1].query():  # finished batches, oldest first
-                start, end = self._events.pop(0)
-                self._compute["seconds"] += start.elapsed_time(end) / 1000
-                self._compute["batches"] += 1
-            return self._compute["seconds"]
+                start, end, network_calls = self._events.pop(0)
+                self._compute.add(start.elapsed_time(end) / 1000, network_calls)
+            return self._compute.seconds
 
     def compute_report(self) -> str:
-        """The batches' compute time per call so far, and how busy they kept the device since the
-        last report (of the wall time): under load, whether the GPU waits for the loops."""
-        seconds = self.compute_seconds()
+        """The batches' compute time per network call so far, and how busy they kept the device
+        since the last report (of the wall time): under load, whether the GPU waits for the loops."""
+        self.compute_seconds()
         with self._timing:
-            compute, now = self._compute, time.monotonic()
-            busy = (seconds - compute["reported_seconds"]) / max(now - compute["reported_at"], 1e-9)
-            compute["reported_at"], compute["reported_seconds"] = now, seconds
-            per_call = 1000 * seconds / max(compute["batches"], 1)
-        device = self.device.type.upper()
+            return self._compute.report("GPU" if self.on_gpu else "CPU")
+
+
+class ComputeTime:
+    """The UNet's compute time so far, and what ``report`` last said."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+        self.reported_at, self.reported_seconds = None, 0.0  # None: since the first call
+
+    def add(self, seconds: float, calls: int) -> None:
+        if self.reported_at is None:
+            self.reported_at = time.monotonic() - seconds
+        self.seconds, self.calls = self.seconds + seconds, self.calls + calls
+
+    def report(self, device: str) -> str:
+        now = time.monotonic()
+        since = now - (self.reported_at if self.reported_at is not None else now)
+        busy = (self.seconds - self.reported_seconds) / max(since, 1e-9)
+        self.reported_at, self.reported_seconds = now, self.seconds
+        per_call = 1000 * self.seconds / max(self.calls, 1)
         return f"{per_call:.2f} ms per call on the {device}, busy {100 * busy:.0f} % since the last report"
