@@ -116,8 +116,8 @@ class StepBatcher:
             with self._wake:
                 self._loops -= 1
                 self._wake.notify()  # the worker may have been waiting for this loop's next step
-            if self._queued.steps:
-                self._queued.steps[-1].synchronize()
+            if self.on_gpu:  # its last steps and the scheduler's arithmetic after them, done
+                torch.cuda.current_stream(self.device).synchronize()
             self._queued.steps = deque()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
