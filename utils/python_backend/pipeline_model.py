@@ -329,6 +329,10 @@ class PipelineModel:
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         except Exception as error:  # the stream was closed: nobody is left to tell
             self.logger.log_info(f"{self.spec.name}: final response not sent ({error})")
+        finally:
+            # A sender left in a pooled thread would keep the request's response factory, and with
+            # it the model, alive: Triton waits for that at unload.
+            self._request.sender = None
 
     def _run(self, request) -> tuple:
         arrays, tensors = {}, {}
