@@ -116,3 +116,17 @@ def test_the_readmes_request_examples_run_as_written(triton_server):
         (output,) = json.loads(response.read())["outputs"]
     assert output["name"] == "images" and output["shape"] == [2, 64, 80, 3] and output["datatype"] == "UINT8"
     assert len(output["data"]) == 2 * 64 * 80 * 3
+
+
+def test_the_admin_keys_the_launcher_makes_pass_as_script_arguments():
+    """The launcher prints a fresh admin key that users give back to the scripts (--admin-key KEY):
+    a key starting with "-" would read as an option there."""
+    import argparse
+
+    from utils.server.access import AccessPolicy
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--admin-key")
+    keys = [AccessPolicy().admin_key for _ in range(300)]  # an urlsafe token starts with "-" once in 64
+    assert len(set(keys)) == len(keys)
+    assert all(parser.parse_args(["--admin-key", key]).admin_key == key for key in keys)

@@ -32,7 +32,9 @@ class AccessPolicy:
         if self.model_control not in MODEL_CONTROL_MODES:
             raise UsageError(f"model_control={self.model_control!r}: use one of {MODEL_CONTROL_MODES} (--model-control).")
         if self.admin_key is None:
-            self.admin_key = secrets.token_urlsafe(24)
+            # Hex: a key that starts with "-" (as token_urlsafe's can) reads as an option where it is
+            # passed to a script (--admin-key -Xy...), and the user copies it from the launcher.
+            self.admin_key = secrets.token_hex(24)
 
     def arguments(self) -> list[str]:
         """tritonserver's flags for this policy."""
