@@ -17,10 +17,12 @@ OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 source scripts/gpu_host/setup.sh  # wheels, this project, the pipeline model's environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-COMPILE=()  # TORCH_COMPILE= (empty) serves the eager networks, still in CUDA graphs
-if [ -n "${TORCH_COMPILE-unet vae_decoder}" ]; then COMPILE=(--torch-compile ${TORCH_COMPILE-unet vae_decoder}); fi
-INSTANCES=()  # BLS instances; with-unet: loops in flight per model (empty: the placement's default)
-if [ -n "${PIPELINE_INSTANCES-16}" ]; then INSTANCES=(--pipeline-instances "${PIPELINE_INSTANCES-16}"); fi
+TORCH_COMPILE=${TORCH_COMPILE-unet vae_decoder}  # empty: the eager networks, still in CUDA graphs
+COMPILE=()
+if [ -n "$TORCH_COMPILE" ]; then COMPILE=(--torch-compile $TORCH_COMPILE); fi
+PIPELINE_INSTANCES=${PIPELINE_INSTANCES-16}  # BLS instances; with-unet: loops in flight per model (empty: the default)
+INSTANCES=()
+if [ -n "$PIPELINE_INSTANCES" ]; then INSTANCES=(--pipeline-instances "$PIPELINE_INSTANCES"); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \

@@ -124,11 +124,8 @@ class PipelineMetrics:
 
     def _series(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:
         labels = {"model": self.model, **labels}
-        family = self.families[metric.name]
-        if metric.buckets:
-            series = self.writer.call(lambda: family.Metric(labels=labels, buckets=list(metric.buckets))).result()
-        else:
-            series = self.writer.call(lambda: family.Metric(labels=labels)).result()
+        histogram = {"buckets": list(metric.buckets)} if metric.buckets else {}
+        series = self.writer.call(lambda: self.families[metric.name].Metric(labels=labels, **histogram)).result()
         return QueuedMetric(series, self.writer)
 
     def _labelled(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:

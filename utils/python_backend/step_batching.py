@@ -77,8 +77,7 @@ class StepBatcher:
         self._closed = False
         self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
         self._wake = threading.Condition()
-        # Per request (a thread each): its queued steps' events, oldest first, and its arrival.
-        self._queued = threading.local()
+        self._queued = threading.local()  # per request (a thread each): its queued steps' events, oldest first
         self._worker = threading.Thread(target=self._serve, name=f"{name} steps", daemon=True)
         self._worker.start()
 
