@@ -17,13 +17,13 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from pipelines.request import GenerationRequest
-from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
 from utils.errors import UsageError
+from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.layout import served_name
 from utils.networks import TORCH_DTYPES
+from utils.request import GenerationRequest
 
 
 class TritonNetworks:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from pipelines.client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
-from pipelines.request import GenerationRequest, check_request, request_to_arrays
 from utils import specs
+from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
+from utils.request import GenerationRequest, check_request, request_to_arrays
 
 
 class ServedPipeline:

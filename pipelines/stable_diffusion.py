@@ -2,7 +2,7 @@
 
 The client-side pipeline (pipelines/client_side.py), the BLS models (triton/models/pipeline_*)
 and the ensembles' Python steps (tokenizer, denoise, postprocess, preprocess_image) run this same
-code; they differ only in how a network is called: ``run_network(spec, *inputs) -> outputs``, over
+code; they differ only in how a network is called: ``call_network(spec, *inputs) -> outputs``, over
 gRPC or as a BLS sub-request, or in which steps they run. Same seed and settings give the image of
 ``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` (tests/test_end_to_end.py).
 """
@@ -16,7 +16,6 @@ import inspect
 import json
 import secrets
 import threading
-import time
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
@@ -24,10 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
-                               max_inference_steps)
 from utils import metrics, specs
-
+from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
+                           max_inference_steps)
 
 _LAZY_IMPORTS = threading.Lock()
 # A linear fit from SD1.x's (scaled) latent channels to RGB in [-1, 1], rows per channel: the
@@ -38,33 +36,12 @@ LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
                       (-0.2120, -0.2616, -0.7177))
 
 
-class RunNetwork(Protocol):
+class CallNetwork(Protocol):
     def __call__(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
 
 class Cancelled(RuntimeError):
     pass
-
-
-# Triton's request.is_cancelled() is a round trip to the server process (0.2 ms a call on an H100
-# host, where a step takes ~10 ms): asked before the first step, then at most this often, so a
-# cancelled request stops within this time plus a step.
-CANCELLATION_CHECK_SECONDS = 0.05
-
-
-def at_most_every(seconds: float, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
-    """``is_cancelled``, asked at its first call and then only once ``seconds`` have passed since
-    it was last asked (False in between)."""
-    asked = float("-inf")
-
-    def throttled() -> bool:
-        nonlocal asked
-        if time.monotonic() - asked < seconds:
-            return False
-        asked = time.monotonic()
-        return is_cancelled()
-
-    return throttled
 
 
 class PipelineComponents:
@@ -118,7 +95,7 @@ class PipelineComponents:
 
     def new_scheduler(self, class_name: str | None = None):
         """A scheduler of a request's own (PNDM keeps state between steps): the checkpoint's, or
-        another one of the allowed classes (pipelines/request.py checks the name first)."""
+        another one of the allowed classes (utils/request.py checks the name first)."""
         return copy.deepcopy(self._scheduler(class_name or self.scheduler_config["_class_name"]))
 
 
@@ -138,7 +115,7 @@ class StableDiffusion:
     code; ``__call__`` runs them all, as the client-side pipeline and the BLS models do.
     """
 
-    def __init__(self, components: PipelineComponents, run_network: RunNetwork,
+    def __init__(self, components: PipelineComponents, call_network: CallNetwork,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  sizes: specs.ImageSizes | None = None,
                  loop_scope: Callable[[], ContextManager] = contextlib.nullcontext):
@@ -148,17 +125,17 @@ class StableDiffusion:
         self.loop_scope = loop_scope
         self.components = components
         self.sizes = sizes or specs.ImageSizes.default(components.dims)
-        self.run_network = run_network
+        self._call_network = call_network  # over gRPC, by BLS, or in this process
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
         self.device = torch.device(device)
         self.max_prompts = specs.MAX_PROMPTS
         self.max_steps = max_inference_steps(components.scheduler_config)
         self._tokenizing = threading.Lock()
 
-    def run(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Call a network and get its outputs on the loop's device, wherever it answered:
         TensorRT, and ONNX Runtime on a GPU, answer in the GPU memory they computed in."""
-        return tuple(output.to(self.device) for output in self.run_network(network, *inputs))
+        return tuple(output.to(self.device) for output in self._call_network(network, *inputs))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
@@ -208,7 +185,7 @@ class StableDiffusion:
 
     # 2. One text encoder call for both halves.
     def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
-        (text_embeddings,) = self.run(specs.TEXT_ENCODER, self.tokenize(request))
+        (text_embeddings,) = self.call_network(specs.TEXT_ENCODER, self.tokenize(request))
         return text_embeddings
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
@@ -219,7 +196,7 @@ class StableDiffusion:
         return (2.0 * pixels - 1.0).to(device=self.device, dtype=self.dtype)
 
     def encode_image(self, images) -> torch.Tensor:
-        (latent_parameters,) = self.run(specs.VAE_ENCODER, self.preprocess_image(images))
+        (latent_parameters,) = self.call_network(specs.VAE_ENCODER, self.preprocess_image(images))
         return latent_parameters
 
     # 3-5. The loop: timesteps, initial latents, denoising.
@@ -273,7 +250,7 @@ class StableDiffusion:
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
-                (noise,) = self.run(specs.UNET, model_input, timestep, text_embeddings)
+                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
@@ -322,7 +299,7 @@ class StableDiffusion:
 
     # 6. Decode.
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        (image,) = self.run(specs.VAE_DECODER, latents)
+        (image,) = self.call_network(specs.VAE_DECODER, latents)
         return image
 
     # 7. To uint8 RGB, as diffusers' VaeImageProcessor.postprocess does.

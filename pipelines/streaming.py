@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from pipelines.client import DEFAULT_URL, check_server, connect, infer_inputs
-from pipelines.request import DEFAULT_PREVIEW_EVERY, GenerationRequest, check_request, request_to_arrays
 from utils import specs
+from utils.grpc_client import DEFAULT_URL, check_server, connect, infer_inputs
+from utils.request import DEFAULT_PREVIEW_EVERY, GenerationRequest, check_request, request_to_arrays
 
 SPEC = specs.TEXT_TO_IMAGE_STREAM
 

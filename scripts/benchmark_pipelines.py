@@ -12,9 +12,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from utils.benchmark import (CONTENDERS, TASKS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency,
-                             table, write_results)
-from utils.cli import add_deployment_arguments, deployment_from_args, main_entry
+from pipelines.contenders import CONTENDERS
+from utils.benchmark import (TASKS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency, table,
+                             write_results)
+from utils.cli import add_deployment_arguments, add_generation_arguments, deployment_from_args, main_entry
 from utils.deployment import Deployment
 from utils.errors import UsageError
 from utils.layout import DEFAULT_REPOSITORY
@@ -40,11 +41,9 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
                         help="image-to-image starts every pipeline from the same picture, at --strength")
-    parser.add_argument("--strength", type=float, default=defaults.strength, help="image to image: in (0, 1]")
-    parser.add_argument("--prompt", default=defaults.prompt)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "strength"),
+                             prompt=defaults.prompt, num_inference_steps=defaults.steps,
+                             guidance_scale=defaults.guidance_scale, seed=defaults.seed, strength=defaults.strength)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--runs", type=int, default=defaults.runs)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[],
@@ -64,7 +63,7 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     if args.concurrency and args.requests < max(args.concurrency):
         raise UsageError(f"--requests {args.requests} with --concurrency {' '.join(map(str, args.concurrency))}: "
                          f"send at least one request per client")
-    settings = Settings(model=args.model, prompt=args.prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+    settings = Settings(model=args.model, prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
                         requests=args.requests, task=args.task, strength=args.strength,
                         deployment=deployment_from_args(args))
@@ -75,7 +74,8 @@ def main(argv=None):
     args, settings = parse_arguments(argv)
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     deployment = settings.deployment
-    served = any(CONTENDERS[name].served for name in args.pipelines)
+    contenders = {name: CONTENDERS[name] for name in args.pipelines}
+    served = any(contender.served for contender in contenders.values())
 
     def serve(repository: Path, deployment: Deployment) -> TritonServer:
         prepare_repository(args.model, repository, deployment, models_dir=args.models_dir)
@@ -88,7 +88,7 @@ def main(argv=None):
         # GPU scaling: the same deployment on the first GPU alone, under the same load.
         first_gpu = replace(deployment, placement=replace(placement, gpus=placement.gpus[:1]))
         with serve(args.repository.with_name(args.repository.name + "-1gpu"), first_gpu) as server:
-            one_gpu = run_concurrency(settings, model_dir, server.grpc_url, args.pipelines, server.admin_headers())
+            one_gpu = run_concurrency(settings, model_dir, server.grpc_url, contenders, server.admin_headers())
     with contextlib.ExitStack() as stack:
         url, headers = args.url, AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
         metrics_url = args.metrics_url
@@ -99,7 +99,7 @@ def main(argv=None):
             stack.enter_context(server)
             server_seconds["start_s"] = time.monotonic() - started
             url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
-        results = run_benchmark(settings, model_dir, url, args.pipelines, headers, metrics_url)
+        results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url)
         if server_seconds and args.time_restart:
             started = time.monotonic()
             server.restart()

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from utils import specs
 from utils.cli import main_entry
+from utils.deployment import served_sizes
 from utils.docker import export_command
 from utils.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
                            trtexec_command)
 from utils.errors import UsageError
-from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY, read_serving
+from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
 
 
 def main(argv=None):
@@ -50,7 +51,7 @@ def main(argv=None):
     # The sizes of the checkpoint the repository serves (step 3 copied its config files), and the
     # image sizes it was written for (--image-sizes): the profiles' spatial range.
     dims = specs.ModelDims.from_pretrained(args.repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
-    sizes = specs.ImageSizes.served(read_serving(args.repository, specs.TEXT_TO_IMAGE.name), dims)
+    sizes = served_sizes(args.repository, specs.TEXT_TO_IMAGE.name, dims)
     wrap = export_command if args.docker else (lambda command: command)
     if args.print_commands:
         for network in networks:

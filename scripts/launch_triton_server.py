@@ -76,7 +76,7 @@ def serve_locally(args: argparse.Namespace, gpus: tuple[int, ...] | None) -> Non
               f"health and metadata are open.", flush=True)
         if args.canary_interval > 0:
             limit = None if args.memory_limit_mib is None else int(args.memory_limit_mib * 2**20)
-            Supervisor(server, interval=args.canary_interval, memory_limit=limit).run()  # until Ctrl+C
+            Supervisor(server, interval=args.canary_interval, memory_limit=limit).watch()  # until Ctrl+C
         else:
             while server.process.poll() is None:  # short sleeps: a signal always gets through
                 time.sleep(0.5)

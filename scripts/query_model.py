@@ -10,10 +10,10 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from pipelines.client import DEFAULT_URL, connect, served_config
 from utils import specs
 from utils.cli import main_entry
 from utils.errors import UsageError
+from utils.grpc_client import DEFAULT_URL, connect, served_config
 from utils.health import probe_inputs
 from utils.layout import network_of
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import EnsemblePipeline
 from utils import dashboard
-from utils.cli import main_entry
+from utils.cli import add_generation_arguments, main_entry
 from utils.layout import DEFAULT_REPOSITORY
 from utils.prometheus import RECORDING_RULES, LocalPrometheus
 from utils.server import TritonServer
@@ -31,13 +31,13 @@ def main(argv=None):
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--seconds", type=float, default=90.0, help="how long to send requests")
     parser.add_argument("--clients", type=int, default=2, help="clients sending at once")
-    parser.add_argument("--steps", type=int, default=10, help="num_inference_steps of each request")
+    add_generation_arguments(parser, ("num_inference_steps",), num_inference_steps=10)
     parser.add_argument("--output", type=Path, default=Path("outputs/dashboard.png"))
     args = parser.parse_args(argv)
     with TritonServer(args.repository) as server, \
             LocalPrometheus([server.metrics_url], rule_files=[RECORDING_RULES]) as prometheus:
         stop = threading.Event()
-        clients = [threading.Thread(target=traffic, args=(server.grpc_url, stop, args.steps)) for _ in range(args.clients)]
+        clients = [threading.Thread(target=traffic, args=(server.grpc_url, stop, args.num_inference_steps)) for _ in range(args.clients)]
         start = time.time()
         for client in clients:
             client.start()

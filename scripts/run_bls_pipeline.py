@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from pipelines.bls import BlsPipeline
-from pipelines.client import DEFAULT_URL
 from utils.cli import add_generation_arguments, generate_and_save, main_entry
+from utils.grpc_client import DEFAULT_URL
 
 
 def main(argv=None):

@@ -4,9 +4,9 @@ is a gRPC call to Triton."""
 import argparse
 from pathlib import Path
 
-from pipelines.client import DEFAULT_URL
 from pipelines.client_side import ClientSidePipeline
 from utils.cli import add_generation_arguments, generate_and_save, main_entry
+from utils.grpc_client import DEFAULT_URL
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 
 

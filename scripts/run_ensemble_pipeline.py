@@ -4,9 +4,9 @@ denoise -> decode, a graph Triton runs itself, in one request."""
 import argparse
 from pathlib import Path
 
-from pipelines.client import DEFAULT_URL
 from pipelines.ensemble import EnsemblePipeline
 from utils.cli import add_generation_arguments, generate_and_save, main_entry
+from utils.grpc_client import DEFAULT_URL
 
 
 def main(argv=None):

@@ -13,19 +13,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.client import DEFAULT_URL, connect, served_config
-from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, SCHEDULERS, GenerationRequest, check_request
-from utils import specs
-from utils.benchmark import perf_analyzer
+from utils import perf_analyzer, specs
 from utils.benchmark.report import environment
 from utils.benchmark.statistics import inference_statistics
-from utils.cli import DEFAULT_PROMPT, main_entry
+from utils.cli import add_generation_arguments, main_entry
 from utils.errors import UsageError
+from utils.grpc_client import DEFAULT_URL, connect, served_config
 from utils.layout import network_of
+from utils.request import GenerationRequest, check_request
 from utils.server.access import AccessPolicy
 from utils.tools import tool
 
-def main(argv=None):
+
+def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--admin-key", default=None,
@@ -47,18 +47,14 @@ def main(argv=None):
     parser.add_argument("--csv", type=Path, default=None, help="keep perf_analyzer's CSV report here")
     parser.add_argument("--record", type=Path, default=None,
                         help="write a JSON of the figures, the command, the machine and the versions here")
-    group = parser.add_argument_group("the pipeline's request")
-    group.add_argument("--prompt", default=DEFAULT_PROMPT)
-    group.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS,
-                       help="num_inference_steps (default: the pipelines', as the project's benchmark runs them)")
-    group.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--scheduler", default=None, choices=SCHEDULERS,
-                       help="a diffusers scheduler class (default: the checkpoint's own)")
-    group.add_argument("--height", type=int, default=None, help="in pixels (default: the checkpoint's)")
-    group.add_argument("--width", type=int, default=None, help="in pixels (default: the checkpoint's)")
-    args = parser.parse_args(argv)
+    # The pipeline's request: 50 steps by default, as the project's benchmark runs them.
+    add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "height",
+                                      "width"))
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_arguments(argv)
     load = perf_analyzer.Load(perf_analyzer.parse_concurrency(args.concurrency), args.measurement_interval,
                               args.stability, args.requests)
     pipeline = perf_analyzer.PIPELINES.get(args.model)
@@ -82,7 +78,7 @@ def main(argv=None):
         work = Path(work)
         if pipeline is not None:
             request = check_request(
-                GenerationRequest(prompt=[args.prompt], num_inference_steps=args.steps,
+                GenerationRequest(prompt=[args.prompt], num_inference_steps=args.num_inference_steps,
                                   guidance_scale=args.guidance_scale, seed=args.seed, scheduler=args.scheduler,
                                   height=args.height, width=args.width),
                 max_prompts=specs.MAX_PROMPTS, max_steps=None)
@@ -94,7 +90,7 @@ def main(argv=None):
         command = perf_analyzer.printable(["perf_analyzer", *arguments], headers)
         print("$", command, flush=True)
         report = work / "report.csv"
-        results = perf_analyzer.run(arguments, report, echo=lambda line: print(line, flush=True), cwd=work)
+        results = perf_analyzer.measure(arguments, report, echo=lambda line: print(line, flush=True), cwd=work)
         if args.csv is not None:
             args.csv.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(report, args.csv)

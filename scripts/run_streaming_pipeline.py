@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.client import DEFAULT_URL
-from pipelines.request import DEFAULT_PREVIEW_EVERY
 from pipelines.streaming import StreamingPipeline
 from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
 from utils.errors import UsageError
+from utils.grpc_client import DEFAULT_URL
+from utils.request import DEFAULT_PREVIEW_EVERY
 
 
 def main(argv=None):

@@ -4,13 +4,13 @@ import argparse
 
 from utils import configs, specs
 from utils.cli import main_entry
-from utils.layout import PROJECT_MODELS
+from utils.layout import PROJECT_MODELS, config_file
 
 
 def main(argv=None):
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
     for name in [*specs.PIPELINES, *specs.ENSEMBLES]:
-        path = PROJECT_MODELS / name / "config.pbtxt"
+        path = config_file(PROJECT_MODELS, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(configs.to_pbtxt(configs.committed_config(name)))
         print(f"wrote {path}")

@@ -83,8 +83,9 @@ def bls_repository(tiny_model, exports, tmp_path_factory):
 def stub_count(repository) -> int:
     """How many Python-backend stub processes a server of this repository runs: one per instance."""
     from utils.configs import parse_pbtxt
+    from utils.layout import config_files
 
-    configs = [parse_pbtxt(path.read_text()) for path in sorted(repository.glob("*/config.pbtxt"))]
+    configs = [parse_pbtxt(path.read_text()) for path in config_files(repository)]
     return sum(group.count for config in configs if config.backend == "python" for group in config.instance_group)
 
 

@@ -9,8 +9,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
-from pipelines.request import GenerationRequest, request_to_arrays
 from utils import specs
+from utils.request import GenerationRequest, request_to_arrays
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
@@ -104,7 +104,7 @@ def test_bad_requests_among_good_ones_fail_alone(bls):
 
 
 def test_bls_client_refuses_what_the_server_would_with_the_same_message(bls):
-    from pipelines.request import InvalidRequest
+    from utils.request import InvalidRequest
 
     with pytest.raises(InvalidRequest, match=r"seed=9223372036854775808 is not allowed: use an integer in \[0, 2\*\*63 - 1\]"):
         bls("a cat", seed=2**63)  # was a bare OverflowError while packing the request

@@ -5,16 +5,17 @@ No speed is asserted here: the benchmark prints speeds, tests check that they ar
 
 from __future__ import annotations
 
-import pytest
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from utils.benchmark import CONTENDERS, STAGES
+from pipelines.contenders import CONTENDERS
+from utils.benchmark import STAGES
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
-               "--warmup", "1", "--runs", "2", "--steps", "5", "--concurrency", "1", "2", "--requests", "2",
+               "--warmup", "1", "--runs", "2", "--num-inference-steps", "5", "--concurrency", "1", "2", "--requests", "2",
                "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
                "--time-restart", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -87,7 +88,7 @@ def test_image_to_image_benchmark_against_a_running_server(triton_server, tiny_m
     from the same picture, the VAE encoder among the stages, the same images as diffusers'."""
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
                "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
-               "--task", "image-to-image", "--strength", "0.6", "--warmup", "1", "--runs", "2", "--steps", "5",
+               "--task", "image-to-image", "--strength", "0.6", "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
                "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
                "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.layout import PROJECT_ROOT
+from utils.layout import CONFIG_FILE, PROJECT_ROOT
 from utils.server import free_port
 from utils.version import project_version, source_files, tree_hash
 
@@ -71,7 +71,7 @@ def test_user_errors_are_one_line_with_the_fix(arguments, message, tmp_path):
 @pytest.mark.slow
 def test_a_repository_conflict_is_one_line(tiny_model, exports, tmp_path):
     onnx_dir = exports["unet"].path.parents[1]
-    edited = tmp_path / "repository" / "unet" / "config.pbtxt"
+    edited = tmp_path / "repository" / "unet" / CONFIG_FILE
     edited.parent.mkdir(parents=True)
     edited.write_text("# my tuning\n")
     done = run(sys.executable, str(PROJECT_ROOT / "scripts/move_onnx_models_to_triton.py"), "--model", str(tiny_model),

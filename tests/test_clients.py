@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from pipelines.client import is_retryable
+from utils.grpc_client import is_retryable
 
 
 @pytest.mark.parametrize("message, status, retried", [
@@ -56,7 +56,7 @@ def test_the_served_loop_asks_about_cancellation_at_most_every_interval():
     then only once the interval has passed (a cancelled request still stops within it)."""
     import time
 
-    from pipelines.stable_diffusion import at_most_every
+    from utils.timing import at_most_every
 
     asked = []
     is_cancelled = at_most_every(0.2, lambda: asked.append(time.monotonic()) or len(asked) == 2)

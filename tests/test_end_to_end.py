@@ -11,7 +11,7 @@ from tritonclient.utils import InferenceServerException
 from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
 from pipelines.ensemble import EnsemblePipeline
-from pipelines.request import SCHEDULERS
+from utils.request import SCHEDULERS
 
 pytestmark = pytest.mark.server  # starts tritonserver
 
@@ -74,7 +74,7 @@ def test_triton_image_equals_diffusers(kind, case, ways, diffusers_pipeline):
     assert difference <= MAX_PIXEL_DIFFERENCE
 
 
-# What a request may choose (pipelines/request.py), each against diffusers given the same choice.
+# What a request may choose (utils/request.py), each against diffusers given the same choice.
 OPTION_CASES = {
     **{f"scheduler {name}": dict(prompt="a red barn in the snow", seed=4, num_inference_steps=8, scheduler=name)
        for name in SCHEDULERS},
@@ -270,8 +270,7 @@ def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):
 
     import tritonclient.grpc as grpcclient
 
-    from pipelines.client import infer_inputs
-
+    from utils.grpc_client import infer_inputs
     from utils.specs import TEXT_ENCODER
 
     client = grpcclient.InferenceServerClient(torch_runtime_server.grpc_url)

@@ -9,9 +9,9 @@ import pytest
 
 from utils import specs
 from utils.deployment import Deployment
+from utils.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log, plan_path,
+                           profile_shapes, trtexec_command)
 from utils.errors import UsageError
-from utils.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log,
-                           plan_path, profile_shapes, trtexec_command)
 from utils.repository import write_repository
 
 SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, latent_height=64, latent_width=64,
@@ -131,12 +131,12 @@ def test_repository_without_tensorrt_models_needs_no_check(repository):
 
 def test_the_repositorys_image_sizes_are_the_engines_profiles(tmp_path, tiny_model, exports):
     """--image-sizes when writing the repository; the engine build reads them back from it."""
-    from utils.layout import read_serving
+    from utils.deployment import served_sizes
 
     write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()},
                      Deployment(backend="tensorrt", image_sizes=(32, 128)))
     dims = specs.ModelDims.from_pretrained(tiny_model)
-    sizes = specs.ImageSizes.served(read_serving(tmp_path, specs.TEXT_TO_IMAGE.name), dims)
+    sizes = served_sizes(tmp_path, specs.TEXT_TO_IMAGE.name, dims)
     assert sizes == specs.ImageSizes(32, 128, 8)
     command = " ".join(trtexec_command(specs.VAE_DECODER, dims, tmp_path, sizes=sizes))
     assert "--minShapes=sample:1x4x4x4 --optShapes=sample:1x4x8x8 --maxShapes=sample:4x4x16x16" in command

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from utils import configs, export, specs
 from utils.deployment import Deployment
 from utils.export import ExportParityError, export_cli, export_network
-from utils.layout import ONNX_DATA_FILE, ONNX_FILE
+from utils.layout import CONFIG_FILE, ONNX_DATA_FILE, ONNX_FILE
 from utils.repository import write_repository
 
 ONNX_TYPES = {"FP16": "FLOAT16", "FP32": "FLOAT", "INT32": "INT32"}
@@ -91,7 +91,7 @@ def test_fp16_export_on_cpu_has_the_specs_dtypes(name, fp16_exports):
 def test_fp16_graphs_make_an_fp16_repository(fp16_exports, tiny_model, tmp_path):
     """Step 3 accepts the FP16 graphs and declares FP16 activations and an FP32 timestep."""
     write_repository(tmp_path, tiny_model, {name: r.path for name, r in fp16_exports.items()}, Deployment(backend="tensorrt"))
-    unet = configs.parse_pbtxt((tmp_path / "unet" / "config.pbtxt").read_text())
+    unet = configs.parse_pbtxt((tmp_path / "unet" / CONFIG_FILE).read_text())
     declared = {t.name: mc.DataType.Name(t.data_type) for t in unet.input}
     assert declared == {"sample": "TYPE_FP16", "timestep": "TYPE_FP32", "encoder_hidden_states": "TYPE_FP16"}
 

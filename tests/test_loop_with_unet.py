@@ -121,13 +121,14 @@ def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_sa
     benchmark reads its compute from sd_unet_in_process_seconds_total and budgets the pipeline as
     any other; without it, it marks the UNet `in loop` and gives no budget rather than one without
     the UNet."""
+    from pipelines.contenders import CONTENDERS
     from utils.benchmark.measure import run_benchmark
     from utils.benchmark.report import IN_LOOP, table
     from utils.benchmark.settings import Settings
 
     settings = Settings(steps=4, warmup=1, runs=2, deployment=server_deployment())
-    results = run_benchmark(settings, tiny_model, server.grpc_url, ["triton-client-side", "triton-bls"],
-                            headers=server.admin_headers())
+    contenders = {name: CONTENDERS[name] for name in ("triton-client-side", "triton-bls")}
+    results = run_benchmark(settings, tiny_model, server.grpc_url, contenders, headers=server.admin_headers())
     assert results["failed"] == {}
     assert results["pipelines"]["triton-bls"]["stages"]["unet_in_loop"]
     assert not results["pipelines"]["triton-client-side"]["stages"]["unet_in_loop"]  # it calls the served UNet
@@ -137,8 +138,8 @@ def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_sa
     assert "in loop" in bls_row
     assert f"triton-bls           none: {IN_LOOP}" in text
 
-    results = run_benchmark(settings, tiny_model, server.grpc_url, ["triton-bls"], headers=server.admin_headers(),
-                            metrics_url=server.metrics_url)
+    results = run_benchmark(settings, tiny_model, server.grpc_url, {"triton-bls": CONTENDERS["triton-bls"]},
+                            headers=server.admin_headers(), metrics_url=server.metrics_url)
     stages, budget = results["pipelines"]["triton-bls"]["stages"], results["compute_budget"]["triton-bls"]
     assert stages["unet_in_loop"] and 0 < stages["unet"] < stages["end_to_end"], stages
     assert stages["unet"] <= budget["ideal_s"] <= budget["measured_s"], budget

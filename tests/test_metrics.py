@@ -59,6 +59,6 @@ def test_refused_requests_are_counted_by_the_input_they_got_wrong(triton_server)
 
 
 def _arrays(**options):
-    from pipelines.request import GenerationRequest, request_to_arrays
+    from utils.request import GenerationRequest, request_to_arrays
 
     return request_to_arrays(GenerationRequest(**options))

@@ -16,10 +16,10 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import EnsemblePipeline
-from pipelines.request import GenerationRequest, request_to_arrays
 from pipelines.streaming import StreamingPipeline
 from utils import dashboard, metrics, specs
 from utils.prometheus import RECORDING_RULES, LocalPrometheus
+from utils.request import GenerationRequest, request_to_arrays
 
 pytestmark = pytest.mark.server  # starts tritonserver and prometheus
 

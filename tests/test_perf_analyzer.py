@@ -15,16 +15,15 @@ import pytest
 from conftest import report
 from google.protobuf import json_format
 
-from pipelines.client import connect
-from pipelines.request import GenerationRequest
-from utils import specs
-from utils.benchmark import perf_analyzer
-from utils.benchmark.perf_analyzer import Load
+from utils import perf_analyzer, specs
 from utils.configs import network_config
 from utils.deployment import Deployment
 from utils.errors import UsageError
+from utils.grpc_client import connect
 from utils.health import served_shapes
 from utils.layout import PROJECT_ROOT
+from utils.perf_analyzer import Load
+from utils.request import GenerationRequest
 from utils.server import free_port
 from utils.server.access import AccessPolicy
 
@@ -188,7 +187,7 @@ def test_perf_analyzer_loads_a_network_at_batch_2(triton_server, tiny_model, tmp
         specs.ModelDims.from_pretrained(tiny_model).resolve(latents.dims))
     before = successes(client, specs.UNET.name, headers)
     arguments = perf_analyzer.network_arguments(config, 2, triton_server.grpc_url, Load(requests=REQUESTS), headers)
-    (result,) = perf_analyzer.run(arguments, tmp_path / "unet.csv", echo=None)
+    (result,) = perf_analyzer.measure(arguments, tmp_path / "unet.csv", echo=None)
     check_figures(result)
     requests, rows = grown(client, specs.UNET.name, headers, before)
     assert requests >= REQUESTS and rows >= 2 * REQUESTS  # perf_analyzer's, counted by this server
@@ -205,7 +204,7 @@ def test_perf_analyzer_loads_the_bls_pipeline_and_reports_its_networks(triton_se
         tmp_path / "input.json", GenerationRequest(prompt=["a red fox"], num_inference_steps=2, seed=0))
     arguments = perf_analyzer.pipeline_arguments(pipeline, input_data, triton_server.grpc_url,
                                                  Load(requests=REQUESTS), headers)
-    (result,) = perf_analyzer.run(arguments, tmp_path / "pipeline.csv", echo=None)
+    (result,) = perf_analyzer.measure(arguments, tmp_path / "pipeline.csv", echo=None)
     check_figures(result)
     composing = {model.name: model for model in result.composing}
     assert list(composing) == [network.name for network in pipeline.networks]
@@ -227,7 +226,7 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.server
 def test_script_prints_perf_analyzers_summary_and_the_parsed_figures(triton_server, tmp_path):
-    done = run_script("--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key, "--steps", "2",
+    done = run_script("--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key, "--num-inference-steps", "2",
                       "--requests", "10", "--csv", str(tmp_path / "report.csv"), "--record", str(tmp_path / "run.json"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert triton_server.admin_key not in done.stdout + (tmp_path / "run.json").read_text()

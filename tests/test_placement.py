@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from utils.benchmark import gpu_scaling
 from utils.benchmark.statistics import per_network
 from utils.deployment import GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, Deployment, Placement
 from utils.health import served_networks
-from utils.layout import SERVING_FILE
+from utils.layout import CONFIG_FILE, SERVING_FILE
 from utils.repository import write_repository
 from utils.server import TritonServer, TritonServerError, server_environment, shared_libpython
 from utils.server.install import COMPILE_CACHE
@@ -75,11 +75,11 @@ def test_repository_on_two_gpus(tiny_model, tmp_path):
     assert models == sorted([f"{name}_gpu{gpu}" for name in specs.NETWORKS for gpu in (0, 1)]
                             + [pipeline.name for pipeline in specs.BLS_PIPELINES])
     for gpu in (0, 1):
-        config = configs.parse_pbtxt((repository / f"unet_gpu{gpu}" / "config.pbtxt").read_text())
+        config = configs.parse_pbtxt((repository / f"unet_gpu{gpu}" / CONFIG_FILE).read_text())
         assert list(config.instance_group[0].gpus) == [gpu]
         assert config.parameters["torch_compile"].string_value == "yes"
         assert (repository / f"unet_gpu{gpu}" / "1" / "checkpoint" / "unet").is_dir()
-        text_encoder = configs.parse_pbtxt((repository / f"text_encoder_gpu{gpu}" / "config.pbtxt").read_text())
+        text_encoder = configs.parse_pbtxt((repository / f"text_encoder_gpu{gpu}" / CONFIG_FILE).read_text())
         assert "torch_compile" not in text_encoder.parameters
     serving = json.loads((repository / specs.TEXT_TO_IMAGE.name / "1" / SERVING_FILE).read_text())
     assert serving == {"precision": "FP16", "device": "cuda", "gpus": [0, 1], "loop_device": "cpu",
@@ -92,7 +92,7 @@ def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_
     write_repository(tmp_path, tiny_model, None, TORCH_CUDA)
     looping = [name for name, spec in specs.PIPELINES.items() if spec.networks]  # the BLS pipelines and denoise
     assert gpus.repository_gpus(tmp_path) == {name: {0} for name in [*specs.NETWORKS, *looping]}
-    pipeline = configs.parse_pbtxt((tmp_path / specs.TEXT_TO_IMAGE.name / "config.pbtxt").read_text())
+    pipeline = configs.parse_pbtxt((tmp_path / specs.TEXT_TO_IMAGE.name / CONFIG_FILE).read_text())
     assert pipeline.instance_group[0].count == GPU_PIPELINE_INSTANCES
 
 
@@ -113,7 +113,7 @@ def test_pipeline_environment_is_an_archive_next_to_the_config(tiny_model, tmp_p
     environments.create(environment)
     write_repository(tmp_path / "repository", tiny_model, None, replace(TORCH_CUDA, pipeline_environment=environment))
     pipeline = tmp_path / "repository" / specs.TEXT_TO_IMAGE.name
-    config = configs.parse_pbtxt((pipeline / "config.pbtxt").read_text())
+    config = configs.parse_pbtxt((pipeline / CONFIG_FILE).read_text())
     assert config.parameters[environments.CONFIG_KEY].string_value == environments.CONFIG_VALUE
     assert (pipeline / environments.ARCHIVE_NAME).is_file()
     # The same environment gives the same archive: writing again changes nothing.
@@ -126,7 +126,7 @@ def test_the_loop_with_the_unet_runs_in_one_instance_that_loads_the_served_unets
     placement = Placement.on_gpus(pipeline_loop="with-unet", pipeline_instances=6)
     write_repository(tmp_path, tiny_model, None, replace(TORCH_CUDA, placement=placement, torch_compile=("unet",)))
     for spec in (specs.TEXT_TO_IMAGE, specs.IMAGE_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.DENOISE):
-        config = configs.parse_pbtxt((tmp_path / spec.name / "config.pbtxt").read_text())
+        config = configs.parse_pbtxt((tmp_path / spec.name / CONFIG_FILE).read_text())
         assert [(g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1, [0])]
         serving = json.loads((tmp_path / spec.name / "1" / SERVING_FILE).read_text())
         assert serving["unet_in_process"] == {"model": "unet", "compile": True, "loops_in_flight": 6}

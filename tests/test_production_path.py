@@ -20,6 +20,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import configs, specs
+from utils.layout import CONFIG_FILE
 from utils.models import SD15_HUB_ID, hub_patterns
 from utils.repository import write_repository
 
@@ -104,7 +105,7 @@ def test_production_commands_after_the_quickstart(after_quickstart, tiny_model, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "repository ready: triton/production (backend: tensorrt)" in done.stdout
     assert tree_digest(cwd / "triton" / "models") == quickstart_repository  # the quickstart's, untouched
-    unet = configs.parse_pbtxt((cwd / "triton" / "production" / "unet" / "config.pbtxt").read_text())
+    unet = configs.parse_pbtxt((cwd / "triton" / "production" / "unet" / CONFIG_FILE).read_text())
     assert unet.platform == "tensorrt_plan"
     assert {t.name: mc.DataType.Name(t.data_type) for t in unet.input} == {
         "sample": "TYPE_FP16", "timestep": "TYPE_FP32", "encoder_hidden_states": "TYPE_FP16"}

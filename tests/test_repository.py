@@ -9,7 +9,7 @@ import pytest
 
 from utils import configs, specs
 from utils.deployment import Deployment
-from utils.layout import PIPELINE_FILES, SERVING_FILE
+from utils.layout import CONFIG_FILE, PIPELINE_FILES, SERVING_FILE
 from utils.repository import RepositoryConflict, write_repository
 
 
@@ -19,12 +19,12 @@ def onnx_files(exports):
 
 def test_layout(repository):
     for name in specs.NETWORKS:
-        assert (repository / name / "config.pbtxt").is_file()
+        assert (repository / name / CONFIG_FILE).is_file()
         assert (repository / name / "1" / "model.onnx").is_file()
         assert (repository / name / "1" / "model.py").is_file()  # python backend
         assert (repository / name / "2").is_dir()  # where trtexec puts model.plan
     pipeline = repository / specs.TEXT_TO_IMAGE.name
-    assert (pipeline / "config.pbtxt").is_file() and (pipeline / "1" / "model.py").is_file()
+    assert (pipeline / CONFIG_FILE).is_file() and (pipeline / "1" / "model.py").is_file()
     files = pipeline / "1" / PIPELINE_FILES
     assert (files / "tokenizer" / "tokenizer.json").is_file()
     assert (files / "scheduler" / "scheduler_config.json").is_file()
@@ -43,7 +43,7 @@ def test_second_run_changes_nothing(repository, tiny_model, exports):
 def test_edited_file_is_not_overwritten_without_force(repository, tiny_model, exports, tmp_path):
     copy = tmp_path / "repository"
     shutil.copytree(repository, copy)
-    config = copy / "unet" / "config.pbtxt"
+    config = copy / "unet" / CONFIG_FILE
     config.write_text(config.read_text() + "# my tuning\n")
     with pytest.raises(RepositoryConflict, match=r"unet/config.pbtxt exists with other content .* Pass --force"):
         write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="python"))
@@ -58,7 +58,7 @@ def test_other_backend_needs_force(repository, tiny_model, exports, tmp_path):
     with pytest.raises(RepositoryConflict):
         write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="onnxruntime"))
     write_repository(copy, tiny_model, onnx_files(exports), Deployment(backend="onnxruntime"), force=True)
-    config = configs.parse_pbtxt((copy / "unet" / "config.pbtxt").read_text())
+    config = configs.parse_pbtxt((copy / "unet" / CONFIG_FILE).read_text())
     assert config.platform == "onnxruntime_onnx"
 
 

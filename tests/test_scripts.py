@@ -25,7 +25,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_run_pipeline_scripts_save_the_same_image(triton_server, tiny_model, tmp_path):
-    common = ["--url", triton_server.grpc_url, "--steps", "3", "--seed", "5", "--prompt", "a red boat"]
+    common = ["--url", triton_server.grpc_url, "--num-inference-steps", "3", "--seed", "5", "--prompt", "a red boat"]
     out = run("scripts/run_client_side_pipeline.py", *common, "--model", str(tiny_model),
               "--output", str(tmp_path / "client.png"), cwd=tmp_path)
     assert f"saved {tmp_path / 'client.png'} (64x64, 3 steps" in out
@@ -39,7 +39,7 @@ def test_run_pipeline_scripts_save_the_same_image(triton_server, tiny_model, tmp
 
 def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_model, tmp_path):
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(tmp_path / "in.png")
-    common = ["--url", triton_server.grpc_url, "--steps", "4", "--seed", "1", "--image", str(tmp_path / "in.png"),
+    common = ["--url", triton_server.grpc_url, "--num-inference-steps", "4", "--seed", "1", "--image", str(tmp_path / "in.png"),
               "--strength", "0.75"]
     run("scripts/run_client_side_pipeline.py", *common, "--model", str(tiny_model), "--output", str(tmp_path / "c.png"),
         cwd=tmp_path)
@@ -50,7 +50,7 @@ def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_mode
 
 
 def test_request_options_from_the_command_line(triton_server, tiny_model, tmp_path):
-    common = ["--url", triton_server.grpc_url, "--steps", "3", "--seed", "2", "--scheduler",
+    common = ["--url", triton_server.grpc_url, "--num-inference-steps", "3", "--seed", "2", "--scheduler",
               "EulerAncestralDiscreteScheduler", "--num-images-per-prompt", "2", "--height", "48", "--width", "80"]
     outputs = {}
     for script, extra in (("scripts/run_client_side_pipeline.py", ["--model", str(tiny_model)]),
@@ -84,7 +84,7 @@ def test_query_model_beyond_the_profile_is_a_clear_error(triton_server, tmp_path
 
 def test_quickstart_main_job(tmp_path):
     """`make demo`: model, export, repository, server, both pipelines, images, times."""
-    out = run("scripts/quickstart.py", "--steps", "5", cwd=tmp_path)
+    out = run("scripts/quickstart.py", "--num-inference-steps", "5", cwd=tmp_path)
     assert "max pixel difference between the two images: 0" in out
     assert "max pixel difference to the BLS image: 0" in out
     for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png"):

@@ -13,6 +13,7 @@ import pytest
 from utils import environments
 from utils import server as server_module
 from utils.deployment import Deployment
+from utils.layout import CONFIG_FILE
 from utils.server import TritonServer, TritonServerError, shared_libpython
 
 pytestmark = pytest.mark.server  # starts tritonserver
@@ -71,7 +72,7 @@ def test_model_that_fails_to_load_is_named_with_its_reason(tmp_path):
     model = tmp_path / "broken_model"
     (model / "1").mkdir(parents=True)
     (model / "1" / "model.py").write_text(FAILING_MODEL)
-    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+    (model / CONFIG_FILE).write_text('backend: "python"\nmax_batch_size: 0\n'
                                         'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
                                         'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n')
     with pytest.raises(TritonServerError, match=r"model 'broken_model' failed to load: .*weights are missing"):
@@ -131,8 +132,9 @@ def test_explicit_model_control_restricts_the_admin_apis(repository):
 
 
 def test_models_cannot_be_unloaded_through_the_api_by_default(triton_server):
-    from pipelines.client import connect
     from tritonclient.utils import InferenceServerException
+
+    from utils.grpc_client import connect
 
     client = connect(triton_server.grpc_url)
     with pytest.raises(InferenceServerException, match="restricted"):
@@ -150,8 +152,9 @@ def test_default_server_opens_no_api_that_reaches_memory_or_changes_state(triton
     import urllib.error
     import urllib.request
 
-    from pipelines.client import connect
     from tritonclient.utils import InferenceServerException
+
+    from utils.grpc_client import connect
 
     client = connect(triton_server.grpc_url)
     region = sorted(triton_server.shm_regions)[0]
@@ -227,7 +230,7 @@ def test_a_model_runs_in_its_own_environment_which_shares_this_ones_packages(tmp
     (model / "1").mkdir(parents=True)
     (model / "1" / "model.py").write_text(REPORT_ENVIRONMENT_MODEL)
     (model / environments.ARCHIVE_NAME).write_bytes(environments.activation_archive(tmp_path / "models-env"))
-    (model / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\n'
+    (model / CONFIG_FILE).write_text('backend: "python"\nmax_batch_size: 0\n'
                                         'input { name: "x" data_type: TYPE_FP32 dims: [1] }\n'
                                         'output { name: "y" data_type: TYPE_FP32 dims: [1] }\n'
                                         f'parameters {{ key: "{environments.CONFIG_KEY}" '

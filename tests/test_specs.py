@@ -132,12 +132,14 @@ def test_model_slug():
 
 
 def test_tensor_names_are_typed_only_in_the_specs():
-    """No source file outside utils/specs.py spells a network's tensor name as a string literal."""
+    """No source file outside utils/specs.py spells a network's tensor name as a string literal
+    (but the tutorial's stand-alone example, which imports nothing of the project's on purpose:
+    tests/test_minimal_bls.py holds it to the specs)."""
     names = {t.name for n in specs.NETWORKS.values() for t in n.tensors}
     offenders = []
     for folder in ("utils", "pipelines", "triton", "scripts", "optim"):
         for path in (ROOT / folder).rglob("*.py"):
-            if path.name == "specs.py":
+            if path.name == "specs.py" or (ROOT / "triton" / "examples") in path.parents:
                 continue
             tree = ast.parse(path.read_text())
             paths = {id(arg) for call in ast.walk(tree) if isinstance(call, ast.Call)
@@ -150,10 +152,10 @@ def test_tensor_names_are_typed_only_in_the_specs():
 
 def test_pipeline_inputs_are_the_request_fields():
     """The BLS inputs are GenerationRequest's fields by name, so requests map to tensors without
-    a second list of names (pipelines/request.py, request_to_arrays/request_from_arrays)."""
+    a second list of names (utils/request.py, request_to_arrays/request_from_arrays)."""
     import dataclasses
 
-    from pipelines.request import GenerationRequest
+    from utils.request import GenerationRequest
 
     fields = [f.name for f in dataclasses.fields(GenerationRequest)]
     # Each task takes its own: image to image the image and strength, text to image the size.

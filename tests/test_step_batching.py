@@ -150,7 +150,7 @@ def test_measure_loop_times_the_shared_loop_per_step(tiny_model, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_host" / "measure_loop.py"
     output = tmp_path / "loop.json"
-    result = subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--steps", "4", "--runs", "1",
+    result = subprocess.run([sys.executable, str(script), "--model", str(tiny_model), "--num-inference-steps", "4", "--runs", "1",
                              "--output", str(output)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(output.read_text())["ms_per_step"]

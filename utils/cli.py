@@ -7,36 +7,48 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from pipelines.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, SCHEDULERS
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
-from utils.errors import UserError, UsageError
+from utils.errors import UsageError, UserError
+from utils.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, SCHEDULERS
 from utils.specs import PRECISIONS
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
 
+# The generation flags, each defined once, named as diffusers names the argument
+# (--num-inference-steps for num_inference_steps); a script takes all of them or the few it needs.
+GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
+    prompt=(("--prompt",), dict(default=DEFAULT_PROMPT)),
+    negative_prompt=(("--negative-prompt",), dict(default=None)),
+    num_inference_steps=(("--num-inference-steps", "--steps"),
+                         dict(type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="denoising steps (--steps for short)")),
+    guidance_scale=(("--guidance-scale",), dict(type=float, default=DEFAULT_GUIDANCE_SCALE)),
+    seed=(("--seed",), dict(type=int, default=0)),
+    scheduler=(("--scheduler",), dict(default=None, choices=SCHEDULERS,
+                                      help="a diffusers scheduler class (default: the checkpoint's own)")),
+    num_images_per_prompt=(("--num-images-per-prompt",), dict(type=int, default=1)),
+    height=(("--height",), dict(type=int, default=None,
+                                help="text to image: the image's height in pixels (default: the checkpoint's)")),
+    width=(("--width",), dict(type=int, default=None, help="text to image: the image's width in pixels")),
+    image=(("--image",), dict(type=Path, default=None,
+                              help="image to image: start from this picture (PNG, JPEG...; its size is the output's)")),
+    strength=(("--strength",), dict(type=float, default=DEFAULT_STRENGTH,
+                                    help="image to image: how much of the image is noised away, in (0, 1]")),
+)
 
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_generation_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = GENERATION_FLAGS,
+                             **defaults) -> None:
+    """The generation flags ``names`` (default: all), with these ``defaults`` instead of the
+    pipelines' (e.g. ``num_inference_steps=10``)."""
     group = parser.add_argument_group("generation")
-    group.add_argument("--prompt", default=DEFAULT_PROMPT)
-    group.add_argument("--negative-prompt", default=None)
-    group.add_argument("--steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="num_inference_steps")
-    group.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--scheduler", default=None, choices=SCHEDULERS,
-                       help="a diffusers scheduler class (default: the checkpoint's own)")
-    group.add_argument("--num-images-per-prompt", type=int, default=1)
-    group.add_argument("--height", type=int, default=None,
-                       help="text to image: the image's height in pixels (default: the checkpoint's)")
-    group.add_argument("--width", type=int, default=None, help="text to image: the image's width in pixels")
-    group.add_argument("--image", type=Path, default=None,
-                       help="image to image: start from this picture (PNG, JPEG...; its size is the output's)")
-    group.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
-                       help="image to image: how much of the image is noised away, in (0, 1]")
+    for name in names:
+        flags, options = GENERATION_FLAGS[name]
+        group.add_argument(*flags, dest=name, **{**options, **({"default": defaults[name]} if name in defaults else {})})
 
 
 def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -129,7 +141,7 @@ def main_entry(main: Callable[[], object]) -> None:
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields from the parsed arguments."""
-    options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+    options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                    guidance_scale=args.guidance_scale, seed=args.seed, scheduler=args.scheduler,
                    num_images_per_prompt=args.num_images_per_prompt)
     if args.image is not None:
@@ -157,7 +169,7 @@ def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:
     seconds = time.perf_counter() - start
     paths = save_images(images, args.output)
     for path in paths:
-        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {args.steps} steps, {seconds:.2f} s)")
+        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {args.num_inference_steps} steps, {seconds:.2f} s)")
     return paths
 
 

@@ -9,7 +9,8 @@ benchmark and the scripts take a ``Deployment`` and decide nothing of this again
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import layout, specs
@@ -188,9 +189,77 @@ class Deployment:
                 "image_sizes": list(self.image_sizes) if self.image_sizes else "default"}
 
 
+@dataclass(frozen=True)
+class InProcessUnet:
+    """A loop model's own UNet (--pipeline-loop with-unet): the served one's weights, loaded again."""
+
+    model: str  # the served UNet whose checkpoint it loads
+    compile: bool  # under torch.compile, as --torch-compile asks of the served one
+    loops_in_flight: int  # requests whose loops run at once, their steps batched
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a pipeline model's ``1/serving.json`` records: how its networks are served, which the
+    repository step knows and the model reads at load (it cannot see the deployment)."""
+
+    precision: str  # the networks' (FP32 or FP16): the loop sends its tensors at it
+    device: str  # where the networks run: cpu or cuda
+    image_sizes: specs.ImageSizes  # the heights and widths served; others are refused
+    gpus: tuple[int, ...] = ()
+    loop_device: str = "cpu"  # where the loop keeps its tensors
+    unet_in_process: InProcessUnet | None = None
+
+    @classmethod
+    def of(cls, deployment: Deployment, pipeline: specs.PipelineSpec, precision: str,
+           dims: specs.ModelDims) -> Serving:
+        """What ``deployment`` serves ``pipeline`` with, for a checkpoint of ``dims``."""
+        placement, on_gpu = deployment.placement, deployment.torch_on_gpu
+        unet = None
+        if placement.unet_in_process(pipeline):
+            unet = InProcessUnet(model=placement.model_name(specs.UNET.name),
+                                 compile=specs.UNET.name in deployment.torch_compile,
+                                 loops_in_flight=placement.pipeline_instances)
+        return cls(precision=precision, device="cuda" if on_gpu else "cpu", image_sizes=deployment.sizes(dims),
+                   gpus=placement.gpus, loop_device="cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
+                   unet_in_process=unet)
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(gpus=self.gpus)
+
+    def to_json(self) -> str:
+        record = {"precision": self.precision, "device": self.device, "gpus": list(self.gpus),
+                  "loop_device": self.loop_device, "image_sizes": asdict(self.image_sizes)}
+        if self.unet_in_process is not None:
+            record["unet_in_process"] = asdict(self.unet_in_process)
+        return json.dumps(record, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Serving:
+        record = json.loads(text)
+        unet = record.get("unet_in_process")
+        return cls(precision=record["precision"], device=record["device"], gpus=tuple(record["gpus"]),
+                   loop_device=record["loop_device"], image_sizes=specs.ImageSizes(**record["image_sizes"]),
+                   unet_in_process=InProcessUnet(**unet) if unet else None)
+
+    @classmethod
+    def read(cls, repository: Path, pipeline: str) -> Serving | None:
+        """A repository's record for ``pipeline``; None where it has none."""
+        path = layout.serving_file(repository, pipeline)
+        return cls.from_json(path.read_text()) if path.exists() else None
+
+
+def served_sizes(repository: Path, pipeline: str, dims: specs.ModelDims) -> specs.ImageSizes:
+    """The image sizes a repository serves ``pipeline`` at: its record's, or the default."""
+    serving = Serving.read(repository, pipeline)
+    return serving.image_sizes if serving is not None else specs.ImageSizes.default(dims)
+
+
 def served_network_names(repository: Path, pipeline: str) -> dict[str, list[str]]:
     """Per network, the names a repository serves it under (one, or one per GPU), from what the
     pipeline's serving.json records."""
-    placement = Placement(gpus=tuple(layout.read_serving(repository, pipeline).get("gpus", ())))
+    serving = Serving.read(repository, pipeline)
+    placement = serving.placement if serving is not None else CPU
     return {network: [placement.model_name(network, gpu) for gpu in placement.network_gpus()]
             for network in specs.NETWORKS}

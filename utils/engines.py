@@ -149,7 +149,7 @@ def tensorrt_networks(repository: Path) -> list[specs.NetworkSpec]:
     """The networks that the repository serves with TensorRT (config platform tensorrt_plan)."""
     found = []
     for network in specs.NETWORKS.values():
-        config_file = Path(repository) / network.name / "config.pbtxt"
+        config_file = layout.config_file(repository, network.name)
         if config_file.exists() and configs.parse_pbtxt(config_file.read_text()).platform == "tensorrt_plan":
             found.append(network)
     return found

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from utils import configs
+from utils import configs, layout
 from utils.deployment import Placement
 from utils.errors import UsageError
 
@@ -48,7 +48,7 @@ def parse_gpus(text: str, available: int | None = None) -> tuple[int, ...]:
 def repository_gpus(repository: Path) -> dict[str, set[int]]:
     """The GPUs each model of a repository has instances pinned to (models without pins left out)."""
     placed = {}
-    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+    for config_file in layout.config_files(repository):
         config = configs.parse_pbtxt(config_file.read_text())
         gpus = {gpu for group in config.instance_group for gpu in group.gpus}
         if gpus:

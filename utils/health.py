@@ -18,11 +18,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
-from pipelines.client import connect, infer_inputs
-from pipelines.request import GenerationRequest, request_to_arrays
 from utils import layout, specs
 from utils.deployment import served_network_names
 from utils.errors import UsageError
+from utils.grpc_client import connect, infer_inputs
+from utils.request import GenerationRequest, request_to_arrays
 
 # The models a user calls with one request and one answer (the streaming pipeline runs the text to
 # image loop too, but answers over a gRPC stream only).
@@ -76,7 +76,7 @@ def served_networks(repository: Path) -> list[str]:
 
 def served_pipelines(repository: Path) -> list[specs.PipelineSpec | specs.EnsembleSpec]:
     """The pipelines a repository serves to clients: its BLS models and top-level ensembles."""
-    return [spec for spec in TOP_LEVEL if (Path(repository) / spec.name / "config.pbtxt").exists()]
+    return [spec for spec in TOP_LEVEL if layout.config_file(repository, spec.name).exists()]
 
 
 def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
@@ -149,7 +149,8 @@ class Supervisor:
             return "beyond recovery"
         return "serving"
 
-    def run(self) -> None:
+    def watch(self) -> None:
+        """Check every interval and restart the server when it fails; until stopped."""
         consecutive = 0
         while not self._stop.wait(self.interval):
             state = self.check_once()
@@ -166,7 +167,7 @@ class Supervisor:
                     self.log(f"supervisor: restart failed: {error}")
 
     def start(self) -> Supervisor:
-        self._thread = threading.Thread(target=self.run, name="triton-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self.watch, name="triton-supervisor", daemon=True)
         self._thread.start()
         return self
 

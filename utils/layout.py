@@ -19,7 +19,6 @@ Per pipeline model::
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ PROJECT_MODELS = PROJECT_ROOT / "triton" / "models"  # the committed pipeline mo
 DEFAULT_REPOSITORY = Path("triton/models")  # the walkthrough's repository (relative to the project)
 PRODUCTION_REPOSITORY = Path("triton/production")  # the production path's (TensorRT engines)
 
+CONFIG_FILE = "config.pbtxt"  # every model's, at the top of its folder
 ONNX_VERSION = 1  # 1/model.onnx (ONNX Runtime, and the python backend's runtimes)
 ENGINE_VERSION = 2  # 2/model.plan (TensorRT)
 ONNX_FILE = "model.onnx"
@@ -52,8 +52,15 @@ def network_of(model_name: str) -> str:
     return match["network"] if match else model_name
 
 
-def read_serving(repository: Path, pipeline: str) -> dict:
-    """What a pipeline model's serving.json records (precision, device, gpus, loop_device,
-    image_sizes); {} where the repository has none."""
-    path = Path(repository) / pipeline / str(ONNX_VERSION) / SERVING_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+def config_file(repository: Path, model: str) -> Path:
+    return Path(repository) / model / CONFIG_FILE
+
+
+def config_files(repository: Path) -> list[Path]:
+    """Every model's config in a repository, by model name."""
+    return sorted(Path(repository).glob(f"*/{CONFIG_FILE}"))
+
+
+def serving_file(repository: Path, pipeline: str) -> Path:
+    """A pipeline model's serving.json (utils/deployment.py's Serving)."""
+    return Path(repository) / pipeline / str(ONNX_VERSION) / SERVING_FILE

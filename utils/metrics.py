@@ -4,7 +4,7 @@
 Triton counts requests and executions per model; it cannot know that one request of
 ``pipeline_text_to_image`` made four images in 50 steps, or why a request was refused. The Python
 models report that through the Python backend's custom metrics API
-(utils/python_backend/pipeline_model.py), every series labelled with the model that reported it.
+(pipelines/python_model.py), every series labelled with the model that reported it.
 The dashboard and the recording rules (deploy/) read these names from here by way of a test.
 """
 

@@ -12,14 +12,13 @@ Nothing is overwritten silently: a file that exists with other content is refuse
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils import configs, environments, layout, specs
-from utils.deployment import Deployment
+from utils.deployment import Deployment, Serving
 from utils.errors import UserError
 
 # What a pipeline model needs from a diffusers folder: everything but the weights.
@@ -171,7 +170,7 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
     install_onnx(onnx_file, onnx_dir, report, force)
     (model_dir / str(layout.ENGINE_VERSION)).mkdir(exist_ok=True)
     config = configs.network_config(network, dims, precision, deployment)
-    install_file(None, model_dir / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
+    install_file(None, model_dir / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
     if deployment.backend == "python":
         install_file(None, onnx_dir / "model.py", report, force, text=PYTHON_BACKEND_MODEL)
 
@@ -190,7 +189,7 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         for source in _pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
         config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu=gpu)
-        install_file(None, repository / name / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
+        install_file(None, layout.config_file(repository, name), report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
 
 
@@ -215,24 +214,17 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
                      text=environments.activation_archive(deployment.pipeline_environment))
     if target.resolve() != committed.resolve():
         install_file(committed / "1" / "model.py", version_dir / "model.py", report, force)
-    install_file(None, target / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
+    install_file(None, target / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
     for source in _pipeline_files(model_dir):
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
-    on_gpu = deployment.torch_on_gpu
-    serving = {"precision": precision, "device": "cuda" if on_gpu else "cpu", "gpus": list(placement.gpus),
-               "loop_device": "cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
-               "image_sizes": asdict(deployment.sizes(specs.ModelDims.from_pretrained(model_dir)))}
-    if placement.unet_in_process(pipeline):  # the served UNet's weights, loaded again
-        serving["unet_in_process"] = {"model": placement.model_name(specs.UNET.name),
-                                      "compile": specs.UNET.name in deployment.torch_compile,
-                                      "loops_in_flight": placement.pipeline_instances}
-    install_file(None, version_dir / layout.SERVING_FILE, report, force, text=json.dumps(serving, indent=2) + "\n")
+    serving = Serving.of(deployment, pipeline, precision, specs.ModelDims.from_pretrained(model_dir))
+    install_file(None, version_dir / layout.SERVING_FILE, report, force, text=serving.to_json())
 
 
 def _committed(name: str) -> Path:
     """The committed folder of a pipeline model or ensemble, checked against the specs."""
     committed = layout.PROJECT_MODELS / name
-    config_file = committed / "config.pbtxt"
+    config_file = committed / layout.CONFIG_FILE
     if config_file.read_text() != configs.to_pbtxt(configs.committed_config(name)):
         raise RuntimeError(f"{config_file} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
     return committed
@@ -246,7 +238,7 @@ def add_ensemble(repository: Path, ensemble: specs.EnsembleSpec, precision: str,
     target = repository / ensemble.name
     (target / str(layout.ONNX_VERSION)).mkdir(parents=True, exist_ok=True)
     config = configs.ensemble_config(ensemble, precision)
-    install_file(None, target / "config.pbtxt", report, force, text=configs.to_pbtxt(config))
+    install_file(None, target / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
 
 
 def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: dict[str, Path] | None,

@@ -180,11 +180,6 @@ class ImageSizes:
         if not (0 < self.min <= self.max and self.min % self.step == 0 and self.max % self.step == 0):
             raise ValueError(f"image sizes {self.min}-{self.max}: give multiples of {self.step}, the smaller first.")
 
-    @classmethod
-    def served(cls, serving: dict, dims: ModelDims) -> ImageSizes:
-        """The sizes a pipeline model's serving.json records; the default where it has none."""
-        return cls(**serving["image_sizes"]) if "image_sizes" in serving else cls.default(dims)
-
     def allows(self, size: int) -> bool:
         return self.min <= size <= self.max and size % self.step == 0
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from pipelines.request import GenerationRequest
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
-from utils.cli import main_entry
+from utils.cli import add_generation_arguments, main_entry
 from utils.models import resolve_model
 from utils.networks import TORCH_DTYPES
+from utils.request import GenerationRequest
 
 
 def ms_per_step(components: PipelineComponents, dtype: torch.dtype, device: str, steps: int, runs: int) -> float:
@@ -44,7 +44,7 @@ def ms_per_step(components: PipelineComponents, dtype: torch.dtype, device: str,
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-random", help="a preset, a diffusers folder or a hub id")
-    parser.add_argument("--steps", type=int, default=50)
+    add_generation_arguments(parser, ("num_inference_steps",))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--output", type=Path, required=True, help="a JSON of every figure")
     args = parser.parse_args(argv)
@@ -55,7 +55,7 @@ def main(argv=None):
               "ms_per_step": {}}
     for device in devices:
         for precision in ("FP16", "FP32"):
-            milliseconds = ms_per_step(components, TORCH_DTYPES[precision], device, args.steps, args.runs)
+            milliseconds = ms_per_step(components, TORCH_DTYPES[precision], device, args.num_inference_steps, args.runs)
             record["ms_per_step"][f"{device} {precision}"] = milliseconds
             print(f"loop on {device}, {precision}: {milliseconds:.3f} ms per step", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from utils import specs
-from utils.benchmark.contenders import CONTENDERS
 from utils.benchmark.fidelity import fidelity
 from utils.benchmark.report import compute_budget, environment
 from utils.benchmark.settings import Context, Settings
@@ -183,8 +183,9 @@ def unet_batching(delta: dict, wall: float) -> dict | None:
     }
 
 
-def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: list[str],
+def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contenders: Mapping[str, type],
                   headers: dict[str, str] | None = None, metrics_url: str | None = None) -> dict:
+    """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work."""
     dims = specs.ModelDims.from_pretrained(model_dir)
     if settings.task == "image-to-image":
         settings = replace(settings, image=init_image(dims))
@@ -198,9 +199,9 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, names: l
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "pipelines": {}, "concurrency": {}, "failed": {},
     }
-    for name in tqdm(names, desc="pipelines"):
+    for name, make_contender in tqdm(contenders.items(), desc="pipelines"):
         try:
-            contender = CONTENDERS[name](context)
+            contender = make_contender(context)
             results["pipelines"][name] = measure(name, contender, context, statistics)
         except Exception as error:  # keep the other contenders' figures; say what failed
             results["failed"][name] = f"{type(error).__name__}: {error}"
@@ -229,14 +230,14 @@ def concurrency_runs(name: str, contender, settings: Settings, statistics: Trito
             for clients in settings.concurrency}
 
 
-def run_concurrency(settings: Settings, model_dir: Path, url: str, names: list[str],
+def run_concurrency(settings: Settings, model_dir: Path, url: str, contenders: Mapping[str, type],
                     headers: dict[str, str] | None = None) -> dict:
     """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
     if settings.task == "image-to-image":
         settings = replace(settings, image=init_image(specs.ModelDims.from_pretrained(model_dir)))
     context, statistics = Context(settings, model_dir, url), TritonStatistics(url, headers)
-    return {name: concurrency_runs(name, CONTENDERS[name](context), settings, statistics)
-            for name in names if CONTENDERS[name].served}
+    return {name: concurrency_runs(name, make_contender(context), settings, statistics)
+            for name, make_contender in contenders.items() if make_contender.served}
 
 
 def gpu_scaling(one_gpu: dict, all_gpus: dict, gpus: int) -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.client import connect
 from utils.benchmark.fidelity import fidelity_text
 from utils.benchmark.settings import IMAGE_TO_IMAGE_STAGES, STAGES
+from utils.grpc_client import connect
 from utils.models import model_slug
 from utils.version import project_version
 

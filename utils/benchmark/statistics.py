@@ -10,10 +10,10 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from pipelines.client import connect
 from utils import metrics
-from utils.errors import UsageError
 from utils.benchmark.settings import STAGES
+from utils.errors import UsageError
+from utils.grpc_client import connect
 from utils.layout import network_of
 
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")

@@ -100,7 +100,7 @@ def batching(path: str) -> str:
 def perf_analyzer(path: str) -> str:
     """A recorded perf_analyzer run: its command and its figures, as scripts/run_perf_analyzer.py
     prints them."""
-    from utils.benchmark import perf_analyzer as tool
+    from utils import perf_analyzer as tool
 
     invocation, command, results = tool.read_record(PROJECT_ROOT / path)
     return f"```\n$ {invocation}\n# runs: {command}\n\n{tool.table(results)}\n```"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipelines.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
-                               MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest, InvalidRequest, check_request,
-                               max_inference_steps)
 from utils import specs
-from utils.engines import trtexec_command
 from utils.docker import SERVE_IMAGE
+from utils.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
+from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
+                           MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest, InvalidRequest, check_request,
+                           max_inference_steps)
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
@@ -182,7 +182,7 @@ HTTP_EXAMPLE = {"inputs": [
     {"name": "num_inference_steps", "shape": [1], "datatype": "INT32", "data": [20]},
     {"name": "seed", "shape": [1], "datatype": "INT64", "data": [0]}]}
 HTTP_EXAMPLE_URL = "127.0.0.1:8000/v2/models/pipeline_text_to_image/infer"
-STREAM_COMMAND = ("python scripts/run_streaming_pipeline.py --prompt \"a small boat\" --steps 4 "
+STREAM_COMMAND = ("python scripts/run_streaming_pipeline.py --prompt \"a small boat\" --num-inference-steps 4 "
                   "--scheduler DDIMScheduler")
 STREAM_OUTPUT = """\
 denoising on the server: 100%|██████████| 4/4 [00:00<00:00, 65.05step/s]
@@ -224,7 +224,7 @@ def dashboard_panels() -> str:
 
 def cancellation_interval() -> str:
     """How often at most the served loop asks Triton whether its request was cancelled."""
-    from pipelines.stable_diffusion import CANCELLATION_CHECK_SECONDS
+    from utils.timing import CANCELLATION_CHECK_SECONDS
 
     return f"{1000 * CANCELLATION_CHECK_SECONDS:g} ms"
 

@@ -21,8 +21,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from utils import specs
-from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.layout import CHECKPOINT_DIR
+from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
 
@@ -37,7 +37,7 @@ class TritonPythonModel:
         if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
-        self.run = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
+        self.network = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
                                     self.device, compile_module=parameters.get("torch_compile") == "yes",
                                     log=pb_utils.Logger.log_info)
         # SD_TRITON_PROFILE_BLS=1: log where a call's time goes, as the pipeline models do for a
@@ -94,7 +94,7 @@ class TritonPythonModel:
             with self._phase("batch joined"):
                 merged = [torch.cat(column) for column in zip(*inputs.values())]
             with self._phase("network"):
-                output = run_in_chunks(self.run, merged, self.spec.profile.max)
+                output = run_in_chunks(self.network, merged, self.spec.profile.max)
         (output_spec,) = self.spec.outputs
         responses, start = {}, 0
         with self._phase("answers (DLPack)"):

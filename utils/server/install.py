@@ -23,6 +23,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from utils import layout
 from utils.errors import TritonServerError
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-triton"
@@ -51,7 +52,7 @@ def check_served_locally(repository: Path) -> None:
     to load a TensorRT or ONNX Runtime model."""
     from utils import configs
 
-    for config_file in sorted(Path(repository).glob("*/config.pbtxt")):
+    for config_file in layout.config_files(repository):
         platform = configs.parse_pbtxt(config_file.read_text()).platform
         if platform and platform != "ensemble":
             raise TritonServerError(

@@ -224,7 +224,7 @@ class TritonServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        from pipelines.client import connect  # gRPC: tritonclient's HTTP client needs gevent too
+        from utils.grpc_client import connect  # gRPC: tritonclient's HTTP client needs gevent too
 
         # Closed when ready: an open connection can hold up the server's shutdown for its whole
         # exit timeout (30 s).

@@ -2,8 +2,8 @@
 latents for the VAE decoder. The loop repeats with a scheduler, which no static ensemble graph
 can express: it runs here and calls the UNet by BLS at every step."""
 
+from pipelines.python_model import PipelineModel
 from utils import specs
-from utils.python_backend.pipeline_model import PipelineModel
 
 (TEXT_EMBEDDINGS, LATENT_PARAMETERS) = (tensor.name for tensor in specs.DENOISE.inputs[:2])
 
@@ -14,7 +14,7 @@ class TritonPythonModel(PipelineModel):
     def prepare(self):
         self.pipeline.warm_up(tokenize=False)  # so that the first request does not pay for lazy initialization
 
-    def run(self, request, tensors, is_cancelled):
+    def compute(self, request, tensors, is_cancelled):
         latent_parameters = tensors.get(LATENT_PARAMETERS)
         options = self.pipeline.check_options(request, image_to_image=latent_parameters is not None)
         return (self.pipeline.denoise(tensors[TEXT_EMBEDDINGS], options, latent_parameters, is_cancelled=is_cancelled),)

@@ -2,8 +2,8 @@
 latents of the request's image, noised to its ``strength`` (as StableDiffusionImg2ImgPipeline).
 """
 
+from pipelines.python_model import BlsPipelineModel
 from utils import specs
-from utils.python_backend.pipeline_model import BlsPipelineModel
 
 
 class TritonPythonModel(BlsPipelineModel):

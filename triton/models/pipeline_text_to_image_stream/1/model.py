@@ -7,15 +7,15 @@ its stream cancels the request: the loop stops at its next step (utils/python_ba
 pipeline_model.py turns that into a CANCELLED answer nobody waits for).
 """
 
-from pipelines.request import DEFAULT_PREVIEW_EVERY, InvalidRequest
+from pipelines.python_model import BlsPipelineModel
 from utils import specs
-from utils.python_backend.pipeline_model import BlsPipelineModel
+from utils.request import DEFAULT_PREVIEW_EVERY, InvalidRequest
 
 
 class TritonPythonModel(BlsPipelineModel):
     spec = specs.TEXT_TO_IMAGE_STREAM
 
-    def run(self, request, tensors, is_cancelled):
+    def compute(self, request, tensors, is_cancelled):
         every = preview_every(tensors.get(specs.PREVIEW_EVERY.name))
         progress = {"done": 0, "total": 0}
 

@@ -1,8 +1,8 @@
 """Ensemble step: the VAE decoder's image in [-1, 1] -> uint8 RGB; an image that is not finite,
 or one flat colour, is an error, never a blank picture sent as a success."""
 
+from pipelines.python_model import PipelineModel
 from utils import specs
-from utils.python_backend.pipeline_model import PipelineModel
 
 (DECODED,) = (tensor.name for tensor in specs.POSTPROCESS.inputs)
 
@@ -10,5 +10,5 @@ from utils.python_backend.pipeline_model import PipelineModel
 class TritonPythonModel(PipelineModel):
     spec = specs.POSTPROCESS
 
-    def run(self, request, tensors, is_cancelled):
+    def compute(self, request, tensors, is_cancelled):
         return (self.pipeline.postprocess(tensors[DECODED]),)

@@ -21,10 +21,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipelines.request import GenerationRequest, request_to_arrays
 from utils import specs
-from utils.health import served_shapes
 from utils.errors import UsageError, UserError
+from utils.health import served_shapes
+from utils.request import GenerationRequest, request_to_arrays
 
 # What perf_analyzer can drive with one request of fixed inputs and one answer: text to image
 # (image to image would carry a whole picture in the JSON; the stream answers many times).
@@ -139,7 +139,7 @@ def check_composing_models(client, spec: specs.PipelineSpec, url: str) -> None:
 
 def pipeline_input_data(request: GenerationRequest, spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> dict:
     """perf_analyzer's JSON input data: every request carries these tensors, as the project's
-    clients send them (pipelines/request.py), each with its full shape (the model has no batch
+    clients send them (utils/request.py), each with its full shape (the model has no batch
     dim, so none is implied)."""
     tensors = {}
     for name, array in request_to_arrays(request, spec).items():
@@ -191,7 +191,7 @@ def full_command(arguments: Sequence[str], report: Path) -> list[str]:
     return [str(tool("perf_analyzer")), *arguments, "-f", str(report.resolve()), "--verbose-csv"]
 
 
-def run(arguments: Sequence[str], report: Path, echo: Callable[[str], None] | None = print,
+def measure(arguments: Sequence[str], report: Path, echo: Callable[[str], None] | None = print,
         cwd: Path | None = None) -> list[LoadResult]:
     """Run perf_analyzer with these arguments (in ``cwd``, where its input data may be), its CSV
     report written to ``report``; ``echo`` gets its own summary line by line as it comes. One

@@ -16,9 +16,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from utils import specs
 from utils.errors import UsageError, UserError
 from utils.layout import network_of
-from utils import specs
 
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)

@@ -1,4 +1,5 @@
-"""The pipelines a benchmark compares. Each makes a client: ``generate(**options) -> images``.
+"""The pipelines the benchmark compares (utils/benchmark measures them): diffusers as a user would
+run it instead, and the three Triton ways. Each makes a client: ``generate(**options) -> images``.
 
 Adding a contender is a class here and one line in CONTENDERS.
 """

@@ -2,47 +2,45 @@
 ensembles' Python steps.
 
 Each ``triton/models/<name>/1/model.py`` is a few lines: a subclass of ``PipelineModel`` that
-names its spec (utils/specs.py) and says which steps of the shared loop
-(pipelines/stable_diffusion.py) it runs. Everything else is here, once: reading the request's
-tensors, calling other models by BLS (one helper that checks ``has_error()``), packing the
-response, and turning each failure into a per-request error that says what went wrong:
-INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a called model fails, INTERNAL for an
-image that is not a picture or a bug (whose traceback goes to the server log, not the client).
+names its spec (utils/specs.py) and says, in ``compute``, which steps of the shared loop
+(pipelines/stable_diffusion.py) it runs. Everything else is here, once, in the order a reader
+meets it: how a network is called by BLS (``call_by_bls``, the one place that checks
+``has_error()``); what a model does at load (``PipelineModel.initialize``); how it answers a
+request: reading its tensors, packing the response, and turning each failure into a per-request
+error that says what went wrong: INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a
+called model fails, INTERNAL for an image that is not a picture or a bug (whose traceback goes to
+the server log, not the client). The metrics plumbing is pipelines/python_model_metrics.py.
 
-Where it runs comes from ``1/serving.json`` (utils/repository.py): the loop's tensors on the CPU
-or on the GPU, and, on several GPUs, the networks of this instance's GPU (``unet_gpu1``...). With
-``--pipeline-loop with-unet`` a model that runs the loop holds a UNet of its own: one instance
-runs each request in a thread of its own (answered through the request's response sender, so
-that ``execute`` returns at once and the next requests start) and their steps meet in one batch
-(step_batching.py) instead of one Triton call per step.
+Where it runs comes from ``1/serving.json`` (utils/deployment.py's ``Serving``): the loop's
+tensors on the CPU or on the GPU, and, on several GPUs, the networks of this instance's GPU
+(``unet_gpu1``...). With ``--pipeline-loop with-unet`` a model that runs the loop holds a UNet of
+its own: one instance runs each request in a thread of its own (answered through the request's
+response sender, so that ``execute`` returns at once and the next requests start) and their steps
+meet in one batch (utils/python_backend/step_batching.py) instead of one Triton call per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import queue
-import re
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipelines.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
-from pipelines.stable_diffusion import (CANCELLATION_CHECK_SECONDS, Cancelled, InvalidImage, PipelineComponents,
-                                        StableDiffusion, at_most_every)
-from utils import metrics, specs
-from utils.deployment import Placement
+from pipelines.python_model_metrics import PipelineMetrics
+from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
+from utils import specs
+from utils.deployment import Serving
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.python_backend.step_batching import STATIC_BATCHES, STEPS_QUEUED, StepBatcher
-from utils.timing import PhaseTimes, profiling
-
+from utils.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
+from utils.timing import CANCELLATION_CHECK_SECONDS, PhaseTimes, at_most_every, profiling
 
 _TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
 IN_PROCESS_UNET_PHASE = f"unet (in process, batched; on a GPU, waits for its step {STEPS_QUEUED} back)"
@@ -52,119 +50,10 @@ class SubModelError(RuntimeError):
     pass
 
 
-class MetricsWriter:
-    """The one thread that talks to Triton's metrics for this model. Each update is a message to
-    Triton's process, which a loop's step should not wait for, and the 24.10 backend crashes the
-    server (SIGSEGV) when two threads of one stub update metrics at once, which the loops with the
-    UNet's threads would do. Updates are queued and made in order; ``flush`` waits for them."""
-
-    def __init__(self, log_error):
-        self.log_error = log_error
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="metrics", daemon=True).start()
-
-    def call(self, function, *args) -> Future:
-        future: Future = Future()
-        self._queue.put((future, function, args))
-        return future
-
-    def close(self) -> None:
-        """Make the updates queued so far, then stop the thread."""
-        self._queue.put(None)
-
-    def flush(self) -> None:
-        """Wait until every update queued so far is made (before a request's answer: a client that
-        reads the metrics after its answer sees its request counted)."""
-        self.call(lambda: None).result()
-
-    def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, function, args = item
-            try:
-                future.set_result(function(*args))
-            except Exception as error:  # an update nobody waits for: say so in the log
-                self.log_error(f"metrics: {function} failed: {error}")
-                future.set_exception(error)
-
-
-class QueuedMetric:
-    """A series whose updates go through the model's MetricsWriter."""
-
-    def __init__(self, series, writer: MetricsWriter):
-        self.series, self.writer = series, writer
-
-    def increment(self, value: float) -> None:
-        self.writer.call(self.series.increment, value)
-
-    def observe(self, value: float) -> None:
-        self.writer.call(self.series.observe, value)
-
-
-class PipelineMetrics:
-    """This model's series of the pipeline's own metrics (utils/metrics.py), through the Python
-    backend's custom metrics API: Triton serves them with its own on the metrics port. Every
-    instance (a process of its own) asks for the same families and series, and Triton hands it
-    the one it already has, so the counts add up across instances."""
-
-    def __init__(self, model: str, inputs: set[str]):
-        self.model, self.inputs = model, inputs
-        self.writer = MetricsWriter(pb_utils.Logger.log_error)
-        # pb_utils gains MetricFamily when the stub starts the model, not at import.
-        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "histogram": pb_utils.MetricFamily.HISTOGRAM}
-        self.families = {metric.name: self.writer.call(lambda m=metric: pb_utils.MetricFamily(
-                             name=m.name, description=m.description, kind=kinds[m.kind])).result()
-                         for metric in metrics.METRICS}
-        self.images = self._series(metrics.IMAGES)
-        self.steps = self._series(metrics.STEPS)
-        self.unet_seconds = self._series(metrics.UNET_STEP_SECONDS)
-        self.cache: dict[tuple, object] = {}
-        self.counted_lock, self.counted_seconds = threading.Lock(), 0.0  # unet_in_process's
-        for reason in (metrics.NOT_FINITE, metrics.FLAT):  # at 0 from the start: a rate over them has data
-            self._labelled(metrics.INVALID_IMAGES, reason=reason)
-
-    def _series(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:
-        labels = {"model": self.model, **labels}
-        histogram = {"buckets": list(metric.buckets)} if metric.buckets else {}
-        series = self.writer.call(lambda: self.families[metric.name].Metric(labels=labels, **histogram)).result()
-        return QueuedMetric(series, self.writer)
-
-    def _labelled(self, metric: metrics.Metric, **labels: str) -> QueuedMetric:
-        key = (metric.name, *labels.values())
-        if key not in self.cache:  # two threads may make the same series: Triton hands both the one it has
-            self.cache[key] = self._series(metric, **labels)
-        return self.cache[key]
-
-    def unet_in_process(self, seconds: float) -> None:
-        """The in-process UNet's compute so far (``seconds``, StepBatcher.compute_seconds), counted by
-        what it grew since the last call: its batches are shared by the requests in flight, so
-        each request counts those that have finished since the one before."""
-        with self.counted_lock:
-            grown, self.counted_seconds = seconds - self.counted_seconds, max(seconds, self.counted_seconds)
-        if grown > 0:
-            self._labelled(metrics.UNET_IN_PROCESS_SECONDS).increment(grown)
-
-    def rejected(self, error: InvalidRequest) -> None:
-        """Count a refused request under the input its message names first (every check's message
-        starts with it), or "request" where it names none."""
-        match = re.match(r"[a-z_]+", str(error))
-        name = match[0] if match and match[0] in self.inputs else "request"
-        self._labelled(metrics.REJECTED, input=name).increment(1)
-
-    def invalid_image(self, error: InvalidImage) -> None:
-        self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)
-
-
-def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
-    """Ask for sub-request outputs where the loop keeps its tensors. Without it they stay where the
-    called model produced them: GPU memory for TensorRT and ONNX Runtime on a GPU."""
-    if device.type == "cuda":
-        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
-    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-
-
-def run_network(times: PhaseTimes, model_name: str, memory: "pb_utils.PreferredMemory", network: specs.NetworkSpec,
-                *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One BLS sub-request; the only place that calls another model, so errors are checked once."""
+def call_by_bls(model_name: str, network: specs.NetworkSpec, memory: "pb_utils.PreferredMemory",
+                times: PhaseTimes, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One BLS sub-request: the only place that calls another model, so errors are checked once.
+    Tensors go both ways by DLPack, without a copy where the memory allows it."""
     with times.phase("inputs to Triton tensors"):
         request = pb_utils.InferenceRequest(
             model_name=model_name,
@@ -186,40 +75,63 @@ def run_network(times: PhaseTimes, model_name: str, memory: "pb_utils.PreferredM
         )
 
 
+def preferred_memory(device: torch.device) -> "pb_utils.PreferredMemory":
+    """Ask for sub-request outputs where the loop keeps its tensors. Without it they stay where the
+    called model produced them: GPU memory for TensorRT and ONNX Runtime on a GPU."""
+    if device.type == "cuda":
+        return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, device.index or 0)
+    return pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+
 class PipelineModel:
-    """A Python model of the pipeline: ``run`` gets the request's options as a GenerationRequest
-    and its other tensors (text embeddings, latents, ...) as torch tensors, and returns its
-    outputs in the spec's order."""
+    """A Python model of the pipeline: ``compute`` gets the request's options as a
+    GenerationRequest and its other tensors (text embeddings, latents, ...) as torch tensors, and
+    returns its outputs in the spec's order."""
 
     spec: specs.PipelineSpec
     required: tuple[specs.TensorSpec, ...] = ()  # inputs its config marks optional (an ensemble's first step) but it needs
 
+    # At load.
+
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        serving = json.loads((version_dir / SERVING_FILE).read_text())
+        serving = Serving.from_json((version_dir / SERVING_FILE).read_text())
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
-        device, gpu = torch.device("cpu"), None
-        if args["model_instance_kind"] == "GPU":  # this instance's GPU; the networks it calls live there
-            gpu = int(args["model_instance_device_id"])
-        if serving["device"] == "cuda" and serving.get("loop_device", "cuda") == "cuda" and self.spec.networks:
-            device = torch.device("cuda", gpu or 0)
-            torch.cuda.set_device(device)
-        elif "unet_in_process" not in serving:  # the loop's small tensors on the CPU, this process off the GPU
-            torch.set_num_threads(1)  # one request per instance; latents of 16k values need no threads
-        placement = Placement(gpus=tuple(serving.get("gpus", ())))
-        model_names = {name: placement.model_name(name, gpu) for name in specs.NETWORKS}
-        memory = preferred_memory(device)
+        # This instance's GPU, where the networks it calls live.
+        gpu = int(args["model_instance_device_id"]) if args["model_instance_kind"] == "GPU" else None
+        device = self._loop_device(serving, gpu)
         self.profile = profiling()
         self._request = threading.local()  # the current request's timings and sender, per thread
         self._request.times = PhaseTimes()
         self.metrics = PipelineMetrics(args["model_name"], {t.name for t in self.spec.inputs} | REQUEST_FIELDS)
         self.unet, self.threads = None, None
-        if "unet_in_process" in serving:
+        if serving.unet_in_process is not None:
             self.unet = self._in_process_unet(Path(args["model_repository"]).parent, serving, gpu)
             # Each request's thread makes this model's GPU its current device (the default is GPU 0).
             on_gpu = {"initializer": torch.cuda.set_device, "initargs": (device,)} if device.type == "cuda" else {}
-            self.threads = ThreadPoolExecutor(serving["unet_in_process"]["loops_in_flight"],
+            self.threads = ThreadPoolExecutor(serving.unet_in_process.loops_in_flight,
                                               thread_name_prefix=f"{args['model_name']} request", **on_gpu)
+        self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
+                                        dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
+                                        loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext)
+        self.logger = pb_utils.Logger
+        self.prepare()
+
+    def _loop_device(self, serving: Serving, gpu: int | None) -> torch.device:
+        """Where this model keeps the loop's tensors (a model that calls no network: the CPU)."""
+        if serving.device == "cuda" and serving.loop_device == "cuda" and self.spec.networks:
+            device = torch.device("cuda", gpu or 0)
+            torch.cuda.set_device(device)
+            return device
+        if serving.unet_in_process is None:  # the loop's small tensors on the CPU, this process off the GPU
+            torch.set_num_threads(1)  # one request per instance; latents of 16k values need no threads
+        return torch.device("cpu")
+
+    def _network_call(self, serving: Serving, gpu: int | None, device: torch.device) -> CallNetwork:
+        """How the loop calls a network here: by BLS, or the UNet in this process where it has one;
+        each UNet call is one denoising step, counted in the metrics."""
+        model_names = {name: serving.placement.model_name(name, gpu) for name in specs.NETWORKS}
+        memory = preferred_memory(device)
 
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             start = time.perf_counter()
@@ -227,35 +139,31 @@ class PipelineModel:
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs),)
             else:
-                outputs = run_network(self.times, model_names[network.name], memory, network, *inputs)
-            if network is specs.UNET:  # one denoising step
+                outputs = call_by_bls(model_names[network.name], network, memory, self.times, *inputs)
+            if network is specs.UNET:
                 seconds = time.perf_counter() - start
                 with self.times.phase("metrics"):  # queued: made by the metrics thread
                     self.metrics.steps.increment(1)
                     self.metrics.unet_seconds.observe(seconds)
             return outputs
 
-        self.pipeline = StableDiffusion(components, call, dtype=TORCH_DTYPES[serving["precision"]], device=device,
-                                        sizes=specs.ImageSizes.served(serving, components.dims),
-                                        loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext)
-        self.logger = pb_utils.Logger
-        self.prepare()
+        return call
+
+    def _in_process_unet(self, repository: Path, serving: Serving, gpu: int | None) -> StepBatcher:
+        """The served UNet's weights loaded into this process, as the torch runtime runs them, behind
+        a StepBatcher that the loops of this model's requests in flight share."""
+        unet, precision = serving.unet_in_process, serving.precision
+        device = torch.device("cuda", gpu or 0) if serving.device == "cuda" else torch.device("cpu")
+        checkpoint = repository / unet.model / str(ONNX_VERSION) / CHECKPOINT_DIR
+        network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=unet.compile,
+                                   static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
+        return StepBatcher(network, specs.UNET.profile.max, device,
+                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
 
     @property
     def times(self) -> PhaseTimes:
         """The current request's phase times (each request runs in one thread)."""
         return self._request.times
-
-    def _in_process_unet(self, repository: Path, serving: dict, gpu: int | None) -> StepBatcher:
-        """The served UNet's weights loaded into this process, as the torch runtime runs them, behind
-        a StepBatcher that the loops of this model's requests in flight share."""
-        settings, precision = serving["unet_in_process"], serving["precision"]
-        device = torch.device("cuda", gpu or 0) if serving["device"] == "cuda" else torch.device("cpu")
-        checkpoint = repository / settings["model"] / str(ONNX_VERSION) / CHECKPOINT_DIR
-        network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=settings["compile"],
-                                   static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
-        return StepBatcher(network, specs.UNET.profile.max, device,
-                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
 
     def prepare(self) -> None:
         """What to do once at load, before the first request (each instance is a process)."""
@@ -269,8 +177,10 @@ class PipelineModel:
             self.unet.close()
         self.metrics.writer.close()
 
-    def run(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
+    def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         raise NotImplementedError
+
+    # Per request.
 
     def execute(self, requests):
         if self.threads is not None:  # each request in a thread, answered through its response sender
@@ -289,7 +199,7 @@ class PipelineModel:
 
     def _answer(self, request):
         try:
-            response = self._response(self._run(request))
+            response = self._response(self._compute(request))
         except Exception as error:
             response = self._failure(error)
         self._settle_metrics()
@@ -318,7 +228,7 @@ class PipelineModel:
         """Decoupled: ``run`` sends what it has with ``send`` and returns the final response."""
         sender = self._request.sender = request.get_response_sender()
         try:
-            response = self._response(self._run(request))
+            response = self._response(self._compute(request))
         except Exception as error:
             response = self._failure(error)
         self._settle_metrics()
@@ -331,7 +241,7 @@ class PipelineModel:
             # it the model, alive: Triton waits for that at unload.
             self._request.sender = None
 
-    def _run(self, request) -> tuple:
+    def _compute(self, request) -> tuple:
         arrays, tensors = {}, {}
         for tensor in self.spec.inputs:
             value = pb_utils.get_input_tensor_by_name(request, tensor.name)
@@ -348,7 +258,7 @@ class PipelineModel:
             with self.times.phase("cancellation checks"):
                 return request.is_cancelled()
 
-        outputs = self.run(request_from_arrays(arrays, self.spec), tensors,
+        outputs = self.compute(request_from_arrays(arrays, self.spec), tensors,
                            at_most_every(CANCELLATION_CHECK_SECONDS, is_cancelled))
         if self.profile:
             split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
@@ -401,7 +311,7 @@ class BlsPipelineModel(PipelineModel):
     def prepare(self) -> None:
         self.pipeline.warm_up()
 
-    def run(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
+    def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         return (self.pipeline(request, is_cancelled=is_cancelled),)
 
 
