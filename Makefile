@@ -20,11 +20,11 @@ $(VENV)/.installed: $(REQUIREMENTS) setup.py
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-# perf_analyzer, prometheus and promtool under .tools/ (utils/tools.py): pip does not install them.
+# perf_analyzer, prometheus, promtool and mermaid's CLI under .tools/ (utils/operations/tools.py): pip does not install them.
 tools: .tools/.installed
 
-.tools/.installed: utils/tools.py | venv
-	$(BIN)/python -m utils.tools
+.tools/.installed: utils/operations/tools.py scripts/install_tools.py | venv
+	$(BIN)/python scripts/install_tools.py
 	touch $@
 
 demo: venv

@@ -1,7 +1,6 @@
-"""Export the unet of a Stable Diffusion checkpoint to ONNX, with a dynamic batch axis."""
+"""Export the unet of a Stable Diffusion checkpoint to ONNX, with its spec's dynamic axes."""
 
-from utils.cli import main_entry
-from utils.export import export_cli
+from utils.cli import export_cli, main_entry
 from utils.specs import UNET
 
 if __name__ == "__main__":

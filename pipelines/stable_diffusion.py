@@ -79,7 +79,7 @@ class PipelineComponents:
         scheduler_class = getattr(diffusers, class_name)
         # The constructor, not from_config: from_config imports every compatible scheduler class
         # on each call, and some import scipy, which fails in the pipeline model's numpy 1
-        # environment (utils/environments.py). Config keys the class does not take (another
+        # environment (utils/repository/environments.py). Config keys the class does not take (another
         # scheduler's, like clip_sample for PNDM) are left out, as from_config leaves them.
         accepted = inspect.signature(scheduler_class.__init__).parameters
         config = {k: v for k, v in self.scheduler_config.items() if k in accepted}

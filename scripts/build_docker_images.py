@@ -1,15 +1,14 @@
 """Build the two images of this tutorial from one NGC release (utils/docker.py): export and serving."""
 
-import argparse
 import shlex
 import subprocess
 
-from utils.cli import main_entry
+from utils.cli import main_entry, script_parser
 from utils.docker import build_commands
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = script_parser(__file__, __doc__)
     parser.parse_args(argv)
     for command in build_commands():
         print("$", shlex.join(command), flush=True)

@@ -1,12 +1,11 @@
-"""Step 3b: build one TensorRT engine per network with trtexec (fp16, the specs' batch profiles).
+"""Build one TensorRT engine per network with trtexec (fp16, the specs' batch profiles).
 
-Reads triton/models/<network>/1/model.onnx (step 3), writes triton/models/<network>/2/model.plan
+Reads triton/models/<network>/1/model.onnx (step 3, or P3), writes triton/models/<network>/2/model.plan
 and, next to it, engine.json: the TensorRT version, GPU and compute capability it was built for.
 Runs trtexec directly where it is on PATH (inside the export image), or through that image
 with --docker. Serve the result with the configs of `move_onnx_models_to_triton.py --backend tensorrt`.
 """
 
-import argparse
 import shlex
 import shutil
 from pathlib import Path
@@ -14,17 +13,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import specs
-from utils.cli import main_entry
+from utils.cli import main_entry, script_parser
 from utils.deployment import served_sizes
 from utils.docker import export_command
-from utils.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
+from utils.repository.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
                            trtexec_command)
 from utils.errors import UsageError
 from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--repository", default=PRODUCTION_REPOSITORY, type=Path,
                         help=f"a repository written with --backend tensorrt (default {PRODUCTION_REPOSITORY})")
     parser.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS)

@@ -1,4 +1,4 @@
-"""Step 4: start Triton on the model repository, with no Docker (or with it: --docker).
+"""Start Triton on the model repository, with no Docker (or with it: --docker).
 
 Without Docker this runs the tritonserver of the nvidia-pytriton wheel (release 2.51.0, the
 NGC 24.10 one) on 127.0.0.1, waits until every model is ready, and serves until Ctrl+C.
@@ -10,19 +10,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from utils.cli import main_entry
-from utils.docker import TENSORRT_VERSION, serve_command
-from utils.engines import Target, check_engines, local_gpu, tensorrt_networks
+from utils.cli import main_entry, script_parser
+from utils.docker import TENSORRT_VERSION
+from utils.repository.engines import Target, check_engines, local_gpu, tensorrt_networks
 from utils.errors import TritonServerError
-from utils.gpus import check_repository_gpus, parse_gpus
-from utils.health import Supervisor
+from utils.repository.gpus import check_repository_gpus, parse_gpus
+from utils.server.health import CANARY_INTERVAL_SECONDS, FAILURES_BEFORE_RESTART, Supervisor
 from utils.layout import DEFAULT_REPOSITORY
 from utils.server import TritonServer, stop_on_sigterm
 from utils.server.access import ADMIN_HEADER, GRPC_HEADER_PREFIX, MODEL_CONTROL_MODES, AccessPolicy
+from utils.server.docker import serve_command
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path, help="Triton model repository")
     parser.add_argument("--http", action="store_true",
                         help="serve HTTP/REST too (off by default: Triton 2.51's HTTP frontend allocates a request's "
@@ -33,9 +34,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-control", default="none", choices=MODEL_CONTROL_MODES,
                         help="explicit: models can be loaded/unloaded through the API, which then needs the admin "
                              "key printed at start (default: none, the repository is fixed)")
-    parser.add_argument("--canary-interval", type=float, default=10.0,
-                        help="seconds between canary inferences; after 2 failures in a row the server is "
-                             "restarted (a dead Python-backend stub is invisible to readiness). 0: no supervisor")
+    parser.add_argument("--canary-interval", type=float, default=CANARY_INTERVAL_SECONDS,
+                        help=f"seconds between canary inferences; after {FAILURES_BEFORE_RESTART} failures in a row "
+                             f"the server is restarted (a dead Python-backend stub is invisible to readiness). "
+                             f"0: no supervisor")
     parser.add_argument("--memory-limit-mib", type=float, default=None,
                         help="the supervisor restarts the server when it and its stubs hold more (default: twice "
                              "what they held at start, plus 1 GiB; 0: no limit)")

@@ -1,23 +1,22 @@
-"""Step 3: put the exported ONNX files into the Triton model repository, with their configs.
+"""Put the exported ONNX files into the Triton model repository, with their configs.
 
 Copies onnx/<model>/<network>.onnx to triton/models/<network>/1/model.onnx, prepares 2/ for a
 TensorRT engine, writes each config.pbtxt from utils/specs.py for the chosen backend, and gives
 the pipeline models the tokenizer and scheduler files of the same checkpoint.
 """
 
-import argparse
 from pathlib import Path
 
 from utils import specs
-from utils.cli import add_deployment_arguments, deployment_from_args, main_entry
+from utils.cli import add_deployment_arguments, deployment_from_args, main_entry, script_parser
 from utils.export import DEFAULT_ONNX_DIR, onnx_path
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--model", default="tiny", help="the model the ONNX files were exported from (default: tiny)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path)

@@ -1,25 +1,24 @@
-"""Step 7: query one network on Triton with tritonclient, on random inputs of its served shapes.
+"""Query one network on Triton with tritonclient, on random inputs of its served shapes.
 
 The smallest check that a model (ONNX Runtime, TensorRT or the portable backend) is served and
 answers: it reads the model's config from the server, sends one batch, prints what came back.
 A network served once per GPU is named by its copy: unet_gpu0, unet_gpu1, ...
 """
 
-import argparse
 import time
 
 from tritonclient.utils import InferenceServerException
 
 from utils import specs
-from utils.cli import main_entry
+from utils.cli import main_entry, script_parser
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_URL, connect, served_config
-from utils.health import probe_inputs
+from utils.server.health import probe_inputs
 from utils.layout import network_of
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("model", help=f"a served network: {', '.join(specs.NETWORKS)} (or its copy on a GPU, "
                                       f"e.g. unet_gpu1)")
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")

@@ -11,8 +11,8 @@ import argparse
 from pathlib import Path
 
 from pipelines.bls import BlsPipeline
-from pipelines.ensemble import EnsemblePipeline
 from pipelines.client_side import ClientSidePipeline
+from pipelines.ensemble import EnsemblePipeline
 from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
@@ -20,7 +20,6 @@ from utils.models import DEFAULT_MODELS_DIR
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
 from utils.workflow import prepare_repository
-
 
 IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
 

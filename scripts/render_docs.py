@@ -8,11 +8,9 @@ import argparse
 import difflib
 
 from utils.cli import main_entry
-from utils.docs import render
+from utils.docs import documents, render
 from utils.errors import UserError
 from utils.layout import PROJECT_ROOT
-
-DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs" / "tutorial").glob("*.md"))]
 
 
 def main(argv=None):
@@ -20,7 +18,7 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="only compare; exit 2 where a document differs")
     args = parser.parse_args(argv)
     differences = []
-    for document in DOCUMENTS:
+    for document in documents():
         current = document.read_text()
         rendered = render(current)
         name = str(document.relative_to(PROJECT_ROOT))

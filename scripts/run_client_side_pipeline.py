@@ -1,17 +1,16 @@
-"""Step 5: text to image (or image to image, --image), orchestrated by this client: each network
+"""Text to image (or image to image, --image), orchestrated by this client: each network
 is a gRPC call to Triton."""
 
-import argparse
 from pathlib import Path
 
 from pipelines.client_side import ClientSidePipeline
-from utils.cli import add_generation_arguments, generate_and_save, main_entry
+from utils.cli import add_generation_arguments, generate_and_save, main_entry, script_parser
 from utils.grpc_client import DEFAULT_URL
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--model", default="tiny", help="the model served (its tokenizer and scheduler are used here)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)

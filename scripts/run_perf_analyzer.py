@@ -1,4 +1,4 @@
-"""Step 9: load-test a served network or the BLS pipeline with Triton's perf_analyzer.
+"""Load-test a served network or the BLS pipeline with Triton's perf_analyzer.
 
 A network gets random inputs of its served shapes, the pipeline one text-to-image request; each at
 a range of concurrencies. Prints perf_analyzer's own summary (client and server side; for the
@@ -13,20 +13,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils import perf_analyzer, specs
+from utils import specs
+from utils.operations import perf_analyzer
 from utils.benchmark.report import environment
 from utils.benchmark.statistics import inference_statistics
-from utils.cli import add_generation_arguments, main_entry
+from utils.cli import add_generation_arguments, main_entry, script_parser
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_URL, connect, served_config
 from utils.layout import network_of
 from utils.request import GenerationRequest, check_request
 from utils.server.access import AccessPolicy
-from utils.tools import tool
+from utils.operations.tools import tool
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--admin-key", default=None,
                         help="the key the launcher printed: perf_analyzer reads the statistics API, which needs it")

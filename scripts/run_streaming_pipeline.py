@@ -1,21 +1,20 @@
-"""Step 6, with live progress: text to image from a streaming (decoupled) BLS model, which sends
+"""Text to image from a streaming (decoupled) BLS model, which sends
 the steps done and a preview every --preview-every steps, then the images. Ctrl+C closes the
 stream, which cancels the request on the server."""
 
-import argparse
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pipelines.streaming import StreamingPipeline
-from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
+from utils.cli import add_generation_arguments, generation_options, main_entry, save_images, script_parser
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_URL
 from utils.request import DEFAULT_PREVIEW_EVERY
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = script_parser(__file__, __doc__)
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--output", default=Path("outputs/stream.png"), type=Path)
     parser.add_argument("--previews", default=Path("outputs/previews"), type=Path,

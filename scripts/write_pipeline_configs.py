@@ -2,7 +2,8 @@
 
 import argparse
 
-from utils import configs, specs
+from utils import specs
+from utils.repository import configs
 from utils.cli import main_entry
 from utils.layout import PROJECT_MODELS, config_file
 

@@ -16,7 +16,7 @@ from utils import specs
 from utils.deployment import Deployment
 from utils.export import export_network, onnx_path
 from utils.models import build_preset
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 from utils.server import TritonServer
 
 REPORT: list[str] = []  # figures printed at the end of the run (pytest_terminal_summary)
@@ -82,7 +82,7 @@ def bls_repository(tiny_model, exports, tmp_path_factory):
 
 def stub_count(repository) -> int:
     """How many Python-backend stub processes a server of this repository runs: one per instance."""
-    from utils.configs import parse_pbtxt
+    from utils.repository.configs import parse_pbtxt
     from utils.layout import config_files
 
     configs = [parse_pbtxt(path.read_text()) for path in config_files(repository)]

@@ -7,10 +7,11 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import configs, specs
+from utils import specs
+from utils.repository import configs
 from utils.deployment import BACKENDS, Deployment
 from utils.layout import CONFIG_FILE, ENGINE_VERSION, ONNX_VERSION, PROJECT_MODELS
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 
 TINY = specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8, latent_width=8,
                        vae_scale_factor=8)

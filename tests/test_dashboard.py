@@ -8,7 +8,8 @@ import re
 import promql_parser
 import pytest
 
-from utils import dashboard, metrics
+from utils import metrics
+from utils.operations import dashboard
 
 # Triton 2.51's metric families this dashboard reads (with --metrics-config=summary_latencies=true).
 TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
@@ -19,7 +20,7 @@ TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure"
 
 def test_committed_dashboard_is_generated_from_the_code():
     assert json.loads(dashboard.PATH.read_text()) == dashboard.dashboard(), \
-        "deploy/grafana/sd-triton.json differs: run `python scripts/write_dashboard.py`"
+        "deploy/grafana/sd-triton.json differs: run `python scripts/write_grafana_dashboard.py`"
 
 
 @pytest.mark.parametrize("title, expression", dashboard.queries())

@@ -22,7 +22,7 @@ from utils.docker import SERVE_IMAGE
 from utils.layout import PROJECT_ROOT
 from utils.server.access import ADMIN_APIS, ADMIN_HEADER
 from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
-from utils.tools import tool
+from utils.operations.tools import tool
 
 CHART = PROJECT_ROOT / "deploy" / "helm" / "sd-triton"
 RULES_FILE = CHART / "files" / "recording-rules.yml"
@@ -182,6 +182,18 @@ def test_kube_version_range_is_what_the_manifests_are_validated_against():
     versions = kube_versions()
     assert versions[0] == "1.29.0" and versions[-1] == latest_version()
     assert "1.28.0" not in versions
+
+
+def test_the_models_volume_claim_validates_and_is_the_one_the_chart_reads():
+    """docs/operations.md applies deploy/kubernetes/models-pvc.yaml before the chart: it must be a
+    valid claim, shared by the pods of every node, under the name the chart's values mount."""
+    claim = yaml.safe_load((PROJECT_ROOT / "deploy" / "kubernetes" / "models-pvc.yaml").read_text())
+    for version in kube_versions():
+        kubernetes_validate.validate(claim, version, strict=True)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert claim["metadata"]["name"] == values["modelRepository"]["pvc"]["claimName"]
+    assert "deploy/kubernetes/models-pvc.yaml" in (PROJECT_ROOT / "docs" / "operations.md").read_text()
 
 
 @pytest.mark.parametrize("values", COMBINATIONS.values(), ids=COMBINATIONS.keys())

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 
+import mermaid_cli as diagrams
 import pytest
 from conftest import report
+from mermaid_cli import DiagramError, MermaidBlock
 
-from utils import diagrams, tools
-from utils.diagrams import DiagramError, MermaidBlock
+from utils.operations import tools
 from utils.layout import PROJECT_ROOT
 
 VALID = """\

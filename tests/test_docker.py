@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from utils import docker
+from utils.server import docker as server_docker
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {image: ROOT / path for image, path in docker.DOCKERFILES.items()}
@@ -91,7 +92,7 @@ def test_serve_command_is_the_classic_launch_on_localhost_with_safe_defaults(tmp
     from utils.server.access import AccessPolicy
 
     access = AccessPolicy()
-    command = docker.serve_command(tmp_path, access=access)
+    command = server_docker.serve_command(tmp_path, access=access)
     assert command[:3] == ["docker", "run", "--rm"] and "--shm-size=1g" in command
     assert {"127.0.0.1:8001:8001", "127.0.0.1:8002:8002"} <= set(command)
     assert f"{tmp_path.resolve()}:/models" in command
@@ -99,7 +100,7 @@ def test_serve_command_is_the_classic_launch_on_localhost_with_safe_defaults(tmp
     assert command[start:start + 3] == [docker.SERVE_IMAGE, "tritonserver", "--model-repository=/models"]
     assert set(access.arguments()) <= set(command) and "--allow-http=false" in command
     assert "127.0.0.1:8000:8000" not in command  # HTTP only when asked for
-    assert "127.0.0.1:8000:8000" in docker.serve_command(tmp_path, http=True)
+    assert "127.0.0.1:8000:8000" in server_docker.serve_command(tmp_path, http=True)
 
 
 def test_export_command_passes_the_token_by_name_only():

@@ -9,15 +9,12 @@ import re
 import pytest
 
 from utils import docs, specs
-from utils.docs.excerpts import RENDERERS
-from utils.docs.facts import FACTS
 from utils.layout import PROJECT_ROOT
 from utils.models import preset_dims
 
 README = (PROJECT_ROOT / "README.md").read_text()
 CHAPTERS = sorted((PROJECT_ROOT / "docs" / "tutorial").glob("[0-9]-*.md"))
-DOCUMENTS = {str(path.relative_to(PROJECT_ROOT)): path.read_text()
-             for path in [PROJECT_ROOT / "README.md", *CHAPTERS, PROJECT_ROOT / "docs" / "tutorial" / "README.md"]}
+DOCUMENTS = {str(path.relative_to(PROJECT_ROOT)): path.read_text() for path in docs.documents()}
 
 
 @pytest.mark.parametrize("name", DOCUMENTS)
@@ -28,7 +25,7 @@ def test_document_agrees_with_the_project(name):
 def test_every_fact_and_renderer_is_used():
     used = {name.split(":")[0] for text in DOCUMENTS.values()
             for name in re.findall(r"<!-- generated: ([\w:./-]+) -->", text)}
-    assert used == set(FACTS) | set(RENDERERS)
+    assert used == set(docs.SECTIONS)
 
 
 def test_a_changed_profile_changes_the_readme(monkeypatch):
@@ -76,3 +73,38 @@ def test_preset_sizes_without_building_equal_the_built_checkpoint(tiny_model):
 def test_sd15_sizes():
     dims = preset_dims("sd15-random")
     assert (dims.text_length, dims.text_hidden, dims.latent_height, dims.image_height) == (77, 768, 64, 512)
+
+
+# Paths the documents name, in backticks or links: each must exist (a moved or renamed file fails).
+PATH_IN_TEXT = re.compile(r"(?:`|\]\()((?:[\w.-]+/)+[\w.-]+\.(?:py|md|json|yaml|yml|sh|png|pbtxt|txt|log))[`)#]")
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_every_file_a_document_names_exists(name):
+    document = PROJECT_ROOT / name
+    # A path from the project's root or from the document; "1/model.py" inside a model folder is
+    # neither, and is not checked.
+    named = [path for path in PATH_IN_TEXT.findall(DOCUMENTS[name])
+             if (PROJECT_ROOT / path.split("/")[0]).exists() or (document.parent / path.split("/")[0]).exists()]
+    missing = [path for path in named if not (PROJECT_ROOT / path).exists() and not (document.parent / path).exists()]
+    assert not missing, f"{name} names files that do not exist: {missing}"
+
+
+def test_the_layout_page_names_every_module_and_script():
+    text = (PROJECT_ROOT / "docs" / "layout.md").read_text()
+    files = [path for folder in ("utils", "pipelines", "scripts") for path in (PROJECT_ROOT / folder).rglob("*.py")
+             if path.name != "__init__.py"]
+    unnamed = [str(path.relative_to(PROJECT_ROOT)) for path in files
+               if path.name not in text and path.parent.name not in text]
+    assert not unnamed, f"docs/layout.md does not name: {unnamed}"
+
+
+def test_counts_the_pages_state_are_the_tests_own():
+    """docs/tests.md counts the bad requests and states the pixel tolerance: the tests' own figures."""
+    from test_bad_requests import BAD_REQUESTS, ENSEMBLE_BAD_REQUESTS
+    from test_end_to_end import MAX_PIXEL_DIFFERENCE
+
+    text = (PROJECT_ROOT / "docs" / "tests.md").read_text()
+    assert f"{len(BAD_REQUESTS)} bad requests" in text
+    assert f"{len(ENSEMBLE_BAD_REQUESTS)} more through the ensembles" in text
+    assert f"max pixel difference ≤ {MAX_PIXEL_DIFFERENCE}" in text

@@ -201,7 +201,7 @@ def torch_runtime_server(tiny_model, tmp_path_factory):
     """The python backend's torch runtime (the GPU runtime), here on the CPU: same models, same
     clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_host/benchmark.sh)."""
     from utils.deployment import Deployment
-    from utils.repository import write_repository
+    from utils.repository.writer import write_repository
 
     repository = tmp_path_factory.mktemp("torch-runtime")
     write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False))
@@ -227,7 +227,7 @@ def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):
 
     import tritonclient.grpc as grpcclient
 
-    from utils.health import probe_inputs
+    from utils.server.health import probe_inputs
 
     client = grpcclient.InferenceServerClient(torch_runtime_server.grpc_url)
     config = client.get_model_config("unet", as_json=True)["config"]

@@ -9,10 +9,10 @@ import pytest
 
 from utils import specs
 from utils.deployment import Deployment
-from utils.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log, plan_path,
+from utils.repository.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log, plan_path,
                            profile_shapes, trtexec_command)
 from utils.errors import UsageError
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 
 SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, latent_height=64, latent_width=64,
                        vae_scale_factor=8)

@@ -9,11 +9,13 @@ import pytest
 from conftest import report
 from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import configs, export, specs
+from utils import export, specs
+from utils.repository import configs
+from utils.cli import export_cli
 from utils.deployment import Deployment
-from utils.export import ExportParityError, export_cli, export_network
+from utils.export import ExportParityError, export_network
 from utils.layout import CONFIG_FILE, ONNX_DATA_FILE, ONNX_FILE
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 
 ONNX_TYPES = {"FP16": "FLOAT16", "FP32": "FLOAT", "INT32": "INT32"}
 

@@ -42,7 +42,7 @@ def server_deployment():
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """Its models log their split, with the in-process UNet's batches."""
-    from utils.repository import write_repository
+    from utils.repository.writer import write_repository
 
     repository = tmp_path_factory.mktemp("loop-with-unet")
     write_repository(repository, tiny_model, None, server_deployment())

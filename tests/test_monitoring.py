@@ -17,8 +17,9 @@ from tritonclient.utils import InferenceServerException
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import EnsemblePipeline
 from pipelines.streaming import StreamingPipeline
-from utils import dashboard, metrics, specs
-from utils.prometheus import RECORDING_RULES, LocalPrometheus
+from utils import metrics, specs
+from utils.operations import dashboard
+from utils.operations.prometheus import RECORDING_RULES, LocalPrometheus
 from utils.request import GenerationRequest, request_to_arrays
 
 pytestmark = pytest.mark.server  # starts tritonserver and prometheus

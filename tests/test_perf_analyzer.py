@@ -15,14 +15,15 @@ import pytest
 from conftest import report
 from google.protobuf import json_format
 
-from utils import perf_analyzer, specs
-from utils.configs import network_config
+from utils import specs
+from utils.operations import perf_analyzer
+from utils.repository.configs import network_config
 from utils.deployment import Deployment
 from utils.errors import UsageError
 from utils.grpc_client import connect
-from utils.health import served_shapes
+from utils.server.health import served_shapes
 from utils.layout import PROJECT_ROOT
-from utils.perf_analyzer import Load
+from utils.operations.perf_analyzer import Load
 from utils.request import GenerationRequest
 from utils.server import free_port
 from utils.server.access import AccessPolicy

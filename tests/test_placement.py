@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import configs, docker, environments, gpus, specs
+from utils import specs
+from utils.repository import configs, environments, gpus
 from utils.benchmark import gpu_scaling
 from utils.benchmark.statistics import per_network
 from utils.deployment import GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, Deployment, Placement
-from utils.health import served_networks
+from utils.server.health import served_networks
 from utils.layout import CONFIG_FILE, SERVING_FILE
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 from utils.server import TritonServer, TritonServerError, server_environment, shared_libpython
+from utils.server import docker as server_docker
 from utils.server.install import COMPILE_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_cuda_defaults_to_gpu_0_with_the_gpu_pipeline_instances(tiny_model, tmp_
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(runtime="onnxruntime", device="cpu", placement=TWO_GPUS), r"needs --backend python --runtime torch"),
+    (dict(runtime="onnx", device="cpu", placement=TWO_GPUS), r"needs --backend python --runtime torch"),
     (dict(runtime="torch", device="cuda", torch_compile=("unett",)), r"torch_compile=\['unett'\]: name networks"),
     (dict(placement=Placement(pipeline_loop="with-unet")), r"--pipeline-loop with-unet .* add --runtime torch"),
     (dict(runtime="torch", device="cuda", placement=Placement(gpus=(0, 1), pipeline_loop="with-unet")),
@@ -192,9 +194,9 @@ def test_compiled_kernels_are_kept_where_a_restart_finds_them(monkeypatch, tmp_p
 
 
 def test_docker_gets_the_listed_devices(tmp_path):
-    assert "--gpus=all" in docker.serve_command(tmp_path)
+    assert "--gpus=all" in server_docker.serve_command(tmp_path)
     # Quoted: docker reads the value as CSV, and an unquoted comma would split the device list.
-    assert '--gpus="device=0,1"' in docker.serve_command(tmp_path, gpus=(0, 1))
+    assert '--gpus="device=0,1"' in server_docker.serve_command(tmp_path, gpus=(0, 1))
 
 
 def test_scaling_factor_per_concurrency():
@@ -214,7 +216,7 @@ def test_each_placed_gpu_gets_a_cuda_memory_pool(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--gpus", "0"], r"--gpus 0 needs --runtime torch --device cuda \(got --runtime onnxruntime --device cpu\)"),
+    (["--gpus", "0"], r"--gpus 0 needs --runtime torch --device cuda \(got --runtime onnx --device cpu\)"),
     (["--runtime", "torch", "--device", "cuda", "--gpus", "0,x"], r"--gpus '0,x': give GPU indices"),
     (["--runtime", "torch", "--device", "cuda", "--gpus", "1,1"], r"gpus=\[1, 1\]: list distinct GPU indices"),
 ])

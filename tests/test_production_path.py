@@ -1,4 +1,5 @@
-"""The README's production commands, run as written after the quickstart, on a CPU.
+"""The production path's commands (docs/production.md, from utils/walkthrough.py), run as written
+after the quickstart, on a CPU.
 
 What cannot run here is replaced by what can and says so: the export runs on the CPU instead of
 CUDA (same script, same FP16 graphs), and the hub is a local cache (HF_HUB_OFFLINE) holding the
@@ -19,19 +20,21 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import configs, specs
+from utils import specs
+from utils.repository import configs
 from utils.layout import CONFIG_FILE
 from utils.models import SD15_HUB_ID, hub_patterns
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def production_commands() -> list[str]:
-    """The python commands of the README's production block, continuation lines joined."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## The production path"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    """The python commands of the production page's block, continuation lines joined."""
+    from utils.docs.facts import production_commands as rendered
+
+    block = re.search(r"```bash\n(.*?)```", rendered(), re.S).group(1)
+    assert block in (ROOT / "docs" / "production.md").read_text()
     lines = block.replace("\\\n", " ").splitlines()
     commands = []
     for line in lines:
@@ -78,7 +81,7 @@ def after_quickstart(tiny_model, exports, tmp_path_factory):
     return cwd
 
 
-def test_the_readme_lists_the_production_commands():
+def test_the_production_page_lists_the_production_commands():
     commands = production_commands()
     assert [c.split()[1] for c in commands] == [
         "optim/convert_${network}_to_onnx.py", "scripts/move_onnx_models_to_triton.py",

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
-from utils.health import Supervisor, canary
+from utils.server.health import Supervisor, canary
 from utils.server import TritonServer
 
 pytestmark = pytest.mark.server  # starts tritonserver

@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 
-from utils import configs, specs
+from utils import specs
+from utils.repository import configs
 from utils.deployment import Deployment
 from utils.layout import CONFIG_FILE, PIPELINE_FILES, SERVING_FILE
-from utils.repository import RepositoryConflict, write_repository
+from utils.repository.writer import RepositoryConflict, write_repository
 
 
 def onnx_files(exports):

@@ -97,18 +97,19 @@ def test_quickstart_main_job(tmp_path):
 
 
 def test_the_readmes_request_examples_run_as_written(triton_server):
-    """The Python and HTTP examples of step 6, against the session's server (its addresses)."""
+    """The documents' Python, plain tritonclient and HTTP examples, against the session's server."""
     import contextlib
     import io
     import json
     import urllib.request
 
-    from utils.docs.facts import HTTP_EXAMPLE, HTTP_EXAMPLE_URL, PYTHON_EXAMPLE
+    from utils.docs.facts import HTTP_EXAMPLE, HTTP_EXAMPLE_URL, PLAIN_CLIENT_EXAMPLE, PYTHON_EXAMPLE
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(PYTHON_EXAMPLE.replace("127.0.0.1:8001", triton_server.grpc_url), {})
-    assert printed.getvalue().strip() == PYTHON_EXAMPLE.rsplit("# ", 1)[1]  # what its comment says it prints
+    for example in (PYTHON_EXAMPLE, PLAIN_CLIENT_EXAMPLE):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(example.replace("127.0.0.1:8001", triton_server.grpc_url), {})
+        assert printed.getvalue().strip() == example.rsplit("# ", 1)[1]  # what its comment says it prints
 
     url = "http://" + HTTP_EXAMPLE_URL.replace("127.0.0.1:8000", triton_server.http_url.removeprefix("http://"))
     request = urllib.request.Request(url, data=json.dumps(HTTP_EXAMPLE).encode(), method="POST")

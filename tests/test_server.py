@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import environments
+from utils.repository import environments
 from utils import server as server_module
 from utils.deployment import Deployment
 from utils.layout import CONFIG_FILE
@@ -98,7 +98,7 @@ def test_this_python_has_the_shared_libpython():
 
 
 def test_repository_for_the_ngc_image_is_refused_locally_with_the_fix(repository, tiny_model, exports, tmp_path):
-    from utils.repository import write_repository
+    from utils.repository.writer import write_repository
 
     write_repository(tmp_path, tiny_model, {name: r.path for name, r in exports.items()}, Deployment(backend="tensorrt"))
     with pytest.raises(TritonServerError, match=r"uses platform 'tensorrt_plan', which the pip-installed "
@@ -289,7 +289,7 @@ def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(bls_re
     from tritonclient.utils import InferenceServerException
 
     from pipelines.bls import BlsPipeline
-    from utils.health import Supervisor
+    from utils.server.health import Supervisor
 
     copy = tmp_path / "repository"
     shutil.copytree(bls_repository, copy)

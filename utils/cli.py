@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
@@ -41,6 +42,13 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
 )
 
 
+def script_parser(script: str, doc: str) -> argparse.ArgumentParser:
+    """A script's parser, its description naming the walkthrough step it is (utils/walkthrough.py)."""
+    from utils.walkthrough import describe
+
+    return argparse.ArgumentParser(description=describe(script, doc))
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser, names: Iterable[str] = GENERATION_FLAGS,
                              **defaults) -> None:
     """The generation flags ``names`` (default: all), with these ``defaults`` instead of the
@@ -59,16 +67,16 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
         group.add_argument("--backend", default="python", choices=BACKENDS,
                            help="what serves the networks: python (the portable backend, no Docker), "
                                 "onnxruntime or tensorrt (NGC Triton image)")
-    group.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES,
-                       help="inside the python backend: onnxruntime (1/model.onnx, CPU) or torch (the checkpoint's "
+    group.add_argument("--runtime", default="onnx", choices=RUNTIMES,
+                       help="inside the python backend: onnx (runs 1/model.onnx with ONNX Runtime, CPU) or torch (the checkpoint's "
                             "weights; the GPU runtime with CUDA graphs and dynamic batching)")
     group.add_argument("--device", default="cpu", help="cpu or cuda (the torch runtime's device)")
     group.add_argument("--precision", default=None, choices=PRECISIONS,
                        help="FP32 or FP16: the torch runtime's (default FP16 on cuda, FP32 on cpu); on the ONNX route "
                             "the graphs carry theirs")
     group.add_argument("--no-ensembles", dest="ensembles", action="store_false",
-                       help="serve the networks and the BLS pipelines only: no ensembles and no ensemble steps "
-                            "(4 fewer processes, a faster start)")
+                       help="serve the networks and the BLS pipelines only: no ensembles and none of their "
+                            "Python steps (fewer stub processes, a faster start)")
     group.add_argument("--image-sizes", type=image_sizes, default=None, metavar="MIN-MAX",
                        help="the heights and widths served, in pixels (each a multiple of 8; default: three "
                             "quarters to one and a half of the checkpoint's size, 384-768 for SD1.5). The TensorRT "
@@ -91,13 +99,13 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                             "(a minute or more per network, cached for restarts; pays where a network runs at every "
                             "step, and for the VAE decoder: 8.7 against 22.6 ms an image on an H100)")
     group.add_argument("--pipeline-environment", type=Path, default=None,
-                       help="a Python environment (utils/environments.py) the pipeline model runs in: one with "
+                       help="a Python environment (utils/repository/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
 
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
     """The Deployment the arguments ask for; a combination that cannot work is a UsageError."""
-    from utils.gpus import parse_gpus
+    from utils.repository.gpus import parse_gpus
 
     backend = getattr(args, "backend", "python")
     placement = None  # the deployment's default for its runtime and device
@@ -183,3 +191,37 @@ def save_images(images: np.ndarray, path: str | Path) -> list[Path]:
     for image, target in zip(images, paths):
         Image.fromarray(image).save(target)
     return paths
+
+
+def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
+    """The command line shared by the four optim/convert_*_to_onnx.py scripts."""
+    from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
+    from utils.models import DEFAULT_MODELS_DIR, resolve_model
+
+    axes = sorted({axis for tensor in network.dynamic_axes().values() for axis in tensor.values()})
+    parser = script_parser(f"optim/convert_{network.name}_to_onnx.py",
+                           f"Export the {network.name} to ONNX (dynamic axes: {', '.join(axes)}) and check it.")
+    parser.add_argument("--model", default="tiny",
+                        help="preset (tiny, sd15-random), local diffusers folder or hub id (default: tiny)")
+    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path, help="where presets are written")
+    parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path,
+                        help="output folder; the file is <onnx-dir>/<model>/<network>.onnx")
+    parser.add_argument("--precision", default="FP32", choices=specs.PRECISIONS,
+                        help="FP32 for the CPU default, FP16 for GPU engines (fast with --device cuda; "
+                             "a CPU works too, slowly)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--external-data", action="store_true",
+                        help="keep the weights in <network>.onnx.data beside the graph at any size "
+                             "(graphs over 2 GB always do)")
+    parser.add_argument("--force", action="store_true", help="export again even if the file exists")
+    args = parser.parse_args(argv)
+    model_dir = resolve_model(args.model, args.models_dir)
+    output = onnx_path(args.onnx_dir, args.model, network.name)
+    result = export_network(network, model_dir, output, args.precision, args.device, args.force,
+                            args.external_data)
+    if result.skipped:
+        print(f"{network.name}: {output} exists, skipped (pass --force to export again)")
+    else:
+        print(f"{network.name}: wrote {output} in {result.seconds:.1f} s; "
+              f"max |onnxruntime - torch| = {result.max_abs_error:.2e}")
+    return result

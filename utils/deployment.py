@@ -17,7 +17,9 @@ from utils import layout, specs
 from utils.errors import UsageError
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
-RUNTIMES = ("onnxruntime", "torch")  # what runs a network inside the python backend
+# What runs a network inside the python backend: its ONNX graph (with ONNX Runtime, on the CPU), or
+# the checkpoint's torch module. Not to be mixed up with --backend onnxruntime, Triton's own backend.
+RUNTIMES = ("onnx", "torch")
 PIPELINE_LOOPS = ("cpu", "gpu", "with-unet")
 WITH_UNET = "with-unet"  # the loop in the UNet's process (utils/python_backend/step_batching.py)
 PIPELINE_INSTANCES = 2  # BLS instances on the CPU
@@ -95,7 +97,7 @@ class Deployment:
     """What serves the networks, where, and how; the defaults are the CPU walkthrough's."""
 
     backend: str = "python"  # python (portable, the pip-installed server) | onnxruntime | tensorrt
-    runtime: str = "onnxruntime"  # inside the python backend: onnxruntime (model.onnx) | torch
+    runtime: str = "onnx"  # inside the python backend: onnx (1/model.onnx, ONNX Runtime) | torch
     device: str = "cpu"  # the torch runtime's: cpu | cuda
     # FP32 | FP16. The torch runtime loads its weights at it (default: FP16 on cuda, FP32 on the
     # CPU); the ONNX routes export at it, and the repository step checks the graphs against it.

@@ -1,4 +1,5 @@
-"""The NGC release both images build on, defined here once, and the docker commands around it.
+"""The NGC release both images build on, defined here once, and the docker commands around it
+(the serving image's `docker run ... tritonserver` is utils/server/docker.py's).
 
 docker/pytorch/Dockerfile (export + trtexec) and docker/triton/Dockerfile (serving) take the
 release as a build argument with no default, so a build that forgets it fails instead of
@@ -40,29 +41,4 @@ def export_command(command: list[str], gpus: str = "all") -> list[str]:
     return [
         "docker", "run", "--rm", f"--gpus={gpus}", "--env", "HF_TOKEN", "--user", f"{os.getuid()}:{os.getgid()}",
         "-v", f"{Path.cwd()}:{WORKDIR}", "-w", WORKDIR, EXPORT_IMAGE, *command,
-    ]
-
-
-def docker_gpus(gpus: tuple[int, ...] | None) -> str:
-    """docker run's --gpus value: all, or the listed devices (quoted: the value is read as CSV)."""
-    return "all" if gpus is None else '"device=' + ",".join(map(str, gpus)) + '"'
-
-
-def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, access=None,
-                  http: bool = False) -> list[str]:
-    """The classic `docker run ... tritonserver` launch, on the serving image, with the ports bound to
-    localhost, on these GPUs (None: all), with the local server's safe defaults: the admin APIs
-    behind ``access``'s key (utils/server/access.py), HTTP only when asked for."""
-    from utils.server.access import AccessPolicy
-    from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
-
-    access = access or AccessPolicy()
-    ports = (8000, 8001, 8002) if http else (8001, 8002)
-    return [
-        "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
-        *[argument for port in ports for argument in ("-p", f"{LOCALHOST}:{port}:{port}")],
-        "-v", f"{Path(model_repository).resolve()}:/models",
-        SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(),
-        *METRICS_ARGUMENTS, *LOAD_ARGUMENTS,
-        *([] if http else ["--allow-http=false"]),
     ]

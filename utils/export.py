@@ -1,13 +1,13 @@
-"""Export one network to ONNX with the names and dynamic batch axis of its spec, then prove it.
+"""Export one network to ONNX with the names and dynamic axes of its spec, then prove it.
 
-Shared by the four ``optim/convert_*_to_onnx.py`` scripts. After exporting, the graph goes
-through ``onnx.checker`` and ONNX Runtime is compared with torch on fresh random inputs at a
-batch size other than the one traced, which also proves that the batch axis is really dynamic.
+Shared by the four ``optim/convert_*_to_onnx.py`` scripts. Every network's batch axis is dynamic,
+and the UNet's and the VAE's height and width too. After exporting, the graph goes through
+``onnx.checker`` and ONNX Runtime is compared with torch on fresh random inputs at a batch size
+and an image size other than the ones traced, which also proves those axes really dynamic.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -21,7 +21,7 @@ import torch
 
 from utils import specs
 from utils.errors import UsageError, UserError
-from utils.models import DEFAULT_MODELS_DIR, model_slug, resolve_model
+from utils.models import model_slug
 from utils.networks import TORCH_DTYPES, load_network
 
 DEFAULT_ONNX_DIR = Path("onnx")
@@ -226,32 +226,3 @@ def _set_static_dims(path: Path, network: specs.NetworkSpec, dims: specs.ModelDi
             shape[0].Clear()
             shape[0].dim_param = specs.BATCH_AXIS
     onnx.save_model(model, str(path))  # external weights, if any, stay where they are
-
-
-def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None) -> ExportResult:
-    """The command line shared by the four optim/convert_*_to_onnx.py scripts."""
-    parser = argparse.ArgumentParser(description=f"Export the {network.name} to ONNX (dynamic batch) and check it.")
-    parser.add_argument("--model", default="tiny",
-                        help="preset (tiny, sd15-random), local diffusers folder or hub id (default: tiny)")
-    parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path, help="where presets are written")
-    parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path,
-                        help="output folder; the file is <onnx-dir>/<model>/<network>.onnx")
-    parser.add_argument("--precision", default="FP32", choices=specs.PRECISIONS,
-                        help="FP32 for the CPU default, FP16 for GPU engines (fast with --device cuda; "
-                             "a CPU works too, slowly)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--external-data", action="store_true",
-                        help="keep the weights in <network>.onnx.data beside the graph at any size "
-                             "(graphs over 2 GB always do)")
-    parser.add_argument("--force", action="store_true", help="export again even if the file exists")
-    args = parser.parse_args(argv)
-    model_dir = resolve_model(args.model, args.models_dir)
-    output = onnx_path(args.onnx_dir, args.model, network.name)
-    result = export_network(network, model_dir, output, args.precision, args.device, args.force,
-                            args.external_data)
-    if result.skipped:
-        print(f"{network.name}: {output} exists, skipped (pass --force to export again)")
-    else:
-        print(f"{network.name}: wrote {output} in {result.seconds:.1f} s; "
-              f"max |onnxruntime - torch| = {result.max_abs_error:.2e}")
-    return result

@@ -1,6 +1,6 @@
 """The model repository's layout and the names Triton serves, written once.
 
-The repository writer (utils/repository.py), the Triton-side models (utils/python_backend/,
+The repository writer (utils/repository/writer.py), the Triton-side models (utils/python_backend/,
 triton/models/), the engine builder and every client import these; none spells a path, a version
 folder or a served name itself.
 

@@ -11,7 +11,7 @@ from utils import specs
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
-from utils.repository import write_repository
+from utils.repository.writer import write_repository
 from utils.timing import StepTimer
 
 

@@ -10,11 +10,11 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
   || echo "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/sd_triton_tutorial.pth"
 # The 24.10 Python-backend stub is built against numpy 1 and mangles string inputs (the prompt)
-# under numpy 2 (utils/environments.py): the pipeline model gets numpy 1, the networks keep the
+# under numpy 2 (utils/repository/environments.py): the pipeline model gets numpy 1, the networks keep the
 # host's environment.
 ENVIRONMENT=()
 if ls .whl/numpy-1*.whl >/dev/null 2>&1; then
-  SITE=$(python3 -c "from utils.environments import create; print(create('/tmp/pipeline-env'))")
+  SITE=$(python3 -c "from utils.repository.environments import create; print(create('/tmp/pipeline-env'))")
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/numpy-1*.whl
   ENVIRONMENT=(--pipeline-environment /tmp/pipeline-env)
 fi

@@ -12,16 +12,30 @@ from __future__ import annotations
 
 import re
 
+from utils.docs.chapter_facts import CHAPTER_FACTS
 from utils.docs.excerpts import RENDERERS
 from utils.docs.facts import FACTS
+from utils.docs.mermaid import DIAGRAMS
+from utils.docs.recorded import RECORDED
+from utils.layout import PROJECT_ROOT
 
 SECTION = re.compile(r"(<!-- generated: (?P<name>[\w:./-]+) -->)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
-SECTIONS = {**FACTS, **RENDERERS}
+# Each module's renderers by name; a name with arguments (``source:path:name``) takes them.
+SECTIONS = {**FACTS, **RENDERERS, **CHAPTER_FACTS, **DIAGRAMS, **RECORDED}
+# The documents with generated sections: the README and every page under docs/ but the GPU
+# experiment notes (a lab notebook: its figures are each run's own, dated).
+NOT_RENDERED = ("docs/gpu-notes.md",)
+
+
+def documents(root=PROJECT_ROOT) -> list:
+    pages = sorted(path for path in (root / "docs").rglob("*.md")
+                   if str(path.relative_to(root)) not in NOT_RENDERED)
+    return [root / "README.md", *pages]
 
 
 def render_section(name: str) -> str:
     kind, *arguments = name.split(":")
-    if kind not in SECTIONS or (arguments and kind not in RENDERERS):
+    if kind not in SECTIONS:
         raise KeyError(f"section {name!r} has no renderer; known: {', '.join(SECTIONS)}")
     return SECTIONS[kind](*arguments)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+from pathlib import Path
 from typing import Callable
 
 from utils import specs
@@ -30,6 +31,13 @@ def source(path: str, name: str | None = None) -> str:
     return f"```python\n# {path}\n{body}\n```"
 
 
+def file(path: str) -> str:
+    """A file of the project as it is (a config written by hand, a script), headed by its path."""
+    language = {".pbtxt": "protobuf", ".py": "python", ".sh": "bash", ".yaml": "yaml"}.get(Path(path).suffix, "")
+    comment = "#"
+    return f"```{language}\n{comment} {path}\n{(PROJECT_ROOT / path).read_text().rstrip()}\n```"
+
+
 def _find(tree: ast.AST, parts: list[str]):
     for node in getattr(tree, "body", []):
         names = [node.name] if hasattr(node, "name") else [
@@ -43,7 +51,7 @@ def config(model: str, backend: str = "", precision: str = "") -> str:
     """The config.pbtxt the repository step writes for a network with SD1.5's sizes (``backend``:
     python, onnxruntime or tensorrt; ``precision``: FP16 by default on the GPU backends), or the
     committed config of a Python model or ensemble."""
-    from utils import configs
+    from utils.repository import configs
     from utils.deployment import Deployment
 
     if model in specs.NETWORKS:
@@ -57,7 +65,7 @@ def config(model: str, backend: str = "", precision: str = "") -> str:
 
 def trtexec() -> str:
     """The four trtexec commands of step P4, for SD1.5's sizes."""
-    from utils.engines import trtexec_command
+    from utils.repository.engines import trtexec_command
 
     commands = [" ".join(trtexec_command(network, SD15, PRODUCTION_REPOSITORY)) for network in specs.NETWORKS.values()]
     return "```\n" + "\n".join(f"$ {command}" for command in commands) + "\n```"
@@ -100,13 +108,13 @@ def batching(path: str) -> str:
 def perf_analyzer(path: str) -> str:
     """A recorded perf_analyzer run: its command and its figures, as scripts/run_perf_analyzer.py
     prints them."""
-    from utils import perf_analyzer as tool
+    from utils.operations import perf_analyzer as tool
 
     invocation, command, results = tool.read_record(PROJECT_ROOT / path)
     return f"```\n$ {invocation}\n# runs: {command}\n\n{tool.table(results)}\n```"
 
 
 RENDERERS: dict[str, Callable[..., str]] = {
-    "source": source, "config": config, "trtexec": trtexec, "budget": budget, "statistics": statistics,
+    "source": source, "file": file, "config": config, "trtexec": trtexec, "budget": budget, "statistics": statistics,
     "batching": batching, "perf-analyzer": perf_analyzer,
 }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from utils import specs
 from utils.docker import SERVE_IMAGE
-from utils.engines import trtexec_command
+from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
@@ -96,7 +97,7 @@ def unet_trtexec() -> str:
 
 def docker_serve() -> str:
     """The launcher's --docker command, with a placeholder for the key it makes at each start."""
-    from utils.docker import serve_command
+    from utils.server.docker import serve_command
     from utils.server.access import AccessPolicy
 
     access = AccessPolicy(admin_key="<key>")
@@ -108,38 +109,9 @@ def docker_serve() -> str:
     return "```bash\npython scripts/launch_triton_server.py --docker\n# = " + " \\\n#     ".join(lines) + "\n```"
 
 
-def _graph_lines(spec: specs.EnsembleSpec, depth: int = 1) -> list[str]:
-    lines = []
-    for step in spec.steps:
-        inner = specs.ENSEMBLES.get(step.model)
-        if inner is not None:
-            kind = "ensemble"
-        elif step.model in specs.NETWORKS:
-            kind = "network"
-        else:
-            networks = specs.PIPELINES[step.model].networks
-            kind = "python" + (f", calls {', '.join(n.name for n in networks)} by BLS" if networks else "")
-        reads = ", ".join(tensor for _, tensor in step.inputs)
-        makes = ", ".join(tensor for _, tensor in step.outputs)
-        lines.append(f"{'  ' * depth}{step.model:<{24 - 2 * depth}} {reads} -> {makes}   ({kind})")
-        if inner is not None:
-            lines += _graph_lines(inner, depth + 1)
-    return lines
-
-
-def ensemble_graphs() -> str:
-    """The two top-level ensembles, step by step, with the tensors that flow between the steps."""
-    blocks = []
-    for spec in (specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE):
-        inputs = ", ".join(t.name for t in spec.inputs)
-        blocks.append("\n".join([f"{spec.name}: {inputs} -> {', '.join(t.name for t in spec.outputs)}",
-                                  *_graph_lines(spec)]))
-    return "```\n" + "\n\n".join(blocks) + "\n```"
-
-
 def ensemble_config() -> str:
     """The generated config of the smallest ensemble, whole: what an ensemble is, in Triton's words."""
-    from utils import configs
+    from utils.repository import configs
 
     text = configs.to_pbtxt(configs.ensemble_config(specs.ENCODE_PROMPT))
     return "```protobuf\n" + text.split("\n", 1)[1].rstrip() + "\n```"
@@ -174,6 +146,23 @@ pipeline = BlsPipeline("127.0.0.1:8001")
 images = pipeline("a watercolor fox", scheduler="EulerAncestralDiscreteScheduler", num_images_per_prompt=2,
                   height=48, width=80, num_inference_steps=20, seed=0)
 print(images.shape, images.dtype)  # (2, 48, 80, 3) uint8"""
+# The same request with tritonclient alone, as a reader would write it without this project.
+PLAIN_CLIENT_EXAMPLE = """\
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+client = grpcclient.InferenceServerClient("127.0.0.1:8001")
+inputs = []
+for name, value in [("prompt", np.array([b"a watercolor fox"], dtype=object)),
+                    ("num_inference_steps", np.array([20], dtype=np.int32)),
+                    ("seed", np.array([0], dtype=np.int64))]:
+    tensor = grpcclient.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else
+                                   {np.int32: "INT32", np.int64: "INT64"}[value.dtype.type])
+    tensor.set_data_from_numpy(value)
+    inputs.append(tensor)
+result = client.infer("pipeline_text_to_image", inputs)
+images = result.as_numpy("images")
+print(images.shape, images.dtype)  # (1, 64, 64, 3) uint8"""
 HTTP_EXAMPLE = {"inputs": [
     {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a watercolor fox"]},
     {"name": "scheduler", "shape": [1], "datatype": "BYTES", "data": ["DPMSolverMultistepScheduler"]},
@@ -192,6 +181,10 @@ saved outputs/stream.png (64x64, 4 steps)"""
 
 def python_example() -> str:
     return f"```python\n{PYTHON_EXAMPLE}\n```"
+
+
+def plain_client_example() -> str:
+    return f"```python\n{PLAIN_CLIENT_EXAMPLE}\n```"
 
 
 def http_example() -> str:
@@ -216,7 +209,7 @@ def metrics_table() -> str:
 
 
 def dashboard_panels() -> str:
-    from utils import dashboard
+    from utils.operations import dashboard
 
     return "\n".join(f"- **{panel.title}**" + (f": {panel.description}" if panel.description else "")
                      for panel in dashboard.PANELS)
@@ -229,11 +222,139 @@ def cancellation_interval() -> str:
     return f"{1000 * CANCELLATION_CHECK_SECONDS:g} ms"
 
 
-FACTS: dict[str, Callable[[], str]] = {
+@functools.cache
+def unet_calls(steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> int:
+    """UNet calls of one text-to-image generation with SD1.5's scheduler (PNDM repeats its second
+    timestep: 51 calls for 50 steps)."""
+    import diffusers
+
+    scheduler = getattr(diffusers, SD15_SCHEDULER_CLASS)(**SD15_SCHEDULER)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+def network_calls(steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> int:
+    """Network calls of one text-to-image generation: the text encoder, the UNet's, the decoder."""
+    return 1 + unet_calls(steps) + 1
+
+
+def ngc_release() -> str:
+    from utils.docker import NGC_RELEASE, TENSORRT_VERSION, TRITON_VERSION
+
+    return f"{NGC_RELEASE}: Triton {TRITON_VERSION} with TensorRT {TENSORRT_VERSION}, the release the pip-installed server comes from"
+
+
+def production_commands() -> str:
+    """The production path's commands, each marked with its step (utils/walkthrough.py)."""
+    from utils.walkthrough import PRODUCTION
+
+    lines = []
+    for step in PRODUCTION:
+        for index, command in enumerate(step.commands):
+            first, *rest = command.split("\n")
+            mark = f"  # {step.number}" if index == 0 else ""
+            lines += [first + mark, *rest]
+    return "```bash\n" + "\n".join(lines) + "\n```"
+
+
+def production_steps() -> str:
+    from utils.walkthrough import PRODUCTION
+
+    rows = ["| step | what happens |", "| --- | --- |"]
+    rows += [f"| {step.number} | {step.title}: {step.does} |" for step in PRODUCTION]
+    return "\n".join(rows)
+
+
+@functools.cache
+def _sd15_unet_parameters() -> int:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from utils.models import PRESETS
+
+    with torch.device("meta"):  # the architecture without its weights
+        unet = UNet2DConditionModel(**PRESETS["sd15-random"]["unet"])
+    return sum(parameter.numel() for parameter in unet.parameters())
+
+
+def sd15_unet_size(precision: str) -> str:
+    """SD1.5's UNet weights at a precision, in GB."""
+    bytes_per_value = {"FP32": 4, "FP16": 2}[precision]
+    return f"{_sd15_unet_parameters() * bytes_per_value / 1e9:.1f} GB"
+
+
+def image_sizes() -> str:
+    sizes = specs.ImageSizes.default(SD15)
+    return (f"{sizes.describe()} pixels a side by default for SD1.5, whose own size is "
+            f"{SD15.image_height}x{SD15.image_width}")
+
+
+def docker_pins() -> str:
+    """The NGC images' pins that differ from requirements.txt's."""
+    def pins(path: str) -> dict[str, str]:
+        lines = (PROJECT_ROOT / path).read_text().splitlines()
+        return dict(line.split("#")[0].strip().split("==") for line in lines if "==" in line.split("#")[0])
+
+    ours, images = pins("requirements.txt"), pins("docker/requirements.txt")
+    older = [name for name in ("transformers", "diffusers", "onnxruntime", "torch") if name in images]
+    return ", ".join(f"{name} {images[name]} against {ours[name]}" for name in older if name in ours)
+
+
+def _chart(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((PROJECT_ROOT / "deploy" / "helm" / "sd-triton" / name).read_text())
+
+
+def chart_scaling() -> str:
+    """How the chart's autoscaler moves, in words, from its default values."""
+    scaling = _chart("values.yaml")["autoscaling"]
+    up, down = scaling["scaleUp"], scaling["scaleDown"]
+    return (f"when the pods' average exceeds `autoscaling.targetQueueComputeRatio` "
+            f"({scaling['targetQueueComputeRatio']}), at most {up['pods']} pods every {up['periodSeconds']} s, and "
+            f"gives back {down['pods']} every {down['periodSeconds']} s once the ratio has stayed low for "
+            f"{down['stabilizationWindowSeconds']} s")
+
+
+def kube_versions() -> str:
+    """The Kubernetes versions the chart admits (Chart.yaml's kubeVersion), as a range."""
+    import re
+
+    bounds = dict((op, (int(major), int(minor))) for op, major, minor in
+                  re.findall(r"(>=|<)\s*v?(\d+)\.(\d+)", _chart("Chart.yaml")["kubeVersion"]))
+    low, high = bounds[">="], bounds["<"]
+    return f"{low[0]}.{low[1]} to {high[0]}.{high[1] - 1}"
+
+
+def canary_interval() -> str:
+    from utils.server.health import CANARY_INTERVAL_SECONDS
+
+    return f"{CANARY_INTERVAL_SECONDS:g} s"
+
+
+def failures_before_restart() -> str:
+    from utils.server.health import FAILURES_BEFORE_RESTART
+
+    return str(FAILURES_BEFORE_RESTART)
+
+
+def retry_for() -> str:
+    from utils.grpc_client import DEFAULT_RETRY_FOR
+
+    return f"{DEFAULT_RETRY_FOR:g} s"
+
+
+FACTS: dict[str, Callable[..., str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
-    "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-graphs": ensemble_graphs,
-    "ensemble-config": ensemble_config, "python-example": python_example, "http-example": http_example,
+    "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-config": ensemble_config,
+    "python-example": python_example,
+    "plain-client-example": plain_client_example, "http-example": http_example,
     "stream-example": stream_example, "metrics": metrics_table, "dashboard-panels": dashboard_panels,
     "cancellation-interval": cancellation_interval,
+    "network-calls": lambda: str(network_calls()), "ngc-release": ngc_release,
+    "production-commands": production_commands, "production-steps": production_steps,
+    "sd15-unet-size": sd15_unet_size, "image-sizes": image_sizes, "docker-pins": docker_pins,
+    "chart-scaling": chart_scaling, "kube-versions": kube_versions, "canary-interval": canary_interval,
+    "failures-before-restart": failures_before_restart, "retry-for": retry_for,
 }

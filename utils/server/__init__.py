@@ -4,9 +4,9 @@
   libraries it must load first, the environment it finds packages in);
 - ``access``: which APIs the server opens to whom (the admin key);
 - ``diagnosis``: a failed start explained from the server's log;
-- ``process``: the process itself: ports, start, readiness, stop, restart, leftovers.
-
-With Docker, the project's serving image runs the same repository (utils/docker.py).
+- ``process``: the process itself: ports, start, readiness, stop, restart, leftovers;
+- ``health``: the canary inference and the supervisor that restarts a server that fails it;
+- ``docker``: the same repository served by the project's serving image (`docker run`).
 """
 
 from utils.errors import TritonServerError

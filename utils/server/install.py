@@ -10,7 +10,7 @@ but not ready to run as a plain server. What it needs:
   wheel's ``nvidia_pytriton.libs``;
 - this environment's ``bin`` first on ``PATH``: the stub finds packages through ``python3``
   (it ignores ``PYTHONPATH``). A model can run in another environment of the same Python
-  (utils/environments.py): the pipeline model needs numpy 1.x where the machine has numpy 2.
+  (utils/repository/environments.py): the pipeline model needs numpy 1.x where the machine has numpy 2.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def shared_libpython() -> Path:
 def check_served_locally(repository: Path) -> None:
     """The wheel's tritonserver has the Python backend and ensembles only: say so before it fails
     to load a TensorRT or ONNX Runtime model."""
-    from utils import configs
+    from utils.repository import configs
 
     for config_file in layout.config_files(repository):
         platform = configs.parse_pbtxt(config_file.read_text()).platform

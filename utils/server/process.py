@@ -172,7 +172,7 @@ class TritonServer:
     def _check_gpus(self, repository: Path) -> set[int]:
         """The GPUs the repository places instances on, which this machine must have; each gets a
         CUDA memory pool for the GPU tensors that Python models pass each other by DLPack."""
-        from utils.gpus import GpuError, check_repository_gpus, repository_gpus, visible_gpus
+        from utils.repository.gpus import GpuError, check_repository_gpus, repository_gpus, visible_gpus
 
         placed = set().union(*repository_gpus(repository).values())
         if placed:

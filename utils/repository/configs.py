@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from utils import layout, specs
 from utils.deployment import CPU, Deployment, Placement
 
-GENERATED_HEADER = "# Generated from utils/specs.py by utils/configs.py: edit those, not this file.\n"
+GENERATED_HEADER = "# Generated from utils/specs.py by utils/repository/configs.py: edit those, not this file.\n"
 
 
 def data_type(dtype: str) -> int:
@@ -80,7 +80,7 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
 def _add_warmup(config: mc.ModelConfig, network: specs.NetworkSpec, precision: str, dims: specs.ModelDims) -> None:
     """One request at the profile's optimal batch and the checkpoint's own size at load time, so
     the first user does not pay for lazy initialization (cuDNN/TensorRT tactics, memory pools);
-    its shapes also tell a client what the -1 sizes can be (utils/health.py). Token ids are zeros:
+    its shapes also tell a client what the -1 sizes can be (utils/server/health.py). Token ids are zeros:
     random INT32 values would index past the vocabulary."""
     warmup = config.model_warmup.add(name=f"batch_{network.profile.opt}", batch_size=network.profile.opt, count=1)
     for tensor in network.inputs:

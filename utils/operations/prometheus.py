@@ -1,7 +1,7 @@
 """A real Prometheus on 127.0.0.1 that scrapes Triton's metrics port, for the monitoring tests
 and the dashboard's picture: the same queries a Grafana on a cluster would send.
 
-Prometheus comes from ``make tools`` (utils/tools.py). It keeps its data in a temporary folder,
+Prometheus comes from ``make tools`` (utils/operations/tools.py). It keeps its data in a temporary folder,
 scrapes every second, and evaluates the recording rules it is given as often.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from utils.errors import UserError
 from utils.layout import PROJECT_ROOT
 from utils.server import free_port
-from utils.tools import tool
+from utils.operations.tools import tool
 
 LOCALHOST = "127.0.0.1"
 # The recording rules the Helm chart installs (its PrometheusRule embeds this file).

@@ -1,5 +1,5 @@
 """The Grafana dashboard of the pipeline (deploy/grafana/sd-triton.json), built here from the specs'
-model names and utils/metrics.py, and written by ``python scripts/write_dashboard.py``; a test
+model names and utils/metrics.py, and written by ``python scripts/write_grafana_dashboard.py``; a test
 fails where the committed file differs, and another runs every query against a live Prometheus.
 
 Every panel reads Triton's own metrics or the pipeline's (utils/metrics.py). Per-model panels
@@ -131,7 +131,7 @@ def to_json() -> str:
     return json.dumps(dashboard(), indent=2) + "\n"
 
 
-def render(prometheus, start: float, end: float, path, window: str = "20s") -> None:
+def plot(prometheus, start: float, end: float, path, window: str = "20s") -> None:
     """The dashboard's panels as one picture, from a Prometheus's data between ``start`` and
     ``end`` (what Grafana would draw over that time; rates from one ``window`` after ``start``).
     Series that stayed at 0 are left out, and said so."""

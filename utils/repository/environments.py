@@ -56,7 +56,7 @@ def activation_archive(environment: Path | str) -> bytes:
     if not (environment / "bin" / "python3").exists():
         raise UsageError(
             f"python environment {str(environment)!r} has no bin/python3: create it with "
-            f"`python -c \"from utils.environments import create; create('{environment}')\"` "
+            f"`python -c \"from utils.repository.environments import create; create('{environment}')\"` "
             f"(a virtual environment of this Python), or leave the option out."
         )
     script = (f'# Sourced by the Python backend before it starts the stub.\n'

@@ -108,6 +108,10 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
 BEYOND_RECOVERY = ("is not healthy",)
 
 
+CANARY_INTERVAL_SECONDS = 10.0  # between canaries: a dead stub is found within this
+FAILURES_BEFORE_RESTART = 2  # canaries in a row that fail for a reason waiting might fix
+
+
 def default_memory_limit(baseline: int) -> int:
     """What a server may grow to before it is restarted: twice what it held when the supervisor
     started, and 1 GiB more. The Python backend's shared memory grows with the largest request a
@@ -120,7 +124,7 @@ class Supervisor:
     when ``failures`` canaries in a row fail for another reason, or when the server and its stubs
     hold more memory than ``memory_limit`` bytes (None: ``default_memory_limit``; 0: no limit)."""
 
-    def __init__(self, server, interval: float = 10.0, failures: int = 2,
+    def __init__(self, server, interval: float = CANARY_INTERVAL_SECONDS, failures: int = FAILURES_BEFORE_RESTART,
                  check: Callable[[str], None] | None = None, log: Callable[[str], None] = print,
                  memory_limit: int | None = None):
         if check is None:  # the names this server's repository serves its networks and pipelines under

@@ -2,8 +2,8 @@
 
 GitHub draws a ```mermaid block in the browser, and a diagram it cannot parse shows as an error
 box in the README, with nothing failing anywhere. Here ``mmdc`` (``@mermaid-js/mermaid-cli``,
-``make tools``, utils/tools.py) renders every block in headless chromium, so the test suite fails
-instead (tests/test_diagrams.py); the error names the document, the block's line and mermaid's
+``make tools``, utils/operations/tools.py) renders every block in headless chromium, so the test suite fails
+instead (tests/test_diagrams.py, for which this is the helper); the error names the document, the block's line and mermaid's
 message.
 
 mmdc takes a Markdown file and renders all its blocks in one browser start (about a second, then
@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 from utils.errors import UserError
 from utils.layout import PROJECT_ROOT
-from utils.tools import INSTALL_COMMAND, tool
+from utils.operations.tools import INSTALL_COMMAND, tool
 
 # CommonMark fences: three or more backticks or tildes; the info string's first word is the language.
 # Any indentation, as mmdc reads it (a fence inside a list item is indented).

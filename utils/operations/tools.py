@@ -1,6 +1,6 @@
 """Tools the operations steps and their tests run that pip does not install: Triton's
 ``perf_analyzer``, Prometheus with ``promtool``, and mermaid's ``mmdc`` (the documentation's
-diagrams, utils/diagrams.py). ``make tools`` (``python -m utils.tools``) puts them under
+diagrams, tests/mermaid_cli.py). ``make tools`` (``python scripts/install_tools.py``) puts them under
 ``.tools/``, without root except for chromium:
 
 - ``perf_analyzer`` comes in the ``tritonclient`` wheel of the server's own release (2.51.0; PyPI's
@@ -135,7 +135,7 @@ def _install_mermaid_cli(destination: Path) -> None:
     # A wrapper rather than a link: whoever runs mmdc gets the config without knowing of it.
     wrapper = destination / "bin" / "mmdc"
     wrapper.write_text(f"""#!/bin/sh
-# @mermaid-js/mermaid-cli {MERMAID_CLI['@mermaid-js/mermaid-cli']} driving Debian's chromium (utils/tools.py).
+# @mermaid-js/mermaid-cli {MERMAID_CLI['@mermaid-js/mermaid-cli']} driving Debian's chromium (utils/operations/tools.py).
 here=$(dirname "$(readlink -f "$0")")
 exec "$here/../node/node_modules/.bin/mmdc" --puppeteerConfigFile "$here/../node/puppeteer-config.json" "$@"
 """)
@@ -178,8 +178,3 @@ def _apt_install_chromium() -> subprocess.CompletedProcess:
     return subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True,
                           text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
-
-if __name__ == "__main__":
-    from utils.cli import main_entry
-
-    main_entry(install)

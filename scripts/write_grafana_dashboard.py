@@ -1,8 +1,8 @@
-"""Regenerate the Grafana dashboard (deploy/grafana/sd-triton.json) from utils/dashboard.py."""
+"""Regenerate the Grafana dashboard (deploy/grafana/sd-triton.json) from utils/operations/dashboard.py."""
 
 import argparse
 
-from utils import dashboard
+from utils.operations import dashboard
 from utils.cli import main_entry
 
 

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from utils import configs, layout
+from utils import layout
+from utils.repository import configs
 from utils.deployment import Placement
 from utils.errors import UsageError
 

@@ -16,7 +16,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils import configs, layout, specs
+from utils import layout, specs
+from utils.repository import configs
 from utils.errors import UsageError, UserError
 
 PROVENANCE_FILE = "engine.json"

@@ -1,6 +1,6 @@
 """Triton's own load generator, perf_analyzer, on the project's models.
 
-perf_analyzer (``make tools``, utils/tools.py) keeps a fixed number of requests in flight and
+perf_analyzer (``make tools``, utils/operations/tools.py) keeps a fixed number of requests in flight and
 reports what a client sees (throughput, latency percentiles) next to what the server recorded
 for the model, and for a BLS pipeline for each network it called (its composing models). This
 module builds its command lines and its input file from the specs, runs it, and parses its CSV
@@ -23,7 +23,7 @@ import numpy as np
 
 from utils import specs
 from utils.errors import UsageError, UserError
-from utils.health import served_shapes
+from utils.server.health import served_shapes
 from utils.request import GenerationRequest, request_to_arrays
 
 # What perf_analyzer can drive with one request of fixed inputs and one answer: text to image
@@ -186,7 +186,7 @@ def printable(command: Sequence[str], headers: Mapping[str, str] | None = None) 
 def full_command(arguments: Sequence[str], report: Path) -> list[str]:
     """The command that runs: the installed tool, these arguments (from the builders above), and
     the CSV report that ``run`` parses."""
-    from utils.tools import tool
+    from utils.operations.tools import tool
 
     return [str(tool("perf_analyzer")), *arguments, "-f", str(report.resolve()), "--verbose-csv"]
 
@@ -196,7 +196,7 @@ def measure(arguments: Sequence[str], report: Path, echo: Callable[[str], None] 
     """Run perf_analyzer with these arguments (in ``cwd``, where its input data may be), its CSV
     report written to ``report``; ``echo`` gets its own summary line by line as it comes. One
     LoadResult per concurrency level."""
-    from utils.tools import environment
+    from utils.operations.tools import environment
 
     command = full_command(arguments, report)
     report.unlink(missing_ok=True)  # a report left by an earlier run is not this run's
@@ -306,7 +306,7 @@ def write_record(path: Path, invocation: str, command: str, results: Sequence[Lo
     """The figures of a run with the commands that measured them (the project's script and the
     perf_analyzer line it ran), the machine and the versions: what the README's perf_analyzer
     tables are rendered from."""
-    from utils.tools import TRITONCLIENT_RELEASE
+    from utils.operations.tools import TRITONCLIENT_RELEASE
 
     path.parent.mkdir(parents=True, exist_ok=True)
     environment = {**environment, "perf_analyzer": f"tritonclient {TRITONCLIENT_RELEASE} wheel"}

@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from pipelines.bls import BlsPipeline
 from pipelines.ensemble import EnsemblePipeline
-from utils import dashboard
+from utils.operations import dashboard
 from utils.cli import add_generation_arguments, main_entry
 from utils.layout import DEFAULT_REPOSITORY
-from utils.prometheus import RECORDING_RULES, LocalPrometheus
+from utils.operations.prometheus import RECORDING_RULES, LocalPrometheus
 from utils.server import TritonServer
 
 
@@ -48,7 +48,7 @@ def main(argv=None):
             client.join()
         time.sleep(3)  # the last scrapes
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        dashboard.render(prometheus, start, time.time(), args.output)
+        dashboard.plot(prometheus, start, time.time(), args.output)
     print(f"saved {args.output}")
 
 

@@ -1,0 +1,140 @@
+"""What the documents quote from recorded runs (docs/*.json): the walkthrough's outputs and times,
+the benchmark's tables and headline figures, each with the machine and versions it ran on."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from utils.layout import PROJECT_ROOT
+from utils.walkthrough import WALKTHROUGH, Step
+from utils.docs.recording import DEMO, KEY_PLACEHOLDER, RECORD, TESTS, load, runs_of
+
+MAX_OUTPUT_LINES = 14  # a longer output is shown as its first and last lines
+WALKTHROUGH_JSON = str(RECORD)
+
+
+def _json(path: str) -> dict:
+    return json.loads((PROJECT_ROOT / path).read_text())
+
+
+def _trimmed(output: str, head: int = 5, tail: int = 8) -> str:
+    lines = output.splitlines()
+    if len(lines) <= MAX_OUTPUT_LINES:
+        return output
+    return "\n".join(lines[:head] + ["..."] + lines[-tail:])
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def machine(path: str = WALKTHROUGH_JSON) -> str:
+    """The machine and versions a record ran on, in a sentence's words."""
+    record = _json(path)
+    environment = record["environment"]
+    versions = environment["versions"]
+    device = environment.get("gpu") or "no GPU"
+    when = record.get("recorded_at") or record.get("started_at", "")[:10]
+    commit = environment.get("project", environment).get("git_commit", "")[:7]
+    return (f"{environment['cpu_count']} cores ({environment['cpu']}), {device}, Python {environment['python']}, "
+            f"torch {versions['torch']}; {when}, commit {commit}")
+
+
+def quickstart(path: str = WALKTHROUGH_JSON) -> str:
+    """`make demo`'s output as recorded, and the test tiers' last lines and times."""
+    record = _json(path)
+    (demo,) = runs_of(record, "demo")
+    lines = [f"$ {DEMO}", _demo_output(demo["output"]), ""]
+    for run in runs_of(record, "tests"):
+        lines.append(f"$ {run['command']}")
+        lines.append(run["output"].splitlines()[-1].strip("= "))
+        lines.append("")
+    return "```\n" + "\n".join(lines).rstrip() + "\n```"
+
+
+def _demo_output(output: str) -> str:
+    """The demo's step lines and its summary (images and times), without each step's details."""
+    lines = output.splitlines()
+    summary = lines.index("Images:") if "Images:" in lines else len(lines)
+    steps = [line for line in lines[:summary] if line.startswith("==> ")]
+    return "\n".join(steps + [""] + lines[summary:])
+
+
+NOT_YET = "(not recorded yet: scripts/record_walkthrough.py records them)"
+
+
+def test_times(path: str = WALKTHROUGH_JSON) -> str:
+    """How long each test tier took in the recorded run, in a sentence's words."""
+    record = _json(path)
+    times = {run["command"]: _seconds(run["seconds"]) for run in runs_of(record, "tests")}
+    return ", ".join(f"`{command}` {times[command]}" for command in TESTS if command in times) or NOT_YET
+
+
+def test_measurements(path: str = WALKTHROUGH_JSON) -> str:
+    """The `measured` section `make test` printed in the recorded run: what the tests measured."""
+    runs = [run for run in runs_of(_json(path), "tests") if run["command"] == "make test"]
+    if not runs:
+        return NOT_YET
+    lines = runs[0]["output"].splitlines()
+    start = next(i for i, line in enumerate(lines) if " measured " in line and line.startswith("="))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("="))
+    return "```\n" + "\n".join(lines[start + 1:end]) + "\n```"
+
+
+def walkthrough(path: str = WALKTHROUGH_JSON) -> str:
+    """Each step of the walkthrough: its title, what it does, its commands, and what they printed
+    in the recorded run, with how long they took."""
+    record = load(path)
+    return "\n\n".join(_step(step, runs_of(record, step.number)) for step in WALKTHROUGH)
+
+
+def _step(step: Step, runs: list[dict]) -> str:
+    chapter = f" ([chapter](docs/tutorial/{step.chapter}))" if step.chapter else ""
+    parts = [f"### {step.number}. {step.title}", f"{step.does[0].upper()}{step.does[1:]}.{chapter}"]
+    for command, run in zip(step.commands, runs):
+        if step.background:
+            parts.append("In a second terminal (it serves until Ctrl+C):")
+        elif KEY_PLACEHOLDER in command:
+            parts.append(f"`{KEY_PLACEHOLDER}` is the admin key step 4 printed:")
+        parts.append(f"```bash\n{command}\n```")
+        took = "until ready" if step.background else "in all"
+        parts.append(f"```\n{_trimmed(run['output'])}\n```\n\n({_seconds(run['seconds'])} {took} here.)")
+    return "\n\n".join(parts)
+
+
+def benchmark_table(path: str) -> str:
+    """A recorded benchmark's tables, as scripts/benchmark_pipelines.py printed them."""
+    from utils.benchmark.report import table
+
+    return "```\n" + table(_json(path)) + "\n```"
+
+
+def benchmark_setting(path: str) -> str:
+    """What a recorded benchmark ran: model, size, steps, scheduler, guidance, precision, runs."""
+    settings = _json(path)["settings"]
+    height, width = settings["resolution"]
+    return (f"{settings['model']}, {height}x{width}, {settings['steps']} {settings['scheduler'].removesuffix('Scheduler')} "
+            f"steps, guidance {settings['guidance_scale']}, {settings['precision']} on {settings['device']}, "
+            f"{settings['warmup']} warm-up and {settings['runs']} measured runs")
+
+
+def gpu_headline(path: str) -> str:
+    """The GPU run's figures that answer "is it fast": BLS per image against compiled diffusers in
+    the same run, and images/s at the run's highest concurrency."""
+    results = _json(path)
+    bls, compiled = (results["pipelines"][name]["latency"]["mean_s"] for name in ("triton-bls", "diffusers-compiled"))
+    runs = results["concurrency"]["triton-bls"]
+    clients = max(runs, key=int)
+    height, width = results["settings"]["resolution"]
+    return (f"on one {results['environment']['gpu']}, the BLS pipeline makes a {height}x{width}, "
+            f"{results['settings']['steps']}-step image of SD1.5's architecture in {bls:.3f} s, "
+            f"{compiled / bls:.2f}x diffusers with its UNet compiled in the same run, and serves "
+            f"{runs[clients]['throughput_images_per_s']:.2f} images/s to {clients} clients")
+
+
+RECORDED: dict[str, Callable[..., str]] = {
+    "machine": machine, "quickstart": quickstart, "test-times": test_times, "test-measurements": test_measurements,
+    "walkthrough": walkthrough, "benchmark-table": benchmark_table, "benchmark-setting": benchmark_setting,
+    "gpu-headline": gpu_headline,
+}

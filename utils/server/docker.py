@@ -1,0 +1,32 @@
+"""The server in the project's serving image: the classic `docker run ... tritonserver`, with the
+local server's safe defaults (ports on localhost, the admin APIs behind a key, HTTP off)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.docker import LOCALHOST, SERVE_IMAGE
+from utils.server.access import AccessPolicy
+from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
+
+
+def docker_gpus(gpus: tuple[int, ...] | None) -> str:
+    """docker run's --gpus value: all, or the listed devices (quoted: the value is read as CSV)."""
+    return "all" if gpus is None else '"device=' + ",".join(map(str, gpus)) + '"'
+
+
+def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, access=None,
+                  http: bool = False) -> list[str]:
+    """The classic `docker run ... tritonserver` launch, on the serving image, with the ports bound to
+    localhost, on these GPUs (None: all), with the local server's safe defaults: the admin APIs
+    behind ``access``'s key (utils/server/access.py), HTTP only when asked for."""
+    access = access or AccessPolicy()
+    ports = (8000, 8001, 8002) if http else (8001, 8002)
+    return [
+        "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
+        *[argument for port in ports for argument in ("-p", f"{LOCALHOST}:{port}:{port}")],
+        "-v", f"{Path(model_repository).resolve()}:/models",
+        SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(),
+        *METRICS_ARGUMENTS, *LOAD_ARGUMENTS,
+        *([] if http else ["--allow-http=false"]),
+    ]
