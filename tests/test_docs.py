@@ -28,14 +28,15 @@ def test_every_fact_and_renderer_is_used():
     assert used == set(docs.SECTIONS)
 
 
-def test_a_changed_profile_changes_the_readme(monkeypatch):
-    """The README's profile figures follow the specs: change one and the README no longer agrees."""
+def test_a_changed_profile_changes_the_production_page(monkeypatch):
+    """The production page's profile figures follow the specs: change one and the page no longer agrees."""
     larger = dataclasses.replace(specs.UNET, profile=specs.BatchProfile(1, 2, 32))
     monkeypatch.setitem(specs.NETWORKS, "unet", larger)
     monkeypatch.setattr(specs, "UNET", larger)
-    rendered = docs.render(README)
-    assert rendered != README and "| 1 / 2 / 32 | up to 16 |" in rendered
-    assert "maxShapes=sample:32x4x96x96" in rendered and "batch-size must be <= 32 for 'unet'" in rendered
+    page = DOCUMENTS["docs/production.md"]
+    rendered = docs.render(page)
+    assert rendered != page and "| 1 / 2 / 32 | up to 16 |" in rendered
+    assert "maxShapes=sample:32x4x96x96" in rendered
 
 
 def test_a_changed_source_changes_its_excerpt(tmp_path, monkeypatch):

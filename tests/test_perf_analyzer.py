@@ -46,7 +46,7 @@ def test_network_command_sends_every_input_at_its_served_size():
     assert perf_analyzer.network_arguments(config, 2, URL, Load()) == [
         "-m", specs.UNET.name, "-b", "2", "--shape", "sample:4,64,64", "--shape", "timestep:1",
         "--shape", "encoder_hidden_states:77,768", "-u", URL, "-i", "grpc",
-        "--concurrency-range", "1:1:1", "--measurement-interval", "3000", "--stability-percentage", "10"]
+        "--concurrency-range", "1:1:1", "--measurement-interval", "3000", "--stability-percentage", "20"]
     with pytest.raises(UsageError, match=f"--batch 17: unet takes 1 to {specs.UNET.profile.max} rows"):
         perf_analyzer.network_arguments(config, 17, URL, Load())
 

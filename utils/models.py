@@ -156,9 +156,18 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     half-written preset is never mistaken for a finished one.
     """
     import torch
-    import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    import transformers
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    # The pipeline class imports image processors it does not use here (no safety checker), and
+    # transformers warns on each that torchvision is missing: noise on every first export.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        import diffusers
+        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
     architecture = PRESETS[name]
     text_config = architecture["text_encoder"]

@@ -26,6 +26,7 @@ class Step:
     scripts: tuple[str, ...] = ()  # the scripts whose --help says "Step <number>"
     chapter: str = ""  # the tutorial chapter that explains it (docs/tutorial/)
     background: bool = False  # runs until stopped: in a second terminal
+    shown: int = 8  # the README shows each command's first line and this many of its last
 
     @property
     def label(self) -> str:
@@ -48,7 +49,7 @@ WALKTHROUGH = (
     Step("3", "Write the Triton model repository",
          "checks each graph against the specs, writes every config.pbtxt with Triton's own schema, installs the "
          "pipeline models and the ensembles",
-         commands=("python scripts/move_onnx_models_to_triton.py",),
+         commands=("python scripts/move_onnx_models_to_triton.py",), shown=2,
          scripts=("scripts/move_onnx_models_to_triton.py",), chapter="2-repository.md"),
     Step("4", "Start Triton",
          "the real tritonserver 2.51.0 from the nvidia-pytriton wheel, on 127.0.0.1, the admin APIs behind a fresh key",
@@ -77,7 +78,7 @@ WALKTHROUGH = (
          "Triton's own load generator on the UNet at batch 2, then on the BLS pipeline with its networks' times",
          commands=("python scripts/run_perf_analyzer.py --model unet --batch 2 --concurrency 1:4:3 --admin-key KEY",
                    "python scripts/run_perf_analyzer.py --concurrency 1:4:3 --admin-key KEY"),
-         scripts=("scripts/run_perf_analyzer.py",), chapter="6-statistics.md"),
+         scripts=("scripts/run_perf_analyzer.py",), chapter="6-statistics.md", shown=11),
 )
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -18,11 +18,10 @@ def _json(path: str) -> dict:
     return json.loads((PROJECT_ROOT / path).read_text())
 
 
-def _trimmed(output: str, head: int = 5, tail: int = 8) -> str:
+def _trimmed(output: str, shown: int) -> str:
+    """A long output as its first line, "...", and its last ``shown`` lines."""
     lines = output.splitlines()
-    if len(lines) <= MAX_OUTPUT_LINES:
-        return output
-    return "\n".join(lines[:head] + ["..."] + lines[-tail:])
+    return output if len(lines) <= shown + 2 else "\n".join([lines[0], "...", *lines[-shown:]])
 
 
 def _seconds(seconds: float) -> str:
@@ -54,11 +53,9 @@ def quickstart(path: str = WALKTHROUGH_JSON) -> str:
 
 
 def _demo_output(output: str) -> str:
-    """The demo's step lines and its summary (images and times), without each step's details."""
+    """The demo's summary: the images it saved and each of its steps' times."""
     lines = output.splitlines()
-    summary = lines.index("Images:") if "Images:" in lines else len(lines)
-    steps = [line for line in lines[:summary] if line.startswith("==> ")]
-    return "\n".join(steps + [""] + lines[summary:])
+    return "\n".join(lines[lines.index("Images:"):] if "Images:" in lines else lines)
 
 
 NOT_YET = "(not recorded yet: scripts/record_walkthrough.py records them)"
@@ -92,14 +89,17 @@ def walkthrough(path: str = WALKTHROUGH_JSON) -> str:
 def _step(step: Step, runs: list[dict]) -> str:
     chapter = f" ([chapter](docs/tutorial/{step.chapter}))" if step.chapter else ""
     parts = [f"### {step.number}. {step.title}", f"{step.does[0].upper()}{step.does[1:]}.{chapter}"]
-    for command, run in zip(step.commands, runs):
-        if step.background:
-            parts.append("In a second terminal (it serves until Ctrl+C):")
-        elif KEY_PLACEHOLDER in command:
-            parts.append(f"`{KEY_PLACEHOLDER}` is the admin key step 4 printed:")
-        parts.append(f"```bash\n{command}\n```")
-        took = "until ready" if step.background else "in all"
-        parts.append(f"```\n{_trimmed(run['output'])}\n```\n\n({_seconds(run['seconds'])} {took} here.)")
+    if not step.commands:
+        return "\n\n".join(parts)
+    if step.background:
+        parts.append("In a second terminal (it serves until Ctrl+C):")
+    elif any(KEY_PLACEHOLDER in command for command in step.commands):
+        parts.append(f"`{KEY_PLACEHOLDER}` is the admin key step 4 printed:")
+    parts.append("```bash\n" + "\n".join(step.commands) + "\n```")
+    outputs = "\n\n".join(_trimmed(run["output"], step.shown) for run in runs)
+    seconds = _seconds(sum(run["seconds"] for run in runs))
+    took = f"ready after {seconds}" if step.background else f"{seconds} in all"
+    parts.append(f"```\n{outputs}\n```\n\n({took} here.)")
     return "\n\n".join(parts)
 
 

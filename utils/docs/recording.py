@@ -38,8 +38,9 @@ KEY_PLACEHOLDER, KEY_SHOWN = "KEY", "<admin key>"
 class Run:
     step: str  # a walkthrough step's number, or "demo" / "tests"
     command: str
-    output: str
+    output: str  # what it printed on stdout (the documents quote it)
     seconds: float
+    errors: str = ""  # on stderr: progress bars and warnings, kept for the record
 
 
 def generated_files(root: Path = PROJECT_ROOT) -> list[str]:
@@ -77,13 +78,13 @@ def run_command(step: str, command: str, root: Path, key: str | None = None, tim
     done = subprocess.run(_argv(command), cwd=root, env=_environment(), capture_output=True, text=True,
                           timeout=timeout)
     seconds = time.monotonic() - start
-    output = done.stdout + done.stderr
+    output, errors = done.stdout, done.stderr
     if key is not None:
-        output = output.replace(key, KEY_SHOWN)
+        output, errors = output.replace(key, KEY_SHOWN), errors.replace(key, KEY_SHOWN)
     if done.returncode != 0:
-        raise UsageError(f"`{shown}` failed (exit {done.returncode}):\n{output[-3000:]}")
+        raise UsageError(f"`{shown}` failed (exit {done.returncode}):\n{(output + errors)[-3000:]}")
     print(f"    {seconds:.1f} s", flush=True)
-    return Run(step, shown, output.rstrip(), round(seconds, 1))
+    return Run(step, shown, output.rstrip(), round(seconds, 1), errors.rstrip())
 
 
 class BackgroundStep:
