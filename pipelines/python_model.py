@@ -89,7 +89,8 @@ class PipelineModel:
     returns its outputs in the spec's order."""
 
     spec: specs.PipelineSpec
-    required: tuple[specs.TensorSpec, ...] = ()  # inputs its config marks optional (an ensemble's first step) but it needs
+    # Inputs its config marks optional (an ensemble's first step has to) but it needs.
+    required: tuple[specs.TensorSpec, ...] = ()
 
     # At load.
 

@@ -16,8 +16,8 @@ from utils import specs
 from utils.cli import main_entry, script_parser
 from utils.deployment import served_sizes
 from utils.docker import export_command
-from utils.repository.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, tensorrt_networks,
-                           trtexec_command)
+from utils.repository.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path,
+                                      tensorrt_networks, trtexec_command)
 from utils.errors import UsageError
 from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
 

@@ -30,7 +30,7 @@ def main(argv=None):
     try:
         for progress in StreamingPipeline(args.url).stream(preview_every=args.preview_every,
                                                            **generation_options(args)):
-            bar = bar or tqdm(total=progress.total_steps, desc="denoising on the server", unit="step")
+            bar = bar or tqdm(total=progress.total_steps, desc="denoising on the server", unit="call")
             bar.update(progress.step - bar.n)
             if progress.final:
                 images = progress.images
@@ -42,7 +42,10 @@ def main(argv=None):
     if previews:
         print(f"saved {len(previews)} previews in {args.previews} ({progress_size(previews[0])} each)")
     for path in save_images(images, args.output):
-        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {progress.total_steps} steps)")
+        # The stream counts UNet calls, which a scheduler may make more of than the steps asked
+        # for (PNDM: one more).
+        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {args.num_inference_steps} steps, "
+              f"{progress.total_steps} UNet calls)")
 
 
 def progress_size(path: Path) -> str:

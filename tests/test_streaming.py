@@ -72,17 +72,17 @@ def test_a_bad_stream_request_gets_its_error_and_the_model_keeps_streaming(strea
     assert streaming("a cat", num_inference_steps=2, seed=1, height=48, width=80).shape == (1, 48, 80, 3)
 
 
-def test_the_readmes_streaming_example_prints_what_the_readme_says(triton_server, tmp_path):
-    """The command of step 6's streaming example, as written, with the session's server."""
-    from utils.docs.facts import STREAM_COMMAND, STREAM_OUTPUT
+def test_the_walkthroughs_streaming_step_prints_what_its_record_says(triton_server, tmp_path):
+    """Step 6's streaming command, as the step table writes it, with the session's server: it
+    prints what the recorded run quotes (the script's output has no timings), and its previews."""
+    from utils.docs.recording import load, runs_of
 
-    python, script, *arguments = shlex.split(STREAM_COMMAND)
+    (run,) = [run for run in runs_of(load(), "6") if "run_streaming_pipeline.py" in run["command"]]
+    python, script, *arguments = shlex.split(run["command"])
     done = subprocess.run([sys.executable, str(ROOT / script), *arguments, "--url", triton_server.grpc_url],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    progress_bar, *printed = STREAM_OUTPUT.splitlines()
-    assert done.stdout.splitlines() == printed
-    bar = progress_bar.split("[")[0].strip()  # its timings vary
-    assert bar in done.stderr.replace("\r", "\n"), done.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "outputs" / "previews").iterdir()) == [
-        "step-001.png", "step-002.png", "step-003.png"]
+    assert done.stdout.rstrip() == run["output"], "the script prints otherwise now: record the walkthrough again"
+    assert "denoising on the server" in done.stderr
+    previews = sorted(p.name for p in (tmp_path / "outputs" / "previews").iterdir())
+    assert previews and previews == [f"step-{i:03d}.png" for i in range(1, len(previews) + 1)]

@@ -19,9 +19,10 @@ from typing import Callable
 from utils import layout, specs, walkthrough
 from utils.repository import configs
 from utils.docker import TRITON_VERSION
+from utils.docs.facts import scheduler_timesteps
 from utils.repository.engines import PROVENANCE_FILE, Provenance, shapes_flag
 from utils.layout import DEFAULT_REPOSITORY, PROJECT_ROOT
-from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
+from utils.models import SD15_SCHEDULER_CLASS, preset_dims
 from utils.request import DEFAULT_NUM_INFERENCE_STEPS
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
@@ -245,16 +246,6 @@ def ensemble_graph(name: str) -> str:
 # --- Chapters 5 and 6: UNet calls and recorded runs ---------------------------------------------
 
 
-def _timesteps(scheduler: str, steps: int) -> list[int]:
-    """The timesteps a scheduler of SD1.5's configuration runs for ``steps`` steps: one UNet call
-    each in the shared loop (pipelines/stable_diffusion.py)."""
-    import diffusers
-
-    instance = getattr(diffusers, scheduler).from_config(SD15_SCHEDULER)
-    instance.set_timesteps(steps)
-    return [int(t) for t in instance.timesteps]
-
-
 def _settings(path: str) -> dict:
     return json.loads((PROJECT_ROOT / path).read_text())["settings"]
 
@@ -263,7 +254,7 @@ def denoising_calls(path: str = "") -> str:
     """UNet calls per image, for a recorded benchmark's scheduler and steps (without ``path``: SD1.5's
     default request), and why they are not the steps where they differ."""
     settings = _settings(path) if path else {"scheduler": SD15_SCHEDULER_CLASS, "steps": DEFAULT_NUM_INFERENCE_STEPS}
-    timesteps = _timesteps(settings["scheduler"], settings["steps"])
+    timesteps = scheduler_timesteps(settings["scheduler"], settings["steps"])
     words = f"{len(timesteps)} UNet calls for {settings['scheduler']}'s {settings['steps']} steps"
     repeated = [t for i, t in enumerate(timesteps) if t in timesteps[:i]]
     return words + (f" (it runs timestep {repeated[0]} twice)" if repeated else "")
@@ -288,7 +279,7 @@ def overhead_per_step(path: str, pipeline: str) -> str:
 
     overhead = compute_budget(json.loads((PROJECT_ROOT / path).read_text()))[pipeline]["overhead_s"]
     settings = _settings(path)
-    calls = len(_timesteps(settings["scheduler"], settings["steps"]))
+    calls = len(scheduler_timesteps(settings["scheduler"], settings["steps"]))
     return f"{overhead:.3f} s over {calls} UNet calls: {1000 * overhead / calls:.1f} ms a step"
 
 

@@ -171,12 +171,6 @@ HTTP_EXAMPLE = {"inputs": [
     {"name": "num_inference_steps", "shape": [1], "datatype": "INT32", "data": [20]},
     {"name": "seed", "shape": [1], "datatype": "INT64", "data": [0]}]}
 HTTP_EXAMPLE_URL = "127.0.0.1:8000/v2/models/pipeline_text_to_image/infer"
-STREAM_COMMAND = ("python scripts/run_streaming_pipeline.py --prompt \"a small boat\" --num-inference-steps 4 "
-                  "--scheduler DDIMScheduler")
-STREAM_OUTPUT = """\
-denoising on the server: 100%|██████████| 4/4 [00:00<00:00, 65.05step/s]
-saved 3 previews in outputs/previews (8x8 each)
-saved outputs/stream.png (64x64, 4 steps)"""
 
 
 def python_example() -> str:
@@ -192,10 +186,6 @@ def http_example() -> str:
 
     lines = ",\n  ".join(json.dumps(tensor) for tensor in HTTP_EXAMPLE["inputs"])
     return f"```bash\ncurl -s -X POST {HTTP_EXAMPLE_URL} -d '{{\"inputs\": [\n  {lines}]}}'\n```"
-
-
-def stream_example() -> str:
-    return f"```bash\n{STREAM_COMMAND}\n```\n\n```\n{STREAM_OUTPUT}\n```"
 
 
 def metrics_table() -> str:
@@ -222,15 +212,20 @@ def cancellation_interval() -> str:
     return f"{1000 * CANCELLATION_CHECK_SECONDS:g} ms"
 
 
-@functools.cache
-def unet_calls(steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> int:
-    """UNet calls of one text-to-image generation with SD1.5's scheduler (PNDM repeats its second
-    timestep: 51 calls for 50 steps)."""
+def scheduler_timesteps(scheduler: str = SD15_SCHEDULER_CLASS,
+                        steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> list[int]:
+    """The timesteps a scheduler of SD1.5's configuration runs for ``steps`` steps: one UNet call
+    each in the shared loop (PNDM repeats its second timestep: 51 calls for 50 steps)."""
     import diffusers
 
-    scheduler = getattr(diffusers, SD15_SCHEDULER_CLASS)(**SD15_SCHEDULER)
-    scheduler.set_timesteps(steps)
-    return len(scheduler.timesteps)
+    instance = getattr(diffusers, scheduler).from_config(SD15_SCHEDULER)
+    instance.set_timesteps(steps)
+    return [int(t) for t in instance.timesteps]
+
+
+def unet_calls(steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> int:
+    """UNet calls of one text-to-image generation with SD1.5's scheduler."""
+    return len(scheduler_timesteps(SD15_SCHEDULER_CLASS, steps))
 
 
 def network_calls(steps: int = DEFAULT_NUM_INFERENCE_STEPS) -> int:
@@ -350,7 +345,7 @@ FACTS: dict[str, Callable[..., str]] = {
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-config": ensemble_config,
     "python-example": python_example,
     "plain-client-example": plain_client_example, "http-example": http_example,
-    "stream-example": stream_example, "metrics": metrics_table, "dashboard-panels": dashboard_panels,
+    "metrics": metrics_table, "dashboard-panels": dashboard_panels,
     "cancellation-interval": cancellation_interval,
     "network-calls": lambda: str(network_calls()), "ngc-release": ngc_release,
     "production-commands": production_commands, "production-steps": production_steps,

@@ -53,9 +53,11 @@ def quickstart(path: str = WALKTHROUGH_JSON) -> str:
 
 
 def _demo_output(output: str) -> str:
-    """The demo's summary: the images it saved and each of its steps' times."""
+    """The demo's summary: the images it saved (on one line) and each of its steps' times."""
     lines = output.splitlines()
-    return "\n".join(lines[lines.index("Images:"):] if "Images:" in lines else lines)
+    images, times = lines.index("Images:"), lines.index("Times:")
+    saved = [line.strip() for line in lines[images + 1:times] if line.strip()]
+    return "\n".join([f"Images: {', '.join(saved)}", *lines[times:]])
 
 
 NOT_YET = "(not recorded yet: scripts/record_walkthrough.py records them)"
@@ -88,7 +90,9 @@ def walkthrough(path: str = WALKTHROUGH_JSON) -> str:
 
 def _step(step: Step, runs: list[dict]) -> str:
     chapter = f" ([chapter](docs/tutorial/{step.chapter}))" if step.chapter else ""
-    parts = [f"### {step.number}. {step.title}", f"{step.does[0].upper()}{step.does[1:]}.{chapter}"]
+    seconds = _seconds(sum(run["seconds"] for run in runs))
+    took = "" if not runs else f" (ready after {seconds})" if step.background else f" ({seconds})"
+    parts = [f"### {step.number}. {step.title}{took}", f"{step.does[0].upper()}{step.does[1:]}.{chapter}"]
     if not step.commands:
         return "\n\n".join(parts)
     if step.background:
@@ -96,11 +100,15 @@ def _step(step: Step, runs: list[dict]) -> str:
     elif any(KEY_PLACEHOLDER in command for command in step.commands):
         parts.append(f"`{KEY_PLACEHOLDER}` is the admin key step 4 printed:")
     parts.append("```bash\n" + "\n".join(step.commands) + "\n```")
-    outputs = "\n\n".join(_trimmed(run["output"], step.shown) for run in runs)
-    seconds = _seconds(sum(run["seconds"] for run in runs))
-    took = f"ready after {seconds}" if step.background else f"{seconds} in all"
-    parts.append(f"```\n{outputs}\n```\n\n({took} here.)")
+    outputs = "\n".join(_trimmed(run["output"], step.shown) for run in runs)
+    parts.append(f"```\n{outputs}\n```")
     return "\n\n".join(parts)
+
+
+def recorded_run(number: str, index: str = "0", path: str = WALKTHROUGH_JSON) -> str:
+    """One command of a walkthrough step, and what it printed in the recorded run."""
+    run = runs_of(load(path), number)[int(index)]
+    return f"```bash\n{run['command']}\n```\n\n```\n{run['output']}\n```"
 
 
 def benchmark_table(path: str) -> str:
@@ -135,6 +143,6 @@ def gpu_headline(path: str) -> str:
 
 RECORDED: dict[str, Callable[..., str]] = {
     "machine": machine, "quickstart": quickstart, "test-times": test_times, "test-measurements": test_measurements,
-    "walkthrough": walkthrough, "benchmark-table": benchmark_table, "benchmark-setting": benchmark_setting,
+    "walkthrough": walkthrough, "recorded-run": recorded_run, "benchmark-table": benchmark_table, "benchmark-setting": benchmark_setting,
     "gpu-headline": gpu_headline,
 }

@@ -244,7 +244,7 @@ def parse_results(csv_text: str, summary: str) -> list[LoadResult]:
             server_compute_s=sum(seconds(f"Server Compute {phase}") for phase in ("Input", "Infer", "Output")),
             composing=tuple(level.get("composing", ())),
         ))
-    return results
+    return sorted(results, key=lambda result: result.concurrency)  # the CSV lists them by throughput
 
 
 _LEVEL = re.compile(r"^Request concurrency: (\d+)")
