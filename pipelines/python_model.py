@@ -226,7 +226,7 @@ class PipelineModel:
                 pass
 
     def _stream(self, request) -> None:
-        """Decoupled: ``run`` sends what it has with ``send`` and returns the final response."""
+        """Decoupled: ``compute`` sends what it has with ``send`` and returns the final response."""
         sender = self._request.sender = request.get_response_sender()
         try:
             response = self._response(self._compute(request))

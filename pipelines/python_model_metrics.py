@@ -1,10 +1,8 @@
 """The pipeline models' own metrics (utils/metrics.py names them), through the Python backend's
 custom metrics API: Triton serves them with its own on the metrics port.
 
-Plumbing, kept apart from the models' requests (pipelines/python_model.py): every update is a
-message to Triton's process, made by one thread per model (MetricsWriter), because a loop's step
-should not wait for it and the 24.10 backend crashes the server (SIGSEGV) when two threads of one
-stub update metrics at once.
+Plumbing, kept apart from the models' requests (pipelines/python_model.py): every update goes
+through one thread per model (MetricsWriter, which says why).
 """
 
 from __future__ import annotations
@@ -70,10 +68,9 @@ class QueuedMetric:
 
 
 class PipelineMetrics:
-    """This model's series of the pipeline's own metrics (utils/metrics.py), through the Python
-    backend's custom metrics API: Triton serves them with its own on the metrics port. Every
-    instance (a process of its own) asks for the same families and series, and Triton hands it
-    the one it already has, so the counts add up across instances."""
+    """This model's series of the pipeline's own metrics. Every instance (a process of its own)
+    asks for the same families and series, and Triton hands it the one it already has, so the
+    counts add up across instances."""
 
     def __init__(self, model: str, inputs: set[str]):
         self.model, self.inputs = model, inputs

@@ -1,7 +1,8 @@
 """Build one TensorRT engine per network with trtexec (fp16, the specs' batch profiles).
 
-Reads triton/models/<network>/1/model.onnx (step 3, or P3), writes triton/models/<network>/2/model.plan
-and, next to it, engine.json: the TensorRT version, GPU and compute capability it was built for.
+Reads <repository>/<network>/1/model.onnx (written by step P3; the repository defaults to
+triton/production), writes <repository>/<network>/2/model.plan and, next to it, engine.json: the
+TensorRT version, GPU and compute capability it was built for.
 Runs trtexec directly where it is on PATH (inside the export image), or through that image
 with --docker. Serve the result with the configs of `move_onnx_models_to_triton.py --backend tensorrt`.
 """

@@ -4,7 +4,7 @@ Builds the tiny random pipeline, exports its four networks to ONNX, writes the T
 repository (portable python backend), starts the local Triton server, generates one image each
 way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, saves them
 all, and stops the server.
-Each step is the code of one numbered script of the README; this just runs them in a row.
+Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
 import argparse
@@ -19,9 +19,8 @@ from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
+from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, heading
 from utils.workflow import prepare_repository
-
-IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
 
 
 def main(argv=None):
@@ -40,29 +39,29 @@ def main(argv=None):
 
     model_dir = prepare_repository(args.model, args.repository, models_dir=args.models_dir, onnx_dir=args.onnx_dir,
                                    force=args.force, timer=timer)
-    with timer.step("4. start Triton (nvidia-pytriton's tritonserver, 127.0.0.1)"):
+    with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
         server = TritonServer(args.repository).start()
         print(f"    gRPC {server.grpc_url}, log {server.log_file}")
     try:
-        with timer.step("5. client-side pipeline (each network over gRPC)"):
+        with timer.step(heading("5")):
             client_side = ClientSidePipeline(model_dir, server.grpc_url)(**generation_options(args))
             saved += save_images(client_side, args.output_dir / "client_side.png")
-        with timer.step("6. BLS pipeline (the loop inside Triton)"):
+        with timer.step(heading("6")):
             bls = BlsPipeline(server.grpc_url)(**generation_options(args))
             saved += save_images(bls, args.output_dir / "bls.png")
             difference = abs(client_side.astype(int) - bls).max()
             print(f"    max pixel difference between the two images: {difference} (same loop, same seed)")
-        with timer.step("7. ensemble (encode_prompt -> denoise -> decode, a graph Triton runs)"):
+        with timer.step(heading("7", "the ensemble")):
             ensemble = EnsemblePipeline(server.grpc_url)(**generation_options(args))
             saved += save_images(ensemble, args.output_dir / "ensemble.png")
             print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - bls).max()}")
-        with timer.step("8. image to image (the ensemble, from the BLS image)"):
+        with timer.step(heading("7", "image to image from the BLS image")):
             # The first BLS image sets the size: height and width are text to image's options.
-            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1], strength=0.6,
-                                                      height=None, width=None)
+            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1],
+                                                      strength=IMAGE_TO_IMAGE_STRENGTH, height=None, width=None)
             saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
     finally:
-        with timer.step("9. stop Triton"):
+        with timer.step("stop Triton"):
             server.stop()
 
     print("\nImages:")

@@ -3,11 +3,10 @@ what each command printed and how long it took; then write the documents that qu
 (`make docs`), so that the recorded tests check them.
 
 Needs a checkout with nothing generated yet (it says how to get one) and `make tools`; about
-15 minutes on 2 CPU cores, most of it `make test`.
+half an hour on 2 CPU cores, most of it `make test`.
 """
 
 import argparse
-from pathlib import Path
 
 from utils.cli import main_entry
 from utils.docs.recording import RECORD, record
@@ -15,11 +14,10 @@ from utils.docs.recording import RECORD, record
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=RECORD, help=f"the record (default: {RECORD})")
     parser.add_argument("--no-tests", dest="tests", action="store_false", help="leave the two test tiers out")
     args = parser.parse_args(argv)
-    record(args.output, with_tests=args.tests)
-    print(f"recorded: {args.output}; the documents that quote it are written again")
+    record(with_tests=args.tests)
+    print(f"recorded: {RECORD}; the documents that quote it are written again")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     parser.add_argument("--admin-key", default=None,
                         help="the key the launcher printed: perf_analyzer reads the statistics API, which needs it")
-    parser.add_argument("--model", default=specs.TEXT_TO_IMAGE.name,
+    parser.add_argument("model", nargs="?", default=specs.TEXT_TO_IMAGE.name,
                         help=f"a network ({', '.join(specs.NETWORKS)}, or its copy on a GPU, e.g. unet_gpu1) or "
                              f"the BLS pipeline ({', '.join(perf_analyzer.PIPELINES)}, the default)")
     parser.add_argument("--batch", type=int, default=None,
@@ -60,7 +60,7 @@ def main(argv=None):
                               args.stability, args.requests)
     pipeline = perf_analyzer.PIPELINES.get(args.model)
     if pipeline is None and network_of(args.model) not in specs.NETWORKS:
-        raise UsageError(f"--model {args.model!r} is neither a network nor a pipeline perf_analyzer can load: name "
+        raise UsageError(f"model {args.model!r} is neither a network nor a pipeline perf_analyzer can load: name "
                          f"one of {', '.join([*specs.NETWORKS, *perf_analyzer.PIPELINES])}.")
     if pipeline is not None and args.batch is not None:
         raise UsageError(f"--batch {args.batch} applies to a network: {args.model} takes one request at a time "

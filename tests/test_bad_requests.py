@@ -113,7 +113,7 @@ def test_bls_client_refuses_what_the_server_would_with_the_same_message(bls):
 
 
 # What a client sees over HTTP/REST when the JSON itself is malformed: Triton's own frontend
-# answers, before any model runs (status, message), and the README's reliability table says so.
+# answers, before any model runs (status, message), and docs/reliability.md's table says so.
 HTTP_FRONTEND = {
     "shape [-1]": ('{"inputs":[{"name":"prompt","shape":[-1],"datatype":"BYTES","data":["a"]}]}', 500,
                    "Unable to parse 'shape': attempt to access JSON non-unsigned-integer as unsigned-integer"),

@@ -34,7 +34,8 @@ def imported_packages(path: Path) -> set[str]:
 def test_utils_never_imports_pipelines():
     """utils/ is what the pipelines stand on (specs, layout, the server, the repository, the
     benchmark's measurements); the pipelines import it, never the other way round."""
-    offenders = [str(path.relative_to(PROJECT_ROOT)) for path in sources("utils") if "pipelines" in imported_packages(path)]
+    offenders = [str(path.relative_to(PROJECT_ROOT)) for path in sources("utils")
+                 if "pipelines" in imported_packages(path)]
     assert not offenders, f"utils modules importing pipelines: {offenders}"
 
 

@@ -240,9 +240,9 @@ def test_script_prints_perf_analyzers_summary_and_the_parsed_figures(triton_serv
 
 @pytest.mark.server
 @pytest.mark.parametrize("arguments, message", [
-    (["--model", "no_such_model"], "--model 'no_such_model' is neither a network nor a pipeline"),
-    (["--model", specs.UNET.name], "--admin-key is needed: perf_analyzer reads the statistics API"),
-    (["--model", specs.UNET.name, "--admin-key", "wrong"], "--admin-key 'wrong' is not the server's key"),
+    (["no_such_model"], "model 'no_such_model' is neither a network nor a pipeline"),
+    ([specs.UNET.name], "--admin-key is needed: perf_analyzer reads the statistics API"),
+    ([specs.UNET.name, "--admin-key", "wrong"], "--admin-key 'wrong' is not the server's key"),
     (["--batch", "2"], "--batch 2 applies to a network"),
 ])
 def test_script_errors_are_one_line_with_the_fix(triton_server, arguments, message):
@@ -254,5 +254,5 @@ def test_script_errors_are_one_line_with_the_fix(triton_server, arguments, messa
 
 @pytest.mark.slow
 def test_script_names_the_url_when_no_server_answers():
-    done = run_script("--url", f"127.0.0.1:{free_port()}", "--model", specs.UNET.name)
+    done = run_script("--url", f"127.0.0.1:{free_port()}", specs.UNET.name)
     assert done.returncode == 2 and "no Triton server answers at" in done.stderr, done.stderr[-2000:]

@@ -95,7 +95,7 @@ def test_production_commands_after_the_quickstart(after_quickstart, tiny_model, 
     quickstart_repository = tree_digest(cwd / "triton" / "models")
     export, move, print_engines = production_commands()[:3]
     full_hub = hub_cache(tmp_path / "hub-full", tiny_model, weights=True)
-    # P2, on the CPU: the one change to the README's command.
+    # P2, on the CPU: the one change to the production page's command.
     assert "--device cuda" in export
     for network in specs.NETWORKS:
         done = run(export.replace("${network}", network).replace("--device cuda", "--device cpu"), cwd, full_hub)

@@ -1,4 +1,4 @@
-"""The README's commands, run as a user runs them, against the session's server."""
+"""The walkthrough's scripts and the documents' examples, run as a user runs them, against the session's server."""
 
 from __future__ import annotations
 

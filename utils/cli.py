@@ -26,7 +26,8 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     prompt=(("--prompt",), dict(default=DEFAULT_PROMPT)),
     negative_prompt=(("--negative-prompt",), dict(default=None)),
     num_inference_steps=(("--num-inference-steps", "--steps"),
-                         dict(type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="denoising steps (--steps for short)")),
+                         dict(type=int, default=DEFAULT_NUM_INFERENCE_STEPS,
+                              help="denoising steps (--steps for short)")),
     guidance_scale=(("--guidance-scale",), dict(type=float, default=DEFAULT_GUIDANCE_SCALE)),
     seed=(("--seed",), dict(type=int, default=0)),
     scheduler=(("--scheduler",), dict(default=None, choices=SCHEDULERS,
@@ -176,8 +177,13 @@ def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:
     images = pipeline(**generation_options(args))
     seconds = time.perf_counter() - start
     paths = save_images(images, args.output)
+    steps = args.num_inference_steps
+    if args.image is not None:  # image to image runs the last int(steps x strength) of them
+        steps = f"{min(int(steps * args.strength), steps)} of {steps} steps (strength {args.strength:g})"
+    else:
+        steps = f"{steps} steps"
     for path in paths:
-        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {args.num_inference_steps} steps, {seconds:.2f} s)")
+        print(f"saved {path} ({images.shape[2]}x{images.shape[1]}, {steps}, {seconds:.2f} s)")
     return paths
 
 

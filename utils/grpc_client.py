@@ -19,11 +19,13 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from utils import specs
 from utils.errors import UsageError, UserError
 from utils.layout import network_of
+from utils.walkthrough import step
 
 T = TypeVar("T")
 DEFAULT_RETRY_FOR = 60.0  # seconds: covers a supervised restart (detection + ~10 s start)
 DEFAULT_URL = "127.0.0.1:8001"
-START_COMMAND = "python scripts/launch_triton_server.py"
+SERVER_STEP = step("4")  # the walkthrough's: start Triton
+START_COMMAND = SERVER_STEP.commands[0]
 
 
 class ServerUnavailable(UserError, ConnectionError):
@@ -38,8 +40,8 @@ def check_server(client: grpcclient.InferenceServerClient, url: str, timeout: fl
             return
     except InferenceServerException:
         pass
-    raise ServerUnavailable(f"no Triton server answers at {url}: start one with `{START_COMMAND}` (step 4 of "
-                            f"the README) in another terminal, or pass --url with the address of a running one.")
+    raise ServerUnavailable(f"no Triton server answers at {url}: start one with `{START_COMMAND}` "
+                            f"({SERVER_STEP.label.lower()} of the walkthrough) in another terminal, or pass --url with the address of a running one.")
 
 
 def served_config(client: grpcclient.InferenceServerClient, url: str, model: str) -> dict:

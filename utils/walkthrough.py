@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.docker import EXPORT_IMAGE
+from utils.docker import EXPORT_IMAGE, TRITON_VERSION
 from utils.layout import PROJECT_ROOT
 
 PROMPT = '"a photo of an astronaut riding a horse on mars"'
+# Step 7's image to image, which the quickstart runs too.
+IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
+IMAGE_TO_IMAGE_STRENGTH = 0.6
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ class Step:
 
 WALKTHROUGH = (
     Step("1", "Choose a model",
-         "every step takes `--model`: the tiny random preset by default, SD1.5's architecture with random weights, "
-         "a hub id or a local diffusers folder",
+         "the steps that read a checkpoint (the exports, the repository, the client-side pipeline) take `--model`: "
+         "the tiny random preset by default, SD1.5's architecture with random weights, a hub id or a diffusers folder",
          chapter="1-export.md"),
     Step("2", "Export the four networks to ONNX",
          "traces each network with the specs' tensor names and dynamic axes, checks it with ONNX Runtime against "
@@ -52,7 +55,8 @@ WALKTHROUGH = (
          commands=("python scripts/move_onnx_models_to_triton.py",), shown=2,
          scripts=("scripts/move_onnx_models_to_triton.py",), chapter="2-repository.md"),
     Step("4", "Start Triton",
-         "the real tritonserver 2.51.0 from the nvidia-pytriton wheel, on 127.0.0.1, the admin APIs behind a fresh key",
+         f"the real tritonserver {TRITON_VERSION} from the nvidia-pytriton wheel, on 127.0.0.1, the admin APIs behind "
+         f"a fresh key; run it in the environment (`source .venv/bin/activate`) in a second terminal",
          commands=("python scripts/launch_triton_server.py",),
          scripts=("scripts/launch_triton_server.py",), chapter="3-python-backend.md", background=True),
     Step("5", "Generate client-side",
@@ -67,16 +71,17 @@ WALKTHROUGH = (
     Step("7", "Generate with an ensemble, and image to image",
          "one request through a graph of models that Triton runs itself; then image to image from the BLS image",
          commands=(f"python scripts/run_ensemble_pipeline.py --prompt {PROMPT} --seed 0",
-                   "python scripts/run_ensemble_pipeline.py --image outputs/bls.png --strength 0.6 "
-                   "--prompt \"the same scene at night, oil painting\" --output outputs/image_to_image.png"),
+                   f"python scripts/run_ensemble_pipeline.py --image outputs/bls.png --strength {IMAGE_TO_IMAGE_STRENGTH} "
+                   f"--prompt \"{IMAGE_TO_IMAGE_PROMPT}\" --output outputs/image_to_image.png"),
          scripts=("scripts/run_ensemble_pipeline.py",), chapter="4-ensembles.md"),
     Step("8", "Query one network with tritonclient",
          "one batch of random inputs of the served shapes: the smallest check that a network is served",
          commands=("python scripts/query_model.py unet",),
-         scripts=("scripts/query_model.py",), chapter="6-statistics.md"),
+         scripts=("scripts/query_model.py",), chapter="2-repository.md"),
     Step("9", "Load-test with perf_analyzer",
-         "Triton's own load generator on the UNet at batch 2, then on the BLS pipeline with its networks' times",
-         commands=("python scripts/run_perf_analyzer.py --model unet --batch 2 --concurrency 1:4:3 --admin-key KEY",
+         "Triton's own load generator (`make tools` installs it) on the UNet at batch 2, then on the BLS pipeline "
+         "with its networks' times",
+         commands=("python scripts/run_perf_analyzer.py unet --batch 2 --concurrency 1:4:3 --admin-key KEY",
                    "python scripts/run_perf_analyzer.py --concurrency 1:4:3 --admin-key KEY"),
          scripts=("scripts/run_perf_analyzer.py",), chapter="6-statistics.md", shown=11),
 )
@@ -122,7 +127,15 @@ STEPS = WALKTHROUGH + PRODUCTION
 
 
 def step(number: str) -> Step:
-    return next(s for s in STEPS if s.number == number)
+    for candidate in STEPS:
+        if candidate.number == number:
+            return candidate
+    raise KeyError(f"no step {number!r} in utils/walkthrough.py")
+
+
+def heading(number: str, detail: str = "") -> str:
+    """A step as a script's progress names it: its number and title, and what it works on."""
+    return f"{number}. {step(number).title}" + (f": {detail}" if detail else "")
 
 
 def steps_of(script: str | Path) -> list[Step]:

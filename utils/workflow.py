@@ -13,6 +13,7 @@ from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository.writer import write_repository
 from utils.timing import StepTimer
+from utils.walkthrough import heading
 
 
 def prepare_repository(model: str, repository: Path, deployment: Deployment = Deployment(),
@@ -23,13 +24,13 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
     folder. Each step is printed and timed by ``timer``."""
     step = (timer or StepTimer()).step
 
-    with step(f"1. model: {model}"):
+    with step(heading("1", model)):
         model_dir = resolve_model(model, models_dir)
         print(f"    {model_dir}")
     onnx_files = None  # the torch runtime serves the checkpoint's weights: no export
     if not deployment.torch_runtime:
         precision = deployment.served_precision
-        with step("2. export the four networks to ONNX"):
+        with step(heading("2")):
             onnx_files = {}
             for name, network in specs.NETWORKS.items():
                 path = onnx_path(onnx_dir, model, name)
@@ -37,7 +38,7 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
                 onnx_files[name] = result.path
                 status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
                 print(f"    {result.path}: {status}")
-    with step(f"3. model repository: {repository}"):
+    with step(heading("3", str(repository))):
         report = write_repository(repository, model_dir, onnx_files, deployment, force=force)
         print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
     return model_dir

@@ -48,3 +48,15 @@ def render(text: str) -> str:
         return f"{match[1]}{body}{match[4]}" if inline else f"{match[1]}\n{body}\n{match[4]}"
 
     return SECTION.sub(section, text)
+
+
+def write_documents(root=PROJECT_ROOT) -> list:
+    """Write every document's generated sections again; return the documents that changed."""
+    changed = []
+    for document in documents(root):
+        current = document.read_text()
+        rendered = render(current)
+        if rendered != current:
+            document.write_text(rendered)
+            changed.append(document)
+    return changed

@@ -23,7 +23,7 @@ from utils.docs.facts import scheduler_timesteps
 from utils.repository.engines import PROVENANCE_FILE, Provenance, shapes_flag
 from utils.layout import DEFAULT_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import DEFAULT_NUM_INFERENCE_STEPS
+from utils.request import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_PREVIEW_EVERY, MAX_PROMPT_BYTES
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 
@@ -33,10 +33,7 @@ SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 
 def step(number: str) -> str:
     """A walkthrough step as a chapter names it, from the one table of steps (utils/walkthrough.py)."""
-    found = [s for s in walkthrough.STEPS if s.number == number]
-    if not found:
-        raise KeyError(f"no step {number!r} in utils/walkthrough.py")
-    return f"step {number} ({found[0].title})"
+    return f"step {number} ({walkthrough.step(number).title})"
 
 
 def chapter_steps(chapter: str) -> str:
@@ -106,6 +103,9 @@ VALUES: dict[str, Callable[[], str]] = {
     "provenance-file": lambda: f"`{PROVENANCE_FILE}`",
     "provenance-fields": lambda: ", ".join(f"`{field.name}`" for field in dataclasses.fields(Provenance)),
     "plan-file": lambda: f"`{layout.PLAN_FILE}`",
+    "max-prompt-bytes": lambda: str(MAX_PROMPT_BYTES),
+    "default-steps": lambda: str(DEFAULT_NUM_INFERENCE_STEPS),
+    "preview-every": lambda: str(DEFAULT_PREVIEW_EVERY),
 }
 
 

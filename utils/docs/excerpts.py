@@ -105,16 +105,22 @@ def batching(path: str) -> str:
     return "```\n" + "\n".join(rows) + "\n```"
 
 
-def perf_analyzer(path: str) -> str:
-    """A recorded perf_analyzer run: its command and its figures, as scripts/run_perf_analyzer.py
-    prints them."""
-    from utils.operations import perf_analyzer as tool
-
-    invocation, command, results = tool.read_record(PROJECT_ROOT / path)
-    return f"```\n$ {invocation}\n# runs: {command}\n\n{tool.table(results)}\n```"
+def module_map(folder: str) -> str:
+    """A package's modules, each with the first sentence of its docstring: the map of the code,
+    written by the code."""
+    rows = ["| module | what it is |", "| --- | --- |"]
+    for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        paragraph = " ".join(docstring.split("\n\n")[0].split())
+        sentence = paragraph.split(". ")[0].rstrip(".")
+        if path.name == "__init__.py" and not sentence:
+            continue
+        name = str(path.relative_to(PROJECT_ROOT)).removesuffix("/__init__.py")
+        rows.append(f"| `{name}` | {sentence.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 RENDERERS: dict[str, Callable[..., str]] = {
     "source": source, "file": file, "config": config, "trtexec": trtexec, "budget": budget, "statistics": statistics,
-    "batching": batching, "perf-analyzer": perf_analyzer,
+    "batching": batching, "module-map": module_map,
 }

@@ -118,13 +118,17 @@ def ensemble_config() -> str:
 
 
 def profile_words() -> str:
-    text, vae = specs.TEXT_ENCODER.profile, specs.VAE_DECODER.profile
-    return f"{text.min}-{text.max} rows for the text encoder and the UNet, {vae.min}-{vae.max} for the VAE"
+    """Each network's batch profile, networks with the same range named together."""
+    ranges: dict[str, list[str]] = {}
+    for network in specs.NETWORKS.values():
+        ranges.setdefault(f"{network.profile.min}-{network.profile.max}", []).append(network.name)
+    return ", ".join(f"{rows} rows for {' and '.join(names)}" for rows, names in ranges.items())
 
 
 def caps_words() -> str:
     steps = max_inference_steps(SD15_SCHEDULER)
-    return (f"{specs.TEXT_TO_IMAGE.max_prompts()} prompts per request (the VAE decoder's batch profile), "
+    smallest = [network.name for network in specs.NETWORKS.values() if network.max_prompts() == specs.MAX_PROMPTS]
+    return (f"{specs.MAX_PROMPTS} prompts per request (the smallest batch profile: {' and '.join(smallest)}), "
             f"{MAX_PROMPT_BYTES} UTF-8 bytes per prompt, {steps} steps")
 
 
@@ -137,7 +141,7 @@ def tiny_sizes() -> str:
             f"latents, {TINY.image_height}x{TINY.image_width} images")
 
 
-# The README's request examples, for the tiny default (its sizes: 48-96 pixels a side). A test
+# The documents' request examples, for the tiny default (its sizes: 48-96 pixels a side). A test
 # runs each of them against the local server, as written here.
 PYTHON_EXAMPLE = """\
 from pipelines.bls import BlsPipeline
@@ -237,6 +241,12 @@ def ngc_release() -> str:
     from utils.docker import NGC_RELEASE, TENSORRT_VERSION, TRITON_VERSION
 
     return f"{NGC_RELEASE}: Triton {TRITON_VERSION} with TensorRT {TENSORRT_VERSION}, the release the pip-installed server comes from"
+
+
+def triton_release() -> str:
+    from utils.docker import NGC_RELEASE, TRITON_VERSION
+
+    return f"{TRITON_VERSION} (the NGC {NGC_RELEASE} release)"
 
 
 def production_commands() -> str:
@@ -347,7 +357,7 @@ FACTS: dict[str, Callable[..., str]] = {
     "plain-client-example": plain_client_example, "http-example": http_example,
     "metrics": metrics_table, "dashboard-panels": dashboard_panels,
     "cancellation-interval": cancellation_interval,
-    "network-calls": lambda: str(network_calls()), "ngc-release": ngc_release,
+    "network-calls": lambda: str(network_calls()), "ngc-release": ngc_release, "triton-release": triton_release,
     "production-commands": production_commands, "production-steps": production_steps,
     "sd15-unet-size": sd15_unet_size, "image-sizes": image_sizes, "docker-pins": docker_pins,
     "chart-scaling": chart_scaling, "kube-versions": kube_versions, "canary-interval": canary_interval,

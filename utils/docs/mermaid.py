@@ -8,10 +8,11 @@ from __future__ import annotations
 import ast
 from typing import Callable
 
-from utils import specs
-from utils.docs.facts import network_calls, unet_calls
+from utils import layout, specs
 from utils.docker import TRITON_VERSION
+from utils.docs.facts import network_calls, unet_calls
 from utils.layout import PROJECT_ROOT
+from utils.models import SD15_SCHEDULER_CLASS
 from utils.request import DEFAULT_NUM_INFERENCE_STEPS
 from utils.walkthrough import step
 
@@ -26,17 +27,17 @@ def _mermaid(lines: list[str]) -> str:
 
 def components() -> str:
     """From a checkpoint to the three ways: the walkthrough's steps and what each makes."""
-    title = {number: f"{number}. {step(number).title}" for number in ("2", "3", "4", "5", "6", "7")}
+    title = {number: f"{number}. {step(number).title}" for number in ("2", "3", "4", "5", "6", "7", "P4")}
     return _mermaid([
         "flowchart LR",
         '  model["checkpoint<br/>tiny, sd15-random,<br/>hub id or folder"]',
-        '  onnx["onnx/&lt;model&gt;/<br/>four ONNX graphs"]',
-        '  repository["triton/models/<br/>config.pbtxt per model"]',
+        f'  onnx["onnx/&lt;model&gt;/<br/>{len(specs.NETWORKS)} ONNX graphs"]',
+        f'  repository["{layout.DEFAULT_REPOSITORY}/<br/>{layout.CONFIG_FILE} per model"]',
         f'  server["tritonserver {TRITON_VERSION}"]',
-        '  plans["2/model.plan<br/>TensorRT engines"]',
+        f'  plans["{layout.ENGINE_VERSION}/{layout.PLAN_FILE}<br/>TensorRT engines"]',
         f'  model -- "{title["2"]}" --> onnx',
         f'  onnx -- "{title["3"]}" --> repository',
-        '  onnx -- "P3, P4: trtexec" --> plans',
+        f'  onnx -- "{title["P4"]}: trtexec" --> plans',
         f'  repository -- "{title["4"]}" --> server',
         "  plans --> server",
         '  subgraph ways ["the three ways to compose the pipeline"]',
@@ -57,7 +58,8 @@ def sequence_client_side() -> str:
     """The client-side pipeline: every network call is a gRPC round trip from the client."""
     lines = ["sequenceDiagram", "    participant C as client: the loop", "    participant T as Triton"]
     lines += _network_round_trip("C", "T", specs.TEXT_ENCODER, "gRPC")
-    lines.append(f"    loop {unet_calls()} times ({DEFAULT_NUM_INFERENCE_STEPS} PNDM steps)")
+    scheduler = SD15_SCHEDULER_CLASS.removesuffix("Scheduler")
+    lines.append(f"    loop {unet_calls()} times ({DEFAULT_NUM_INFERENCE_STEPS} {scheduler} steps)")
     lines += ["    " + line for line in _network_round_trip("C", "T", specs.UNET, "gRPC")]
     lines += ["        Note over C: guidance, scheduler.step", "    end"]
     lines += _network_round_trip("C", "T", specs.VAE_DECODER, "gRPC")

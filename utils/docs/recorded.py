@@ -10,7 +10,6 @@ from utils.layout import PROJECT_ROOT
 from utils.walkthrough import WALKTHROUGH, Step
 from utils.docs.recording import DEMO, KEY_PLACEHOLDER, RECORD, TESTS, load, runs_of
 
-MAX_OUTPUT_LINES = 14  # a longer output is shown as its first and last lines
 WALKTHROUGH_JSON = str(RECORD)
 
 
@@ -96,19 +95,22 @@ def _step(step: Step, runs: list[dict]) -> str:
     if not step.commands:
         return "\n\n".join(parts)
     if step.background:
-        parts.append("In a second terminal (it serves until Ctrl+C):")
+        parts.append("It serves until Ctrl+C:")
     elif any(KEY_PLACEHOLDER in command for command in step.commands):
-        parts.append(f"`{KEY_PLACEHOLDER}` is the admin key step 4 printed:")
+        server = next(s for s in WALKTHROUGH if s.background)
+        parts.append(f"`{KEY_PLACEHOLDER}` is the admin key {server.label.lower()} printed:")
     parts.append("```bash\n" + "\n".join(step.commands) + "\n```")
     outputs = "\n".join(_trimmed(run["output"], step.shown) for run in runs)
     parts.append(f"```\n{outputs}\n```")
     return "\n\n".join(parts)
 
 
-def recorded_run(number: str, index: str = "0", path: str = WALKTHROUGH_JSON) -> str:
-    """One command of a walkthrough step, and what it printed in the recorded run."""
+def recorded_run(number: str, index: str = "0", shown: str = "", path: str = WALKTHROUGH_JSON) -> str:
+    """One command of a walkthrough step, and what it printed in the recorded run (its first line
+    and last ``shown`` lines, where given)."""
     run = runs_of(load(path), number)[int(index)]
-    return f"```bash\n{run['command']}\n```\n\n```\n{run['output']}\n```"
+    output = _trimmed(run["output"], int(shown)) if shown else run["output"]
+    return f"```bash\n{run['command']}\n```\n\n```\n{output}\n```"
 
 
 def benchmark_table(path: str) -> str:
@@ -125,6 +127,30 @@ def benchmark_setting(path: str) -> str:
     return (f"{settings['model']}, {height}x{width}, {settings['steps']} {settings['scheduler'].removesuffix('Scheduler')} "
             f"steps, guidance {settings['guidance_scale']}, {settings['precision']} on {settings['device']}, "
             f"{settings['warmup']} warm-up and {settings['runs']} measured runs")
+
+
+def gpu_benchmark_command(path: str) -> str:
+    """The GPU benchmark script's command that makes a recorded run again: its settings as the
+    script's variables (scripts/gpu_host/benchmark.sh)."""
+    results = _json(path)
+    settings = results["settings"]
+    deployment = settings.get("deployment", settings)  # older records keep the deployment flat
+    variables = {
+        "PIPELINE_LOOP": deployment["pipeline_loop"], "PIPELINE_INSTANCES": deployment["pipeline_instances"],
+        "TORCH_COMPILE": " ".join(deployment["torch_compile"]), "CONCURRENCY": " ".join(map(str, settings["concurrency"])),
+        "REQUESTS": settings["requests"], "WARMUP": settings["warmup"], "RUNS": settings["runs"],
+        "PIPELINES": " ".join(results["pipelines"]),
+    }
+    words = [f'{name}="{value}"' if " " in str(value) else f"{name}={value}" for name, value in variables.items()]
+    lines, line = [], ""
+    for word in words:
+        if len(line) + len(word) > 90:
+            lines.append(line)
+            line = ""
+        line += word + " "
+    lines.append(line + "bash scripts/gpu_host/benchmark.sh")
+    lines = [text.rstrip() for text in lines]
+    return "```bash\n" + " \\\n  ".join(lines) + "\n```"
 
 
 def gpu_headline(path: str) -> str:
@@ -144,5 +170,5 @@ def gpu_headline(path: str) -> str:
 RECORDED: dict[str, Callable[..., str]] = {
     "machine": machine, "quickstart": quickstart, "test-times": test_times, "test-measurements": test_measurements,
     "walkthrough": walkthrough, "recorded-run": recorded_run, "benchmark-table": benchmark_table, "benchmark-setting": benchmark_setting,
-    "gpu-headline": gpu_headline,
+    "gpu-headline": gpu_headline, "gpu-benchmark-command": gpu_benchmark_command,
 }

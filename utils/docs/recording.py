@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ class BackgroundStep:
         else:
             raise UsageError(f"`{self.command}` ended before it was ready:\n" + "\n".join(lines[-30:]))
         self.seconds = time.monotonic() - start
+        # Read on, so that the launcher never blocks on a full pipe while the other steps run (its
+        # own start-up time-out ends a server that never gets ready, and with it the loop above).
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()
         match = re.search(r"admin-key: (\S+)", "\n".join(lines))
         self.key = match[1] if match else None
         self.output = "\n".join(lines).replace(self.key or KEY_SHOWN, KEY_SHOWN)
@@ -116,12 +120,17 @@ class BackgroundStep:
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=120)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # not to hide the error that may be ending the record
+            os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def record(path: Path = RECORD, root: Path = PROJECT_ROOT, with_tests: bool = True) -> dict:
-    """Run the quickstart, then the walkthrough from a clean slate; write the record and the
-    documents that quote it; then run the tests on those documents and record them too."""
+def record(root: Path = PROJECT_ROOT, with_tests: bool = True) -> dict:
+    """Run the quickstart, then the walkthrough from a clean slate; write the record (RECORD) and
+    the documents that quote it; then run the tests on those documents and record them too."""
+    from utils.docs import write_documents  # the package renders from this module's record
+
     require_fresh(root)
     runs = [run_command("demo", DEMO, root)]
     subprocess.run(shlex.split(CLEAN_COMMAND), cwd=root, check=True, capture_output=True)
@@ -139,20 +148,13 @@ def record(path: Path = RECORD, root: Path = PROJECT_ROOT, with_tests: bool = Tr
             server.stop()
     result = {"recorded_at": time.strftime("%Y-%m-%d"), "environment": machine_and_versions(),
               "runs": [asdict(run) for run in runs]}
-    write(result, root / path)
-    _render_documents(root)  # the tests check the documents against the record
+    write(result, root / RECORD)
+    write_documents(root)  # the tests check the documents against the record
     if with_tests:
         result["runs"] += [asdict(run_command("tests", command, root)) for command in TESTS]
-        write(result, root / path)
-        _render_documents(root)
+        write(result, root / RECORD)
+        write_documents(root)
     return result
-
-
-def _render_documents(root: Path) -> None:
-    from utils.docs import documents, render
-
-    for document in documents(root):
-        document.write_text(render(document.read_text()))
 
 
 def write(result: dict, path: Path) -> None:

@@ -187,7 +187,7 @@ def printable(command: Sequence[str], headers: Mapping[str, str] | None = None) 
 
 def full_command(arguments: Sequence[str], report: Path) -> list[str]:
     """The command that runs: the installed tool, these arguments (from the builders above), and
-    the CSV report that ``run`` parses."""
+    the CSV report that ``measure`` parses."""
     from utils.operations.tools import tool
 
     return [str(tool("perf_analyzer")), *arguments, "-f", str(report.resolve()), "--verbose-csv"]
@@ -306,8 +306,7 @@ def table(results: Sequence[LoadResult]) -> str:
 def write_record(path: Path, invocation: str, command: str, results: Sequence[LoadResult],
                  environment: Mapping) -> Path:
     """The figures of a run with the commands that measured them (the project's script and the
-    perf_analyzer line it ran), the machine and the versions: what the README's perf_analyzer
-    tables are rendered from."""
+    perf_analyzer line it ran), the machine and the versions (``--record``)."""
     from utils.operations.tools import TRITONCLIENT_RELEASE
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from utils.docker import TRITON_VERSION
 from utils.errors import UserError
 from utils.layout import PROJECT_ROOT
 
 TOOLS_DIR = PROJECT_ROOT / ".tools"
-TRITONCLIENT_RELEASE = "2.51.0"  # the server's release (nvidia-pytriton 0.7.0 ships tritonserver 2.51.0)
+TRITONCLIENT_RELEASE = TRITON_VERSION  # perf_analyzer of the server's own release (nvidia-pytriton's tritonserver)
 DEBIAN_PACKAGES = {"prometheus": "2.42.0+ds-5+deb12u1", "libb64-0d": "1.2-5+b1"}
 INSTALL_COMMAND = "make tools"
 # 11.17.0 is the last mermaid-cli for Node 20 (12.x needs Node 22.13); its peer puppeteer would

@@ -23,6 +23,7 @@ from utils.deployment import served_network_names
 from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
 from utils.request import GenerationRequest, request_to_arrays
+from utils.walkthrough import step
 
 # The models a user calls with one request and one answer (the streaming pipeline runs the text to
 # image loop too, but answers over a gRPC stream only).
@@ -47,7 +48,8 @@ def served_shapes(config: dict) -> dict[str, list[int]]:
             if tensor["name"] not in samples:
                 raise UsageError(f"{config['name']}: input {tensor['name']!r} has open dims {dims} and no warm-up to "
                                  f"take its size from: a config this project did not write; write the repository "
-                                 f"again with its step 3 (or P3 for TensorRT), which adds the warm-up.")
+                                 f"again with `{step('3').commands[0]}` (`--backend tensorrt` for TensorRT), which adds the "
+                                 f"warm-up.")
             dims = samples[tensor["name"]]
         shapes[tensor["name"]] = dims
     return shapes

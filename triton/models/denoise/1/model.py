@@ -5,7 +5,7 @@ can express: it runs here and calls the UNet by BLS at every step."""
 from pipelines.python_model import PipelineModel
 from utils import specs
 
-(TEXT_EMBEDDINGS, LATENT_PARAMETERS) = (tensor.name for tensor in specs.DENOISE.inputs[:2])
+TEXT_EMBEDDINGS, LATENT_PARAMETERS = specs.TEXT_EMBEDDINGS.name, specs.LATENT_PARAMETERS.name
 
 
 class TritonPythonModel(PipelineModel):

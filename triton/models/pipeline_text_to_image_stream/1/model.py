@@ -3,8 +3,8 @@
 The same loop as pipeline_text_to_image, with a response every ``preview_every`` steps: the
 steps done, of how many, and a preview of each image made from the latents without the VAE
 decoder (StableDiffusion.preview); then the decoded images, flagged final. A client that closes
-its stream cancels the request: the loop stops at its next step (utils/python_backend/
-pipeline_model.py turns that into a CANCELLED answer nobody waits for).
+its stream cancels the request: the loop stops at its next step (pipelines/python_model.py
+turns that into a CANCELLED answer nobody waits for).
 """
 
 from pipelines.python_model import BlsPipelineModel
