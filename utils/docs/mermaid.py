@@ -106,8 +106,12 @@ PACKAGES = ("scripts", "optim", "pipelines", "utils", "triton")
 def _package_imports() -> dict[tuple[str, str], int]:
     """Import statements from one of the project's top folders into another, counted."""
     edges: dict[tuple[str, str], int] = {}
+    # The networks' model.py files are written by step 3 (where it has run), not part of the code.
+    generated = {PROJECT_ROOT / layout.DEFAULT_REPOSITORY / network for network in specs.NETWORKS}
     for source in PACKAGES:
         for path in (PROJECT_ROOT / source).rglob("*.py"):
+            if generated & set(path.parents):
+                continue
             for node in ast.walk(ast.parse(path.read_text())):
                 module = node.module if isinstance(node, ast.ImportFrom) and node.level == 0 else None
                 names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [module or ""]
