@@ -1,5 +1,6 @@
 """The pipelines the benchmark compares (utils/benchmark measures them): diffusers as a user would
-run it instead, and the three Triton ways. Each makes a client: ``generate(**options) -> images``.
+run it instead, and the three Triton ways. Each makes a client: ``generate(**options) -> images``,
+and says its configuration in one line (``configuration()``).
 
 Adding a contender is a class here and one line in CONTENDERS.
 """
@@ -18,7 +19,7 @@ class DiffusersContender:
     """Plain diffusers.StableDiffusionPipeline in this process: the baseline."""
 
     served = False
-
+    bounds_serving = False  # its N images in one call are the bound for N concurrent clients
     def __init__(self, context: Context):
         import diffusers
         import torch
@@ -36,15 +37,20 @@ class DiffusersContender:
             self.pipeline = StableDiffusionImg2ImgPipeline(**self.pipeline.components)
         self.pipeline.set_progress_bar_config(disable=True)
         diffusers.utils.logging.set_verbosity_error()  # no per-call prompt truncation warnings
+        self.diffusers_version, self.device, self.precision = diffusers.__version__, settings.device, settings.precision
 
     def client(self):
         return self
+
+    def configuration(self) -> str:
+        return f"diffusers {self.diffusers_version}, eager, {self.device} {self.precision}"
 
     def compilations(self) -> int:
         """How many graphs torch.compile has built so far (a run that builds one is not a measurement)."""
         return 0
 
     def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
+        """One call of the pipeline; a list of prompts (and as many pictures) makes one batch."""
         from PIL import Image
 
         generator = self.torch.Generator().manual_seed(seed)
@@ -55,12 +61,15 @@ class DiffusersContender:
             images = self.pipeline(prompt, image=pictures, generator=generator, output_type="pil", **options).images
         return np.stack([np.asarray(picture) for picture in images])
 
-    @contextmanager
     def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
-        """Time the three networks' forward calls (synchronizing the GPU, so only while profiling)."""
+        """Time the networks' forward calls (synchronizing the GPU, so only while profiling)."""
         # vae.decoder: all of the VAE decoder network but its first 1x1 convolution (post_quant_conv).
         modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet,
                    "vae_encoder": self.pipeline.vae.encoder, "vae_decoder": self.pipeline.vae.decoder}
+        return self._timers(modules, totals, calls)
+
+    @contextmanager
+    def _timers(self, modules: dict, totals: dict[str, float], calls: dict[str, int]):
         starts, handles = {}, []
 
         def sync():
@@ -93,19 +102,106 @@ class CompiledDiffusersContender(DiffusersContender):
         super().__init__(context)
         self.pipeline.unet = self.torch.compile(self.pipeline.unet, mode="reduce-overhead", fullgraph=True)
 
+    def configuration(self) -> str:
+        return f"diffusers {self.diffusers_version}, UNet compiled (reduce-overhead), {self.device} {self.precision}"
+
     def compilations(self) -> int:
         from torch._dynamo.utils import counters
 
         return int(counters["stats"]["unique_graphs"])
 
 
-class ClientSideContender:
-    """pipelines/client_side.py: the loop here, each network a gRPC call."""
+class FastDiffusersContender(CompiledDiffusersContender):
+    """diffusers as its own guide to a faster pipeline teaches, with every trick the served networks
+    get (utils/python_backend/cuda_graphs.py): one projection for q, k and v, NHWC UNet and VAE,
+    1x1 convolutions as matmuls, the UNet and the VAE decoder compiled (reduce-overhead, full
+    graph, one static shape each: a batch of another size compiles again), cuDNN attention first.
+    Its N images in one call are the bound for serving N concurrent clients: the same kernels,
+    the ideal batch. The guide's max-autotune is left out: it tunes for many minutes per shape.
+
+    On a CPU the networks are not compiled (Inductor's CPU kernels are another recipe, and a
+    minute or more per shape): the rest of the recipe runs."""
+
+    bounds_serving = True
+
+    def __init__(self, context: Context):
+        DiffusersContender.__init__(self, context)
+        torch, pipeline = self.torch, self.pipeline
+        pipeline.fuse_qkv_projections()
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+        self.compiled = self.device == "cuda"
+        if self.compiled:
+            torch._inductor.config.conv_1x1_as_mm = True
+            compile_options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
+            pipeline.unet = torch.compile(pipeline.unet, **compile_options)
+            pipeline.vae.decode = torch.compile(pipeline.vae.decode, **compile_options)
+
+    @contextmanager
+    def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
+        """As diffusers', but the VAE decoder timed around the compiled ``vae.decode`` (its whole
+        network, post_quant_conv included): the hooks of a module inside a compiled graph do not run."""
+        vae = self.pipeline.vae
+        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet, "vae_encoder": vae.encoder}
+        decode = vae.decode
+
+        def timed_decode(*args, **kwargs):
+            if self.torch.cuda.is_available():
+                self.torch.cuda.synchronize()
+            start = time.perf_counter()
+            output = decode(*args, **kwargs)
+            if self.torch.cuda.is_available():
+                self.torch.cuda.synchronize()
+            totals["vae_decoder"] = totals.get("vae_decoder", 0.0) + time.perf_counter() - start
+            calls["vae_decoder"] = calls.get("vae_decoder", 0) + 1
+            return output
+
+        vae.decode = timed_decode
+        try:
+            with self._timers(modules, totals, calls):
+                yield
+        finally:
+            vae.decode = decode
+
+    def configuration(self) -> str:
+        compiled = ("UNet and VAE decoder compiled (reduce-overhead, full graph, static shapes)" if self.compiled
+                    else "not compiled on the CPU")
+        return (f"diffusers {self.diffusers_version}, fused QKV, channels_last UNet and VAE, 1x1 convolutions as "
+                f"matmuls, {compiled}, cuDNN attention first, {self.device} {self.precision}")
+
+    def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
+        from utils.python_backend.cuda_graphs import ATTENTION_BACKENDS
+
+        with self.torch.nn.attention.sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
+            return super().__call__(prompt, seed, image, **options)
+
+
+class ServedContender:
+    """A Triton way, measured against the server at the context's address."""
 
     served = True
+    bounds_serving = False
 
     def __init__(self, context: Context):
         self.context = context
+
+    def configuration(self) -> str:
+        deployment = self.context.settings.deployment
+        placement = deployment.placement
+        runtime = f", {deployment.runtime} runtime" if deployment.backend == "python" else ""
+        compiled = f" ({' and '.join(deployment.torch_compile)} compiled)" if deployment.torch_compile else ""
+        return (f"{self.way}: {deployment.backend} backend{runtime}{compiled}, {deployment.device} "
+                f"{deployment.served_precision}, --pipeline-loop {placement.pipeline_loop}, "
+                f"--pipeline-instances {placement.pipeline_instances}")
+
+    def compilations(self) -> int:
+        return 0
+
+
+class ClientSideContender(ServedContender):
+    """pipelines/client_side.py: the loop here, each network a gRPC call."""
+
+    way = "the loop in this process, each network a gRPC call"
 
     def client(self):
         from pipelines.client_side import ClientSidePipeline
@@ -113,29 +209,22 @@ class ClientSideContender:
         pipeline = ClientSidePipeline(self.context.model_dir, self.context.url, timeout=None)
         return lambda **options: pipeline(progress=False, **options)
 
-    def compilations(self) -> int:
-        return 0
 
-
-class BlsContender:
+class BlsContender(ServedContender):
     """triton/models/pipeline_*: one request, the loop inside Triton."""
 
-    served = True
-
-    def __init__(self, context: Context):
-        self.context = context
+    way = "one request, the loop in a Python model"
 
     def client(self):
         from pipelines.bls import BlsPipeline
 
         return BlsPipeline(self.context.url, timeout=None)
 
-    def compilations(self) -> int:
-        return 0
-
 
 class EnsembleContender(BlsContender):
     """triton/models/ensemble_*: one request, a graph of models that Triton runs itself."""
+
+    way = "one request, an ensemble of ensembles"
 
     def client(self):
         from pipelines.ensemble import EnsemblePipeline
@@ -146,6 +235,7 @@ class EnsembleContender(BlsContender):
 CONTENDERS = {
     "diffusers": DiffusersContender,
     "diffusers-compiled": CompiledDiffusersContender,
+    "diffusers-fast": FastDiffusersContender,
     "triton-client-side": ClientSideContender,
     "triton-bls": BlsContender,
     "triton-ensemble": EnsembleContender,

@@ -22,6 +22,8 @@ meet in one batch (utils/python_backend/step_batching.py) instead of one Triton 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import gc
 import threading
 import time
 import traceback
@@ -38,9 +40,11 @@ from utils.deployment import Serving
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
-from utils.python_backend.step_batching import STATIC_BATCHES, STEPS_QUEUED, StepBatcher
+from utils.python_backend.step_batching import STEPS_QUEUED, StepBatcher, static_batches
 from utils.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
 from utils.timing import CANCELLATION_CHECK_SECONDS, PhaseTimes, at_most_every, profiling
+
+STUB_EXIT_SECONDS = 10  # after finalize, the most a stub may take to exit (it takes about 1 s)
 
 _TORCH_TYPES = {**TORCH_DTYPES, "BOOL": torch.bool}  # the outputs' dtypes
 IN_PROCESS_UNET_PHASE = f"unet (in process, batched; on a GPU, waits for its step {STEPS_QUEUED} back)"
@@ -156,9 +160,10 @@ class PipelineModel:
         unet, precision = serving.unet_in_process, serving.precision
         device = torch.device("cuda", gpu or 0) if serving.device == "cuda" else torch.device("cpu")
         checkpoint = repository / unet.model / str(ONNX_VERSION) / CHECKPOINT_DIR
+        batches = static_batches(unet.loops_in_flight)
         network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=unet.compile,
-                                   static_batches=STATIC_BATCHES, log=pb_utils.Logger.log_info)
-        return StepBatcher(network, specs.UNET.profile.max, device,
+                                   static_batches=batches, log=pb_utils.Logger.log_info)
+        return StepBatcher(network, max(batches), device,
                            [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
 
     @property
@@ -170,13 +175,31 @@ class PipelineModel:
         """What to do once at load, before the first request (each instance is a process)."""
 
     def finalize(self) -> None:
-        """At unload: the request threads, the UNet's worker and the metrics thread end, and with
-        them every tensor they held, so that the stub exits when Triton asks it to."""
+        """At unload: the request threads, the UNet's worker and the metrics thread end, and every
+        tensor they and this model held is freed now, while the stub still runs. A tensor that a
+        BLS call returned (the prompt's embeddings, the decoded image) hands its memory back to
+        Triton through the stub when it is freed; freed later, in the interpreter's exit (this
+        model is in a reference cycle: the loop's network call is a closure over it), it found
+        the stub gone, and on a GPU the stub then hung until Triton's exit timeout (30 s)."""
         if self.threads is not None:  # the requests it holds still get their answers
             self.threads.shutdown(wait=True)
         if self.unet is not None:
-            self.unet.close()
-        self.metrics.writer.close()
+            self.unet.close(wait=True)
+        self.metrics.writer.close(wait=True)
+        self.pipeline = self.unet = self.threads = None  # the cycle broken
+        self._request = threading.local()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the freed memory's last kernels, done
+        self.logger.log_info(f"{self.spec.name}: finalized, its tensors freed")
+        # Seen on a GPU after BLS traffic: finalize done, the stub still did not exit (its own
+        # teardown waited) until Triton's exit timeout. A watchdog outside the interpreter (a C
+        # thread) prints every thread's stack to the log and ends the stub should it still be
+        # there after STUB_EXIT_SECONDS: nothing of this model is left to lose by then.
+        try:
+            faulthandler.dump_traceback_later(STUB_EXIT_SECONDS, exit=True)
+        except (RuntimeError, ValueError) as error:  # a stub without a standard error to write to
+            self.logger.log_warn(f"{self.spec.name}: no exit watchdog ({error})")
 
     def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         raise NotImplementedError
@@ -277,7 +300,7 @@ class PipelineModel:
         counted, and every update queued so far made (a client that reads the metrics after its
         answer sees its request counted)."""
         if self.unet is not None:
-            self.metrics.unet_in_process(self.unet.compute_seconds())
+            self.metrics.unet_in_process(self.unet.compute())
         self.metrics.writer.flush()
 
     def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":

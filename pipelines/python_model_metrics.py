@@ -28,16 +28,19 @@ class MetricsWriter:
     def __init__(self, log_error):
         self.log_error = log_error
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="metrics", daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        self._thread.start()
 
     def call(self, function, *args) -> Future:
         future: Future = Future()
         self._queue.put((future, function, args))
         return future
 
-    def close(self) -> None:
-        """Make the updates queued so far, then stop the thread."""
+    def close(self, wait: bool = False) -> None:
+        """Make the updates queued so far, then stop the thread (``wait``: until it has)."""
         self._queue.put(None)
+        if wait:
+            self._thread.join()
 
     def flush(self) -> None:
         """Wait until every update queued so far is made (before a request's answer: a client that
@@ -84,7 +87,7 @@ class PipelineMetrics:
         self.steps = self._series(metrics.STEPS)
         self.unet_seconds = self._series(metrics.UNET_STEP_SECONDS)
         self.cache: dict[tuple, object] = {}
-        self.counted_lock, self.counted_seconds = threading.Lock(), 0.0  # unet_in_process's
+        self.counted_lock, self.counted = threading.Lock(), (0.0, 0, 0)  # unet_in_process's
         for reason in (metrics.NOT_FINITE, metrics.FLAT):  # at 0 from the start: a rate over them has data
             self._labelled(metrics.INVALID_IMAGES, reason=reason)
 
@@ -100,14 +103,17 @@ class PipelineMetrics:
             self.cache[key] = self._series(metric, **labels)
         return self.cache[key]
 
-    def unet_in_process(self, seconds: float) -> None:
-        """The in-process UNet's compute so far (``seconds``, StepBatcher.compute_seconds), counted by
-        what it grew since the last call: its batches are shared by the requests in flight, so
-        each request counts those that have finished since the one before."""
+    def unet_in_process(self, compute) -> None:
+        """The in-process UNet's compute, calls and rows so far (StepBatcher.compute), counted by what
+        they grew since the last call: its batches are shared by the requests in flight, so each
+        request counts those that have finished since the one before."""
         with self.counted_lock:
-            grown, self.counted_seconds = seconds - self.counted_seconds, max(seconds, self.counted_seconds)
-        if grown > 0:
-            self._labelled(metrics.UNET_IN_PROCESS_SECONDS).increment(grown)
+            totals = (compute.seconds, compute.calls, compute.rows)
+            grown = [now - before for now, before in zip(totals, self.counted)]
+            self.counted = tuple(max(now, before) for now, before in zip(totals, self.counted))
+        for metric, value in zip(metrics.UNET_IN_PROCESS, grown):
+            if value > 0:
+                self._labelled(metric).increment(value)
 
     def rejected(self, error: InvalidRequest) -> None:
         """Count a refused request under the input its message names first (every check's message

@@ -8,16 +8,26 @@ On the tiny default it takes about two minutes on 2 CPU cores; SD1.5's settings 
 
 import argparse
 import contextlib
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from pipelines.contenders import CONTENDERS
-from utils.benchmark import (TASKS, Settings, fidelity_problems, gpu_scaling, run_benchmark, run_concurrency, table,
-                             write_results)
+from utils.benchmark import (
+    TASKS,
+    Settings,
+    fidelity_problems,
+    gpu_scaling,
+    run_benchmark,
+    run_concurrency,
+    table,
+    write_results,
+)
 from utils.cli import add_deployment_arguments, add_generation_arguments, deployment_from_args, main_entry
 from utils.deployment import Deployment
 from utils.errors import UsageError
+from utils.grpc_client import connect
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
@@ -49,10 +59,16 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[],
                         help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
     parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")
+    parser.add_argument("--static-batch", type=int, nargs="*", default=None, metavar="N",
+                        help="images in one call of diffusers-fast, the bound for N concurrent clients "
+                             "(default: the highest --concurrency above 1)")
     parser.add_argument("--output-dir", default=Path("outputs/benchmark"), type=Path)
-    parser.add_argument("--time-restart", action="store_true",
-                        help="after the runs, restart the server this script started and record how long it took "
-                             "to be ready again (with the compile cache of the first start)")
+    parser.add_argument("--time-restart", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="after the runs, restart the server this script started N times in a row (default 1) "
+                             "and record how long each stop and start took (with the compile cache of the first start)")
+    parser.add_argument("--log-verbose-stops", action="store_true",
+                        help="with --time-restart: the server logs verbosely (level 1) during each stop, which names "
+                             "what a slow stop waits for (the log is kept next to the results)")
     parser.add_argument("--min-psnr", type=float, default=None,
                         help="fail (exit 1) unless every pipeline's image is within this PSNR (dB) of diffusers' "
                              "for the same seed, and none is constant")
@@ -63,11 +79,28 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     if args.concurrency and args.requests < max(args.concurrency):
         raise UsageError(f"--requests {args.requests} with --concurrency {' '.join(map(str, args.concurrency))}: "
                          f"send at least one request per client")
+    highest = max(args.concurrency, default=1)
+    static_batches = args.static_batch if args.static_batch is not None else [highest] if highest > 1 else []
+    if any(batch < 1 for batch in static_batches):
+        raise UsageError(f"--static-batch {' '.join(map(str, static_batches))}: give numbers of images, 1 or more")
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
-                        requests=args.requests, task=args.task, strength=args.strength,
+                        requests=args.requests, static_batches=tuple(static_batches), task=args.task,
+                        strength=args.strength,
                         deployment=deployment_from_args(args))
     return args, settings
+
+
+def timed_restart(server: TritonServer, verbose_stop: bool = False) -> dict:
+    """Stop the server and start it again (with the first start's compile cache): how long each took."""
+    if verbose_stop:  # Triton's logging API, behind the admin key
+        connect(server.grpc_url).update_log_settings({"log_verbose_level": 1}, headers=server.admin_headers())
+    started = time.monotonic()
+    server.stop()
+    stopped = time.monotonic()
+    server.restart()  # stopped already: it waits for the ports, and starts
+    ready = time.monotonic()
+    return {"stop_s": stopped - started, "start_s": ready - stopped, "total_s": ready - started}
 
 
 def main(argv=None):
@@ -92,23 +125,28 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         url, headers = args.url, AccessPolicy(admin_key=args.admin_key).headers() if args.admin_key else None
         metrics_url = args.metrics_url
-        server_seconds = {}  # until ready: what a user waits for at a start, compilation included
+        server = None
         if served and url is None:
             server = serve(args.repository, deployment)  # the repository prepared first, not timed
             started = time.monotonic()
             stack.enter_context(server)
-            server_seconds["start_s"] = time.monotonic() - started
+            start_s = time.monotonic() - started  # until ready: what a user waits for, compilation included
             url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
         results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url)
-        if server_seconds and args.time_restart:
-            started = time.monotonic()
-            server.restart()
-            server_seconds["restart_s"] = time.monotonic() - started
-        if server_seconds:
-            results["server"] = server_seconds
-    if one_gpu is not None:
-        results["gpu_scaling"] = gpu_scaling(one_gpu, results["concurrency"], len(placement.gpus))
-    json_path, png_path = write_results(results, args.output_dir)
+        if server is not None:
+            results["server"] = {"start_s": start_s}
+        if one_gpu is not None:
+            results["gpu_scaling"] = gpu_scaling(one_gpu, results["concurrency"], len(placement.gpus))
+        # Written before the restarts too: the measurements stay should a restart never end.
+        json_path, png_path = write_results(results, args.output_dir)
+        if server is not None and args.time_restart:
+            restarts = results["server"]["restarts"] = []
+            for _ in range(args.time_restart):
+                restarts.append(timed_restart(server, args.log_verbose_stops))
+                results["server"]["restart_s"] = max(restart["total_s"] for restart in restarts)
+                write_results(results, args.output_dir, json_path)
+            if args.log_verbose_stops:
+                shutil.copy(server.log_file, args.output_dir / f"{json_path.stem}-server.log")
     print(table(results))
     print(f"\nraw figures and environment: {json_path}" + (f"\nchart: {png_path}" if png_path else ""))
     if args.min_psnr is not None:

@@ -25,17 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
                "--warmup", "1", "--runs", "2", "--num-inference-steps", "5", "--concurrency", "1", "2", "--requests", "2",
-               "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
+               "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
                "--time-restart", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     (json_path,) = (tmp_path / "out").glob("*.json")
     (png_path,) = (tmp_path / "out").glob("*.png")
     assert str(json_path) in result.stdout and str(png_path) in result.stdout  # the table is printed too
-    assert all(name in result.stdout for name in ("diffusers", "triton-client-side", "triton-bls", "triton-ensemble"))
+    measured = {"diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble"}
+    assert all(name in result.stdout for name in measured)
+    assert "nan" not in result.stdout.replace("nanoseconds", "")
 
     results = json.loads(json_path.read_text())
-    measured = {"diffusers", "triton-client-side", "triton-bls", "triton-ensemble"}
     assert results["failed"] == {}
     assert set(results["pipelines"]) == measured
     assert set(results["concurrency"]) == {name for name in measured if CONTENDERS[name].served}
@@ -43,7 +44,26 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     assert results["environment"]["versions"]["tritonserver"] == "2.51.0"
     server = results["server"]  # the start this script made, and --time-restart's restart
     assert 0 < server["start_s"] < 600 and 0 < server["restart_s"] < 600, server
-    assert f"restarted (stop, start with the compile cache) in {server['restart_s']:.0f} s" in result.stdout
+    (restart,) = server["restarts"]
+    assert 0 < restart["stop_s"] < restart["total_s"] == server["restart_s"], restart
+    assert (f"restarted (stop, start with the compile cache) in {restart['total_s']:.0f} s "
+            f"(stop {restart['stop_s']:.0f} s)") in result.stdout
+    # Each contender's configuration, in one line of the table and in the JSON.
+    for name in measured:
+        assert f"  {name}: {results['pipelines'][name]['configuration']}" in result.stdout
+    assert "fused QKV, channels_last UNet and VAE" in results["pipelines"]["diffusers-fast"]["configuration"]
+    assert "--pipeline-loop cpu" in results["pipelines"]["triton-bls"]["configuration"]
+    # diffusers-fast's 2 images in one call (the highest concurrency): the bound for 2 clients.
+    assert results["settings"]["static_batches"] == [2] and set(results["static_batch"]) == {"diffusers-fast"}
+    bound = results["static_batch"]["diffusers-fast"]["2"]
+    assert bound["images"] == 2 and len(bound["latency"]["raw_s"]) == 3 and bound["throughput_images_per_s"] > 0
+    assert f"bound: diffusers-fast, 2 images in one call: {bound['throughput_images_per_s']:.2f} img/s" in result.stdout
+    # The loop calls the served UNet through Triton (the loop on the CPU): one step, split.
+    for name in ("triton-bls", "triton-ensemble"):
+        step = results["pipelines"][name]["stages"]["per_step_ms"]
+        assert step["steps_per_run"] == 6 and step["unet_model_execute"] > 0 and step["loop_python_and_scheduler"] > 0
+        assert step["unet_call_as_the_loop_sees_it"] > step["unet_model_execute"] + step["queue"], step
+        assert f"{name}: one denoising step, 6 per image, in ms" in result.stdout
     for name, figures in results["pipelines"].items():
         latency, stages = figures["latency"], figures["stages"]
         assert len(latency["raw_s"]) == 2
@@ -76,6 +96,7 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
     for name, entry in results["fidelity"].items():  # the same seed: the same image, to rounding
         assert entry["finite_and_not_constant"]
         if name != "diffusers":
+            assert entry["reference"] == "diffusers"
             assert entry["max_pixel_difference"] <= 2
             assert entry["psnr_db_vs_diffusers"] is None or entry["psnr_db_vs_diffusers"] > 40
 

@@ -129,3 +129,21 @@ def test_version_is_the_projects_own_not_an_enclosing_repositorys(tmp_path):
     own = project_version(PROJECT_ROOT)
     if (PROJECT_ROOT / ".git").exists():
         assert len(own["git_commit"]) == 40
+
+
+def test_pack_wheels_runs_before_anything_is_installed():
+    """The GPU host's wheels are packed by a Python that has nothing of this project (or of its
+    requirements) yet: the script needs the standard library and pip only, and packs
+    requirements.txt's versions, scipy among them (diffusers' LMS scheduler)."""
+    script = PROJECT_ROOT / "scripts/gpu_host/pack_wheels.py"
+    # -I -S: no site-packages, so neither this project nor its requirements can be imported.
+    done = run(sys.executable, "-I", "-S", str(script), "--help", cwd=PROJECT_ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr[-2000:]
+    code = f"import runpy; print(runpy.run_path({str(script)!r})['pinned']())"
+    done = run(sys.executable, "-I", "-S", "-c", code, cwd=PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    requirements = (PROJECT_ROOT / "requirements.txt").read_text()
+    for pin in ("nvidia-pytriton", "diffusers", "tritonclient", "numpy", "scipy"):
+        version = next(line.split("==")[1].split()[0] for line in requirements.splitlines()
+                       if line.split("==")[0].split("[")[0] == pin)
+        assert f"'{pin}=={version}'" in done.stdout, done.stdout

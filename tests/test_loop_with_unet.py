@@ -126,7 +126,7 @@ def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_sa
     from utils.benchmark.report import IN_LOOP, table
     from utils.benchmark.settings import Settings
 
-    settings = Settings(steps=4, warmup=1, runs=2, deployment=server_deployment())
+    settings = Settings(steps=4, warmup=1, runs=2, concurrency=(2,), requests=2, deployment=server_deployment())
     contenders = {name: CONTENDERS[name] for name in ("triton-client-side", "triton-bls")}
     results = run_benchmark(settings, tiny_model, server.grpc_url, contenders, headers=server.admin_headers())
     assert results["failed"] == {}
@@ -143,5 +143,16 @@ def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_sa
     stages, budget = results["pipelines"]["triton-bls"]["stages"], results["compute_budget"]["triton-bls"]
     assert stages["unet_in_loop"] and 0 < stages["unet"] < stages["end_to_end"], stages
     assert stages["unet"] <= budget["ideal_s"] <= budget["measured_s"], budget
-    bls_row = next(line for line in table(results).splitlines() if line.startswith("triton-bls") and "│" in line)
-    assert f"{stages['unet']:>8.3f}   in loop" in bls_row
+    # Its calls and rows too: the compute per call, and under load how full its batches were.
+    assert 0 < stages["unet_per_call"] < stages["unet"] and stages["unet_rows_per_call"] == 2, stages
+    text = table(results)
+    bls_row = next(line for line in text.splitlines() if line.startswith("triton-bls") and "│" in line)
+    assert f"{stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms" in bls_row
+    (loaded,) = results["concurrency"]["triton-bls"].values()
+    unet = loaded["unet"]
+    assert unet["source"].startswith("the pipeline's metrics") and 2 <= unet["mean_batch"] <= 4, unet
+    # 2 requests of 5 UNet calls, 2 rows each (guidance): every row ran, in batches they shared.
+    assert unet["executions"] * unet["mean_batch"] == 2 * 5 * 2 and 0 < unet["busy_fraction"] <= 1, unet
+    loaded_row = next(line for line in text.splitlines() if line.startswith("triton-bls") and " 2 " in line
+                      and line.count("│") == 1 and "ms" not in line)
+    assert f"{unet['mean_batch']:>10.1f}" in loaded_row and "-" not in loaded_row.split("│")[1], loaded_row

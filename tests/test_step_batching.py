@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from utils import specs
 from utils.python_backend.step_batching import StepBatcher
 
 
@@ -206,3 +207,12 @@ def test_a_request_whose_loop_has_not_started_is_waited_for_and_one_that_leaves_
         threads.submit(request, 0.0).result(timeout=10)
         refused.result(timeout=10)
     assert batches == [2] and time.monotonic() - start < 4  # not held for max_wait by the one that left
+
+
+def test_the_in_process_unet_is_built_for_one_step_the_profiles_largest_batch_and_every_loops_step():
+    """16 loops in flight fill 32 rows a round: one call of a static batch of 32, not two of 16."""
+    from utils.python_backend.step_batching import static_batches
+
+    largest = specs.UNET.profile.max
+    assert static_batches(1) == static_batches(largest // 2) == (2, largest)
+    assert static_batches(16) == (2, largest, 32)

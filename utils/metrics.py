@@ -37,6 +37,15 @@ UNET_IN_PROCESS_SECONDS = Metric(
     "Compute time of the UNet batches a loop model ran in its own process (--pipeline-loop with-unet; CUDA events "
     "on a GPU, an upper bound: kernels other loops queue between a batch's events count too): the UNet's compute, "
     "which Triton's statistics do not see. Its rate is the share of the time that UNet computes.")
+UNET_IN_PROCESS_CALLS = Metric(
+    "sd_unet_in_process_calls_total", "counter",
+    "Network calls of the UNet batches a loop model ran in its own process (--pipeline-loop with-unet): with "
+    "the seconds and the rows, the compute per call and how full the batches were.")
+UNET_IN_PROCESS_ROWS = Metric(
+    "sd_unet_in_process_rows_total", "counter",
+    "Rows (samples, 2 per image with guidance) of the UNet batches a loop model ran in its own process "
+    "(--pipeline-loop with-unet): rows per call is the mean batch.")
+UNET_IN_PROCESS = (UNET_IN_PROCESS_SECONDS, UNET_IN_PROCESS_CALLS, UNET_IN_PROCESS_ROWS)
 REJECTED = Metric("sd_requests_rejected_total", "counter",
                   "Requests refused by validation (INVALID_ARG), by the input they got wrong.",
                   labels=("model", "input"))
@@ -44,7 +53,7 @@ INVALID_IMAGES = Metric("sd_invalid_images_total", "counter",
                         "Generated images refused before sending: not finite (NaN or infinity), or one flat colour.",
                         labels=("model", "reason"))
 NOT_FINITE, FLAT = "not_finite", "flat"  # INVALID_IMAGES' reasons
-METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, UNET_IN_PROCESS_SECONDS, REJECTED, INVALID_IMAGES)
+METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, *UNET_IN_PROCESS, REJECTED, INVALID_IMAGES)
 
 # One sample of Prometheus' text format as Triton writes it: name{labels} value (no timestamps).
 SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one run, on a GPU host (an H100 here): the SD1.5 architecture
-# with random weights (sd15-random), 512x512, 50 PNDM steps, guidance 7.5, FP16, the portable
-# backend's torch runtime with the UNet and the VAE decoder compiled, the loop in the UNet's
-# process (--pipeline-loop with-unet, 16 loops in flight per model); diffusers eager and
-# compiled, client-side, BLS and ensemble, 1 and 16 concurrent clients, and the fidelity check
-# (PSNR >= 35 dB vs diffusers, no constant image: the script fails otherwise), and how long the
-# server took to start and to restart with its compile cache. Writes the JSON, the chart and the
-# logs under $OUT. Each setting can be changed by its variable below, e.g.
+# The GPU benchmark in one run, on the GPU host: the SD1.5 architecture with random weights
+# (sd15-random), 512x512, 50 PNDM steps, guidance 7.5, FP16, the portable backend's torch runtime
+# with the UNet and the VAE decoder compiled, the loop in the UNet's process (--pipeline-loop
+# with-unet, 16 loops in flight per model); diffusers eager, compiled and with its own speed
+# recipe (diffusers-fast, and its 16 images in one call: the bound for 16 clients), client-side,
+# BLS and ensemble at 1, 16 and 32 concurrent clients, the fidelity check (PSNR >= 35 dB vs
+# diffusers, no constant image: the script fails otherwise), and how long the server took to
+# start and to restart 3 times with its compile cache. Writes the JSON, the chart and the logs
+# under $OUT. Each setting can be changed by its variable below, e.g.
 #   PIPELINE_LOOP=cpu CONCURRENCY="1 4 8" bash scripts/gpu_host/benchmark.sh
 # On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
 case "${1-}" in  # --help prints the comment above, and does nothing else
@@ -28,9 +29,10 @@ status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
   --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-with-unet}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
   "${INSTANCES[@]}" \
-  --min-psnr 35 --time-restart \
-  --pipelines ${PIPELINES:-diffusers diffusers-compiled triton-client-side triton-bls triton-ensemble} \
-  --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 16} --requests "${REQUESTS:-32}" \
+  --min-psnr 35 --time-restart "${RESTARTS:-3}" --log-verbose-stops \
+  --pipelines ${PIPELINES:-diffusers diffusers-compiled diffusers-fast triton-client-side triton-bls triton-ensemble} \
+  --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 16 32} --requests "${REQUESTS:-64}" \
+  --static-batch ${STATIC_BATCH:-16} \
   --output-dir "$OUT" > "$OUT/benchmark.log" 2>&1 || status=$?
 grep -v "it/s]" "$OUT/benchmark.log" | tail -40
 cp /tmp/tritonserver-*.log "$OUT/" 2>/dev/null || true

@@ -1,9 +1,12 @@
 """Download the wheels a GPU host without network lacks, for its Python 3.12, into .whl/ (git-ignored).
 
-Such a host installs them from .whl/ (scripts/gpu_host/setup.sh). To keep the folder small enough
-to copy along (--limit-mib, 64 by default), nvidia-pytriton is repacked with only the Python 3.12
-backend stub (the other stubs and the libpython 3.13 that one of them needs are 16 MB). numpy 1.26 is for the models' environment only: the 24.10 stub is
-built against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md).
+Such a host installs them from .whl/ (scripts/gpu_host/setup.sh). The versions are requirements.txt's.
+To keep the folder small, nvidia-pytriton is repacked with only the Python 3.12 backend stub (the
+other stubs and the libpython 3.13 that one of them needs are 16 MB), and numpy and scipy without
+their own test suites. numpy 1.26 is for the pipeline models' environment: the 24.10 stub is built
+against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md); scipy
+is for diffusers' LMS scheduler, which a request may choose. Run it from the repository root, with
+any Python 3 (it needs nothing but the standard library and pip):
   python scripts/gpu_host/pack_wheels.py && ls -l .whl   # then copy .whl/ to the host along with the tree
 """
 
@@ -16,20 +19,33 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from utils.cli import main_entry
-from utils.errors import UserError
-
-WHEELS = ["nvidia-pytriton==0.7.0", "diffusers==0.42.1", "tritonclient==2.73.0", "python-rapidjson==1.25",
-          "numpy==1.26.4"]
+# Standard library only: this runs before anything of the project is installed anywhere.
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+# What a GPU host's own Python (with torch) lacks, at requirements.txt's versions.
+PACKAGES = ("nvidia-pytriton", "diffusers", "tritonclient", "numpy", "scipy")
+DEPENDENCIES = ("python-rapidjson==1.25",)  # tritonclient.grpc imports it; not pinned in requirements.txt
 PYTHON = "3.12"
-DEFAULT_LIMIT_MIB = 64
 
 
-def download(destination: Path) -> None:
+def pinned(names=PACKAGES, requirements: Path = REQUIREMENTS) -> list[str]:
+    """``name==version`` for each name, as requirements.txt pins it (extras dropped)."""
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            pins[name.split("[")[0].strip().lower()] = version.strip()
+    missing = [name for name in names if name not in pins]
+    if missing:
+        raise SystemExit(f"{requirements} pins no version of {', '.join(missing)}: pin it there (name==version)")
+    return [f"{name}=={pins[name]}" for name in names]
+
+
+def download(destination: Path, wheels: list[str]) -> None:
     platforms = [f"--platform=manylinux_2_{v}_x86_64" for v in (35, 28, 17)] + ["--platform=manylinux2014_x86_64"]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                     f"--python-version={PYTHON}", "--implementation=cp", *platforms, "-d", str(destination),
-                    *WHEELS], check=True)
+                    *wheels], check=True)
 
 
 def rewrite_wheel(wheel: Path, dropped: Callable[[str], bool]) -> None:
@@ -66,20 +82,25 @@ def drop_tests(wheel: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(".whl"))
-    parser.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB,
-                        help="the most the wheels may take together (what can be copied to the host)")
+    parser.add_argument("--leave-out", nargs="+", default=[], choices=["scipy"],
+                        help="packages not to pack (scipy: the host's requests cannot then choose "
+                             "LMSDiscreteScheduler, unless the host has scipy)")
+    parser.add_argument("--limit-mib", type=float, default=None,
+                        help="fail if the wheels take more than this together (a copy with a size cap)")
     args = parser.parse_args(argv)
-    download(args.dest)
+    wheels = pinned([name for name in PACKAGES if name not in args.leave_out]) + list(DEPENDENCIES)
+    download(args.dest, wheels)
     (pytriton,) = args.dest.glob("nvidia_pytriton-*.whl")
     keep_only_stub(pytriton)
-    for numpy in args.dest.glob("numpy-*.whl"):
-        drop_tests(numpy)
+    for package in ("numpy", "scipy"):
+        for wheel in args.dest.glob(f"{package}-*.whl"):
+            drop_tests(wheel)
     total = sum(p.stat().st_size for p in args.dest.glob("*.whl"))
-    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels (the limit is {args.limit_mib:g} MiB)")
-    if total > args.limit_mib * 2**20:
-        raise UserError(f"{args.dest} holds more than --limit-mib {args.limit_mib:g}: remove wheels that are "
-                        f"not listed in {WHEELS}")
+    print(f"{args.dest}: {total / 2**20:.1f} MiB of wheels: {', '.join(wheels)}")
+    if args.limit_mib is not None and total > args.limit_mib * 2**20:
+        raise SystemExit(f"{args.dest} holds {total / 2**20:.1f} MiB, more than --limit-mib {args.limit_mib:g}: "
+                         f"remove wheels other than these, or leave one out (--leave-out scipy)")
 
 
 if __name__ == "__main__":
-    main_entry(main)
+    main()

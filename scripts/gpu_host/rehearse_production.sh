@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The production path rehearsed on one GPU host without Docker or TensorRT (an H100 here):
+# The production path rehearsed on the GPU host without Docker or TensorRT:
 #   P2  export the SD1.5-sized random model (sd15-random) in FP16 on CUDA, each graph checked
 #       against torch by ONNX Runtime;
 #   P3  write the TensorRT repository from those graphs (configs checked against the FP16 graphs)

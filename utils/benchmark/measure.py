@@ -84,26 +84,62 @@ def measure(name: str, contender, context: Context, statistics: TritonStatistics
     generate = contender.client()
     warm_up(name, contender, generate, settings)
     before = statistics.settled_snapshot() if contender.served else None
-    in_process_before = statistics.unet_in_process_seconds() if contender.served else None
+    in_process_before = statistics.unet_in_process() if contender.served else None
+    steps_before = statistics.loop_unet_calls() if contender.served else None
     latencies, discarded, images = measured_runs(name, contender, generate, settings)
-    result = {"latency": latency_summary(latencies), "images": images, "discarded_recompilations_s": discarded}
+    result = {"configuration": contender.configuration(), "latency": latency_summary(latencies), "images": images,
+              "discarded_recompilations_s": discarded}
     if contender.served:
         stages = TritonStatistics.stages(before, statistics.settled_snapshot(), settings.runs, settings.stages)
         stages["end_to_end"] = result["latency"]["mean_s"]
         result["stages_source"] = "Triton statistics API over the measured runs"
         # --pipeline-loop with-unet: the steps ran in the loop's own process, which Triton's
-        # statistics do not see; its compute comes from the pipeline's own metric where the
+        # statistics do not see; its compute comes from the pipeline's own metrics where the
         # benchmark knows the server's metrics address (SD_TRITON_PROFILE_BLS=1 logs it too).
         stages["unet_in_loop"] = not stages["unet_calls_per_run"]
-        in_process_after = statistics.unet_in_process_seconds() if stages["unet_in_loop"] else None
-        if in_process_before is not None and in_process_after is not None:  # 0: not that metric's server
-            stages["unet"] = (in_process_after - in_process_before) / settings.runs
+        grown = _grown(in_process_before, statistics.unet_in_process()) if stages["unet_in_loop"] else None
+        if grown and grown["calls"]:  # none: not that metric's server
+            stages["unet"] = grown["seconds"] / settings.runs
+            stages["unet_per_call"] = grown["seconds"] / grown["calls"]
+            stages["unet_rows_per_call"] = grown["rows"] / grown["calls"]
+        step = step_split(stages, _grown(steps_before, statistics.loop_unet_calls()), settings.runs)
+        if step:
+            stages["per_step_ms"] = step
     else:
         stages, result["stages_source"] = timed_stages(contender, generate, settings)
     # The rest of the time of the runs the stages were taken from.
     stages["other"] = stages["end_to_end"] - sum(stages[stage] for stage in settings.stages)
     result["stages"] = stages
     return result
+
+
+def _grown(before: dict | None, after: dict | None) -> dict | None:
+    """What each figure grew by (None where either reading is missing)."""
+    if before is None or after is None:
+        return None
+    return {key: after[key] - before.get(key, 0) for key in after}
+
+
+def step_split(stages: dict, loop_calls: dict | None, runs: int) -> dict | None:
+    """Where one denoising step's time goes when the loop calls the served UNet through Triton
+    (the loop on the CPU or the GPU, not in the UNet's process), in ms: the UNet call as the loop
+    sees it (its metric sd_unet_step_seconds) split into Triton's phases of the UNet's requests
+    (queue, data copies in and out, the UNet model's execute: its stub and its network) and the
+    rest (the caller's stub and Triton's core: the request made, sent and answered); and the
+    loop's own Python and scheduler arithmetic, what is left of a run's time per step."""
+    unet = stages.get("per_request_ms", {}).get("unet")
+    if not unet or not loop_calls or not loop_calls["calls"]:
+        return None
+    steps = loop_calls["calls"] / runs
+    call_ms = 1000 * loop_calls["seconds"] / loop_calls["calls"]
+    triton_ms = sum(unet.values())
+    networks = sum(stages[stage] for stage in stages if stage in ("text_encoder", "vae_encoder", "vae_decoder"))
+    loop_ms = 1000 * (stages["end_to_end"] - networks) / steps - call_ms
+    return {"unet_call_as_the_loop_sees_it": call_ms, "queue": unet["queue"],
+            "copies_in_and_out": unet["compute_input"] + unet["compute_output"],
+            "unet_model_execute": unet["compute_infer"],
+            "caller_stub_and_triton_core": call_ms - triton_ms,
+            "loop_python_and_scheduler": loop_ms, "steps_per_run": steps}
 
 
 def timed_stages(contender, generate, settings: Settings) -> tuple[dict, str]:
@@ -156,6 +192,7 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int,
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(warm_up_client, range(clients)))
         before = statistics.settled_snapshot() if statistics else None
+        in_process_before = statistics.unet_in_process() if statistics else None
         start = time.perf_counter()
         list(tqdm(pool.map(one_request, range(settings.requests)), total=settings.requests,
                   desc=f"{name}: {clients} clients", leave=False))
@@ -166,7 +203,8 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int,
         "latency": latency_summary(latencies) if latencies else {},
     }
     if statistics:
-        result["unet"] = unet_batching(TritonStatistics.delta(before, statistics.settled_snapshot()), wall)
+        batching = unet_batching(TritonStatistics.delta(before, statistics.settled_snapshot()), wall)
+        result["unet"] = batching or in_process_batching(_grown(in_process_before, statistics.unet_in_process()), wall)
     return result
 
 
@@ -183,6 +221,16 @@ def unet_batching(delta: dict, wall: float) -> dict | None:
     }
 
 
+def in_process_batching(grown: dict | None, wall: float) -> dict | None:
+    """The same figures for the UNet in the loop models' own processes (--pipeline-loop with-unet),
+    from the pipeline's own metrics."""
+    if not grown or not grown["calls"]:
+        return None
+    return {"executions": grown["calls"], "mean_batch": grown["rows"] / grown["calls"],
+            "ms_per_execution": 1000 * grown["seconds"] / grown["calls"], "busy_fraction": grown["seconds"] / wall,
+            "source": "the pipeline's metrics (the UNet in the loop's process)"}
+
+
 def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contenders: Mapping[str, type],
                   headers: dict[str, str] | None = None, metrics_url: str | None = None) -> dict:
     """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work."""
@@ -197,7 +245,7 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contende
                      "scheduler": scheduler},
         "environment": environment(url),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "pipelines": {}, "concurrency": {}, "failed": {},
+        "pipelines": {}, "concurrency": {}, "static_batch": {}, "failed": {},
     }
     for name, make_contender in tqdm(contenders.items(), desc="pipelines"):
         try:
@@ -211,9 +259,33 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contende
         # under load is its sequential images/s (threads would only fight over the same cores).
         if settings.requests and contender.served and settings.concurrency:
             results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
+        if contender.bounds_serving and settings.static_batches:
+            results["static_batch"][name] = static_batch_runs(name, contender, settings)
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     results["compute_budget"] = compute_budget(results)
     return results
+
+
+STATIC_BATCH_RUNS = 3  # measured calls of each static batch (each makes N images)
+
+
+def static_batch_runs(name: str, contender, settings: Settings) -> dict:
+    """N images in one call of an in-process pipeline, for each N of the settings: the same
+    kernels at the ideal batch, the bound for N concurrent clients of a served pipeline.
+    {N: {"throughput_images_per_s", "latency"}}."""
+    runs = {}
+    for batch in settings.static_batches:
+        def generate(batch=batch, **_options):  # the settings' options, as a batch
+            return contender(**settings.batched_options(batch))
+
+        batched = replace(settings, runs=STATIC_BATCH_RUNS)
+        warm_up(f"{name} x{batch}", contender, generate, batched)
+        latencies, discarded, images = measured_runs(f"{name} x{batch}", contender, generate, batched)
+        assert len(images) == batch, f"{name}: {len(images)} images for a batch of {batch}"
+        latency = latency_summary(latencies, images_per_request=batch)
+        runs[str(batch)] = {"images": batch, "throughput_images_per_s": latency["images_per_s"], "latency": latency,
+                            "discarded_recompilations_s": discarded}
+    return runs
 
 
 def init_image(dims: specs.ModelDims) -> np.ndarray:

@@ -63,9 +63,11 @@ def unet_unmeasured(stages: dict) -> bool:
 def table(results: dict) -> str:
     """The results as text: latency and stages, compute budget, concurrency, GPU scaling, notes,
     fidelity."""
-    lines = _latency_lines(results) + [""] + budget_lines(results)
+    lines = _latency_lines(results) + [""] + budget_lines(results) + _step_lines(results)
     if results.get("concurrency"):
         lines += [""] + _concurrency_lines(results["concurrency"])
+    if results.get("static_batch"):
+        lines += [""] + _bound_lines(results)
     if results.get("gpu_scaling"):
         lines += [""] + _scaling_lines(results["gpu_scaling"])
     for name, error in results.get("failed", {}).items():
@@ -73,6 +75,10 @@ def table(results: dict) -> str:
     if results.get("server"):
         lines += ["", server_text(results["server"])]
     lines += _notes(results)
+    configurations = [f"  {name}: {result['configuration']}"
+                      for name, result in results["pipelines"].items() if "configuration" in result]
+    if configurations:  # (results of earlier versions have none)
+        lines += ["", "configurations:"] + configurations
     if results.get("fidelity"):
         lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
             fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
@@ -81,10 +87,12 @@ def table(results: dict) -> str:
 
 def server_text(server: dict) -> str:
     """How long the server this run started took to be ready (compilation at load included), and
-    a restart with the first start's compile cache, where measured."""
+    the restarts with the first start's compile cache, where measured."""
     text = f"server: ready {server['start_s']:.0f} s after its start"
-    if "restart_s" in server:
-        text += f"; restarted (stop, start with the compile cache) in {server['restart_s']:.0f} s"
+    restarts = server.get("restarts") or ([{"total_s": server["restart_s"]}] if "restart_s" in server else [])
+    if restarts:
+        text += "; restarted (stop, start with the compile cache) in " + ", ".join(
+            f"{r['total_s']:.0f} s" + (f" (stop {r['stop_s']:.0f} s)" if "stop_s" in r else "") for r in restarts)
     return text
 
 
@@ -106,7 +114,7 @@ def _latency_lines(results: dict) -> list[str]:
             f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
             f"{stages['text_encoder']:>8.4f} " + (f"{stages['vae_encoder']:>8.4f} " if encoder else "")
             + (f"{'in loop':>8} {'-':>9} " if unet_unmeasured(stages)
-               else f"{stages['unet']:>8.3f} {'in loop':>9} " if stages.get("unet_in_loop")
+               else f"{stages['unet']:>8.3f} {'in loop':>9} " if not stages.get("unet_per_call")
                else f"{stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms ")
             + f"{stages['vae_decoder']:>8.4f} {stages['other']:>8.4f}"
         )
@@ -114,19 +122,54 @@ def _latency_lines(results: dict) -> list[str]:
 
 
 def _concurrency_lines(concurrency: dict) -> list[str]:
-    nan = float("nan")
     lines = [f"{'pipeline':<20} {'clients':>7} {'requests':>8} {'errors':>6} {'img/s':>7} "
              f"{'p50 (s)':>8} {'p90 (s)':>8} {'p99 (s)':>8} │ {'unet batch':>10} {'ms/call':>8} {'busy':>5}"]
     for name, runs in concurrency.items():
         for run in runs.values():
-            latency = run["latency"] or {"p50_s": nan, "p90_s": nan, "p99_s": nan}
+            latency = run["latency"]  # empty when every request failed
+            percentiles = (" ".join(f"{latency[key]:>8.3f}" for key in ("p50_s", "p90_s", "p99_s")) if latency
+                           else f"{'-':>8} {'-':>8} {'-':>8}")
             unet = run.get("unet")
-            # Triton's statistics see no served UNet call where the UNet runs in the loop's process.
+            # Triton's per-batch statistics, or the pipeline's metrics for a UNet in the loop's
+            # process; neither without the server's metrics address (with --url, --metrics-url).
             batching = (f"{unet['mean_batch']:>10.1f} {unet['ms_per_execution']:>8.1f} {unet['busy_fraction']:>5.0%}"
-                        if unet else f"{'in loop':>10} {'-':>8} {'-':>5}")
+                        if unet else f"{'-':>10} {'-':>8} {'-':>5}")
             lines.append(f"{name:<20} {run['clients']:>7} {run['requests']:>8} {run['errors']:>6} "
-                         f"{run['throughput_images_per_s']:>7.2f} {latency['p50_s']:>8.3f} "
-                         f"{latency['p90_s']:>8.3f} {latency['p99_s']:>8.3f} │ {batching}")
+                         f"{run['throughput_images_per_s']:>7.2f} {percentiles} │ {batching}")
+    return lines
+
+
+STEP_PARTS = {  # per_step_ms's keys, as the table names them
+    "loop_python_and_scheduler": "the loop's Python and scheduler",
+    "caller_stub_and_triton_core": "the caller's stub and Triton's core (request out, answer back)",
+    "queue": "the UNet's queue",
+    "copies_in_and_out": "copies in and out of the UNet's backend",
+    "unet_model_execute": "the UNet model's execute (its stub and the network)",
+}
+
+
+def _step_lines(results: dict) -> list[str]:
+    """Where one step goes, for the pipelines whose loop calls the served UNet through Triton."""
+    lines = []
+    for name, result in results["pipelines"].items():
+        split = result["stages"].get("per_step_ms")
+        if split:
+            lines += ["", f"{name}: one denoising step, {split['steps_per_run']:.0f} per image, in ms"]
+            lines += [f"  {text:<66} {split[key]:>7.2f}" for key, text in STEP_PARTS.items()]
+    return lines
+
+
+def _bound_lines(results: dict) -> list[str]:
+    """Each static batch against the served pipelines at as many concurrent clients."""
+    lines = []
+    for bound_name, batches in results["static_batch"].items():
+        for batch, run in batches.items():
+            bound = run["throughput_images_per_s"]
+            served = {name: runs[batch]["throughput_images_per_s"]
+                      for name, runs in results.get("concurrency", {}).items() if batch in runs}
+            lines.append(f"bound: {bound_name}, {batch} images in one call: {bound:.2f} img/s"
+                         + (f"; at {batch} clients: " + ", ".join(f"{name} {value / bound:.2f}x"
+                                                                 for name, value in served.items()) if served else ""))
     return lines
 
 
@@ -168,13 +211,7 @@ def chart(results: dict, path: Path) -> Path:
     _latency_bars(axes[0], results)
     _stage_bars(axes[1], results)
     if concurrency:
-        for name, runs in concurrency.items():
-            clients = [int(c) for c in runs]
-            axes[2].plot(clients, [r["throughput_images_per_s"] for r in runs.values()], marker="o", label=name)
-        axes[2].set_xlabel("concurrent clients")
-        axes[2].set_ylabel("images per second")
-        axes[2].set_title("Throughput under load")
-        axes[2].legend(fontsize=8)
+        _throughput_lines(axes[2], concurrency, results.get("static_batch") or {})
     for axis in axes:
         axis.tick_params(axis="x", labelsize=8)
     s = results["settings"]
@@ -186,6 +223,21 @@ def chart(results: dict, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _throughput_lines(axis, concurrency: dict, static_batch: dict) -> None:
+    """Images/s against concurrent clients, and each static batch as its bound (a star at N)."""
+    for name, runs in concurrency.items():
+        clients = [int(c) for c in runs]
+        axis.plot(clients, [r["throughput_images_per_s"] for r in runs.values()], marker="o", label=name)
+    for name, batches in static_batch.items():
+        sizes = [int(batch) for batch in batches]
+        axis.plot(sizes, [run["throughput_images_per_s"] for run in batches.values()], linestyle="none",
+                  marker="*", markersize=14, color="black", label=f"{name}, N images in one call (the bound)")
+    axis.set_xlabel("concurrent clients")
+    axis.set_ylabel("images per second")
+    axis.set_title("Throughput under load")
+    axis.legend(fontsize=8)
 
 
 def _latency_bars(axis, results: dict) -> None:
@@ -218,14 +270,17 @@ def _stage_bars(axis, results: dict) -> None:
     axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
 
 
-def write_results(results: dict, output_dir: Path) -> tuple[Path, Path | None]:
-    """Timestamped files, so earlier results are never overwritten."""
+def write_results(results: dict, output_dir: Path, json_path: Path | None = None) -> tuple[Path, Path | None]:
+    """Timestamped files, so earlier results are never overwritten (``json_path``: this run's own
+    files again, with what it has measured since)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{model_slug(results['settings']['model'])}-{results['settings']['device']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    json_path = output_dir / f"{stem}.json"
+    if json_path is None:
+        stem = (f"{model_slug(results['settings']['model'])}-{results['settings']['device']}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
+        json_path = output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     try:
-        return json_path, chart(results, output_dir / f"{stem}.png")
+        return json_path, chart(results, json_path.with_suffix(".png"))
     except ImportError as error:  # a machine without matplotlib: the JSON has everything
         print(f"no chart ({error}): draw it elsewhere with `python scripts/plot_benchmark.py {json_path}`")
         return json_path, None

@@ -25,6 +25,9 @@ class Settings:
     runs: int = 20
     concurrency: tuple[int, ...] = ()  # client threads of each concurrency run (none by default)
     requests: int = 0  # requests in each concurrency run
+    # Images in one call of the contender that bounds serving (diffusers-fast): the ideal batch
+    # of the same kernels, the bound for that many concurrent clients.
+    static_batches: tuple[int, ...] = ()
     task: str = "text-to-image"
     strength: float = 0.8  # image to image
     image: np.ndarray | None = field(default=None, compare=False)  # image to image: the picture to start from
@@ -52,11 +55,20 @@ class Settings:
             options.update(image=self.image, strength=self.strength)
         return options
 
+    def batched_options(self, batch: int) -> dict:
+        """The options of one call that makes ``batch`` images: the prompt (and the picture) that many times."""
+        options = self.options()
+        options.update(prompt=[self.prompt] * batch)
+        if self.task == "image-to-image":
+            options.update(image=np.repeat(self.image, batch, axis=0))
+        return options
+
     def describe(self) -> dict:
         """The settings as plain values, for the JSON."""
         return {"model": self.model, "prompt": self.prompt, "steps": self.steps,
                 "guidance_scale": self.guidance_scale, "seed": self.seed, "warmup": self.warmup, "runs": self.runs,
-                "concurrency": list(self.concurrency), "requests": self.requests, "task": self.task,
+                "concurrency": list(self.concurrency), "requests": self.requests,
+                "static_batches": list(self.static_batches), "task": self.task,
                 **({"strength": self.strength} if self.task == "image-to-image" else {}), "device": self.device,
                 "precision": self.precision, "deployment": self.deployment.describe()}
 

@@ -17,6 +17,7 @@ from utils.grpc_client import connect
 from utils.layout import network_of
 
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
+IN_PROCESS_KEYS = ("seconds", "calls", "rows")  # of metrics.UNET_IN_PROCESS, in its order
 
 
 def inference_statistics(client, url: str, headers: dict[str, str] | None, reader: str, model: str = "") -> dict:
@@ -42,15 +43,34 @@ class TritonStatistics:
         self.headers = headers  # the admin key, where the statistics API is restricted
         self.metrics_url = metrics_url  # host:port of its metrics, for what the statistics do not see
 
-    def unet_in_process_seconds(self) -> float | None:
-        """The compute of the UNets in the loop models' own processes (--pipeline-loop with-unet),
-        which Triton's statistics do not see, so far: from the pipeline's own metric (None without
-        the server's metrics address). Each request counts it before it is answered."""
+    def unet_in_process(self) -> dict[str, float] | None:
+        """The compute seconds, network calls and rows of the UNets in the loop models' own
+        processes (--pipeline-loop with-unet), which Triton's statistics do not see, so far: from
+        the pipeline's own metrics (None without the server's metrics address). Each request
+        counts them before it is answered."""
+        samples = self._metrics()
+        if samples is None:
+            return None
+        return {key: metrics.total(samples, metric) for key, metric in zip(IN_PROCESS_KEYS, metrics.UNET_IN_PROCESS)}
+
+    def loop_unet_calls(self) -> dict[str, float] | None:
+        """The UNet calls the loop models made so far and their seconds as the loops saw them
+        (the pipeline's histogram sd_unet_step_seconds; None without the metrics address)."""
+        samples = self._metrics()
+        if samples is None:
+            return None
+        histogram = metrics.UNET_STEP_SECONDS.name
+        return {"seconds": sum(v for (name, _), v in samples.items() if name == f"{histogram}_sum"),
+                "calls": sum(v for (name, _), v in samples.items() if name == f"{histogram}_count")}
+
+    def _metrics(self) -> dict | None:
+        """The server's metrics now; None without its address, or where it is not a metrics port
+        (the figures that need them are then simply missing, as without an address)."""
         if self.metrics_url is None:
             return None
         try:
-            return metrics.total(metrics.scrape(self.metrics_url), metrics.UNET_IN_PROCESS_SECONDS)
-        except OSError:  # not a metrics port: the stages simply lack that UNet, as without an address
+            return metrics.scrape(self.metrics_url)
+        except OSError:
             return None
 
     def settled_snapshot(self, timeout: float = 5.0) -> dict[str, dict[str, int]]:

@@ -141,6 +141,8 @@ def gpu_benchmark_command(path: str) -> str:
         "REQUESTS": settings["requests"], "WARMUP": settings["warmup"], "RUNS": settings["runs"],
         "PIPELINES": " ".join(results["pipelines"]),
     }
+    if settings.get("static_batches"):
+        variables["STATIC_BATCH"] = " ".join(map(str, settings["static_batches"]))
     words = [f'{name}="{value}"' if " " in str(value) else f"{name}={value}" for name, value in variables.items()]
     lines, line = [], ""
     for word in words:
@@ -153,17 +155,24 @@ def gpu_benchmark_command(path: str) -> str:
     return "```bash\n" + " \\\n  ".join(lines) + "\n```"
 
 
+# The strongest diffusers a run measured, and how the headline names it.
+DIFFUSERS_NAMES = {"diffusers-fast": "diffusers with its own speed recipe",
+                   "diffusers-compiled": "diffusers with its UNet compiled"}
+
+
 def gpu_headline(path: str) -> str:
-    """The GPU run's figures that answer "is it fast": BLS per image against compiled diffusers in
-    the same run, and images/s at the run's highest concurrency."""
+    """The GPU run's figures that answer "is it fast": BLS per image against the strongest
+    diffusers of the same run, and its best images/s under load."""
     results = _json(path)
-    bls, compiled = (results["pipelines"][name]["latency"]["mean_s"] for name in ("triton-bls", "diffusers-compiled"))
+    pipelines = results["pipelines"]
+    baseline = next(name for name in DIFFUSERS_NAMES if name in pipelines)
+    bls, diffusers = (pipelines[name]["latency"]["mean_s"] for name in ("triton-bls", baseline))
     runs = results["concurrency"]["triton-bls"]
-    clients = max(runs, key=int)
+    clients = max(runs, key=lambda c: runs[c]["throughput_images_per_s"])
     height, width = results["settings"]["resolution"]
     return (f"on one {results['environment']['gpu']}, the BLS pipeline makes a {height}x{width}, "
             f"{results['settings']['steps']}-step image of SD1.5's architecture in {bls:.3f} s, "
-            f"{compiled / bls:.2f}x diffusers with its UNet compiled in the same run, and serves "
+            f"{diffusers / bls:.2f}x {DIFFUSERS_NAMES[baseline]} in the same run, and serves "
             f"{runs[clients]['throughput_images_per_s']:.2f} images/s to {clients} clients")
 
 

@@ -34,6 +34,8 @@ WORKING_MODELS = models_regex(*specs.NETWORKS, *specs.PIPELINES)
 UNET = models_regex(specs.UNET.name)
 GPU_PANELS = ("GPU utilization", "GPU memory used")  # Triton reports them only where it sees a GPU
 IN_PROCESS_UNET = "UNet in the loop's process, share of the time computing"  # only --pipeline-loop with-unet
+IN_PROCESS_BATCHES = "UNet in the loop's process, rows per call"
+IN_PROCESS_PANELS = (IN_PROCESS_UNET, IN_PROCESS_BATCHES)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ PANELS = (
         (f"sum by (model) (rate({metrics.UNET_IN_PROCESS_SECONDS.name}[{RATE}]))", "{{model}}"),
     ), "--pipeline-loop with-unet: the UNet of each loop model, which Triton's statistics do not see; near 100 %, "
        "it is the bottleneck."),
+    Panel(IN_PROCESS_BATCHES, "short", (
+        (f"sum by (model) (rate({metrics.UNET_IN_PROCESS_ROWS.name}[{RATE}])) / "
+         f"sum by (model) (rate({metrics.UNET_IN_PROCESS_CALLS.name}[{RATE}]))", "{{model}}"),
+    ), "--pipeline-loop with-unet: the batch each loop model's own UNet ran (its loops' steps together; a step "
+       "with guidance is two rows)."),
     Panel("UNet step, as the loop sees it", "s", tuple(
         (f"histogram_quantile({q}, sum by (le) (rate({metrics.UNET_STEP_SECONDS.name}_bucket[{RATE}])))", f"p{label}")
         for q, label in (("0.5", "50"), ("0.9", "90"), ("0.99", "99"))
@@ -164,7 +171,7 @@ def plot(prometheus, start: float, end: float, path, window: str = "20s") -> Non
             axis.legend(fontsize=6, ncol=3, loc="upper left")
         else:
             reason = ("no GPU here: Triton reports these only where it sees one" if panel.title in GPU_PANELS
-                      else "only with --pipeline-loop with-unet" if panel.title == IN_PROCESS_UNET
+                      else "only with --pipeline-loop with-unet" if panel.title in IN_PROCESS_PANELS
                       else "every series at 0" if zeros else "no data")
             axis.text(0.5, 0.5, reason, ha="center", va="center", transform=axis.transAxes, color="grey")
     for axis in list(axes.flat)[len(PANELS):]:

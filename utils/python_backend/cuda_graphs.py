@@ -10,8 +10,9 @@ batch dimension marked dynamic): what the served networks do. Measured on an H10
 (docs/gpu-notes.md): a served UNet compiled for static batch sizes instead (2, 4, 8, 16, a batch
 padded to the next) ran faster alone (6.5 ms a call at batch 2 timed on its own) but no faster
 served, and slower under load, where batches of 5-15 rows paid for the padding. The UNet in a
-loop's own process (step_batching.py) is compiled for static batches 2 and 16
-(``static_batches``): there the batches are one loop's step alone, or full.
+loop's own process (step_batching.py) is compiled for static batches (``static_batches``): one
+loop's step alone, the profile's largest, and every loop's step at once: there the batches are
+one loop's step alone, or full.
 
 Kept free of Triton's ``triton_python_backend_utils`` so that it can be timed on its own
 (scripts/gpu_host/measure_compile.py).

@@ -40,10 +40,19 @@ from utils import specs
 from utils.networks import run_in_chunks
 
 Network = Callable[..., torch.Tensor]
-# The batch sizes a compiled in-process UNet is built for (GraphedNetwork's static_batches): one
-# request's step with guidance, alone, and the largest batch, which the loops in flight fill under
-# load; the batches between run in the next one up.
-STATIC_BATCHES = (specs.UNET.profile.opt, specs.UNET.profile.max)
+
+
+def static_batches(loops_in_flight: int) -> tuple[int, ...]:
+    """The batch sizes a compiled in-process UNet is built for (GraphedNetwork's static_batches):
+    one request's step with guidance, alone; the served UNet's largest batch; and, where more
+    loops are in flight, all of their steps at once (one prompt each), which the loops fill under
+    load: one call of the same kernels for the whole round, as one static batch runs it (two calls
+    of half the batch cost more per row). The batches between run in the next one up; larger ones
+    in chunks of the largest."""
+    one_step, full = specs.UNET.profile.opt, specs.UNET.profile.max
+    every_loop = loops_in_flight * specs.UNET.profile.opt
+    return (one_step, full, every_loop) if every_loop > full else (one_step, full)
+
 # Steps a loop on the GPU may have queued and not finished: one to run while the CPU prepares the
 # next, and one to spare for a slow turn of the CPU (Python's garbage collector, the GIL).
 STEPS_QUEUED = 2
@@ -134,12 +143,14 @@ class StepBatcher:
                 queued.popleft().synchronize()
         return output
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         """Stop the worker once the calls waiting now are answered (the model's unload); a call
-        after this fails at once."""
+        after this fails at once. ``wait``: until the worker has stopped, its tensors let go."""
         with self._wake:
             self._closed = True
             self._wake.notify()
+        if wait:
+            self._worker.join()
 
     def _serve(self) -> None:
         if self.on_gpu:
@@ -214,40 +225,45 @@ class StepBatcher:
             with self._timing:
                 if events:
                     events[1].record()
-                    self._events.append((*events, network_calls))
+                    self._events.append((*events, network_calls, sum(sizes)))
                 else:
-                    self._compute.add(time.perf_counter() - start, network_calls)
+                    self._compute.add(time.perf_counter() - start, network_calls, sum(sizes))
         self.batches += network_calls
         self.rows += sum(sizes)
         return list(output.split(sizes))
 
-    def compute_seconds(self) -> float:
-        """The compute time of the batches run so far (on a GPU: those that have finished)."""
+    def compute(self) -> ComputeTime:
+        """The compute time, network calls and rows of the batches run so far (on a GPU: those
+        that have finished)."""
         with self._timing:
             while self._events and self._events[0][1].query():  # finished batches, oldest first
-                start, end, network_calls = self._events.pop(0)
-                self._compute.add(start.elapsed_time(end) / 1000, network_calls)
-            return self._compute.seconds
+                start, end, network_calls, rows = self._events.pop(0)
+                self._compute.add(start.elapsed_time(end) / 1000, network_calls, rows)
+            return self._compute
+
+    def compute_seconds(self) -> float:
+        """The compute time of the batches run so far (on a GPU: those that have finished)."""
+        return self.compute().seconds
 
     def compute_report(self) -> str:
         """The batches' compute time per network call so far, and how busy they kept the device
         since the last report (of the wall time): under load, whether the GPU waits for the loops."""
-        self.compute_seconds()
+        self.compute()
         with self._timing:
             return self._compute.report("GPU" if self.on_gpu else "CPU")
 
 
 class ComputeTime:
-    """The UNet's compute time so far, and what ``report`` last said."""
+    """The UNet's compute time, network calls and rows so far, and what ``report`` last said."""
 
     def __init__(self):
-        self.seconds, self.calls = 0.0, 0
+        self.seconds, self.calls, self.rows = 0.0, 0, 0
         self.reported_at, self.reported_seconds = None, 0.0  # None: since the first call
 
-    def add(self, seconds: float, calls: int) -> None:
+    def add(self, seconds: float, calls: int, rows: int) -> None:
         if self.reported_at is None:
             self.reported_at = time.monotonic() - seconds
-        self.seconds, self.calls = self.seconds + seconds, self.calls + calls
+        self.seconds, self.calls, self.rows = self.seconds + seconds, self.calls + calls, self.rows + rows
 
     def report(self, device: str) -> str:
         now = time.monotonic()
