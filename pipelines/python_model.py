@@ -30,6 +30,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
@@ -277,6 +278,7 @@ class PipelineModel:
             elif value is not None:
                 tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
         self._request.times, start = PhaseTimes(), time.perf_counter()
+        self._request.requested = set(request.requested_output_names())
 
         def is_cancelled() -> bool:
             with self.times.phase("cancellation checks"):
@@ -303,13 +305,18 @@ class PipelineModel:
             self.metrics.unet_in_process(self.unet.compute())
         self.metrics.writer.flush()
 
+    def requested_outputs(self) -> set[str]:
+        """The outputs the current request asked for (an ensemble asks for those it wires)."""
+        return self._request.requested
+
     def _response(self, outputs: tuple) -> "pb_utils.InferenceResponse":
-        """Every output as a torch tensor by DLPack (plain numbers too, at the spec's dtype): the
-        24.10 stub mangles tensors built from numpy 2 arrays (docs/tutorial/3-python-backend.md)."""
+        """Every output asked for as a torch tensor by DLPack (plain numbers too, at the spec's
+        dtype): the 24.10 stub mangles tensors built from numpy 2 arrays
+        (docs/tutorial/3-python-backend.md). Texts, which DLPack cannot carry, as numpy's objects:
+        the pipeline models run with numpy 1."""
+        requested = getattr(self._request, "requested", None) or {spec.name for spec in self.spec.outputs}
         return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor.from_dlpack(spec.name, torch.atleast_1d(torch.as_tensor(
-                output, dtype=None if isinstance(output, torch.Tensor) else _TORCH_TYPES[spec.dtype])).contiguous())
-            for spec, output in zip(self.spec.outputs, outputs)])
+            _output_tensor(spec, output) for spec, output in zip(self.spec.outputs, outputs) if spec.name in requested])
 
     def _failure(self, error: Exception) -> "pb_utils.InferenceResponse":
         """A failed request's answer: the error's kind as Triton's status, a message for the user."""
@@ -337,6 +344,15 @@ class BlsPipelineModel(PipelineModel):
 
     def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         return (self.pipeline(request, is_cancelled=is_cancelled),)
+
+
+def _output_tensor(spec: specs.TensorSpec, output) -> "pb_utils.Tensor":
+    if spec.dtype == "BYTES":
+        return pb_utils.Tensor(spec.name, np.array([str(text).encode() for text in output], dtype=np.object_))
+    if isinstance(output, np.ndarray):  # an array passed on (an image): its own dtype
+        output = torch.from_numpy(np.ascontiguousarray(output))
+    dtype = None if isinstance(output, torch.Tensor) else _TORCH_TYPES[spec.dtype]
+    return pb_utils.Tensor.from_dlpack(spec.name, torch.atleast_1d(torch.as_tensor(output, dtype=dtype)).contiguous())
 
 
 def _error(message: str, code) -> "pb_utils.InferenceResponse":

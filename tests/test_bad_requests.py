@@ -171,9 +171,10 @@ IMAGE = np.full((1, 64, 64, 3), 100, np.uint8)  # the tiny model's size
 ENSEMBLE_BAD_REQUESTS = {
     # Not Triton's "unexpected deadlock": the ensemble's first step names what is missing.
     "missing prompt": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(prompt=None),
-                       r"in ensemble 'ensemble_text_to_image', in ensemble 'encode_prompt', prompt is required"),
+                       r"in ensemble 'ensemble_text_to_image', prompt is required"),
     "missing image": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(),
-                      r"in ensemble 'encode_image', image is required: send a UINT8 tensor of shape \[-1, -1, -1, 3\]"),
+                      r"in ensemble 'ensemble_image_to_image', image is required: send a UINT8 tensor of shape "
+                      r"\[-1, -1, -1, 3\]"),
     "image of a size not served": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((1, 32, 64, 3), np.uint8)),
                                    r"image is 32x64 pixels \(height x width\): its height and width must each be "
                                    r"a multiple of 8 in \[48, 96\]"),
@@ -193,7 +194,8 @@ ENSEMBLE_BAD_REQUESTS = {
     "zero steps": (specs.ENSEMBLE_TEXT_TO_IMAGE, arrays(num_inference_steps=np.array([0], np.int32)),
                    r"num_inference_steps=0 .* \[1, 999\]"),
     "more images than prompts": (specs.ENSEMBLE_IMAGE_TO_IMAGE, arrays(image=np.zeros((3, 64, 64, 3), np.uint8)),
-                                 r"latent_parameters has 3 images for 1 prompts"),
+                                 r"image has shape \[3, 64, 64, 3\]: send \[N, H, W, 3\] "
+                                 r"\(N = 1 or one per prompt: 1\)"),
 }
 
 

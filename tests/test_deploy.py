@@ -21,7 +21,8 @@ from utils import metrics, specs
 from utils.docker import SERVE_IMAGE
 from utils.layout import PROJECT_ROOT
 from utils.server.access import ADMIN_APIS, ADMIN_HEADER
-from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
+from utils.server.install import MEMORY_ENVIRONMENT
+from utils.server.process import LOAD_ARGUMENTS, MEMORY_ARGUMENTS, METRICS_ARGUMENTS
 from utils.operations.tools import tool
 
 CHART = PROJECT_ROOT / "deploy" / "helm" / "sd-triton"
@@ -275,7 +276,8 @@ def test_the_deployment_serves_the_project_image_on_one_gpu_of_one_product(chart
     assert f"--grpc-restricted-protocol={restricted}" in tritonserver["args"]
     assert "TRITON_ADMIN_KEY" in {variable["name"] for variable in tritonserver["env"]}
     # As the local launcher serves its metrics and loads its models.
-    assert set(METRICS_ARGUMENTS) | set(LOAD_ARGUMENTS) <= set(tritonserver["args"])
+    assert set(METRICS_ARGUMENTS) | set(LOAD_ARGUMENTS) | set(MEMORY_ARGUMENTS) <= set(tritonserver["args"])
+    assert MEMORY_ENVIRONMENT.items() <= {variable["name"]: variable.get("value") for variable in tritonserver["env"]}.items()
     assert tritonserver["resources"]["limits"]["nvidia.com/gpu"] == 1
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [

@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
-from utils.server.health import Supervisor, canary
+from utils import specs
+from utils.server.health import CanaryFailed, Supervisor, canary, served_pipelines
 from utils.server import TritonServer
 
 pytestmark = pytest.mark.server  # starts tritonserver
@@ -112,6 +113,19 @@ def test_admin_apis_need_the_key(server):
             call()
     assert client.get_inference_statistics(headers=headers)  # with the key
     assert client.is_model_ready("unet")  # inference and health stay open
+
+
+def test_the_canary_walks_the_stream_too_and_finds_its_dead_stub(server, own_repository):
+    """The streaming pipeline is one of the served pipelines the canary calls (one short stream):
+    a dead streaming stub is found by the canary, not first by a user."""
+    assert specs.TEXT_TO_IMAGE_STREAM in served_pipelines(own_repository)
+    canary(server.grpc_url, pipelines=served_pipelines(own_repository))  # every one answers
+    for pid in stub_pids(own_repository, specs.TEXT_TO_IMAGE_STREAM.name):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(CanaryFailed, match="not healthy"):
+        canary(server.grpc_url, pipelines=[specs.TEXT_TO_IMAGE_STREAM])
+    server.restart()  # as the supervisor would, for the tests after this one
+    canary(server.grpc_url, pipelines=served_pipelines(own_repository))
 
 
 def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server, reference, own_repository):

@@ -313,3 +313,47 @@ def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(bls_re
         assert any("over its limit" in line for line in log)
         assert after < grown / 2
         assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1
+
+
+def test_refused_large_prompts_cost_the_memory_of_one(tiny_model, exports, tmp_path):
+    """Triton 2.51 offers no limit on a request's size at its front door, so a 100 MB prompt is
+    received and copied to the pipeline model's stub before the model refuses it. What that
+    costs is bounded: the gRPC frontend keeps no request object for reuse (MEMORY_ARGUMENTS), glibc
+    gives large freed blocks back (MEMORY_ENVIRONMENT), and a stub's shared memory grows to the
+    largest request once. Ten more refusals then add no more than the buffers of the last calls
+    the gRPC frontend has not yet destroyed (seen: 50-150 MiB, moving up and down from one
+    refusal to the next, never growing with their number), in the BLS pipeline and in the
+    ensemble, whose first step refuses it. Without the two settings each refusal kept up to
+    100 MB more: about 900 MiB after ten."""
+    import time
+
+    import numpy as np
+    from conftest import report
+    from tritonclient.utils import InferenceServerException
+
+    from pipelines.bls import BlsPipeline
+    from pipelines.ensemble import EnsemblePipeline
+    from utils import specs
+    from utils.deployment import Deployment, Placement
+    from utils.repository.writer import write_repository
+
+    repository = tmp_path / "repository"  # one instance per model: every refusal meets the same stub
+    write_repository(repository, tiny_model, {name: result.path for name, result in exports.items()},
+                     Deployment(placement=Placement(pipeline_instances=1)))
+    huge = {specs.PROMPT.name: np.array([b"x" * 100_000_000], dtype=object)}
+    with TritonServer(repository) as server:
+        bls, ensemble = BlsPipeline(server.grpc_url, retry_for=0), EnsemblePipeline(server.grpc_url)
+        ways = {"BLS": lambda: bls.infer(huge), "ensemble": lambda: ensemble.infer(huge, specs.ENSEMBLE_TEXT_TO_IMAGE)}
+        for way, send in ways.items():
+            costs = []
+            for count in (1, 10):
+                before = server.memory()
+                for _ in range(count):
+                    with pytest.raises(InferenceServerException, match=r"prompt\[0\] has 100000000 bytes"):
+                        send()
+                time.sleep(1)  # the stub's and the frontend's frees done
+                costs.append(server.memory() - before)
+            report(f"refused 100 MB prompts through {way}: the first +{costs[0] / 2**20:.0f} MiB, "
+                   f"ten more {costs[1] / 2**20:+.0f} MiB")
+            assert costs[1] < 300 * 2**20, f"{way}: ten more refusals cost {costs[1] / 2**20:.0f} MiB"
+        assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1

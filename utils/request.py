@@ -95,12 +95,16 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
     image = None if request.image is None else check_image(request.image, len(prompts), sizes)
     request = check_options(replace(request, prompt=prompts, negative_prompt=negatives, image=image), max_steps,
                             image_to_image=image is not None, sizes=sizes)
-    if len(prompts) * request.num_images_per_prompt > max_prompts:
-        raise InvalidRequest(
-            f"{len(prompts)} prompt(s) x num_images_per_prompt="
-            f"{request.num_images_per_prompt} make {len(prompts) * request.num_images_per_prompt} images: at most "
-            f"{max_prompts} per request (the engines' batch profiles); split the request.")
+    check_image_count(len(prompts), request.num_images_per_prompt, max_prompts)
     return request
+
+
+def check_image_count(prompts: int, images_per_prompt: int, max_prompts: int) -> None:
+    """The images a request makes, against the engines' batch profiles (before any network runs)."""
+    if prompts * images_per_prompt > max_prompts:
+        raise InvalidRequest(
+            f"{prompts} prompt(s) x num_images_per_prompt={images_per_prompt} make {prompts * images_per_prompt} "
+            f"images: at most {max_prompts} per request (the engines' batch profiles); split the request.")
 
 
 def check_options(request: GenerationRequest, max_steps: int | None, image_to_image: bool,

@@ -308,6 +308,12 @@ TEXT_TO_IMAGE_STREAM = PipelineSpec("pipeline_text_to_image_stream", (*TEXT_TO_I
 # The Python steps of the ensembles: each a thin adapter over the shared loop's code.
 # The ensembles' first steps take every input as optional, and refuse a missing one themselves:
 # an ensemble whose required input is missing answers only "unexpected deadlock".
+# The first of all checks the whole request as the BLS pipelines do, before any network runs: the
+# prompt (and the image) go on to the other steps from it, so none starts until it has answered.
+CHECKED_PROMPT = replace(PROMPT, name="checked_prompt")
+CHECKED_IMAGE = replace(INIT_IMAGE, name="checked_image")  # image to image's ensemble asks for it
+CHECK_REQUEST = PipelineSpec("check_request", tuple(replace(t, optional=True) for t in REQUEST_INPUTS),
+                             (CHECKED_PROMPT, CHECKED_IMAGE))
 TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
                          (batched(TEXT_ENCODER.inputs[0]),))
 DENOISE = PipelineSpec(
@@ -321,7 +327,7 @@ POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
 
 BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM)
-ENSEMBLE_STEPS = (TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
+ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
 PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
 
 
@@ -372,16 +378,19 @@ ENCODE_IMAGE = EnsembleSpec(
      step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
 )
 _OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, NUM_INFERENCE_STEPS.name, SEED.name)
+_CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
     "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
-    (step(ENCODE_PROMPT, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+    (step(CHECK_REQUEST, *(t.name for t in TEXT_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name,)),
+     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
      step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
     "ensemble_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
-    (step(ENCODE_PROMPT, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
-     step(ENCODE_IMAGE, INIT_IMAGE.name, outputs=(LATENT_PARAMETERS.name,)),
+    (step(CHECK_REQUEST, *(t.name for t in IMAGE_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name, CHECKED_IMAGE.name)),
+     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), outputs=(LATENT_PARAMETERS.name,)),
      step(DENOISE, TEXT_EMBEDDINGS.name, LATENT_PARAMETERS.name, STRENGTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )

@@ -205,9 +205,9 @@ def ensemble_flow(name: str) -> tuple[list[str], list[Edge]]:
     Returns Mermaid's lines for the subgraphs and boxes, and the edges."""
     boxes, edges = [], []
 
-    def walk(ensemble: str, path: str, inputs: dict[str, str], depth: int) -> dict[str, str]:
-        """``inputs``: the node that produces each of this ensemble's inputs; returns the node
-        that produces each of its tensors, outputs included."""
+    def walk(ensemble: str, path: str, inputs: dict[str, tuple], depth: int) -> dict[str, tuple]:
+        """``inputs``: the node that produces each of this ensemble's inputs, and its name for it;
+        returns the same for each of its tensors, outputs included."""
         producer = dict(inputs)
         boxes.append(f'{"  " * depth}subgraph {path}["{ensemble} (ensemble)"]')
         for step in configs.ensemble_config(specs.ENSEMBLES[ensemble]).ensemble_scheduling.step:
@@ -220,14 +220,16 @@ def ensemble_flow(name: str) -> tuple[list[str], list[Edge]]:
                 producer.update({value: made[key] for key, value in output_map})
                 continue
             boxes.append(f'{"  " * (depth + 1)}{node}["{step.model_name} ({_kind(step.model_name)})"]')
-            edges.extend(Edge(producer[value], node, value) for _, value in input_map)
-            producer.update({value: node for _, value in output_map})
+            for _, value in input_map:  # a tensor renamed on its way (into an inner ensemble): "made as used"
+                source, made_as = producer[value]
+                edges.append(Edge(source, node, value if made_as == value else f"{made_as} as {value}"))
+            producer.update({value: (node, value) for _, value in output_map})
         boxes.append(f'{"  " * depth}end')
         return producer
 
     config = configs.ensemble_config(specs.ENSEMBLES[name])
-    made = walk(name, name, {tensor.name: "request" for tensor in config.input}, 0)
-    edges.extend(Edge(made[tensor.name], "response", tensor.name) for tensor in config.output)
+    made = walk(name, name, {tensor.name: ("request", tensor.name) for tensor in config.input}, 0)
+    edges.extend(Edge(made[tensor.name][0], "response", tensor.name) for tensor in config.output)
     return boxes, edges
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from utils.docker import LOCALHOST, SERVE_IMAGE
 from utils.server.access import AccessPolicy
-from utils.server.process import LOAD_ARGUMENTS, METRICS_ARGUMENTS
+from utils.server.install import MEMORY_ENVIRONMENT
+from utils.server.process import LOAD_ARGUMENTS, MEMORY_ARGUMENTS, METRICS_ARGUMENTS
 
 
 def docker_gpus(gpus: tuple[int, ...] | None) -> str:
@@ -25,8 +26,9 @@ def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, a
     return [
         "docker", "run", "--rm", f"--gpus={docker_gpus(gpus)}", "--shm-size=1g",
         *[argument for port in ports for argument in ("-p", f"{LOCALHOST}:{port}:{port}")],
+        *[argument for name, value in MEMORY_ENVIRONMENT.items() for argument in ("-e", f"{name}={value}")],
         "-v", f"{Path(model_repository).resolve()}:/models",
         SERVE_IMAGE, "tritonserver", "--model-repository=/models", *access.arguments(),
-        *METRICS_ARGUMENTS, *LOAD_ARGUMENTS,
+        *METRICS_ARGUMENTS, *LOAD_ARGUMENTS, *MEMORY_ARGUMENTS,
         *([] if http else ["--allow-http=false"]),
     ]

@@ -10,7 +10,9 @@ periodically and restarts the server when it finds what Triton cannot recover.
 from __future__ import annotations
 
 import functools
+import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,10 +27,8 @@ from utils.grpc_client import connect, infer_inputs
 from utils.request import GenerationRequest, request_to_arrays
 from utils.walkthrough import step
 
-# The models a user calls with one request and one answer (the streaming pipeline runs the text to
-# image loop too, but answers over a gRPC stream only).
-TOP_LEVEL = (*(spec for spec in specs.BLS_PIPELINES if not spec.decoupled), specs.ENSEMBLE_TEXT_TO_IMAGE,
-             specs.ENSEMBLE_IMAGE_TO_IMAGE)
+# The models a user calls: the BLS pipelines (the streaming one over a gRPC stream) and the ensembles.
+TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE)
 
 
 class CanaryFailed(RuntimeError):
@@ -98,11 +98,35 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
             takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0)
-            client.infer(spec.name, infer_inputs(request_to_arrays(request, spec)), client_timeout=timeout)
+            if spec.decoupled:  # one short stream of the text to image request: no previews, its final answer
+                arrays = request_to_arrays(request, specs.TEXT_TO_IMAGE)
+                stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)
+            else:
+                client.infer(spec.name, infer_inputs(request_to_arrays(request, spec)), client_timeout=timeout)
     except Exception as error:
         raise CanaryFailed(f"{type(error).__name__}: {error}") from error
     finally:
         client.close()
+
+
+def stream_once(client, model: str, arrays: dict[str, np.ndarray], timeout: float) -> None:
+    """One request over a gRPC stream, until its final answer; raises its error, or TimeoutError."""
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(model, infer_inputs(arrays))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result, error = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{model}: no final answer on its stream in {timeout:.0f} s") from None
+            if error is not None:
+                raise error
+            if bool(result.as_numpy(specs.FINAL.name)[0]):
+                return
+    finally:
+        client.stop_stream()
 
 
 # What Triton 2.51 never recovers from by itself: waiting for another canary only lengthens the

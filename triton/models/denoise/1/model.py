@@ -4,6 +4,7 @@ can express: it runs here and calls the UNet by BLS at every step."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
+from utils.request import check_image_count
 
 TEXT_EMBEDDINGS, LATENT_PARAMETERS = specs.TEXT_EMBEDDINGS.name, specs.LATENT_PARAMETERS.name
 
@@ -17,4 +18,7 @@ class TritonPythonModel(PipelineModel):
     def compute(self, request, tensors, is_cancelled):
         latent_parameters = tensors.get(LATENT_PARAMETERS)
         options = self.pipeline.check_options(request, image_to_image=latent_parameters is not None)
+        rows = tensors[TEXT_EMBEDDINGS].shape[0]  # a prompt's rows: 2 with guidance (unconditional first)
+        check_image_count(rows // 2 if options.do_classifier_free_guidance else rows, options.num_images_per_prompt,
+                          specs.MAX_PROMPTS)  # before the loop: a client may call this step directly
         return (self.pipeline.denoise(tensors[TEXT_EMBEDDINGS], options, latent_parameters, is_cancelled=is_cancelled),)
