@@ -2,8 +2,6 @@
 function, pipelines/stable_diffusion.py), before any network runs. Its prompt, and the image of
 image to image, go on to the other steps from here, so a refused request costs no network call."""
 
-import numpy as np
-
 from pipelines.python_model import PipelineModel
 from utils import specs
 from utils.request import InvalidRequest
@@ -19,5 +17,4 @@ class TritonPythonModel(PipelineModel):
             raise InvalidRequest(f"{specs.INIT_IMAGE.name} is required: send a {specs.INIT_IMAGE.dtype} tensor of "
                                  f"shape {list(specs.INIT_IMAGE.dims)}.")
         checked = self.pipeline.check(request)
-        image = checked.image if image_to_image else np.zeros((0, 1, 1, 3), np.uint8)  # not asked for
-        return checked.prompt, image
+        return checked.prompt, checked.image  # (the response carries the outputs asked for only)
