@@ -42,7 +42,7 @@ from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_F
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.python_backend.step_batching import STEPS_QUEUED, StepBatcher, static_batches
-from utils.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
+from utils.request import DEFAULT_PREVIEW_EVERY, REQUEST_FIELDS, InvalidRequest, request_from_arrays
 from utils.timing import CANCELLATION_CHECK_SECONDS, PhaseTimes, at_most_every, profiling
 
 STUB_EXIT_SECONDS = 10  # after finalize, the most a stub may take to exit (it takes about 1 s)
@@ -193,10 +193,11 @@ class PipelineModel:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the freed memory's last kernels, done
         self.logger.log_info(f"{self.spec.name}: finalized, its tensors freed")
-        # Seen on a GPU after BLS traffic: finalize done, the stub still did not exit (its own
-        # teardown waited) until Triton's exit timeout. A watchdog outside the interpreter (a C
-        # thread) prints every thread's stack to the log and ends the stub should it still be
-        # there after STUB_EXIT_SECONDS: nothing of this model is left to lose by then.
+        # Seen on a GPU after traffic: finalize done, the stubs of the models that had served it
+        # still did not exit (their main thread waiting outside Python) until Triton's exit
+        # timeout (30 s). A watchdog outside the interpreter (a C thread) prints every thread's
+        # stack to the log and ends the stub should it still be there after STUB_EXIT_SECONDS:
+        # nothing of this model is left to lose by then (measured: the stop took 12 s, not 30).
         try:
             faulthandler.dump_traceback_later(STUB_EXIT_SECONDS, exit=True)
         except (RuntimeError, ValueError) as error:  # a stub without a standard error to write to
@@ -344,6 +345,38 @@ class BlsPipelineModel(PipelineModel):
 
     def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
         return (self.pipeline(request, is_cancelled=is_cancelled),)
+
+
+class StreamingPipelineModel(BlsPipelineModel):
+    """A BLS pipeline with live progress (a decoupled model): a response every ``preview_every``
+    steps with the steps done, of how many, and a preview of each image made from the latents
+    without the VAE decoder (StableDiffusion.preview); then the decoded images, flagged final. A
+    client that closes its stream cancels the request: the loop stops at its next step, and
+    ``_failure`` turns that into a CANCELLED answer nobody waits for."""
+
+    def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
+        every = preview_every(tensors.get(specs.PREVIEW_EVERY.name))
+        progress = {"done": 0, "total": 0}
+
+        def on_step(done, total, latents):
+            progress.update(done=done, total=total)
+            if every and done % every == 0 and done < total:  # the last step's picture is the final image
+                self.send((done, total, self.pipeline.preview(latents), False))
+
+        images = self.pipeline(request, is_cancelled=is_cancelled, on_step=on_step)
+        return progress["done"], progress["total"], images, True
+
+
+def preview_every(value: torch.Tensor | None) -> int:
+    if value is None:
+        return DEFAULT_PREVIEW_EVERY
+    if value.numel() != 1:
+        raise InvalidRequest(f"preview_every has {value.numel()} values: send exactly one, shape [1].")
+    every = int(value.reshape(-1)[0])
+    if every < 0:
+        raise InvalidRequest(f"preview_every={every} is not allowed: use a number of steps (1: every step), "
+                             f"or 0 for no previews.")
+    return every
 
 
 def _output_tensor(spec: specs.TensorSpec, output) -> "pb_utils.Tensor":

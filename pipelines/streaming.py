@@ -1,6 +1,8 @@
-"""Client of the streaming text to image pipeline (triton/models/pipeline_text_to_image_stream).
+"""Client of the streaming pipelines (triton/models/pipeline_text_to_image_stream and
+pipeline_image_to_image_stream); as with the other served pipelines, a request with an ``image``
+is image to image.
 
-The model is decoupled: one request, many responses, over a gRPC stream. ``stream`` yields each
+Each model is decoupled: one request, many responses, over a gRPC stream. ``stream`` yields each
 as a ``Progress``: the steps done, a preview every ``preview_every`` steps, and last the images.
 Leaving the loop early (``break``, an exception, Ctrl+C) closes the stream, which cancels the
 request on the server: its loop stops at the next step.
@@ -19,8 +21,6 @@ from utils import specs
 from utils.grpc_client import DEFAULT_URL, check_server, connect, infer_inputs
 from utils.request import DEFAULT_PREVIEW_EVERY, GenerationRequest, check_request, request_to_arrays
 
-SPEC = specs.TEXT_TO_IMAGE_STREAM
-
 
 @dataclass(frozen=True)
 class Progress:
@@ -31,6 +31,9 @@ class Progress:
 
 
 class StreamingPipeline:
+    text_to_image = specs.TEXT_TO_IMAGE_STREAM
+    image_to_image = specs.IMAGE_TO_IMAGE_STREAM
+
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 600.0):
         self.url = url
         check_server(connect(url), url)
@@ -38,22 +41,23 @@ class StreamingPipeline:
 
     def stream(self, prompt: str | list[str] = (), preview_every: int = DEFAULT_PREVIEW_EVERY,
                **options) -> Iterator[Progress]:
-        """Yield the request's progress, the final images last. ``options``: the other text to
-        image fields of GenerationRequest."""
-        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=SPEC.max_prompts(),
+        """Yield the request's progress, the final images last. ``options``: the other fields of
+        GenerationRequest (``image`` and ``strength`` for image to image)."""
+        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
                                 max_steps=None)
-        arrays = request_to_arrays(request, specs.TEXT_TO_IMAGE) | {specs.PREVIEW_EVERY.name: np.array([preview_every], np.int32)}
+        spec = self.text_to_image if request.image is None else self.image_to_image
+        arrays = request_to_arrays(request, spec) | {specs.PREVIEW_EVERY.name: np.array([preview_every], np.int32)}
         responses: queue.Queue = queue.Queue()
         client = connect(self.url)  # a stream of its own: one request per stream
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
-            client.async_stream_infer(SPEC.name, infer_inputs(arrays),
-                                      outputs=[grpcclient.InferRequestedOutput(t.name) for t in SPEC.outputs])
+            client.async_stream_infer(spec.name, infer_inputs(arrays),
+                                      outputs=[grpcclient.InferRequestedOutput(t.name) for t in spec.outputs])
             while True:
                 try:
                     result, error = responses.get(timeout=self.timeout)
                 except queue.Empty:
-                    raise TimeoutError(f"no response from {SPEC.name} in {self.timeout} s") from None
+                    raise TimeoutError(f"no response from {spec.name} in {self.timeout} s") from None
                 if error is not None:
                     raise error
                 progress = Progress(step=int(result.as_numpy(specs.STEP.name)[0]),
@@ -72,4 +76,4 @@ class StreamingPipeline:
         for progress in self.stream(prompt, preview_every=0, **options):
             if progress.final:
                 return progress.images
-        raise RuntimeError(f"{SPEC.name} closed its stream without a final response")
+        raise RuntimeError("the streaming pipeline closed its stream without a final response")

@@ -1,6 +1,6 @@
-"""Text to image from a streaming (decoupled) BLS model, which sends
-the steps done and a preview every --preview-every steps, then the images. Ctrl+C closes the
-stream, which cancels the request on the server."""
+"""Text to image (or, with --image, image to image) from a streaming (decoupled) BLS model, which
+sends the steps done and a preview every --preview-every steps, then the images. Ctrl+C closes
+the stream, which cancels the request on the server."""
 
 from pathlib import Path
 
@@ -8,7 +8,6 @@ from tqdm import tqdm
 
 from pipelines.streaming import StreamingPipeline
 from utils.cli import add_generation_arguments, generation_options, main_entry, save_images, script_parser
-from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_URL
 from utils.request import DEFAULT_PREVIEW_EVERY
 
@@ -23,9 +22,6 @@ def main(argv=None):
                         help="a preview every this many steps (0: progress only at the end)")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
-    if args.image is not None:
-        raise UsageError("--image: the streaming pipeline is text to image; for image to image run "
-                         "scripts/run_bls_pipeline.py --image.")
     previews, bar = [], None
     try:
         for progress in StreamingPipeline(args.url).stream(preview_every=args.preview_every,

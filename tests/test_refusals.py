@@ -1,6 +1,6 @@
 """Every served pipeline refuses an out-of-range value of every numeric input before any network
 runs: INVALID_ARGUMENT naming the input, the value and what is allowed, in every way (the BLS
-pipelines, the stream, and the ensembles, whose first step checks the whole request with the
+pipelines, the streams, and the ensembles, whose first step checks the whole request with the
 same function)."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from tritonclient.utils import InferenceServerException
 from utils import specs
 from utils.grpc_client import infer_inputs
 from utils.request import GenerationRequest, request_to_arrays
+from utils.server.health import TOP_LEVEL
 
 pytestmark = pytest.mark.server  # uses the session's tritonserver
 
 INT32_MAX = 2**31 - 1
 IMAGE = np.full((1, 64, 64, 3), 128, np.uint8)
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
-SERVED = (specs.TEXT_TO_IMAGE, specs.IMAGE_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.ENSEMBLE_TEXT_TO_IMAGE,
-          specs.ENSEMBLE_IMAGE_TO_IMAGE)
+SERVED = TOP_LEVEL  # what clients call: the BLS pipelines, the streams and the ensembles
 # What each numeric input allows, by the request's contract: values the sweep does not send.
 ALLOWED = {specs.GUIDANCE_SCALE.name: {0.0}, specs.SEED.name: {0, INT32_MAX}, specs.PREVIEW_EVERY.name: {0, INT32_MAX}}
 SWEEP = {"INT32": (0, -1, INT32_MAX), "INT64": (0, -1, INT32_MAX), "FP32": (0.0, -1.0, math.nan, float(INT32_MAX))}

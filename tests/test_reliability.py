@@ -115,20 +115,18 @@ def test_admin_apis_need_the_key(server):
     assert client.is_model_ready("unet")  # inference and health stay open
 
 
-def test_the_canary_walks_the_stream_too_and_finds_its_dead_stub(server, own_repository):
-    """The streaming pipeline is one of the served pipelines the canary calls (one short stream):
-    a dead streaming stub is found by the canary, not first by a user."""
-    assert specs.TEXT_TO_IMAGE_STREAM in served_pipelines(own_repository)
+def test_killed_stubs_are_found_by_the_canary_and_the_supervisor_restores_service(server, reference, own_repository):
+    """A killed stub: the UNet's (a clear error for the pipelines that call it) and a streaming
+    pipeline's (one short stream each is part of the canary: found by it, not first by a user).
+    One supervisor restart brings every served pipeline back."""
+    streams = [spec for spec in served_pipelines(own_repository) if spec.decoupled]
+    assert streams == [specs.TEXT_TO_IMAGE_STREAM, specs.IMAGE_TO_IMAGE_STREAM]
     canary(server.grpc_url, pipelines=served_pipelines(own_repository))  # every one answers
-    for pid in stub_pids(own_repository, specs.TEXT_TO_IMAGE_STREAM.name):
+    for pid in stub_pids(own_repository, specs.IMAGE_TO_IMAGE_STREAM.name):
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(CanaryFailed, match="not healthy"):
-        canary(server.grpc_url, pipelines=[specs.TEXT_TO_IMAGE_STREAM])
-    server.restart()  # as the supervisor would, for the tests after this one
-    canary(server.grpc_url, pipelines=served_pipelines(own_repository))
+        canary(server.grpc_url, pipelines=streams)
 
-
-def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server, reference, own_repository):
     (pid,) = stub_pids(own_repository, "unet")
     os.kill(pid, signal.SIGKILL)
     started = time.monotonic()
@@ -149,7 +147,7 @@ def test_killed_stub_is_a_clear_error_and_the_supervisor_restores_service(server
         report(f"killed UNet stub: service restored by the supervisor in {time.monotonic() - started:.1f} s")
     assert supervisor.restarts >= 1 and any("canary failed" in line for line in log)
     assert np.array_equal(images, reference)
-    canary(server.grpc_url)
+    canary(server.grpc_url, pipelines=served_pipelines(own_repository))  # the streams too
 
 
 def test_stalled_stub_is_restarted_before_it_can_take_the_server_down(server, reference, own_repository):

@@ -25,6 +25,19 @@ class TritonPythonModel:
 '''
 
 
+@pytest.fixture(scope="module")
+def small_repository(tiny_model, exports, tmp_path_factory):
+    """The networks and the BLS pipelines, one instance each: the fewest processes, for the tests
+    that start, kill and stop servers of their own."""
+    from utils.deployment import Placement
+    from utils.repository.writer import write_repository
+
+    path = tmp_path_factory.mktemp("small-repository")
+    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()},
+                     Deployment(ensembles=False, placement=Placement(pipeline_instances=1)))
+    return path
+
+
 def listening_addresses(port: int) -> set[str]:
     """Local addresses with a TCP socket listening on ``port``, from /proc/net/tcp and tcp6
     (gRPC listens on an IPv6 socket: 127.0.0.1 shows as ::ffff:127.0.0.1)."""
@@ -46,8 +59,8 @@ def test_binds_loopback_only(triton_server):
         assert listening_addresses(port) == {"127.0.0.1"}
 
 
-def test_stop_ends_the_server_gracefully_and_frees_its_ports(bls_repository):
-    server = TritonServer(bls_repository).start()
+def test_stop_ends_the_server_gracefully_and_frees_its_ports(small_repository):
+    server = TritonServer(small_repository).start()
     process, port = server.process, server.grpc_port
     # Well inside Triton's 30 s exit timeout: a connection left open by the launcher would make the
     # server wait for it, and stop() would then have to kill it (exit code -9, not 0).
@@ -57,12 +70,12 @@ def test_stop_ends_the_server_gracefully_and_frees_its_ports(bls_repository):
     server.stop()  # stopping twice is harmless
 
 
-def test_port_in_use_is_explained_before_starting(bls_repository):
+def test_port_in_use_is_explained_before_starting(small_repository):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = TritonServer(bls_repository, grpc_port=port)
+        server = TritonServer(small_repository, grpc_port=port)
         with pytest.raises(TritonServerError, match=rf"port {port} on 127.0.0.1 is already in use \(--grpc-port\)"):
             server.start()
         assert server.process is None
@@ -187,14 +200,14 @@ def test_no_request_content_is_ever_evaluated_or_unpickled():
     assert not offenders, offenders
 
 
-def test_launcher_stops_its_server_on_sigterm(bls_repository, tmp_path):
+def test_launcher_stops_its_server_on_sigterm(small_repository, tmp_path):
     import shutil
     import signal
     import subprocess
     import sys
 
     copy = tmp_path / "repository"
-    shutil.copytree(bls_repository, copy)
+    shutil.copytree(small_repository, copy)
     ports = [str(server_module.free_port()) for _ in range(3)]
     launcher = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts/launch_triton_server.py"),
@@ -249,7 +262,7 @@ def test_activation_archive_of_a_folder_without_python_is_refused_with_the_fix(t
         environments.activation_archive(tmp_path / "nowhere")
 
 
-def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_restart(bls_repository, tmp_path):
+def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_restart(small_repository, tmp_path):
     import os
     import shutil
     import signal
@@ -259,12 +272,12 @@ def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_resta
     from utils.server import process_group, shm_regions
 
     copy = tmp_path / "repository"
-    shutil.copytree(bls_repository, copy)
+    shutil.copytree(small_repository, copy)
     server = TritonServer(copy)
     try:
         server.start()
         pid, regions = server.process.pid, set(server.shm_regions)
-        assert len(regions) == stub_count(bls_repository), regions  # this server's own, one per stub
+        assert len(regions) == stub_count(small_repository), regions  # this server's own, one per stub
         os.kill(pid, signal.SIGKILL)
         server.process.wait()
         assert process_group(pid), "the stubs outlive a killed server: what stop() has to end"
@@ -278,44 +291,7 @@ def test_a_killed_server_leaves_no_stub_or_region_and_its_log_survives_the_resta
     assert not server.shm_regions and not regions & shm_regions()
 
 
-def test_memory_left_behind_by_a_large_request_is_given_back_by_a_restart(bls_repository, tmp_path):
-    """A refused 100 MB prompt is copied into the pipeline stub's shared memory first, which grows
-    and never shrinks (Triton 2.51). The supervisor restarts a server over its memory limit."""
-    import shutil
-    import time
-
-    import numpy as np
-    from conftest import report
-    from tritonclient.utils import InferenceServerException
-
-    from pipelines.bls import BlsPipeline
-    from utils.server.health import Supervisor
-
-    copy = tmp_path / "repository"
-    shutil.copytree(bls_repository, copy)
-    with TritonServer(copy) as server:
-        baseline = server.memory()
-        bls = BlsPipeline(server.grpc_url, retry_for=0)
-        with pytest.raises(InferenceServerException, match=r"prompt\[0\] has 100000000 bytes: the limit is 2048"):
-            bls.infer({"prompt": np.array([b"x" * 100_000_000], dtype=object)})
-        grown = server.memory() - baseline
-        log = []
-        with Supervisor(server, interval=0.5, memory_limit=baseline + grown // 2, log=log.append) as supervisor:
-            deadline = time.monotonic() + 60
-            while not supervisor.restarts and time.monotonic() < deadline:
-                time.sleep(0.2)
-            while "supervisor: tritonserver is serving again" not in log and time.monotonic() < deadline:
-                time.sleep(0.2)
-        after = server.memory() - baseline
-        report(f"a refused 100 MB prompt: server and stubs +{grown / 2**20:.0f} MiB until the supervisor's "
-               f"restart, then {after / 2**20:+.0f} MiB")
-        assert grown > 100 * 2**20 and supervisor.restarts == 1, log
-        assert any("over its limit" in line for line in log)
-        assert after < grown / 2
-        assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1
-
-
-def test_refused_large_prompts_cost_the_memory_of_one(tiny_model, exports, tmp_path):
+def test_refused_large_prompts_cost_the_memory_of_one_and_a_restart_gives_it_back(tiny_model, exports, tmp_path):
     """Triton 2.51 offers no limit on a request's size at its front door, so a 100 MB prompt is
     received and copied to the pipeline model's stub before the model refuses it. What that
     costs is bounded: the gRPC frontend keeps no request object for reuse (MEMORY_ARGUMENTS), glibc
@@ -324,7 +300,8 @@ def test_refused_large_prompts_cost_the_memory_of_one(tiny_model, exports, tmp_p
     the gRPC frontend has not yet destroyed (seen: 50-150 MiB, moving up and down from one
     refusal to the next, never growing with their number), in the BLS pipeline and in the
     ensemble, whose first step refuses it. Without the two settings each refusal kept up to
-    100 MB more: about 900 MiB after ten."""
+    100 MB more: about 900 MiB after ten. A stub's shared memory never shrinks (Triton 2.51):
+    the supervisor restarts a server over its memory limit, which gives it all back."""
     import time
 
     import numpy as np
@@ -336,12 +313,14 @@ def test_refused_large_prompts_cost_the_memory_of_one(tiny_model, exports, tmp_p
     from utils import specs
     from utils.deployment import Deployment, Placement
     from utils.repository.writer import write_repository
+    from utils.server.health import Supervisor
 
     repository = tmp_path / "repository"  # one instance per model: every refusal meets the same stub
     write_repository(repository, tiny_model, {name: result.path for name, result in exports.items()},
                      Deployment(placement=Placement(pipeline_instances=1)))
     huge = {specs.PROMPT.name: np.array([b"x" * 100_000_000], dtype=object)}
     with TritonServer(repository) as server:
+        baseline = server.memory()
         bls, ensemble = BlsPipeline(server.grpc_url, retry_for=0), EnsemblePipeline(server.grpc_url)
         ways = {"BLS": lambda: bls.infer(huge), "ensemble": lambda: ensemble.infer(huge, specs.ENSEMBLE_TEXT_TO_IMAGE)}
         for way, send in ways.items():
@@ -349,11 +328,26 @@ def test_refused_large_prompts_cost_the_memory_of_one(tiny_model, exports, tmp_p
             for count in (1, 10):
                 before = server.memory()
                 for _ in range(count):
-                    with pytest.raises(InferenceServerException, match=r"prompt\[0\] has 100000000 bytes"):
+                    with pytest.raises(InferenceServerException, match=r"prompt\[0\] has 100000000 bytes: the limit"):
                         send()
                 time.sleep(1)  # the stub's and the frontend's frees done
                 costs.append(server.memory() - before)
             report(f"refused 100 MB prompts through {way}: the first +{costs[0] / 2**20:.0f} MiB, "
                    f"ten more {costs[1] / 2**20:+.0f} MiB")
             assert costs[1] < 300 * 2**20, f"{way}: ten more refusals cost {costs[1] / 2**20:.0f} MiB"
+
+        grown = server.memory() - baseline
+        log = []
+        with Supervisor(server, interval=0.5, memory_limit=baseline + grown // 2, log=log.append) as supervisor:
+            deadline = time.monotonic() + 60
+            while not supervisor.restarts and time.monotonic() < deadline:
+                time.sleep(0.2)
+            while "supervisor: tritonserver is serving again" not in log and time.monotonic() < deadline:
+                time.sleep(0.2)
+        after = server.memory() - baseline
+        report(f"refused 100 MB prompts: server and stubs +{grown / 2**20:.0f} MiB until the supervisor's "
+               f"restart, then {after / 2**20:+.0f} MiB")
+        assert grown > 100 * 2**20 and supervisor.restarts == 1, log
+        assert any("over its limit" in line for line in log)
+        assert after < grown / 2
         assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1

@@ -1,5 +1,5 @@
-"""The streaming (decoupled) text to image pipeline: progress, previews, the final images, and
-cancellation when the client closes its stream."""
+"""The streaming (decoupled) pipelines, text to image and image to image: progress, previews, the
+final images, and cancellation when the client closes its stream."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import report
+from test_end_to_end import init_images
 from tritonclient.utils import InferenceServerException
 
 from pipelines.bls import BlsPipeline
@@ -41,6 +42,19 @@ def test_progress_previews_then_the_bls_image(streaming, triton_server):
     assert np.array_equal(final, BlsPipeline(triton_server.grpc_url)(**OPTIONS))  # the same loop, the same image
     report(f"streaming pipeline: {len(received) - 1} previews of {received[0].images.shape[1:3]}, then the "
            f"final images {final.shape[1:3]}, equal to the BLS pipeline's")
+
+
+def test_image_to_image_streams_its_previews_then_the_bls_image(streaming, triton_server, tiny_model):
+    # Strength 0.5 of 6 steps: the last 3 run, as in StableDiffusionImg2ImgPipeline.
+    options = dict(prompt="a red kite", image=init_images(1, tiny_model), strength=0.5, seed=3, num_inference_steps=6,
+                   scheduler="DDIMScheduler")
+    received = list(streaming.stream(preview_every=1, **options))
+    assert [(p.step, p.total_steps, p.final) for p in received] == [(1, 3, False), (2, 3, False), (3, 3, True)]
+    assert received[0].images.shape == (1, 8, 8, 3)
+    final = received[-1].images
+    assert np.array_equal(final, BlsPipeline(triton_server.grpc_url)(**options))
+    report(f"streaming image to image: {len(received) - 1} previews, then the final image {final.shape[1:3]}, "
+           f"equal to the BLS pipeline's")
 
 
 def test_closing_the_stream_cancels_the_request_on_the_server(streaming, triton_server):

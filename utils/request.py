@@ -181,7 +181,7 @@ def request_to_arrays(request: GenerationRequest, spec: specs.PipelineSpec = spe
     """The input tensors of a pipeline model for ``request``; its fields are named as the inputs."""
     arrays = {}
     for tensor in spec.inputs:
-        value = getattr(request, tensor.name)
+        value = getattr(request, tensor.name) if tensor.name in REQUEST_FIELDS else None  # not: preview_every
         if value is None:
             continue
         if isinstance(value, np.ndarray):

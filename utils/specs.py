@@ -300,10 +300,16 @@ TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IM
                              networks=(TEXT_ENCODER, UNET, VAE_DECODER))
 IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
                               networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
-# Text to image with live progress: the same loop, streaming previews, then the images.
-TEXT_TO_IMAGE_STREAM = PipelineSpec("pipeline_text_to_image_stream", (*TEXT_TO_IMAGE_INPUTS, PREVIEW_EVERY),
-                                    (STEP, TOTAL_STEPS, IMAGES, FINAL), networks=TEXT_TO_IMAGE.networks,
-                                    decoupled=True)
+
+
+def streaming(pipeline: PipelineSpec) -> PipelineSpec:
+    """A pipeline with live progress: the same loop, streaming previews, then the images."""
+    return PipelineSpec(f"{pipeline.name}_stream", (*pipeline.inputs, PREVIEW_EVERY), (STEP, TOTAL_STEPS, IMAGES, FINAL),
+                        networks=pipeline.networks, decoupled=True)
+
+
+TEXT_TO_IMAGE_STREAM = streaming(TEXT_TO_IMAGE)
+IMAGE_TO_IMAGE_STREAM = streaming(IMAGE_TO_IMAGE)
 
 # The Python steps of the ensembles: each a thin adapter over the shared loop's code.
 # The ensembles' first steps take every input as optional, and refuse a missing one themselves:
@@ -326,7 +332,7 @@ DENOISE = PipelineSpec(
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
 
-BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM)
+BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM)
 ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
 PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
 

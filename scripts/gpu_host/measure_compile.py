@@ -20,7 +20,7 @@ from utils.cli import main_entry
 from utils.errors import UsageError
 from utils.models import resolve_model
 from utils.networks import TORCH_DTYPES, load_network, torch_dtype
-from utils.python_backend.cuda_graphs import GraphedNetwork
+from utils.python_backend.cuda_graphs import GraphedNetwork, compile_cache_report
 
 
 def timed_calls(network: GraphedNetwork, spec: specs.NetworkSpec, dims: specs.ModelDims, dtypes, batch: int,
@@ -46,6 +46,8 @@ def main(argv=None):
     parser.add_argument("--model", default="sd15-random", help="a preset, a diffusers folder or a hub id")
     parser.add_argument("--network", default=specs.UNET.name, choices=list(specs.NETWORKS))
     parser.add_argument("--compile", action="store_true", help="torch.compile it, as --torch-compile does")
+    parser.add_argument("--static-batches", type=int, nargs="*", default=[],
+                        help="compile for these batch sizes alone, as a loop's own UNet is (e.g. 2 16 32)")
     parser.add_argument("--calls", type=int, default=50, help="timed calls per batch size")
     parser.add_argument("--output", type=Path, required=True, help="a JSON of every figure")
     args = parser.parse_args(argv)
@@ -64,10 +66,12 @@ def main(argv=None):
     with torch.inference_mode():
         start = time.perf_counter()
         network = GraphedNetwork(module, spec, dims, torch.device("cuda", 0), dtypes, compile_module=args.compile,
-                                 log=lambda line: print(line, flush=True))
+                                 static_batches=tuple(args.static_batches), log=lambda line: print(line, flush=True))
         record["build_s"] = time.perf_counter() - start
+        if args.compile:
+            record["compile_cache"] = compile_cache_report()
         record["ms_per_call"] = {}
-        for batch in range(spec.profile.min, spec.profile.max + 1):
+        for batch in args.static_batches or range(spec.profile.min, spec.profile.max + 1):
             milliseconds = timed_calls(network, spec, dims, dtypes, batch, args.calls)
             record["ms_per_call"][batch] = milliseconds
             print(f"batch {batch:>2}: {milliseconds:6.2f} ms per call, {milliseconds / batch:5.2f} ms per row",

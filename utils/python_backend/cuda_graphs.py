@@ -106,9 +106,16 @@ class GraphedNetwork:
             compiles = batch > 1 or self.static_batches or spec.profile.opt == 1
             self._capture(compiled if compiles else module, inputs)
         self.own_size = set(self.graphs)  # never evicted
+        if compile_module:
+            # Inductor compiles in a pool of worker processes, one per core, that would stay for
+            # this process's life, idle: the graphs of other sizes are captured eagerly. (Its
+            # reader thread was alive in the stubs that did not exit after finalize.)
+            from torch._inductor.async_compile import shutdown_compile_workers
+
+            shutdown_compile_workers()
         self.build_seconds = time.perf_counter() - start
         log(f"{spec.name}: {'compiled and ' if compile_module else ''}captured {len(self.graphs)} CUDA graphs in "
-            f"{self.build_seconds:.1f} s")
+            f"{self.build_seconds:.1f} s" + (f" ({compile_cache_report()})" if compile_module else ""))
 
     def _capture(self, forward, inputs: list[torch.Tensor]) -> tuple:
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -144,3 +151,15 @@ class GraphedNetwork:
             static[:rows].copy_(value)
         graph.replay()
         return static_output[:rows].clone()  # the next replay overwrites the static output
+
+
+def compile_cache_report() -> str:
+    """This process's compilations so far, as the compile cache (TORCHINDUCTOR_CACHE_DIR) served
+    them: a restart is only fast where Inductor's graphs and AOTAutograd's come from it."""
+    from torch._dynamo.utils import counters
+
+    def counts(group: str, prefix: str) -> str:
+        return ", ".join(f"{counters[group][f'{prefix}_{kind}']} {kind}" for kind in ("hit", "miss", "bypass"))
+
+    return f"Inductor graph cache: {counts('inductor', 'fxgraph_cache')}; AOTAutograd cache: " \
+           f"{counts('aot_autograd', 'autograd_cache')}"

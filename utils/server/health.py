@@ -98,11 +98,11 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
             takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0)
-            if spec.decoupled:  # one short stream of the text to image request: no previews, its final answer
-                arrays = request_to_arrays(request, specs.TEXT_TO_IMAGE)
+            arrays = request_to_arrays(request, spec)
+            if spec.decoupled:  # one short stream: no previews, its final answer
                 stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)
             else:
-                client.infer(spec.name, infer_inputs(request_to_arrays(request, spec)), client_timeout=timeout)
+                client.infer(spec.name, infer_inputs(arrays), client_timeout=timeout)
     except Exception as error:
         raise CanaryFailed(f"{type(error).__name__}: {error}") from error
     finally:
