@@ -300,16 +300,10 @@ TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IM
                              networks=(TEXT_ENCODER, UNET, VAE_DECODER))
 IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
                               networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
-
-
-def streaming(pipeline: PipelineSpec) -> PipelineSpec:
-    """A pipeline with live progress: the same loop, streaming previews, then the images."""
-    return PipelineSpec(f"{pipeline.name}_stream", (*pipeline.inputs, PREVIEW_EVERY), (STEP, TOTAL_STEPS, IMAGES, FINAL),
-                        networks=pipeline.networks, decoupled=True)
-
-
-TEXT_TO_IMAGE_STREAM = streaming(TEXT_TO_IMAGE)
-IMAGE_TO_IMAGE_STREAM = streaming(IMAGE_TO_IMAGE)
+# With live progress: the same loops, streaming previews, then the images.
+TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM = (
+    replace(spec, name=f"{spec.name}_stream", inputs=(*spec.inputs, PREVIEW_EVERY),
+            outputs=(STEP, TOTAL_STEPS, IMAGES, FINAL), decoupled=True) for spec in (TEXT_TO_IMAGE, IMAGE_TO_IMAGE))
 
 # The Python steps of the ensembles: each a thin adapter over the shared loop's code.
 # The ensembles' first steps take every input as optional, and refuse a missing one themselves:
