@@ -144,6 +144,17 @@ def test_explicit_model_control_restricts_the_admin_apis(repository):
     assert server.admin_headers() == {"triton-grpc-protocol-admin-key": server.admin_key}
 
 
+def test_the_supervisors_canary_walks_every_served_pipeline_and_network(triton_server, repository):
+    """The check a supervisor runs by default, on the default repository: every network, the BLS
+    pipelines, the streams and the ensembles answer it."""
+    from utils import specs
+    from utils.server.health import canary, served_networks, served_pipelines
+
+    pipelines = served_pipelines(repository)
+    assert {specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.IMAGE_TO_IMAGE_STREAM} <= set(pipelines)
+    canary(triton_server.grpc_url, networks=served_networks(repository), pipelines=pipelines)
+
+
 def test_models_cannot_be_unloaded_through_the_api_by_default(triton_server):
     from tritonclient.utils import InferenceServerException
 
@@ -348,6 +359,6 @@ def test_refused_large_prompts_cost_the_memory_of_one_and_a_restart_gives_it_bac
         report(f"refused 100 MB prompts: server and stubs +{grown / 2**20:.0f} MiB until the supervisor's "
                f"restart, then {after / 2**20:+.0f} MiB")
         assert grown > 100 * 2**20 and supervisor.restarts == 1, log
-        assert any("over its limit" in line for line in log)
+        assert any("over its limit" in line for line in log), log
         assert after < grown / 2
         assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1
