@@ -220,12 +220,8 @@ class StableDiffusion:
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
 
-        # 3. A scheduler of this request's own: PNDM keeps state between steps. Its timesteps stay
-        # on the CPU, where it looks up its tables with them: a GPU timestep would make each step
-        # wait for the GPU to tell the CPU its value, which stops a GPU loop from queuing its
-        # next step while the UNet runs this one (step_batching.py).
-        scheduler = self.components.new_scheduler(options.scheduler)
-        scheduler.set_timesteps(options.num_inference_steps, device="cpu")
+        # 3. A scheduler of this request's own.
+        scheduler = self._request_scheduler(options)
         timesteps = scheduler.timesteps
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
@@ -241,8 +237,11 @@ class StableDiffusion:
             latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
 
         # 5. Denoise (loop_scope: see __init__). The UNet's timesteps (FP32, one per sample) go to
-        # the loop's device once, not at every step.
+        # the loop's device once, not at every step. Guidance, where the request cuts it off, ends
+        # after the step at that fraction of the loop's steps, as diffusers' SDCFGCutoffCallback
+        # ends it: from then on the UNet runs the conditional rows alone.
         unet_timesteps = timesteps.to(device=self.device, dtype=torch.float32)
+        cutoff = None if options.cfg_cutoff_step_ratio is None else int(len(timesteps) * options.cfg_cutoff_step_ratio)
         with self.loop_scope():
             for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
                 if is_cancelled():
@@ -255,9 +254,20 @@ class StableDiffusion:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if cfg and done == cutoff:
+                    cfg, text_embeddings = False, text_embeddings.chunk(2)[1]
                 if on_step is not None:
                     on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
+
+    def _request_scheduler(self, options: GenerationRequest):
+        """A new scheduler (PNDM keeps state between steps) with the request's timesteps. They stay
+        on the CPU, where it looks up its tables with them: a GPU timestep would make each step
+        wait for the GPU to tell the CPU its value, which stops a GPU loop from queuing its next
+        step while the UNet runs this one (step_batching.py)."""
+        scheduler = self.components.new_scheduler(options.scheduler)
+        scheduler.set_timesteps(options.num_inference_steps, device="cpu")
+        return scheduler
 
     @staticmethod
     def preview(latents: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,11 @@ BAD_REQUESTS = {
                                 r"num_inference_steps=1000 .* \[1, 999\]"),
     "too many steps": (arrays(num_inference_steps=np.array([100000], np.int32)),
                        r"num_inference_steps=100000 .* \[1, 999\]"),
+    "few-step scheduler past its schedule": (
+        arrays(scheduler=np.array([b"LCMScheduler"], dtype=object), num_inference_steps=np.array([60], np.int32)),
+        r"num_inference_steps=60 is not allowed with LCMScheduler: use at most 50"),
+    "guidance cut-off past the end": (arrays(cfg_cutoff_step_ratio=np.array([1.5], np.float32)),
+                                      r"cfg_cutoff_step_ratio=1.5 is not allowed: use a fraction of the steps in \[0, 1\]"),
     "NaN guidance": (arrays(guidance_scale=np.array([np.nan], np.float32)), r"guidance_scale=nan .*finite"),
     "infinite guidance": (arrays(guidance_scale=np.array([np.inf], np.float32)), r"guidance_scale=inf .*finite"),
     "negative seed": (arrays(seed=np.array([-1], np.int64)), r"seed=-1 .*\[0, 2\*\*63 - 1\]"),

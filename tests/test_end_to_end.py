@@ -83,7 +83,23 @@ OPTION_CASES = {
     "non-square 88x56": dict(prompt="a tall tower", seed=10, num_inference_steps=8, height=88, width=56),
     "2 prompts x num_images_per_prompt=2": dict(prompt=["a cat", "a dog"], seed=8, num_inference_steps=6,
                                                 num_images_per_prompt=2, guidance_scale=6.0),
+    "few steps: LCMScheduler, 4 steps, guidance 1.5": dict(prompt="a paper boat", seed=9, num_inference_steps=4,
+                                                           scheduler="LCMScheduler", guidance_scale=1.5),
+    # diffusers' callback keeps the last row of the embeddings: one prompt, one image.
+    "guidance cut off after 40 % of the steps": dict(prompt="a glass of water", seed=11, num_inference_steps=10,
+                                                     cfg_cutoff_step_ratio=0.4),
 }
+
+
+def diffusers_options(options: dict) -> dict:
+    """The request's options as diffusers takes them: the guidance cut-off as its callback."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    options = dict(options)
+    ratio = options.pop("cfg_cutoff_step_ratio", None)
+    if ratio is not None:
+        options["callback_on_step_end"] = SDCFGCutoffCallback(cutoff_step_ratio=ratio)
+    return options
 
 
 def with_scheduler(pipeline, scheduler: str | None, kind=None):
@@ -105,7 +121,7 @@ def test_request_options_equal_diffusers(kind, case, ways, diffusers_pipeline):
     options = dict(OPTION_CASES[case])
     images = ways[kind](**options)
     reference = with_scheduler(diffusers_pipeline, options.pop("scheduler", None))
-    expected = diffusers_images(reference, **options)
+    expected = diffusers_images(reference, **diffusers_options(options))
     prompts = options["prompt"] if isinstance(options["prompt"], list) else [options["prompt"]]
     height, width = options.get("height", 64), options.get("width", 64)
     assert images.shape == expected.shape == (len(prompts) * options.get("num_images_per_prompt", 1), height, width, 3)
@@ -125,6 +141,9 @@ IMAGE_TO_IMAGE_CASES = {
     "non-square 56x80 image, Euler ancestral, 2 images per prompt": dict(
         prompt="a harbour at dusk", seed=12, num_inference_steps=8, strength=0.7, size=(56, 80),
         scheduler="EulerAncestralDiscreteScheduler", num_images_per_prompt=2),
+    "LCMScheduler, guidance cut off after half the steps, strength 0.75": dict(
+        prompt="a windmill", seed=14, num_inference_steps=8, strength=0.75, scheduler="LCMScheduler",
+        cfg_cutoff_step_ratio=0.5),
 }
 
 
@@ -154,7 +173,8 @@ def test_image_to_image_equals_diffusers(kind, case, ways, diffusers_pipeline, t
     negative = options.pop("negative_prompt", None)
     expected = np.stack([np.asarray(image) for image in img2img(
         image=[Image.fromarray(image) for image in images], generator=torch.Generator().manual_seed(options.pop("seed")),
-        negative_prompt=[negative] * len(prompts) if negative else None, output_type="pil", **options).images])
+        negative_prompt=[negative] * len(prompts) if negative else None, output_type="pil",
+        **diffusers_options(options)).images])
     count = len(prompts) * options.get("num_images_per_prompt", 1)
     assert served.shape == expected.shape == (count, *images.shape[1:])
     difference = int(np.abs(served.astype(int) - expected.astype(int)).max())

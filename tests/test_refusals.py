@@ -26,7 +26,8 @@ IMAGE = np.full((1, 64, 64, 3), 128, np.uint8)
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
 SERVED = TOP_LEVEL  # what clients call: the BLS pipelines, the streams and the ensembles
 # What each numeric input allows, by the request's contract: values the sweep does not send.
-ALLOWED = {specs.GUIDANCE_SCALE.name: {0.0}, specs.SEED.name: {0, INT32_MAX}, specs.PREVIEW_EVERY.name: {0, INT32_MAX}}
+ALLOWED = {specs.GUIDANCE_SCALE.name: {0.0}, specs.CFG_CUTOFF_STEP_RATIO.name: {0.0}, specs.SEED.name: {0, INT32_MAX},
+           specs.PREVIEW_EVERY.name: {0, INT32_MAX}}
 SWEEP = {"INT32": (0, -1, INT32_MAX), "INT64": (0, -1, INT32_MAX), "FP32": (0.0, -1.0, math.nan, float(INT32_MAX))}
 
 

@@ -160,3 +160,23 @@ def test_pipeline_inputs_are_the_request_fields():
     fields = [f.name for f in dataclasses.fields(GenerationRequest)]
     # Each task takes its own: image to image the image and strength, text to image the size.
     assert set(fields) == {t.name for spec in (specs.TEXT_TO_IMAGE, specs.IMAGE_TO_IMAGE) for t in spec.inputs}
+
+
+def test_few_step_schedulers_take_the_steps_their_schedule_has():
+    """LCM and TCD draw their steps from original_inference_steps (diffusers' default, which the
+    checkpoint's scheduler config does not set): more is refused before any network runs."""
+    import inspect
+
+    import diffusers
+
+    from utils.request import FEW_STEP_MAX_STEPS, FEW_STEP_SCHEDULERS, GenerationRequest, InvalidRequest, check_request
+
+    for name in FEW_STEP_SCHEDULERS:
+        signature = inspect.signature(getattr(diffusers, name).__init__)
+        assert signature.parameters["original_inference_steps"].default == FEW_STEP_MAX_STEPS, name
+        check_request(GenerationRequest(prompt="a cat", scheduler=name, num_inference_steps=FEW_STEP_MAX_STEPS),
+                      max_prompts=4, max_steps=999)
+        with pytest.raises(InvalidRequest, match=rf"num_inference_steps={FEW_STEP_MAX_STEPS + 1} is not allowed "
+                                                 rf"with {name}: use at most {FEW_STEP_MAX_STEPS}"):
+            check_request(GenerationRequest(prompt="a cat", scheduler=name, num_inference_steps=FEW_STEP_MAX_STEPS + 1),
+                          max_prompts=4, max_steps=999)

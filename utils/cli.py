@@ -29,6 +29,8 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
                          dict(type=int, default=DEFAULT_NUM_INFERENCE_STEPS,
                               help="denoising steps (--steps for short)")),
     guidance_scale=(("--guidance-scale",), dict(type=float, default=DEFAULT_GUIDANCE_SCALE)),
+    cfg_cutoff_step_ratio=(("--cfg-cutoff-step-ratio",), dict(
+        type=float, default=None, help="stop guidance after this fraction of the steps, in [0, 1] (default: never)")),
     seed=(("--seed",), dict(type=int, default=0)),
     scheduler=(("--scheduler",), dict(default=None, choices=SCHEDULERS,
                                       help="a diffusers scheduler class (default: the checkpoint's own)")),
@@ -151,8 +153,8 @@ def main_entry(main: Callable[[], object]) -> None:
 def generation_options(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields from the parsed arguments."""
     options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
-                   guidance_scale=args.guidance_scale, seed=args.seed, scheduler=args.scheduler,
-                   num_images_per_prompt=args.num_images_per_prompt)
+                   guidance_scale=args.guidance_scale, cfg_cutoff_step_ratio=args.cfg_cutoff_step_ratio,
+                   seed=args.seed, scheduler=args.scheduler, num_images_per_prompt=args.num_images_per_prompt)
     if args.image is not None:
         options.update(image=load_image(args.image), strength=args.strength)
     else:

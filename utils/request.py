@@ -21,11 +21,15 @@ from utils.errors import UserError
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
+# Few-step sampling (with a distilled model or adapter: LCM, LCM-LoRA, TCD): diffusers draws their
+# steps from a schedule of original_inference_steps (its config's, 50 by default), so no more than that.
+FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
+FEW_STEP_MAX_STEPS = 50
 DEFAULT_PREVIEW_EVERY = 1  # the streaming pipeline's: a progress response (and preview) every step
 # The schedulers a request may choose (diffusers' class names; never evaluated, only looked up
 # once found here), each built from the checkpoint's scheduler config.
 SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+              "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", *FEW_STEP_SCHEDULERS)
 MAX_PROMPT_BYTES = 2048  # far above what the tokenizer keeps (77 tokens), small enough to be harmless
 GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 SEED_RANGE = (0, 2**63 - 1)
@@ -46,6 +50,9 @@ class GenerationRequest:
     height: int | None = None  # text to image: the size in pixels; None: the checkpoint's
     width: int | None = None
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    # Guidance stops after the step at this fraction of the steps (diffusers' SDCFGCutoffCallback:
+    # the UNet then runs the conditional rows alone); None: guidance to the end.
+    cfg_cutoff_step_ratio: float | None = None
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     seed: int | None = None  # None: a fresh random seed
 
@@ -120,6 +127,16 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
     if steps < 1 or (max_steps is not None and steps > max_steps):
         allowed = f"in [1, {max_steps}]" if max_steps is not None else "of at least 1"
         raise InvalidRequest(f"num_inference_steps={steps} is not allowed: use an integer {allowed}.")
+    if request.scheduler in FEW_STEP_SCHEDULERS and steps > FEW_STEP_MAX_STEPS:
+        raise InvalidRequest(f"num_inference_steps={steps} is not allowed with {request.scheduler}: use at most "
+                             f"{FEW_STEP_MAX_STEPS} (its schedule's original_inference_steps); few-step sampling "
+                             f"takes 1 to 8.")
+    cutoff = request.cfg_cutoff_step_ratio
+    if cutoff is not None:
+        cutoff = _number("cfg_cutoff_step_ratio", cutoff, float)
+        if not (math.isfinite(cutoff) and 0 <= cutoff <= 1):
+            raise InvalidRequest(f"cfg_cutoff_step_ratio={cutoff!r} is not allowed: use a fraction of the steps in "
+                                 f"[0, 1] (0.4: guidance for the first 40 %), or leave it out for guidance to the end.")
     seed = request.seed
     if seed is not None:
         seed = _number("seed", seed, int)
@@ -138,7 +155,8 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
         raise InvalidRequest(f"scheduler={request.scheduler!r} is not allowed: use one of {', '.join(SCHEDULERS)} "
                              f"(or leave it out for the checkpoint's own).")
     height, width = (_check_size(name, getattr(request, name), sizes, image_to_image) for name in ("height", "width"))
-    return replace(request, guidance_scale=guidance, num_inference_steps=steps, seed=seed, strength=strength,
+    return replace(request, guidance_scale=guidance, cfg_cutoff_step_ratio=cutoff, num_inference_steps=steps,
+                   seed=seed, strength=strength,
                    num_images_per_prompt=images, height=height, width=width)
 
 

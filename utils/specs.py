@@ -264,6 +264,8 @@ NEGATIVE_PROMPT = TensorSpec("negative_prompt", "BYTES", (-1,), optional=True)
 GUIDANCE_SCALE = TensorSpec("guidance_scale", "FP32", (1,), optional=True)
 NUM_INFERENCE_STEPS = TensorSpec("num_inference_steps", "INT32", (1,), optional=True)
 SEED = TensorSpec("seed", "INT64", (1,), optional=True)
+# Classifier-free guidance stopped after this fraction of the steps (diffusers' SDCFGCutoffCallback).
+CFG_CUTOFF_STEP_RATIO = TensorSpec("cfg_cutoff_step_ratio", "FP32", (1,), optional=True)
 INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
 STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
 SCHEDULER = TensorSpec("scheduler", "BYTES", (1,), optional=True)  # a diffusers scheduler's class name
@@ -284,7 +286,7 @@ FINAL = TensorSpec("final", "BOOL", (1,))
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
 REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH,
-                  GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED)
+                  GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED)
 TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, STRENGTH))
 IMAGE_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))
 
@@ -316,13 +318,10 @@ CHECK_REQUEST = PipelineSpec("check_request", tuple(replace(t, optional=True) fo
                              (CHECKED_PROMPT, CHECKED_IMAGE))
 TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
                          (batched(TEXT_ENCODER.inputs[0]),))
-DENOISE = PipelineSpec(
-    "denoise",
-    (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT,
-     HEIGHT, WIDTH, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SEED),
-    (LATENTS,),
-    networks=(UNET,),  # the loop repeats with a scheduler: no static graph can express it, so BLS
-)
+DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
+    "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, SCHEDULER,
+                NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED),
+    (LATENTS,), networks=(UNET,))
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
 
@@ -377,7 +376,8 @@ ENCODE_IMAGE = EnsembleSpec(
     (step(PREPROCESS_IMAGE, INIT_IMAGE.name, outputs=(NORMALIZED.name,)),
      step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
 )
-_OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, NUM_INFERENCE_STEPS.name, SEED.name)
+_OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, CFG_CUTOFF_STEP_RATIO.name,
+            NUM_INFERENCE_STEPS.name, SEED.name)
 _CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
     "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),

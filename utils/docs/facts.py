@@ -10,9 +10,9 @@ from utils.docker import SERVE_IMAGE
 from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, GUIDANCE_SCALE_RANGE,
-                           MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest, InvalidRequest, check_request,
-                           max_inference_steps)
+from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, FEW_STEP_MAX_STEPS,
+                           FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE, MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest,
+                           InvalidRequest, check_request, max_inference_steps)
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
@@ -64,8 +64,12 @@ def request_table() -> str:
         specs.WIDTH.name: (f"the checkpoint's ({SD15.image_width})", f"text to image: {size_range}"),
         specs.GUIDANCE_SCALE.name: (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
                                                                  f"no guidance (half the UNet rows)"),
+        specs.CFG_CUTOFF_STEP_RATIO.name: ("none (guidance to the end)",
+                                           "[0, 1]: guidance stops after the step at this fraction of the steps, "
+                                           "then the UNet runs half the rows (diffusers' `SDCFGCutoffCallback`)"),
         specs.NUM_INFERENCE_STEPS.name: (f"{DEFAULT_NUM_INFERENCE_STEPS}",
-                                         f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler)"),
+                                         f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler); "
+                                         f"[1, {FEW_STEP_MAX_STEPS}] with {' and '.join(FEW_STEP_SCHEDULERS)}"),
         specs.SEED.name: ("random", "[0, 2^63-1]; the same seed gives the same image"),
     }
     shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]"}
