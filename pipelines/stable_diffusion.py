@@ -223,7 +223,7 @@ class StableDiffusion:
         # 3. A scheduler of this request's own.
         scheduler = self._request_scheduler(options)
         timesteps = scheduler.timesteps
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        step_kwargs = self._step_kwargs(scheduler, generator)
 
         # 4. Initial latents, from the CPU generator as diffusers draws them, in the served precision.
         if latent_parameters is None:
@@ -259,6 +259,13 @@ class StableDiffusion:
                 if on_step is not None:
                     on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
+
+    @staticmethod
+    def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
+        """As StableDiffusionPipeline's prepare_extra_step_kwargs: the generator, and its eta (0),
+        where the scheduler's step takes them (DDIM's and TCD's eta: 0 samples deterministically)."""
+        accepted = inspect.signature(scheduler.step).parameters
+        return {key: value for key, value in (("generator", generator), ("eta", 0.0)) if key in accepted}
 
     def _request_scheduler(self, options: GenerationRequest):
         """A new scheduler (PNDM keeps state between steps) with the request's timesteps. They stay
