@@ -6,7 +6,6 @@ same function)."""
 from __future__ import annotations
 
 import math
-import queue
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from utils import specs
 from utils.grpc_client import infer_inputs
 from utils.request import GenerationRequest, request_to_arrays
-from utils.server.health import TOP_LEVEL
+from utils.server.health import TOP_LEVEL, stream_once
 
 pytestmark = pytest.mark.server  # uses the session's tritonserver
 
@@ -48,20 +47,12 @@ def cases():
 
 
 def send(url: str, spec, arrays: dict[str, np.ndarray]) -> None:
-    """One request as any client sends it (a stream for the decoupled model); raises its error."""
+    """One request as any client sends it (a stream for the decoupled models); raises its error."""
     client = grpcclient.InferenceServerClient(url)
-    if not getattr(spec, "decoupled", False):
+    if getattr(spec, "decoupled", False):
+        stream_once(client, spec.name, arrays, timeout=60)
+    else:
         client.infer(spec.name, infer_inputs(arrays), client_timeout=60)
-        return
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put(error))
-    try:
-        client.async_stream_infer(spec.name, infer_inputs(arrays))
-        error = answers.get(timeout=60)
-    finally:
-        client.stop_stream()
-    if error is not None:
-        raise error
 
 
 def executions(server) -> dict[str, int]:
