@@ -22,6 +22,7 @@ from utils import specs
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.layout import served_name
+from utils.lora import ServedAdapters
 from utils.networks import TORCH_DTYPES
 from utils.request import GenerationRequest
 
@@ -37,8 +38,16 @@ class TritonNetworks:
         self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
         self._configs: dict[str, dict] = {}
 
-    def served_name(self, network: specs.NetworkSpec) -> str:
-        return served_name(network.name, self.gpu)
+    def served_name(self, network: specs.NetworkSpec, adapter: str | None = None) -> str:
+        return served_name(network.name, self.gpu, adapter)
+
+    def serves_adapter(self, adapter: str) -> bool:
+        """Whether the server serves the UNet of this LoRA adapter (readiness is open to anyone;
+        the repository's index needs the admin key)."""
+        try:
+            return self.client.is_model_ready(self.served_name(specs.UNET, adapter))
+        except InferenceServerException:
+            return False
 
     def served_config(self, network: specs.NetworkSpec) -> dict:
         name = self.served_name(network)
@@ -52,7 +61,9 @@ class TritonNetworks:
         sample = next(t for t in self.served_config(specs.UNET)["input"] if t["name"] == specs.UNET.inputs[0].name)
         return sample["data_type"].removeprefix("TYPE_")
 
-    def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor,
+                 adapter: str | None = None) -> tuple[torch.Tensor, ...]:
+        """Call the network (with a LoRA ``adapter``: the UNet with it fused in, which routes here)."""
         served = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in self.served_config(network)["input"]}
         inputs = infer_inputs({
             spec.name: spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(served[spec.name]), copy=False))
@@ -60,7 +71,8 @@ class TritonNetworks:
         })
         outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
         result = call_with_retries(  # one network call is idempotent: safe to repeat
-            lambda: self.client.infer(self.served_name(network), inputs, outputs=outputs, client_timeout=self.timeout),
+            lambda: self.client.infer(self.served_name(network, adapter), inputs, outputs=outputs,
+                                      client_timeout=self.timeout),
             self.retry_for,
         )
         return tuple(torch.from_numpy(result.as_numpy(name).copy()) for name in network.output_names)
@@ -84,11 +96,12 @@ class ClientSidePipeline:
             raise UsageError(f"the server at {url} does not serve {name!r} ({error.message()}): where each GPU "
                              f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype,
-                                    sizes=sizes)
+                                    sizes=sizes, adapters=ServedAdapters(served=self.networks.serves_adapter))
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
         (negative_prompt, image and strength for image to image, scheduler,
-        num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed)."""
+        num_images_per_prompt, height and width, guidance_scale, cfg_cutoff_step_ratio,
+        num_inference_steps, seed, lora and lora_scale)."""
         request = GenerationRequest(prompt=prompt, **options)
         return self.loop(request, progress=progress).numpy()

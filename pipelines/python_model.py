@@ -38,6 +38,7 @@ from pipelines.python_model_metrics import PipelineMetrics
 from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
 from utils import specs
 from utils.deployment import Serving
+from utils.lora import ServedAdapters
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
@@ -119,7 +120,8 @@ class PipelineModel:
                                               thread_name_prefix=f"{args['model_name']} request", **on_gpu)
         self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
                                         dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
-                                        loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext)
+                                        loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
+                                        adapters=ServedAdapters(serving.adapters))
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -134,18 +136,19 @@ class PipelineModel:
         return torch.device("cpu")
 
     def _network_call(self, serving: Serving, gpu: int | None, device: torch.device) -> CallNetwork:
-        """How the loop calls a network here: by BLS, or the UNet in this process where it has one;
-        each UNet call is one denoising step, counted in the metrics."""
-        model_names = {name: serving.placement.model_name(name, gpu) for name in specs.NETWORKS}
+        """How the loop calls a network here: by BLS (a LoRA adapter's UNet by its served name), or
+        the UNet in this process where it has one; each UNet call is one denoising step, counted in
+        the metrics."""
         memory = preferred_memory(device)
 
-        def call(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def call(network: specs.NetworkSpec, *inputs: torch.Tensor, adapter: str | None = None) -> tuple:
             start = time.perf_counter()
-            if network is specs.UNET and self.unet is not None:
+            if network is specs.UNET and self.unet is not None and adapter is None:
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs),)
             else:
-                outputs = call_by_bls(model_names[network.name], network, memory, self.times, *inputs)
+                name = serving.placement.model_name(network.name, gpu, adapter)
+                outputs = call_by_bls(name, network, memory, self.times, *inputs)
             if network is specs.UNET:
                 seconds = time.perf_counter() - start
                 with self.times.phase("metrics"):  # queued: made by the metrics thread

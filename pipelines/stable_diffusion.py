@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from utils import metrics, specs
+from utils.lora import ServedAdapters
 from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
                            max_inference_steps)
 
@@ -37,7 +38,10 @@ LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
 
 
 class CallNetwork(Protocol):
-    def __call__(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    """Call ``network`` (with the LoRA ``adapter`` fused in: the UNet served as ``unet_<adapter>``)."""
+
+    def __call__(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
+                 adapter: str | None = None) -> tuple[torch.Tensor, ...]: ...
 
 
 class Cancelled(RuntimeError):
@@ -118,11 +122,14 @@ class StableDiffusion:
     def __init__(self, components: PipelineComponents, call_network: CallNetwork,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  sizes: specs.ImageSizes | None = None,
-                 loop_scope: Callable[[], ContextManager] = contextlib.nullcontext):
-        """``sizes``: the image sizes the networks are served at (default: ImageSizes.default).
+                 loop_scope: Callable[[], ContextManager] = contextlib.nullcontext,
+                 adapters: ServedAdapters = ServedAdapters()):
+        """``sizes``: the image sizes the networks are served at (default: ImageSizes.default);
+        ``adapters``: the LoRA adapters served (utils/lora.py).
         ``loop_scope``: entered around each denoising loop (a UNet in the loop's own process counts
         the loops whose steps it batches, utils/python_backend/step_batching.py)."""
         self.loop_scope = loop_scope
+        self.adapters = adapters
         self.components = components
         self.sizes = sizes or specs.ImageSizes.default(components.dims)
         self._call_network = call_network  # over gRPC, by BLS, or in this process
@@ -132,16 +139,21 @@ class StableDiffusion:
         self.max_steps = max_inference_steps(components.scheduler_config)
         self._tokenizing = threading.Lock()
 
-    def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
+                     adapter: str | None = None) -> tuple[torch.Tensor, ...]:
         """Call a network and get its outputs on the loop's device, wherever it answered:
         TensorRT, and ONNX Runtime on a GPU, answer in the GPU memory they computed in."""
-        return tuple(output.to(self.device) for output in self._call_network(network, *inputs))
+        return tuple(output.to(self.device) for output in self._call_network(network, *inputs, adapter=adapter))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
-        return check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
+        request = check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
+        self.adapters.check(request.lora, request.lora_scale)
+        return request
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
-        return check_options(request, self.max_steps, image_to_image, self.sizes)
+        request = check_options(request, self.max_steps, image_to_image, self.sizes)
+        self.adapters.check(request.lora, request.lora_scale)
+        return request
 
     def check_image(self, images) -> np.ndarray:
         return check_image(images, None, self.sizes)
@@ -153,7 +165,7 @@ class StableDiffusion:
         model that is given text embeddings."""
         dims = self.components.dims
 
-        def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor, adapter=None) -> tuple[torch.Tensor, ...]:
             batch = inputs[0].shape[0]
             return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
                          for t in network.outputs)
@@ -241,6 +253,7 @@ class StableDiffusion:
         # after the step at that fraction of the loop's steps, as diffusers' SDCFGCutoffCallback
         # ends it: from then on the UNet runs the conditional rows alone.
         unet_timesteps = timesteps.to(device=self.device, dtype=torch.float32)
+        adapter = options.lora[0] if options.lora else None  # the UNet with it fused (utils/lora.py)
         cutoff = None if options.cfg_cutoff_step_ratio is None else int(len(timesteps) * options.cfg_cutoff_step_ratio)
         with self.loop_scope():
             for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
@@ -249,7 +262,7 @@ class StableDiffusion:
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
-                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings)
+                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapter=adapter)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)

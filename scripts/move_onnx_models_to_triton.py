@@ -2,14 +2,15 @@
 
 Copies onnx/<model>/<network>.onnx to triton/models/<network>/1/model.onnx, prepares 2/ for a
 TensorRT engine, writes each config.pbtxt from utils/specs.py for the chosen backend, and gives
-the pipeline models the tokenizer and scheduler files of the same checkpoint.
+the pipeline models the tokenizer and scheduler files of the same checkpoint. Each LoRA adapter
+(--lora NAME=PATH, exported by optim/convert_unet_to_onnx.py --lora) becomes a UNet of its own,
+triton/models/unet_<name>/.
 """
 
 from pathlib import Path
 
-from utils import specs
 from utils.cli import add_deployment_arguments, deployment_from_args, main_entry, script_parser
-from utils.export import DEFAULT_ONNX_DIR, onnx_path
+from utils.export import DEFAULT_ONNX_DIR, served_onnx_files
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository.writer import write_repository
@@ -28,8 +29,9 @@ def main(argv=None):
 
     # The exported graphs carry the weights: only the torch runtime serves the checkpoint's own.
     model_dir = resolve_model(args.model, args.models_dir, weights=deployment.torch_runtime)
-    onnx_files = {name: onnx_path(args.onnx_dir, args.model, name) for name in specs.NETWORKS}
-    report = write_repository(args.repository, model_dir, onnx_files, deployment, force=args.force)
+    onnx_files = served_onnx_files(args.onnx_dir, args.model, model_dir, deployment.adapters, args.models_dir)
+    report = write_repository(args.repository, model_dir, onnx_files, deployment, force=args.force,
+                              models_dir=args.models_dir)
     for path in report.written:
         print(f"wrote     {path}")
     runtime = f", runtime: {deployment.runtime} on {deployment.device}" if deployment.backend == "python" else ""

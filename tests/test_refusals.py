@@ -49,7 +49,7 @@ def cases():
 def send(url: str, spec, arrays: dict[str, np.ndarray]) -> None:
     """One request as any client sends it (a stream for the decoupled models); raises its error."""
     client = grpcclient.InferenceServerClient(url)
-    if getattr(spec, "decoupled", False):
+    if spec.decoupled:
         stream_once(client, spec.name, arrays, timeout=60)
     else:
         client.infer(spec.name, infer_inputs(arrays), client_timeout=60)
@@ -78,7 +78,7 @@ def test_an_out_of_range_value_is_refused_by_name_before_any_network(spec, tenso
     error = caught.value
     # A stream's error reaches the client as a message alone: Triton 2.51's gRPC stream response
     # carries no status code (the model answers INVALID_ARG all the same).
-    expected = None if getattr(spec, "decoupled", False) else "StatusCode.INVALID_ARGUMENT"
+    expected = None if spec.decoupled else "StatusCode.INVALID_ARGUMENT"
     assert error.status() == expected, (error.status(), error.message())
     text = error.message()
     assert f"{tensor.name}=" in text and ("use " in text or "split" in text), text  # the input, its value, the fix

@@ -15,6 +15,7 @@ from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
+from utils.lora import LoraAdapter
 from utils.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, SCHEDULERS
 from utils.specs import PRECISIONS
 
@@ -101,6 +102,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                        help="networks the torch runtime compiles with torch.compile at load, e.g. unet vae_decoder "
                             "(a minute or more per network, cached for restarts; pays where a network runs at every "
                             "step, and for the VAE decoder: 8.7 against 22.6 ms an image on an H100)")
+    group.add_argument("--lora", dest="adapters", action="append", type=lora_argument, default=[], metavar="NAME=PATH",
+                       help="serve a LoRA adapter (a diffusers LoRA .safetensors file; tiny: a random one for the tiny "
+                            "model) as a UNet of its own, unet_NAME, that requests choose with lora=NAME; repeat for "
+                            "several. The ONNX routes export it with optim/convert_unet_to_onnx.py --lora NAME=PATH")
     group.add_argument("--pipeline-environment", type=Path, default=None,
                        help="a Python environment (utils/repository/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
@@ -125,7 +130,15 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
     return Deployment(backend=backend, runtime=args.runtime, device=args.device, precision=args.precision,
                       placement=placement, torch_compile=tuple(args.torch_compile),
                       pipeline_environment=args.pipeline_environment, ensembles=args.ensembles,
-                      image_sizes=args.image_sizes)
+                      image_sizes=args.image_sizes, adapters=tuple(args.adapters))
+
+
+def lora_argument(text: str) -> LoraAdapter:
+    """``NAME=PATH``, as --lora takes it."""
+    try:
+        return LoraAdapter.parse(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def image_sizes(text: str) -> tuple[int, int]:
@@ -203,7 +216,8 @@ def save_images(images: np.ndarray, path: str | Path) -> list[Path]:
 
 def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
     """The command line shared by the four optim/convert_*_to_onnx.py scripts."""
-    from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
+    from utils.export import DEFAULT_ONNX_DIR, adapter_onnx_path, export_network, onnx_path
+    from utils.lora import fused_model
     from utils.models import DEFAULT_MODELS_DIR, resolve_model
 
     axes = sorted({axis for tensor in network.dynamic_axes().values() for axis in tensor.values()})
@@ -222,14 +236,22 @@ def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
                         help="keep the weights in <network>.onnx.data beside the graph at any size "
                              "(graphs over 2 GB always do)")
     parser.add_argument("--force", action="store_true", help="export again even if the file exists")
+    if network is specs.UNET:
+        parser.add_argument("--lora", dest="adapters", action="append", type=lora_argument, default=[],
+                            metavar="NAME=PATH", help="also export the UNet with this LoRA adapter fused in, as "
+                                                      "unet_NAME-<hash>.onnx (repeat for several; tiny: a random one)")
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model, args.models_dir)
-    output = onnx_path(args.onnx_dir, args.model, network.name)
-    result = export_network(network, model_dir, output, args.precision, args.device, args.force,
-                            args.external_data)
-    if result.skipped:
-        print(f"{network.name}: {output} exists, skipped (pass --force to export again)")
-    else:
-        print(f"{network.name}: wrote {output} in {result.seconds:.1f} s; "
-              f"max |onnxruntime - torch| = {result.max_abs_error:.2e}")
+    jobs = [(network.name, model_dir, onnx_path(args.onnx_dir, args.model, network.name))]
+    for adapter in getattr(args, "adapters", []):  # exported from the checkpoint with the adapter fused in
+        jobs.append((f"{network.name} with LoRA {adapter.name}", fused_model(model_dir, adapter, args.models_dir),
+                     adapter_onnx_path(args.onnx_dir, args.model, model_dir, adapter, args.models_dir)))
+    for label, source, output in jobs:
+        result = export_network(network, source, output, args.precision, args.device, args.force,
+                                args.external_data)
+        if result.skipped:
+            print(f"{label}: {output} exists, skipped (pass --force to export again)")
+        else:
+            print(f"{label}: wrote {output} in {result.seconds:.1f} s; "
+                  f"max |onnxruntime - torch| = {result.max_abs_error:.2e}")
     return result

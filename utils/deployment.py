@@ -15,6 +15,7 @@ from pathlib import Path
 
 from utils import layout, specs
 from utils.errors import UsageError
+from utils.lora import LoraAdapter, check_names
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 # What runs a network inside the python backend: its ONNX graph (with ONNX Runtime, on the CPU), or
@@ -80,9 +81,10 @@ class Placement:
         then queue their steps on the GPU without waiting for each (step_batching.py)."""
         return self.pipeline_loop == "gpu" or self.unet_in_process(pipeline)
 
-    def model_name(self, network_name: str, gpu: int | None = None) -> str:
-        """The served name of a network (on ``gpu``, where each GPU has its own copy)."""
-        return layout.served_name(network_name, gpu if self.per_gpu_models else None)
+    def model_name(self, network_name: str, gpu: int | None = None, adapter: str | None = None) -> str:
+        """The served name of a network (on ``gpu``, where each GPU has its own copy; with a LoRA
+        ``adapter`` fused in)."""
+        return layout.served_name(network_name, gpu if self.per_gpu_models else None, adapter)
 
     def network_gpus(self) -> tuple[int | None, ...]:
         """One served copy per entry: per GPU, or one for all (``None``)."""
@@ -113,6 +115,8 @@ class Deployment:
     # checkpoint's own size. The TensorRT profiles are built for them and the pipelines refuse
     # others, so a wider range costs engine build time and, at the extremes, some speed.
     image_sizes: tuple[int, int] | None = None
+    # LoRA adapters (utils/lora.py), each served as a UNet of its own with the adapter fused in.
+    adapters: tuple[LoraAdapter, ...] = ()
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -148,6 +152,7 @@ class Deployment:
                 f"on one device does (got --backend {self.backend} --runtime {self.runtime}, "
                 f"--gpus {','.join(map(str, self.placement.gpus)) or 'none'}): add --runtime torch, keep to one GPU, "
                 f"or use --pipeline-loop cpu.")
+        check_names(self.adapters)
 
     def sizes(self, dims: specs.ModelDims) -> specs.ImageSizes:
         """The image sizes served, for a checkpoint of ``dims``."""
@@ -188,7 +193,8 @@ class Deployment:
                 "pipeline_loop": self.placement.pipeline_loop,
                 "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None,
                 "ensembles": self.serves_ensembles,
-                "image_sizes": list(self.image_sizes) if self.image_sizes else "default"}
+                "image_sizes": list(self.image_sizes) if self.image_sizes else "default",
+                "adapters": [adapter.name for adapter in self.adapters]}
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ class Serving:
     gpus: tuple[int, ...] = ()
     loop_device: str = "cpu"  # where the loop keeps its tensors
     unet_in_process: InProcessUnet | None = None
+    adapters: tuple[str, ...] = ()  # the LoRA adapters served, each as unet_<name>
 
     @classmethod
     def of(cls, deployment: Deployment, pipeline: specs.PipelineSpec, precision: str,
@@ -224,7 +231,7 @@ class Serving:
                                  loops_in_flight=placement.pipeline_instances)
         return cls(precision=precision, device="cuda" if on_gpu else "cpu", image_sizes=deployment.sizes(dims),
                    gpus=placement.gpus, loop_device="cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
-                   unet_in_process=unet)
+                   unet_in_process=unet, adapters=tuple(adapter.name for adapter in deployment.adapters))
 
     @property
     def placement(self) -> Placement:
@@ -233,6 +240,8 @@ class Serving:
     def to_json(self) -> str:
         record = {"precision": self.precision, "device": self.device, "gpus": list(self.gpus),
                   "loop_device": self.loop_device, "image_sizes": asdict(self.image_sizes)}
+        if self.adapters:
+            record["adapters"] = list(self.adapters)
         if self.unet_in_process is not None:
             record["unet_in_process"] = asdict(self.unet_in_process)
         return json.dumps(record, indent=2) + "\n"
@@ -243,7 +252,8 @@ class Serving:
         unet = record.get("unet_in_process")
         return cls(precision=record["precision"], device=record["device"], gpus=tuple(record["gpus"]),
                    loop_device=record["loop_device"], image_sizes=specs.ImageSizes(**record["image_sizes"]),
-                   unet_in_process=InProcessUnet(**unet) if unet else None)
+                   unet_in_process=InProcessUnet(**unet) if unet else None,
+                   adapters=tuple(record.get("adapters", ())))
 
     @classmethod
     def read(cls, repository: Path, pipeline: str) -> Serving | None:

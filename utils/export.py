@@ -21,6 +21,8 @@ import torch
 
 from utils import specs
 from utils.errors import UsageError, UserError
+from utils.layout import served_name
+from utils.lora import LoraAdapter, fused_id
 from utils.models import model_slug
 from utils.networks import TORCH_DTYPES, load_network
 
@@ -59,6 +61,22 @@ class ExportResult:
 
 def onnx_path(onnx_dir: str | Path, model: str, network: str) -> Path:
     return Path(onnx_dir) / model_slug(model) / f"{network}.onnx"
+
+
+def adapter_onnx_path(onnx_dir: str | Path, model: str, model_dir: Path, adapter: LoraAdapter,
+                      models_dir: Path) -> Path:
+    """A LoRA adapter's UNet graph: ``unet_<name>-<hash>.onnx`` (utils/lora.py's fused_id)."""
+    return onnx_path(onnx_dir, model, f"{specs.UNET.name}_{fused_id(adapter, model_dir, models_dir)}")
+
+
+def served_onnx_files(onnx_dir: str | Path, model: str, model_dir: Path, adapters: tuple[LoraAdapter, ...],
+                      models_dir: Path) -> dict[str, Path]:
+    """Per served network name, its exported graph: the four networks', and each adapter's UNet."""
+    files = {name: onnx_path(onnx_dir, model, name) for name in specs.NETWORKS}
+    for adapter in adapters:
+        files[served_name(specs.UNET.name, adapter=adapter.name)] = adapter_onnx_path(onnx_dir, model, model_dir,
+                                                                                      adapter, models_dir)
+    return files
 
 
 def export_network(

@@ -40,16 +40,22 @@ SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision
 _GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")
 
 
-def served_name(network: str, gpu: int | None = None) -> str:
+def served_name(network: str, gpu: int | None = None, adapter: str | None = None) -> str:
     """The name a network is served under: its own, or ``<network>_gpu<N>`` for its copy on GPU N
-    (on several GPUs each GPU serves its own copy; utils/deployment.py says why)."""
-    return network if gpu is None else f"{network}_gpu{gpu}"
+    (on several GPUs each GPU serves its own copy; utils/deployment.py says why); with a LoRA
+    adapter fused in (utils/lora.py), ``<network>_<adapter>`` (and its GPU after that)."""
+    name = network if adapter is None else f"{network}_{adapter}"
+    return name if gpu is None else f"{name}_gpu{gpu}"
 
 
 def network_of(model_name: str) -> str:
-    """The network a served name stands for: ``unet_gpu1`` -> ``unet``; other names unchanged."""
+    """The network a served name stands for: ``unet_gpu1`` and ``unet_<adapter>`` -> ``unet``;
+    other names unchanged."""
+    from utils.specs import NETWORKS
+
     match = _GPU_COPY.match(model_name)
-    return match["network"] if match else model_name
+    name = match["network"] if match else model_name
+    return next((network for network in NETWORKS if name.startswith(f"{network}_")), name)
 
 
 def config_file(repository: Path, model: str) -> Path:

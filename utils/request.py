@@ -9,6 +9,7 @@ no server path).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Mapping, Sequence
 
@@ -32,6 +33,12 @@ SCHEDULERS = ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "Euler
               "LMSDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", *FEW_STEP_SCHEDULERS)
 MAX_PROMPT_BYTES = 2048  # far above what the tokenizer keeps (77 tokens), small enough to be harmless
 GUIDANCE_SCALE_RANGE = (0.0, 100.0)
+# LoRA: at most this many adapters in one request (diffusers' set_adapters takes any number; each
+# one applied costs the in-process swap a pass over its weights), each weighted within this range
+# (diffusers takes any number; past 2 an adapter's delta usually overwhelms the base weights).
+MAX_LORAS = 4
+LORA_SCALE_RANGE = (-2.0, 2.0)
+LORA_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")  # served as unet_<name>: lower case, digits, dashes
 SEED_RANGE = (0, 2**63 - 1)
 
 
@@ -55,6 +62,8 @@ class GenerationRequest:
     cfg_cutoff_step_ratio: float | None = None
     num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS
     seed: int | None = None  # None: a fresh random seed
+    lora: Sequence[str] = ()  # LoRA adapters by name: those the deployment serves (none: the base weights)
+    lora_scale: Sequence[float] | None = None  # one weight per adapter, as diffusers' set_adapters (None: 1 each)
 
     @property
     def batch_size(self) -> int:
@@ -64,6 +73,12 @@ class GenerationRequest:
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0  # as diffusers: guidance 1 (or less) needs no unconditional pass
+
+    @property
+    def adapters(self) -> tuple[tuple[str, float], ...]:
+        """The LoRA adapters with their weights, as checked by check_adapters: (name, weight) pairs."""
+        scales = self.lora_scale if self.lora_scale is not None else [1.0] * len(self.lora)
+        return tuple(zip(self.lora, scales))
 
     def negative_prompts(self) -> list[str]:
         """One negative prompt per prompt ('' when none was given, as diffusers does)."""
@@ -155,9 +170,38 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
         raise InvalidRequest(f"scheduler={request.scheduler!r} is not allowed: use one of {', '.join(SCHEDULERS)} "
                              f"(or leave it out for the checkpoint's own).")
     height, width = (_check_size(name, getattr(request, name), sizes, image_to_image) for name in ("height", "width"))
+    lora, lora_scale = check_adapters(request.lora, request.lora_scale)
     return replace(request, guidance_scale=guidance, cfg_cutoff_step_ratio=cutoff, num_inference_steps=steps,
                    seed=seed, strength=strength,
-                   num_images_per_prompt=images, height=height, width=width)
+                   num_images_per_prompt=images, height=height, width=width, lora=lora, lora_scale=lora_scale)
+
+
+def check_adapters(lora, lora_scale) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
+    """The adapters' names and weights on their own (whether the deployment serves them is
+    check_served_adapters'): names well formed and distinct, one finite weight in range each."""
+    names = tuple(_as_list(lora)) if lora is not None else ()
+    if len(names) > MAX_LORAS:
+        raise InvalidRequest(f"lora names {len(names)} adapters: at most {MAX_LORAS} per request; merge them into "
+                             f"fewer adapters or split the request.")
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not LORA_NAME.match(name):
+            raise InvalidRequest(f"lora[{index}]={name!r} is not an adapter name: names are lower-case letters, digits "
+                                 f"and dashes (the deployment's --lora NAME=PATH).")
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"lora={list(names)} names an adapter twice: name each once, with one weight.")
+    if lora_scale is None:
+        return names, None
+    values = lora_scale.reshape(-1).tolist() if isinstance(lora_scale, np.ndarray) else _as_list(lora_scale)
+    scales = [_number(f"lora_scale[{index}]", value, float) for index, value in enumerate(values)]
+    if len(scales) != len(names):
+        raise InvalidRequest(f"lora_scale has {len(scales)} values for {len(names)} adapter(s) in lora: send one weight "
+                             f"per adapter, in the same order (or leave lora_scale out for 1 each).")
+    low, high = LORA_SCALE_RANGE
+    for index, scale in enumerate(scales):
+        if not (math.isfinite(scale) and low <= scale <= high):
+            raise InvalidRequest(f"lora_scale[{index}]={scale!r} (for {names[index]!r}) is not allowed: use a finite "
+                                 f"weight in [{low:g}, {high:g}] (1: the adapter as trained, 0: off).")
+    return names, tuple(scales)
 
 
 def _check_size(name: str, value, sizes: specs.ImageSizes | None, image_to_image: bool) -> int | None:
@@ -200,7 +244,7 @@ def request_to_arrays(request: GenerationRequest, spec: specs.PipelineSpec = spe
     arrays = {}
     for tensor in spec.inputs:
         value = getattr(request, tensor.name) if tensor.name in REQUEST_FIELDS else None  # not: preview_every
-        if value is None:
+        if value is None or (tensor.optional and isinstance(value, (list, tuple)) and not value):  # lora=()
             continue
         if isinstance(value, np.ndarray):
             arrays[tensor.name] = np.ascontiguousarray(value)

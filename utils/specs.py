@@ -11,10 +11,11 @@ which is read from the model's own config files, so SD1.5 gets 77 tokens, 768 fe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Union
+
+# The checkpoint's sizes and the image sizes served, in a module of their own; named here too, as
+# every tensor's dims are resolved against them.
+from utils.model_dims import SPATIAL, Dim, ImageSizes, ModelDims  # noqa: F401
 
 # Float activations are FP16 in GPU engines and FP32 for the CPU default: a spec says
 # ACTIVATION and the precision is chosen when the network is exported.
@@ -23,11 +24,6 @@ PRECISIONS = ("FP32", "FP16")
 ONNX_FLOAT_PRECISIONS = {"FLOAT": "FP32", "FLOAT16": "FP16"}  # ONNX's element type names
 
 BATCH_AXIS = "batch"
-# The sizes that follow the image a request asks for: dynamic axes of the graphs, -1 in the
-# configs, a range in TensorRT's optimization profiles (ImageSizes).
-SPATIAL = ("latent_height", "latent_width", "image_height", "image_width")
-
-Dim = Union[int, str]
 
 
 @dataclass(frozen=True)
@@ -98,93 +94,6 @@ class NetworkSpec:
     def max_prompts(self) -> int:
         """How many prompts one call of this network can take at most."""
         return self.profile.max // (2 if self.cfg_doubled else 1)
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The sizes a Stable Diffusion checkpoint fixes, read from its config files."""
-
-    text_length: int  # tokens per prompt (77 for SD1.5)
-    text_hidden: int  # text encoder features (768)
-    latent_channels: int  # 4
-    latent_height: int  # 64 for 512x512
-    latent_width: int
-    vae_scale_factor: int  # image size / latent size (8)
-
-    @property
-    def image_height(self) -> int:
-        return self.latent_height * self.vae_scale_factor
-
-    @property
-    def image_width(self) -> int:
-        return self.latent_width * self.vae_scale_factor
-
-    @property
-    def latent_parameters(self) -> int:
-        return 2 * self.latent_channels  # the VAE encoder's mean and log-variance
-
-    @property
-    def size_step(self) -> int:
-        """What an image's height and width must be multiples of: one latent pixel."""
-        return self.vae_scale_factor
-
-    def at_size(self, height: int, width: int) -> ModelDims:
-        """These dims for an image of ``height`` x ``width`` pixels."""
-        return replace(self, latent_height=height // self.vae_scale_factor, latent_width=width // self.vae_scale_factor)
-
-    def resolve(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else getattr(self, d) for d in dims)
-
-    def resolve_static(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
-        """As a config declares them: the image's sizes vary (-1), the others are this checkpoint's."""
-        return tuple(-1 if d in SPATIAL else r for d, r in zip(dims, self.resolve(dims)))
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> ModelDims:
-        """Read the sizes from a diffusers folder's config files (no weights are loaded)."""
-        model_dir = Path(model_dir)
-
-        def config(sub: str) -> dict:
-            return json.loads((model_dir / sub / "config.json").read_text())
-
-        text, unet, vae = config("text_encoder"), config("unet"), config("vae")
-        tokenizer_config = json.loads((model_dir / "tokenizer" / "tokenizer_config.json").read_text())
-        latent = unet["sample_size"]
-        return cls(
-            text_length=min(tokenizer_config["model_max_length"], text["max_position_embeddings"]),
-            text_hidden=text["hidden_size"],
-            latent_channels=unet["in_channels"],
-            latent_height=latent,
-            latent_width=latent,
-            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-        )
-
-
-@dataclass(frozen=True)
-class ImageSizes:
-    """The heights and widths (each, in pixels) a deployment serves: multiples of ``step`` in
-    [min, max]. TensorRT's optimization profiles take the range on their spatial axes (the
-    checkpoint's own size as ``opt``); the pipelines refuse a size outside it."""
-
-    min: int
-    max: int
-    step: int
-
-    @classmethod
-    def default(cls, dims: ModelDims) -> ImageSizes:
-        """Around the checkpoint's size: three quarters of it to one and a half (SD1.5: 384-768)."""
-        step, native = dims.size_step, min(dims.image_height, dims.image_width)
-        return cls(max(step, native * 3 // 4 // step * step), -(-native * 3 // 2 // step) * step, step)
-
-    def __post_init__(self):
-        if not (0 < self.min <= self.max and self.min % self.step == 0 and self.max % self.step == 0):
-            raise ValueError(f"image sizes {self.min}-{self.max}: give multiples of {self.step}, the smaller first.")
-
-    def allows(self, size: int) -> bool:
-        return self.min <= size <= self.max and size % self.step == 0
-
-    def describe(self) -> str:
-        return f"a multiple of {self.step} in [{self.min}, {self.max}]"
 
 
 TEXT_ENCODER = NetworkSpec(
@@ -266,6 +175,10 @@ NUM_INFERENCE_STEPS = TensorSpec("num_inference_steps", "INT32", (1,), optional=
 SEED = TensorSpec("seed", "INT64", (1,), optional=True)
 # Classifier-free guidance stopped after this fraction of the steps (diffusers' SDCFGCutoffCallback).
 CFG_CUTOFF_STEP_RATIO = TensorSpec("cfg_cutoff_step_ratio", "FP32", (1,), optional=True)
+# LoRA adapters by name (those the deployment serves), each with its weight (diffusers' set_adapters
+# adapter_weights; 1 where left out).
+LORA = TensorSpec("lora", "BYTES", (-1,), optional=True)
+LORA_SCALE = TensorSpec("lora_scale", "FP32", (-1,), optional=True)
 INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
 STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
 SCHEDULER = TensorSpec("scheduler", "BYTES", (1,), optional=True)  # a diffusers scheduler's class name
@@ -286,7 +199,7 @@ FINAL = TensorSpec("final", "BOOL", (1,))
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
 REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH,
-                  GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED)
+                  GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE)
 TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, STRENGTH))
 IMAGE_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))
 
@@ -320,7 +233,8 @@ TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_
                          (batched(TEXT_ENCODER.inputs[0]),))
 DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
     "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, SCHEDULER,
-                NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED),
+                NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED,
+                LORA, LORA_SCALE),
     (LATENTS,), networks=(UNET,))
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
@@ -355,6 +269,7 @@ class EnsembleSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     steps: tuple[EnsembleStep, ...]
+    decoupled: bool = False  # an ensemble answers once: no ensemble here streams
 
     def max_prompts(self) -> int:
         return MAX_PROMPTS
@@ -377,7 +292,7 @@ ENCODE_IMAGE = EnsembleSpec(
      step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
 )
 _OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, CFG_CUTOFF_STEP_RATIO.name,
-            NUM_INFERENCE_STEPS.name, SEED.name)
+            NUM_INFERENCE_STEPS.name, SEED.name, LORA.name, LORA_SCALE.name)
 _CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
     "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from utils import specs
 from utils.deployment import Deployment
-from utils.export import DEFAULT_ONNX_DIR, export_network, onnx_path
+from utils.export import DEFAULT_ONNX_DIR, export_network, served_onnx_files
+from utils.layout import network_of, served_name
+from utils.lora import fused_model
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository.writer import write_repository
 from utils.timing import StepTimer
@@ -31,14 +33,16 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
     if not deployment.torch_runtime:
         precision = deployment.served_precision
         with step(heading("2")):
-            onnx_files = {}
-            for name, network in specs.NETWORKS.items():
-                path = onnx_path(onnx_dir, model, name)
-                result = export_network(network, model_dir, path, precision=precision, force=force)
-                onnx_files[name] = result.path
+            onnx_files = served_onnx_files(onnx_dir, model, model_dir, deployment.adapters, models_dir)
+            sources = {name: model_dir for name in specs.NETWORKS}
+            sources |= {served_name(specs.UNET.name, adapter=adapter.name): fused_model(model_dir, adapter, models_dir)
+                        for adapter in deployment.adapters}  # an adapter's UNet: exported from the fused checkpoint
+            for name, path in onnx_files.items():
+                network = specs.NETWORKS[network_of(name)]
+                result = export_network(network, sources[name], path, precision=precision, force=force)
                 status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
                 print(f"    {result.path}: {status}")
     with step(heading("3", str(repository))):
-        report = write_repository(repository, model_dir, onnx_files, deployment, force=force)
+        report = write_repository(repository, model_dir, onnx_files, deployment, force=force, models_dir=models_dir)
         print(f"    {len(report.written)} files written, {len(report.unchanged)} up to date")
     return model_dir

@@ -42,12 +42,12 @@ def _tensor_fields(tensor: specs.TensorSpec, precision: str, dims: specs.ModelDi
 
 
 def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision: str, deployment: Deployment,
-                   gpu: int | None = None) -> mc.ModelConfig:
+                   gpu: int | None = None, adapter: str | None = None) -> mc.ModelConfig:
     """The config of one network as ``deployment`` serves it; with a placement on several GPUs,
-    of its copy on ``gpu`` (``None``: the one copy)."""
+    of its copy on ``gpu`` (``None``: the one copy); ``adapter``: the UNet with that LoRA fused in."""
     placement = deployment.placement
     config = mc.ModelConfig(
-        name=placement.model_name(network.name, gpu),
+        name=placement.model_name(network.name, gpu, adapter),
         max_batch_size=network.profile.max,
         input=[mc.ModelInput(**_tensor_fields(t, precision, dims)) for t in network.inputs],
         output=[mc.ModelOutput(**_tensor_fields(t, precision, dims)) for t in network.outputs],

@@ -21,6 +21,8 @@ from utils import layout, specs
 from utils.repository import configs, environments
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
+from utils.lora import fused_model
+from utils.models import DEFAULT_MODELS_DIR
 
 # What a pipeline model needs from a diffusers folder: everything but the weights.
 PIPELINE_FILE_PATTERNS = ("model_index.json", "tokenizer/*", "scheduler/*", "*/config.json")
@@ -142,15 +144,23 @@ def install_onnx(onnx_file: Path, version_dir: Path, report: RepositoryReport, f
     install_file(None, version_dir / layout.ONNX_FILE, report, force, text=graph.SerializeToString())
 
 
+def served_networks(deployment: Deployment) -> list[tuple[str, specs.NetworkSpec, str | None]]:
+    """Every network model the deployment serves once: (served name, spec, LoRA adapter or None):
+    the four networks, and a UNet per adapter (utils/lora.py)."""
+    adapters = [(layout.served_name(specs.UNET.name, adapter=a.name), specs.UNET, a.name) for a in deployment.adapters]
+    return [(name, network, None) for name, network in specs.NETWORKS.items()] + adapters
+
+
 def check_exports(onnx_files: dict[str, Path], dims: specs.ModelDims, deployment: Deployment) -> str:
-    """Check every exported graph before anything is written; return their one precision."""
+    """Check every exported graph (by served name) before anything is written; return their one precision."""
     precisions = set()
-    for name, network in specs.NETWORKS.items():
-        onnx_file = Path(onnx_files[name])
-        if not onnx_file.exists():
+    for name, network, adapter in served_networks(deployment):
+        onnx_file = Path(onnx_files[name]) if name in onnx_files else None
+        if onnx_file is None or not onnx_file.exists():
+            lora = f" --lora {adapter}=PATH" if adapter else ""
             raise MissingExport(
-                f"{onnx_file} not found: export it first with "
-                f"`python optim/convert_{network.name}_to_onnx.py` (same --model and --onnx-dir)."
+                f"{onnx_file or name + '.onnx'} not found: export it first with "
+                f"`python optim/convert_{network.name}_to_onnx.py{lora}` (same --model and --onnx-dir)."
             )
         precisions.add(onnx_precision(onnx_file, network, dims))
     if len(precisions) != 1:
@@ -165,36 +175,40 @@ def check_exports(onnx_files: dict[str, Path], dims: specs.ModelDims, deployment
 
 
 def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, dims: specs.ModelDims,
-                precision: str, deployment: Deployment, report: RepositoryReport, force: bool = False) -> None:
-    model_dir = repository / network.name
+                precision: str, deployment: Deployment, report: RepositoryReport, force: bool = False,
+                adapter: str | None = None) -> None:
+    """A network's exported graph and config (``adapter``: the UNet with that LoRA fused in)."""
+    model_dir = repository / deployment.placement.model_name(network.name, adapter=adapter)
     onnx_dir = model_dir / str(layout.ONNX_VERSION)
     install_onnx(onnx_file, onnx_dir, report, force)
     (model_dir / str(layout.ENGINE_VERSION)).mkdir(exist_ok=True)
-    config = configs.network_config(network, dims, precision, deployment)
+    config = configs.network_config(network, dims, precision, deployment, adapter=adapter)
     install_file(None, model_dir / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
     if deployment.backend == "python":
         install_file(None, onnx_dir / "model.py", report, force, text=PYTHON_BACKEND_MODEL)
 
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
-                      deployment: Deployment, report: RepositoryReport, force: bool = False) -> None:
+                      deployment: Deployment, report: RepositoryReport, force: bool = False,
+                      adapter: str | None = None) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
-    once per GPU where the placement serves a copy on each."""
+    once per GPU where the placement serves a copy on each (``adapter``: ``model_dir`` is the
+    checkpoint with that LoRA fused into its UNet, utils/lora.py)."""
     from utils.networks import WRAPPERS
 
     placement = deployment.placement
     for gpu in placement.network_gpus():
-        name = placement.model_name(network.name, gpu)
+        name = placement.model_name(network.name, gpu, adapter)
         version_dir = repository / name / str(layout.ONNX_VERSION)
         checkpoint = version_dir / layout.CHECKPOINT_DIR
-        for source in _pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
+        for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
-        config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu=gpu)
+        config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu, adapter)
         install_file(None, layout.config_file(repository, name), report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
 
 
-def _pipeline_files(model_dir: Path) -> list[Path]:
+def pipeline_files(model_dir: Path) -> list[Path]:
     return [source for pattern in PIPELINE_FILE_PATTERNS for source in sorted(model_dir.glob(pattern))]
 
 
@@ -216,7 +230,7 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     if target.resolve() != committed.resolve():
         install_file(committed / "1" / "model.py", version_dir / "model.py", report, force)
     install_file(None, target / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
-    for source in _pipeline_files(model_dir):
+    for source in pipeline_files(model_dir):
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
     serving = Serving.of(deployment, pipeline, precision, specs.ModelDims.from_pretrained(model_dir))
     install_file(None, version_dir / layout.SERVING_FILE, report, force, text=serving.to_json())
@@ -243,11 +257,15 @@ def add_ensemble(repository: Path, ensemble: specs.EnsembleSpec, precision: str,
 
 
 def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: dict[str, Path] | None,
-                     deployment: Deployment = Deployment(), force: bool = False) -> RepositoryReport:
-    """Install the four networks and the pipeline models as ``deployment`` serves them.
+                     deployment: Deployment = Deployment(), force: bool = False,
+                     models_dir: Path = DEFAULT_MODELS_DIR) -> RepositoryReport:
+    """Install the four networks, a UNet per LoRA adapter and the pipeline models as ``deployment``
+    serves them.
 
-    With the python backend's torch runtime the networks come from the checkpoint's weights and
-    ``onnx_files`` is not needed; otherwise every graph is checked before anything is written.
+    With the python backend's torch runtime the networks come from the checkpoint's weights (an
+    adapter's UNet from the checkpoint with it fused in, written under ``models_dir``) and
+    ``onnx_files`` is not needed; otherwise ``onnx_files`` maps each served name to its graph, and
+    every graph is checked before anything is written.
     """
     repository, model_dir = Path(repository), Path(model_dir)
     dims = specs.ModelDims.from_pretrained(model_dir)
@@ -255,12 +273,15 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
     report = RepositoryReport()
     if deployment.torch_runtime:
         precision = deployment.served_precision
-        for network in specs.NETWORKS.values():
-            add_torch_network(repository, network, model_dir, dims, deployment, report, force)
+        fused = {a.name: fused_model(model_dir, a, models_dir) for a in deployment.adapters}  # checked first
+        for name, network, adapter in served_networks(deployment):
+            source = fused[adapter] if adapter else model_dir
+            add_torch_network(repository, network, source, dims, deployment, report, force, adapter)
     else:
         precision = check_exports(onnx_files, dims, deployment)
-        for name, network in specs.NETWORKS.items():
-            add_network(repository, network, Path(onnx_files[name]), dims, precision, deployment, report, force)
+        for name, network, adapter in served_networks(deployment):
+            add_network(repository, network, Path(onnx_files[name]), dims, precision, deployment, report, force,
+                        adapter)
     ensembles = deployment.serves_ensembles
     for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
         add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)

@@ -99,7 +99,7 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0)
             arrays = request_to_arrays(request, spec)
-            if getattr(spec, "decoupled", False):  # a stream (never an ensemble): no previews, its final answer
+            if spec.decoupled:  # a stream (never an ensemble): no previews, its final answer
                 stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)
             else:
                 client.infer(spec.name, infer_inputs(arrays), client_timeout=timeout)

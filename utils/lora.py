@@ -1,0 +1,198 @@
+"""LoRA adapters: named in a deployment, checked before anything is written, fused into UNets of
+their own; and the tiny ones the demo and the tests build.
+
+An adapter is a LoRA file as diffusers reads it with ``load_lora_weights`` (its own format, as
+``save_lora_weights`` writes it, or the Kohya/A1111 ones it converts). A deployment serves each
+adapter as a UNet of its own, ``unet_<name>``: the base weights with the adapter fused in at
+weight 1, as diffusers' ``fuse_lora`` does, then exported, served and built for TensorRT like the
+base UNet. A request names adapters in ``lora`` (and their weights in ``lora_scale``); the loop
+sends its UNet calls to the adapter's UNet, whichever way it runs (docs/lora.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from utils.errors import UsageError, UserError
+from utils.request import LORA_NAME, InvalidRequest
+
+TINY = "tiny"  # --lora NAME=tiny: a random adapter for the tiny model, built here with peft
+TINY_RANK = 4
+# Fused at this weight: diffusers' set_adapters default, the adapter as it was trained.
+FUSED_SCALE = 1.0
+UNET_PREFIX = "unet"  # the UNet's keys in a diffusers LoRA file
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
+
+
+class AdapterError(UserError, ValueError):
+    """A LoRA file that does not fit the checkpoint: nothing is written."""
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter of a deployment: its served name and its file (or ``tiny``)."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, text: str) -> LoraAdapter:
+        """``NAME=PATH``, as --lora takes it."""
+        name, separator, path = text.partition("=")
+        if not separator or not path:
+            raise UsageError(f"--lora {text!r}: give NAME=PATH, e.g. --lora style=loras/style.safetensors "
+                             f"(or NAME={TINY} for a random adapter of the tiny model).")
+        if not LORA_NAME.match(name):
+            raise UsageError(f"--lora {text!r}: the name {name!r} is served as unet_{name}; use lower-case letters, "
+                             f"digits and dashes (at most 40), starting with a letter or digit.")
+        return cls(name, Path(path))
+
+
+def check_names(adapters: tuple[LoraAdapter, ...]) -> None:
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--lora names {names}: each adapter needs a name of its own.")
+
+
+def adapter_file(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> Path:
+    """The adapter's LoRA file: the one given, or the tiny one built for ``model_dir`` (seeded by
+    the adapter's name, so each name has weights of its own)."""
+    if str(adapter.path) != TINY:
+        if not adapter.path.is_file():
+            raise AdapterError(f"--lora {adapter.name}={adapter.path}: no such file. Give a LoRA file (.safetensors, "
+                               f"as diffusers' save_lora_weights writes it), or {TINY} for a random tiny adapter.")
+        return adapter.path
+    seed = int.from_bytes(hashlib.sha256(adapter.name.encode()).digest()[:4], "little")
+    target = Path(models_dir) / f"{Path(model_dir).name}-lora" / adapter.name / LORA_FILE
+    if not target.exists():
+        build_tiny_adapter(model_dir, target, seed)
+    return target
+
+
+def build_tiny_adapter(model_dir: Path, target: Path, seed: int, rank: int = TINY_RANK) -> Path:
+    """A random LoRA for the UNet's attention projections, made with peft as diffusers' training
+    scripts make one, and saved in diffusers' format. Random B matrices (peft starts them at zero,
+    which would change nothing), scaled so that the adapter changes the image visibly but not
+    beyond recognition."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {key: value * 0.5 for key, value in layers.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, safe_serialization=True,
+                                                  weight_name=target.name)
+        (staging / target.name).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_adapter(unet, adapter_name: str, path: Path) -> None:
+    """Load a LoRA file into a diffusers UNet as adapter ``adapter_name``, checked: every key names
+    a module of this UNet with the shapes the file has, and the file has no text encoder part."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    except Exception as error:  # not safetensors, not a LoRA diffusers can read
+        raise AdapterError(f"{path}: not a LoRA file diffusers can read ({type(error).__name__}: {error}).") from None
+    others = sorted({key.split(".")[0] for key in state_dict} - {UNET_PREFIX})
+    if others:
+        raise AdapterError(f"{path}: has {', '.join(others)} weights; adapters are served for the UNet only here "
+                           f"(its text encoder part would need a text encoder per adapter): use a UNet-only LoRA.")
+    if not state_dict:
+        raise AdapterError(f"{path}: holds no LoRA weights.")
+    modules = dict(unet.named_modules())
+    for key in state_dict:
+        module = key[len(UNET_PREFIX) + 1:].split(".lora")[0].removesuffix(".alpha")
+        if module not in modules:
+            raise AdapterError(f"{path}: targets {module!r}, which this checkpoint's UNet does not have: the LoRA was "
+                               f"trained for another model (SD1.x adapters fit SD1.x checkpoints).")
+    try:
+        unet.load_lora_adapter(state_dict, prefix=UNET_PREFIX, network_alphas=alphas, adapter_name=adapter_name)
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise AdapterError(f"{path}: does not fit this checkpoint's UNet ({first}): the LoRA was trained for "
+                           f"another model.") from None
+
+
+def fused_id(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> str:
+    """``<name>-<hash>``: the adapter fused into this checkpoint, named by the hash of both, so that
+    a changed file gets a new fused UNet (and ONNX graph) and never overwrites the one made before."""
+    path = adapter_file(adapter, model_dir, models_dir)
+    digest = hashlib.sha256(path.read_bytes() + str(Path(model_dir).resolve()).encode()).hexdigest()[:12]
+    return f"{adapter.name}-{digest}"
+
+
+def fused_model(model_dir: Path, adapter: LoraAdapter, models_dir: Path) -> Path:
+    """A diffusers folder like ``model_dir`` whose UNet has the adapter fused in at FUSED_SCALE
+    (its configs, tokenizer and scheduler copied; no other weights): what the repository exports
+    and serves as ``unet_<name>``. Written once per checkpoint and adapter file (fused_id)."""
+    from diffusers import UNet2DConditionModel
+
+    from utils.repository.writer import pipeline_files  # noqa: I001  (the writer imports this module)
+
+    path = adapter_file(adapter, model_dir, models_dir)
+    target = Path(models_dir) / f"{Path(model_dir).name}-lora-{fused_id(adapter, model_dir, models_dir)}"
+    if target.exists():
+        return target
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    load_adapter(unet, adapter.name, path)
+    unet.fuse_lora(lora_scale=FUSED_SCALE, adapter_names=[adapter.name])
+    unet.unload_lora()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        for source in pipeline_files(Path(model_dir)):
+            (staging / source.relative_to(model_dir)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, staging / source.relative_to(model_dir))
+        unet.save_pretrained(staging / "unet")
+        (staging / "lora.json").write_text(json.dumps({"adapter": adapter.name, "file": str(path),
+                                                       "base": str(model_dir), "scale": FUSED_SCALE}, indent=2) + "\n")
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class ServedAdapters:
+    """The adapters a deployment serves, as the pipelines check a request against them: each one a
+    UNet of its own with the adapter fused at FUSED_SCALE, so one adapter per request, at that
+    weight. ``names``: as the repository recorded them; ``served``: asks the server instead (a
+    client, which cannot read the repository)."""
+
+    names: tuple[str, ...] = ()
+    served: Callable[[str], bool] | None = None
+
+    def check(self, lora: tuple[str, ...], lora_scale: tuple[float, ...] | None) -> None:
+        for name in lora:
+            if self.served is not None and not self.served(name):
+                raise InvalidRequest(f"lora={name!r} is not served: the server has no unet_{name} (its deployment's "
+                                     f"--lora NAME=PATH adds adapters).")
+            if self.served is None and name not in self.names:
+                available = ", ".join(self.names) or "none (the deployment's --lora NAME=PATH adds them)"
+                raise InvalidRequest(f"lora={name!r} is not served: the adapters here are {available}.")
+        if len(lora) > 1:
+            raise InvalidRequest(f"lora={list(lora)}: this deployment serves each adapter fused into a UNet of its own, "
+                                 f"one adapter per request; ask for one (to serve a mix, fuse it into one LoRA file "
+                                 f"and deploy that).")
+        if lora_scale is not None and any(scale != FUSED_SCALE for scale in lora_scale):
+            raise InvalidRequest(f"lora_scale={list(lora_scale)}: the adapters here are fused at weight "
+                                 f"{FUSED_SCALE:g}; leave lora_scale out or send {FUSED_SCALE:g}.")

@@ -1,0 +1,103 @@
+"""The sizes a Stable Diffusion checkpoint fixes (``ModelDims``, read from its config files) and
+the image sizes a deployment serves (``ImageSizes``); the specs (utils/specs.py) resolve every
+tensor's symbolic dims ("text_length", "latent_height", ...) against them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Union
+
+# The sizes that follow the image a request asks for: dynamic axes of the graphs, -1 in the
+# configs, a range in TensorRT's optimization profiles (ImageSizes).
+SPATIAL = ("latent_height", "latent_width", "image_height", "image_width")
+
+Dim = Union[int, str]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a Stable Diffusion checkpoint fixes, read from its config files."""
+
+    text_length: int  # tokens per prompt (77 for SD1.5)
+    text_hidden: int  # text encoder features (768)
+    latent_channels: int  # 4
+    latent_height: int  # 64 for 512x512
+    latent_width: int
+    vae_scale_factor: int  # image size / latent size (8)
+
+    @property
+    def image_height(self) -> int:
+        return self.latent_height * self.vae_scale_factor
+
+    @property
+    def image_width(self) -> int:
+        return self.latent_width * self.vae_scale_factor
+
+    @property
+    def latent_parameters(self) -> int:
+        return 2 * self.latent_channels  # the VAE encoder's mean and log-variance
+
+    @property
+    def size_step(self) -> int:
+        """What an image's height and width must be multiples of: one latent pixel."""
+        return self.vae_scale_factor
+
+    def at_size(self, height: int, width: int) -> ModelDims:
+        """These dims for an image of ``height`` x ``width`` pixels."""
+        return replace(self, latent_height=height // self.vae_scale_factor, latent_width=width // self.vae_scale_factor)
+
+    def resolve(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else getattr(self, d) for d in dims)
+
+    def resolve_static(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
+        """As a config declares them: the image's sizes vary (-1), the others are this checkpoint's."""
+        return tuple(-1 if d in SPATIAL else r for d, r in zip(dims, self.resolve(dims)))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelDims:
+        """Read the sizes from a diffusers folder's config files (no weights are loaded)."""
+        model_dir = Path(model_dir)
+
+        def config(sub: str) -> dict:
+            return json.loads((model_dir / sub / "config.json").read_text())
+
+        text, unet, vae = config("text_encoder"), config("unet"), config("vae")
+        tokenizer_config = json.loads((model_dir / "tokenizer" / "tokenizer_config.json").read_text())
+        latent = unet["sample_size"]
+        return cls(
+            text_length=min(tokenizer_config["model_max_length"], text["max_position_embeddings"]),
+            text_hidden=text["hidden_size"],
+            latent_channels=unet["in_channels"],
+            latent_height=latent,
+            latent_width=latent,
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+        )
+
+
+@dataclass(frozen=True)
+class ImageSizes:
+    """The heights and widths (each, in pixels) a deployment serves: multiples of ``step`` in
+    [min, max]. TensorRT's optimization profiles take the range on their spatial axes (the
+    checkpoint's own size as ``opt``); the pipelines refuse a size outside it."""
+
+    min: int
+    max: int
+    step: int
+
+    @classmethod
+    def default(cls, dims: ModelDims) -> ImageSizes:
+        """Around the checkpoint's size: three quarters of it to one and a half (SD1.5: 384-768)."""
+        step, native = dims.size_step, min(dims.image_height, dims.image_width)
+        return cls(max(step, native * 3 // 4 // step * step), -(-native * 3 // 2 // step) * step, step)
+
+    def __post_init__(self):
+        if not (0 < self.min <= self.max and self.min % self.step == 0 and self.max % self.step == 0):
+            raise ValueError(f"image sizes {self.min}-{self.max}: give multiples of {self.step}, the smaller first.")
+
+    def allows(self, size: int) -> bool:
+        return self.min <= size <= self.max and size % self.step == 0
+
+    def describe(self) -> str:
+        return f"a multiple of {self.step} in [{self.min}, {self.max}]"
