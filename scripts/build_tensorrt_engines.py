@@ -30,8 +30,10 @@ def main(argv=None):
     parser.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS)
     parser.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE, type=Path,
                         help="reused across builds: later builds of similar layers are much faster")
-    parser.add_argument("--network", action="append", choices=list(specs.NETWORKS),
-                        help="build only this network (repeatable); default: all four")
+    parser.add_argument("--network", action="append", metavar="NAME",
+                        help="build only this network, by its served name: text_encoder, unet, vae_encoder, "
+                             "vae_decoder or a LoRA adapter's unet_NAME (repeatable); default: every one the "
+                             "repository serves with TensorRT")
     parser.add_argument("--docker", action="store_true", help="run trtexec in the export image (docker run --gpus)")
     parser.add_argument("--force", action="store_true", help="rebuild engines that exist")
     parser.add_argument("--print-commands", action="store_true",
@@ -41,8 +43,10 @@ def main(argv=None):
     if args.docker and args.repository.is_absolute():
         raise UsageError(f"--repository {args.repository}: with --docker it must be inside this folder (mounted at "
                          f"/workspace); pass a relative path.")
-    networks = [specs.NETWORKS[name] for name in (args.network or specs.NETWORKS)]
-    not_tensorrt = [n.name for n in networks if n not in tensorrt_networks(args.repository)]
+    served = {network.name: network for network in tensorrt_networks(args.repository)}
+    requested = args.network or list(served) or list(specs.NETWORKS)
+    not_tensorrt = [name for name in requested if name not in served]
+    networks = [served[name] for name in requested if name in served]
     if not_tensorrt:  # an engine there would never be loaded
         raise UsageError(
             f"{args.repository} does not serve {', '.join(not_tensorrt)} with TensorRT (its config.pbtxt "

@@ -14,12 +14,15 @@ import pytest
 
 from utils import specs
 from utils.deployment import Deployment
-from utils.export import export_network, onnx_path
+from utils.export import adapter_onnx_path, export_network, onnx_path
+from utils.layout import served_name
+from utils.lora import TINY, LoraAdapter, adapter_file, fused_model
 from utils.models import build_preset
 from utils.repository.writer import write_repository
 from utils.server import TritonServer
 
 REPORT: list[str] = []  # figures printed at the end of the run (pytest_terminal_summary)
+ADAPTERS = ("style", "lcm")  # the session repository's LoRA adapters: tiny ones, built with peft
 
 
 @contextmanager
@@ -54,19 +57,36 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exports(tiny_model, tmp_path_factory):
-    """ExportResult per network, exported once for the whole run."""
-    onnx_dir = tmp_path_factory.mktemp("onnx")
-    return {
-        name: export_network(network, tiny_model, onnx_path(onnx_dir, "tiny", name))
-        for name, network in specs.NETWORKS.items()
-    }
+def models_dir(tmp_path_factory):
+    """Where the adapters and the checkpoints with an adapter fused in are written."""
+    return tmp_path_factory.mktemp("lora-models")
 
 
 @pytest.fixture(scope="session")
-def repository(tiny_model, exports, tmp_path_factory):
+def adapters(tiny_model, models_dir) -> tuple[LoraAdapter, ...]:
+    """The session repository's adapters, as files (diffusers' LoRA format)."""
+    return tuple(LoraAdapter(name, adapter_file(LoraAdapter(name, TINY), tiny_model, models_dir)) for name in ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_model, adapters, models_dir, tmp_path_factory):
+    """ExportResult per served network (the four, and each adapter's UNet), exported once for the whole run."""
+    onnx_dir = tmp_path_factory.mktemp("onnx")
+    results = {name: export_network(network, tiny_model, onnx_path(onnx_dir, "tiny", name))
+               for name, network in specs.NETWORKS.items()}
+    for adapter in adapters:
+        results[served_name(specs.UNET.name, adapter=adapter.name)] = export_network(
+            specs.UNET, fused_model(tiny_model, adapter, models_dir),
+            adapter_onnx_path(onnx_dir, "tiny", tiny_model, adapter, models_dir))
+    return results
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_model, exports, adapters, tmp_path_factory):
+    """The walkthrough's repository, with two LoRA adapters."""
     path = tmp_path_factory.mktemp("repository")
-    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()}, Deployment(backend="python"))
+    write_repository(path, tiny_model, {name: result.path for name, result in exports.items()},
+                     Deployment(backend="python", adapters=adapters))
     return path
 
 

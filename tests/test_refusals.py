@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from utils import specs
+from utils.layout import network_of
 from utils.grpc_client import infer_inputs
 from utils.request import GenerationRequest, request_to_arrays
 from utils.server.health import TOP_LEVEL, stream_once
@@ -59,7 +60,8 @@ def executions(server) -> dict[str, int]:
     """Each network's executions so far (Triton's statistics, behind the admin key)."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     stats = client.get_inference_statistics("", headers=server.admin_headers(), as_json=True)["model_stats"]
-    return {model["name"]: int(model.get("execution_count", 0)) for model in stats if model["name"] in specs.NETWORKS}
+    return {model["name"]: int(model.get("execution_count", 0)) for model in stats
+            if network_of(model["name"]) in specs.NETWORKS}  # the adapters' UNets too
 
 
 @pytest.fixture(scope="module")

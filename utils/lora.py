@@ -77,9 +77,8 @@ def adapter_file(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> Pat
 
 def build_tiny_adapter(model_dir: Path, target: Path, seed: int, rank: int = TINY_RANK) -> Path:
     """A random LoRA for the UNet's attention projections, made with peft as diffusers' training
-    scripts make one, and saved in diffusers' format. Random B matrices (peft starts them at zero,
-    which would change nothing), scaled so that the adapter changes the image visibly but not
-    beyond recognition."""
+    scripts make one, and saved in diffusers' format: random B matrices (peft starts them at zero,
+    which would change nothing), so that the adapter changes the image visibly."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -90,7 +89,6 @@ def build_tiny_adapter(model_dir: Path, target: Path, seed: int, rank: int = TIN
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {key: value * 0.5 for key, value in layers.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:

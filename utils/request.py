@@ -181,21 +181,21 @@ def check_adapters(lora, lora_scale) -> tuple[tuple[str, ...], tuple[float, ...]
     check_served_adapters'): names well formed and distinct, one finite weight in range each."""
     names = tuple(_as_list(lora)) if lora is not None else ()
     if len(names) > MAX_LORAS:
-        raise InvalidRequest(f"lora names {len(names)} adapters: at most {MAX_LORAS} per request; merge them into "
-                             f"fewer adapters or split the request.")
+        raise InvalidRequest(f"lora={list(names)} names {len(names)} adapters: at most {MAX_LORAS} per request; use "
+                             f"fewer, or merge them into one LoRA file.")
     for index, name in enumerate(names):
         if not isinstance(name, str) or not LORA_NAME.match(name):
             raise InvalidRequest(f"lora[{index}]={name!r} is not an adapter name: names are lower-case letters, digits "
-                                 f"and dashes (the deployment's --lora NAME=PATH).")
+                                 f"and dashes: use a name the deployment serves (its --lora NAME=PATH).")
     if len(set(names)) != len(names):
-        raise InvalidRequest(f"lora={list(names)} names an adapter twice: name each once, with one weight.")
+        raise InvalidRequest(f"lora={list(names)} names an adapter twice: use each name once, with one weight.")
     if lora_scale is None:
         return names, None
     values = lora_scale.reshape(-1).tolist() if isinstance(lora_scale, np.ndarray) else _as_list(lora_scale)
     scales = [_number(f"lora_scale[{index}]", value, float) for index, value in enumerate(values)]
     if len(scales) != len(names):
-        raise InvalidRequest(f"lora_scale has {len(scales)} values for {len(names)} adapter(s) in lora: send one weight "
-                             f"per adapter, in the same order (or leave lora_scale out for 1 each).")
+        raise InvalidRequest(f"lora_scale={scales} has {len(scales)} value(s) for {len(names)} adapter(s) in lora: use "
+                             f"one weight per adapter, in the same order (or leave lora_scale out for 1 each).")
     low, high = LORA_SCALE_RANGE
     for index, scale in enumerate(scales):
         if not (math.isfinite(scale) and low <= scale <= high):

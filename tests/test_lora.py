@@ -1,0 +1,219 @@
+"""LoRA adapters: each served as a UNet of its own, chosen per request, equal to diffusers with the
+same adapter; files that do not fit are refused before anything is written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ADAPTERS, report
+from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_options, with_scheduler
+from tritonclient.utils import InferenceServerException
+
+from pipelines.bls import BlsPipeline
+from pipelines.client_side import ClientSidePipeline
+from pipelines.ensemble import EnsemblePipeline
+from utils import specs
+from utils.lora import AdapterError, LoraAdapter, adapter_file, build_tiny_adapter, fused_model, load_adapter
+from utils.request import GenerationRequest, request_to_arrays
+
+CASES = {
+    "one adapter": dict(prompt="a red barn", seed=21, num_inference_steps=8, lora=["style"]),
+    # LCM-LoRA's use: the LCM scheduler, 4 steps, no guidance.
+    "LCM adapter, LCMScheduler, 4 steps, guidance 1": dict(prompt="a paper boat", seed=22, num_inference_steps=4,
+                                                         scheduler="LCMScheduler", guidance_scale=1.0, lora=["lcm"]),
+    "one adapter, guidance cut off after half the steps": dict(prompt="a glass of water", seed=23,
+                                                                num_inference_steps=8, cfg_cutoff_step_ratio=0.5,
+                                                                lora=["style"]),
+}
+
+
+@pytest.fixture(scope="module")
+def diffusers_with_adapters(tiny_model, adapters):
+    """diffusers' pipeline with the session's adapters loaded, as a user of diffusers loads them."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    for adapter in adapters:
+        pipeline.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+    return pipeline
+
+
+def diffusers_lora_images(pipeline, options: dict) -> np.ndarray:
+    """diffusers with the request's adapters active at their weights (none: LoRA disabled)."""
+    options = dict(options)
+    names, scales = options.pop("lora", []), options.pop("lora_scale", None)
+    if names:
+        pipeline.enable_lora()
+        pipeline.set_adapters(names, scales or [1.0] * len(names))
+    else:
+        pipeline.disable_lora()
+    reference = with_scheduler(pipeline, options.pop("scheduler", None))
+    seed = options.pop("seed")
+    output = reference(generator=torch.Generator().manual_seed(seed), output_type="pil", **diffusers_options(options))
+    return np.stack([np.asarray(image) for image in output.images])
+
+
+@pytest.fixture(scope="module")
+def ways(tiny_model, triton_server):
+    client_side = ClientSidePipeline(tiny_model, triton_server.grpc_url)
+    return {"client-side": lambda **options: client_side(progress=False, **options),
+            "BLS": BlsPipeline(triton_server.grpc_url), "ensemble": EnsemblePipeline(triton_server.grpc_url)}
+
+
+def max_difference(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_an_adapter_image_equals_diffusers_with_that_adapter(kind, case, ways, diffusers_with_adapters):
+    options = CASES[case]
+    images = ways[kind](**options)
+    expected = diffusers_lora_images(diffusers_with_adapters, options)
+    base = diffusers_lora_images(diffusers_with_adapters, {**options, "lora": []})
+    assert max_difference(expected, base) > 3 * MAX_PIXEL_DIFFERENCE, "the adapter changes nothing: the test would prove nothing"
+    difference = max_difference(images, expected)
+    report(f"{kind:<12} LoRA vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_adapters_switched_between_requests_leave_nothing_behind(kind, ways, diffusers_with_adapters):
+    """A -> B -> none -> A: each image is its adapter's (A twice the same), none is the base image."""
+    run = ways[kind]
+    request = dict(prompt="a lighthouse", seed=24, num_inference_steps=6)
+    first_a, b, none, second_a = (run(**request, lora=lora) for lora in (["style"], ["lcm"], [], ["style"]))
+    assert np.array_equal(first_a, second_a)
+    assert max_difference(first_a, b) > 3 * MAX_PIXEL_DIFFERENCE
+    for images, lora in ((b, ["lcm"]), (none, [])):
+        assert max_difference(images, diffusers_lora_images(diffusers_with_adapters, {**request, "lora": lora})) \
+            <= MAX_PIXEL_DIFFERENCE
+    report(f"{kind:<12} LoRA A -> B -> none -> A: A unchanged, B and none equal diffusers")
+
+
+GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
+BAD = {  # request fields -> the message's pattern
+    "unknown adapter": (dict(lora=["anime"]), r"lora='anime' is not served: the adapters here are style, lcm"),
+    "NaN weight": (dict(lora=["style"], lora_scale=[float("nan")]),
+                   r"lora_scale\[0\]=nan \(for 'style'\) is not allowed: use a finite weight in \[-2, 2\]"),
+    "infinite weight": (dict(lora=["style"], lora_scale=[float("inf")]), r"lora_scale\[0\]=inf .* finite weight"),
+    "weight out of range": (dict(lora=["style"], lora_scale=[3.0]), r"lora_scale\[0\]=3.0 .* \[-2, 2\]"),
+    "more weights than adapters": (dict(lora=["style"], lora_scale=[1.0, 1.0]),
+                                   r"lora_scale=\[1.0, 1.0\] has 2 value\(s\) for 1 adapter\(s\)"),
+    "a weight and no adapter": (dict(lora_scale=[1.0]), r"lora_scale=\[1.0\] has 1 value\(s\) for 0 adapter\(s\)"),
+    "an adapter twice": (dict(lora=["style", "style"]), r"names an adapter twice"),
+    "more adapters than allowed": (dict(lora=["a", "b", "c", "d", "e"]), r"names 5 adapters: at most 4"),
+    "a name that is no name": (dict(lora=["../unet"]), r"lora\[0\]='../unet' is not an adapter name"),
+    "two adapters, each fused alone": (dict(lora=["style", "lcm"]), r"one adapter per request"),
+    "a weight other than the fused one": (dict(lora=["style"], lora_scale=[0.5]), r"fused at weight 1"),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("spec", [specs.TEXT_TO_IMAGE, specs.ENSEMBLE_TEXT_TO_IMAGE], ids=lambda spec: spec.name)
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_adapter_request_is_refused_by_name_and_the_server_keeps_serving(case, spec, ways):
+    fields, message = BAD[case]
+    arrays = request_to_arrays(GenerationRequest(**GOOD, **fields), specs.TEXT_TO_IMAGE)
+    pipeline = ways["BLS" if spec is specs.TEXT_TO_IMAGE else "ensemble"]
+    with pytest.raises(InferenceServerException) as caught:
+        pipeline.infer(arrays, spec)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+    assert re.search(message, caught.value.message()), caught.value.message()
+    assert pipeline(**GOOD, lora=["style"]).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.server
+def test_the_client_side_pipeline_refuses_an_adapter_the_server_does_not_serve(ways):
+    from utils.request import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=r"lora='anime' is not served: the server has no unet_anime"):
+        ways["client-side"](**GOOD, lora=["anime"])
+
+
+@pytest.mark.slow  # builds adapters or exports
+def test_the_repository_serves_a_unet_per_adapter(repository):
+    for name in ADAPTERS:
+        assert (repository / f"unet_{name}" / "1" / "model.onnx").is_file()
+    serving = (repository / specs.TEXT_TO_IMAGE.name / "1" / "serving.json").read_text()
+    assert all(f'"{name}"' in serving for name in ADAPTERS)
+
+
+@pytest.mark.slow  # builds adapters or exports
+def test_a_changed_adapter_file_gets_a_new_fused_unet(tiny_model, tmp_path):
+    """Fused checkpoints are named by the file's hash: nothing made before is overwritten."""
+    path = build_tiny_adapter(tiny_model, tmp_path / "a.safetensors", seed=1)
+    first = fused_model(tiny_model, LoraAdapter("a", path), tmp_path / "models")
+    build_tiny_adapter(tiny_model, path, seed=2)
+    second = fused_model(tiny_model, LoraAdapter("a", path), tmp_path / "models")
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def _unet(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+
+
+@pytest.mark.slow  # builds adapters or exports
+def test_files_that_do_not_fit_are_refused_naming_the_file(tiny_model, tmp_path, adapters):
+    from safetensors.torch import load_file, save_file
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match=r"garbage.safetensors: not a LoRA file diffusers can read"):
+        load_adapter(_unet(tiny_model), "x", garbage)
+    weights = load_file(str(adapters[0].path))
+    renamed = {key.replace("attn1", "attn9"): value for key, value in weights.items()}
+    save_file(renamed, str(tmp_path / "other.safetensors"))
+    with pytest.raises(AdapterError, match=r"other.safetensors: targets '.*attn9.*', which this checkpoint's UNet does "
+                                           r"not have"):
+        load_adapter(_unet(tiny_model), "x", tmp_path / "other.safetensors")
+    resized = {key: torch.zeros(value.shape[0], value.shape[1] + 1) if "down" in key or "lora_A" in key else value
+               for key, value in weights.items()}
+    save_file(resized, str(tmp_path / "resized.safetensors"))
+    with pytest.raises(AdapterError, match=r"resized.safetensors: does not fit this checkpoint's UNet \(size mismatch"):
+        load_adapter(_unet(tiny_model), "x", tmp_path / "resized.safetensors")
+    text_encoder = {**weights, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight":
+                    torch.zeros(4, 32)}
+    save_file(text_encoder, str(tmp_path / "with-text-encoder.safetensors"))
+    with pytest.raises(AdapterError, match=r"has text_encoder weights; adapters are served for the UNet only"):
+        load_adapter(_unet(tiny_model), "x", tmp_path / "with-text-encoder.safetensors")
+
+
+@pytest.mark.slow  # builds adapters or exports
+def test_a_bad_adapter_writes_nothing(tiny_model, tmp_path):
+    from utils.deployment import Deployment
+    from utils.repository.writer import write_repository
+
+    with pytest.raises(AdapterError, match=r"--lora style=missing.safetensors: no such file"):
+        write_repository(tmp_path / "repository", tiny_model, None,
+                         Deployment(runtime="torch", adapters=(LoraAdapter("style", Path("missing.safetensors")),)),
+                         models_dir=tmp_path / "models")
+    assert not (tmp_path / "repository").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("style", r"give NAME=PATH"), ("Style=x.safetensors", r"lower-case letters, digits and dashes"),
+    ("=x.safetensors", r"the name '' is served as unet_"),
+])
+def test_the_lora_flag_says_how_to_write_it(text, message):
+    from utils.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        LoraAdapter.parse(text)
+
+
+@pytest.mark.slow  # builds adapters or exports
+def test_a_tiny_adapter_is_the_same_for_the_same_name(tiny_model, tmp_path):
+    first = adapter_file(LoraAdapter("style", Path("tiny")), tiny_model, tmp_path / "a")
+    second = adapter_file(LoraAdapter("style", Path("tiny")), tiny_model, tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
