@@ -288,8 +288,8 @@ class PipelineModel:
             with self.times.phase("cancellation checks"):
                 return request.is_cancelled()
 
-        outputs = self.compute(request_from_arrays(arrays, self.spec), tensors,
-                           at_most_every(CANCELLATION_CHECK_SECONDS, is_cancelled))
+        generation = request_from_arrays(arrays, self.spec)
+        outputs = self.compute(generation, tensors, at_most_every(CANCELLATION_CHECK_SECONDS, is_cancelled))
         if self.profile:
             split = self.times.summary(time.perf_counter() - start, rest="loop and scheduler")
             if self.unet is not None and self.unet.batches:
@@ -299,6 +299,9 @@ class PipelineModel:
             self.logger.log_info(f"{self.spec.name}: {split}")
         if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
             self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
+        made = next((len(outputs[self.spec.outputs.index(t)]) for t in (specs.IMAGES, specs.LATENTS)
+                     if t in self.spec.outputs), 0)  # where the loop ran: with its adapters
+        self.metrics.adapter_images(generation.lora, made)
         return outputs
 
     def _settle_metrics(self) -> None:

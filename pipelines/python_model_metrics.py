@@ -122,5 +122,10 @@ class PipelineMetrics:
         name = match[0] if match and match[0] in self.inputs else "request"
         self._labelled(metrics.REJECTED, input=name).increment(1)
 
+    def adapter_images(self, adapters, count: int) -> None:
+        """``count`` images made with each of these LoRA adapters."""
+        for name in adapters:
+            self._labelled(metrics.LORA_IMAGES, adapter=name).increment(count)
+
     def invalid_image(self, error: InvalidImage) -> None:
         self._labelled(metrics.INVALID_IMAGES, reason=error.reason).increment(1)

@@ -2,8 +2,8 @@
 
 Builds the tiny random pipeline, exports its four networks to ONNX, writes the Triton model
 repository (portable python backend), starts the local Triton server, generates one image each
-way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, saves them
-all, and stops the server.
+way (client-side, BLS, ensemble), then an image-to-image result from the BLS image and an image
+with a LoRA adapter (a random one, served as a UNet of its own), saves them all, and stops the server.
 Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
 from pipelines.ensemble import EnsemblePipeline
-from utils.cli import add_generation_arguments, generation_options, main_entry, save_images
+from utils.cli import add_generation_arguments, generation_options, lora_argument, main_entry, save_images
+from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR
@@ -21,6 +22,9 @@ from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
 from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, heading
 from utils.workflow import prepare_repository
+
+
+DEMO_ADAPTER = "style=tiny"
 
 
 def main(argv=None):
@@ -31,14 +35,19 @@ def main(argv=None):
     parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path)
     parser.add_argument("--output-dir", default=Path("outputs"), type=Path, help="where the images go")
     parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
+    parser.add_argument("--lora", dest="adapters", action="append", type=lora_argument, metavar="NAME=PATH",
+                        default=None, help=f"serve this LoRA adapter and show an image with it (repeatable; default: "
+                                           f"{DEMO_ADAPTER}, a random one built for the model)")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
+    args.adapters = args.adapters if args.adapters is not None else [lora_argument(DEMO_ADAPTER)]
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     timer = StepTimer()
     saved = []
 
-    model_dir = prepare_repository(args.model, args.repository, models_dir=args.models_dir, onnx_dir=args.onnx_dir,
-                                   force=args.force, timer=timer)
+    deployment = Deployment(adapters=tuple(args.adapters))
+    model_dir = prepare_repository(args.model, args.repository, deployment, models_dir=args.models_dir,
+                                   onnx_dir=args.onnx_dir, force=args.force, timer=timer)
     with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
         server = TritonServer(args.repository).start()
         print(f"    gRPC {server.grpc_url}, log {server.log_file}")
@@ -60,6 +69,11 @@ def main(argv=None):
             options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1],
                                                       strength=IMAGE_TO_IMAGE_STRENGTH, height=None, width=None)
             saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
+        for adapter in deployment.adapters:
+            with timer.step(heading("7", f"the LoRA adapter {adapter.name!r}, chosen per request")):
+                images = BlsPipeline(server.grpc_url)(**generation_options(args), lora=[adapter.name])
+                saved += save_images(images, args.output_dir / f"lora_{adapter.name}.png")
+                print(f"    max pixel difference to the BLS image without it: {abs(images.astype(int) - bls).max()}")
     finally:
         with timer.step("stop Triton"):
             server.stop()

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from conftest import ADAPTERS
 
 from utils import specs
 from utils.repository import configs
@@ -33,11 +34,12 @@ def test_layout(repository):
     assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {
         "precision": "FP32", "device": "cpu", "gpus": [], "loop_device": "cpu",
         "image_sizes": {"min": 48, "max": 96, "step": 8},  # the tiny model's default: 3/4 to 3/2 of its 64
+        "adapters": list(ADAPTERS),  # the session repository's LoRA adapters, each a UNet of its own
     }
 
 
-def test_second_run_changes_nothing(repository, tiny_model, exports):
-    report = write_repository(repository, tiny_model, onnx_files(exports))
+def test_second_run_changes_nothing(repository, tiny_model, exports, adapters):
+    report = write_repository(repository, tiny_model, onnx_files(exports), Deployment(adapters=adapters))
     assert report.written == [] and len(report.unchanged) > 10
 
 
@@ -90,6 +92,7 @@ def test_without_ensembles_only_the_networks_and_the_bls_pipelines(bls_repositor
 
 def test_with_ensembles_every_ensemble_and_its_steps(repository):
     names = {path.name for path in repository.iterdir()}
-    assert set(specs.ENSEMBLES) | set(specs.PIPELINES) | set(specs.NETWORKS) == names
+    adapters = {f"unet_{name}" for name in ADAPTERS}
+    assert set(specs.ENSEMBLES) | set(specs.PIPELINES) | set(specs.NETWORKS) | adapters == names
     for ensemble in specs.ENSEMBLES:
         assert (repository / ensemble / "1").is_dir()  # the empty version folder Triton needs

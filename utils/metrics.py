@@ -53,7 +53,11 @@ INVALID_IMAGES = Metric("sd_invalid_images_total", "counter",
                         "Generated images refused before sending: not finite (NaN or infinity), or one flat colour.",
                         labels=("model", "reason"))
 NOT_FINITE, FLAT = "not_finite", "flat"  # INVALID_IMAGES' reasons
-METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, *UNET_IN_PROCESS, REJECTED, INVALID_IMAGES)
+LORA_IMAGES = Metric("sd_lora_images_total", "counter",
+                     "Images made with a LoRA adapter, by adapter, counted by the model that ran their loop (a BLS "
+                     "pipeline, or the ensembles' denoise step); the images without one are sd_images_total less these.",
+                     labels=("model", "adapter"))
+METRICS = (IMAGES, STEPS, UNET_STEP_SECONDS, *UNET_IN_PROCESS, REJECTED, INVALID_IMAGES, LORA_IMAGES)
 
 # One sample of Prometheus' text format as Triton writes it: name{labels} value (no timestamps).
 SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(\{(?P<labels>[^}]*)\})? (?P<value>\S+)$')

@@ -11,8 +11,9 @@ from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, FEW_STEP_MAX_STEPS,
-                           FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE, MAX_PROMPT_BYTES, SCHEDULERS, GenerationRequest,
-                           InvalidRequest, check_request, max_inference_steps)
+                           FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE, LORA_SCALE_RANGE, MAX_LORAS, MAX_PROMPT_BYTES,
+                           SCHEDULERS, GenerationRequest, InvalidRequest, check_request, max_inference_steps)
+from utils.lora import FUSED_SCALE
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
@@ -71,6 +72,11 @@ def request_table() -> str:
                                          f"[1, {max_inference_steps(SD15_SCHEDULER)}] (SD1.5's scheduler); "
                                          f"[1, {FEW_STEP_MAX_STEPS}] with {' and '.join(FEW_STEP_SCHEDULERS)}"),
         specs.SEED.name: ("random", "[0, 2^63-1]; the same seed gives the same image"),
+        specs.LORA.name: ("none (the base weights)", f"up to {MAX_LORAS} names of the deployment's adapters (`--lora "
+                                                     f"NAME=PATH`); each served fused into a UNet of its own, one per "
+                                                     f"request ([docs/lora.md](docs/lora.md))"),
+        specs.LORA_SCALE.name: ("1 per adapter", f"one weight per name in `lora`, finite, in [{LORA_SCALE_RANGE[0]:g}, "
+                                                 f"{LORA_SCALE_RANGE[1]:g}]; fused adapters: {FUSED_SCALE:g}"),
     }
     shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]"}
     rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]

@@ -57,6 +57,9 @@ PANELS = (
         (f"sum(rate({metrics.IMAGES.name}[{RATE}]))", "all"),
         (f"sum by (model) (rate({metrics.IMAGES.name}[{RATE}]))", "{{model}}"),
     ), "Final images sent (a request may make several: prompts x num_images_per_prompt)."),
+    Panel("Images per second, by LoRA adapter", "short", (
+        (f"sum by (adapter) (rate({metrics.LORA_IMAGES.name}[{RATE}]))", "{{adapter}}"),
+    ), "Images made with each LoRA adapter (the deployment's --lora); the rest used the base weights."),
     Panel("End-to-end latency", "s", tuple(
         (f"max by (model) (nv_inference_request_summary_us{{model=~\"{ENTRY_MODELS}\",quantile=\"{q}\"}}) / 1e6",
          f"{{{{model}}}} p{label}")
