@@ -33,10 +33,16 @@ LONG = dict(prompt="a long request", num_inference_steps=999, seed=5)  # ~4 s on
 
 
 @pytest.fixture(scope="module")
-def own_repository(bls_repository, tmp_path_factory):
-    """A copy, so that this module's stubs are told apart from the session server's by path."""
+def own_repository(bls_repository, tiny_model, exports, adapters, tmp_path_factory):
+    """A copy, so that this module's stubs are told apart from the session server's by path, with
+    one LoRA adapter's UNet (loaded and unloaded through the API below)."""
+    from utils.deployment import Deployment
+    from utils.repository.writer import write_repository
+
     copy = tmp_path_factory.mktemp("faults") / "repository"
     shutil.copytree(bls_repository, copy)
+    write_repository(copy, tiny_model, {name: result.path for name, result in exports.items()},
+                     Deployment(ensembles=False, adapters=adapters[:1]), force=True)  # its serving.json names it
     return copy
 
 
@@ -185,6 +191,27 @@ def test_unloaded_model_fails_in_flight_requests_clearly(server):
     report(f"unloaded UNet: in-flight request failed after {outcome['seconds']:.1f} s: {error.message()[:90]}")
     client.load_model("unet", headers=headers)
     assert BlsPipeline(server.grpc_url, retry_for=0)(**FAST).shape[0] == 1
+
+
+def test_an_adapters_unet_is_unloaded_and_loaded_again_through_the_api(server, adapters):
+    """Explicit model control: an adapter's UNet leaves memory and comes back while the server
+    serves, with the admin key; a request for it meanwhile fails naming the model."""
+    client, headers = admin(server)
+    name = f"unet_{adapters[0].name}"
+    request = dict(FAST, lora=[adapters[0].name])
+    with_adapter = BlsPipeline(server.grpc_url, retry_for=0)(**request)
+    with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+        client.unload_model(name)  # not without the key
+    client.unload_model(name, headers=headers)
+    assert not client.is_model_ready(name)
+    with pytest.raises(InferenceServerException, match=rf"model '{name}' failed") as caught:
+        BlsPipeline(server.grpc_url, retry_for=0)(**request)
+    assert caught.value.status() == "StatusCode.UNAVAILABLE"
+    assert BlsPipeline(server.grpc_url, retry_for=0)(**FAST).shape[0] == 1  # the base weights still serve
+    start = time.perf_counter()
+    client.load_model(name, headers=headers)
+    report(f"an adapter's UNet loaded through the API in {time.perf_counter() - start:.1f} s (tiny model, ONNX on CPU)")
+    assert np.array_equal(BlsPipeline(server.grpc_url, retry_for=0)(**request), with_adapter)
 
 
 def test_client_loop_rides_through_a_server_restart(server, reference, tiny_model):
