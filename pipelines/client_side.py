@@ -22,7 +22,7 @@ from utils import specs
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.layout import served_name
-from utils.lora import ServedAdapters
+from utils.lora import CONFIG_PARAMETER, ServedAdapters
 from utils.networks import TORCH_DTYPES
 from utils.request import GenerationRequest
 
@@ -37,6 +37,7 @@ class TritonNetworks:
         self.timeout = timeout  # per network call
         self.retry_for = retry_for  # how long to keep retrying retryable failures (0: never)
         self._configs: dict[str, dict] = {}
+        self.adapters = ServedAdapters()  # the server's, once it is known to serve the UNet (ClientSidePipeline)
 
     def served_name(self, network: specs.NetworkSpec, adapter: str | None = None) -> str:
         return served_name(network.name, self.gpu, adapter)
@@ -61,9 +62,19 @@ class TritonNetworks:
         sample = next(t for t in self.served_config(specs.UNET)["input"] if t["name"] == specs.UNET.inputs[0].name)
         return sample["data_type"].removeprefix("TYPE_")
 
+    def served_adapters(self) -> ServedAdapters:
+        """The LoRA adapters this server serves: those its UNet applies in place (named in its
+        config), or, fused, each as a UNet of its own, asked for by name."""
+        parameters = self.served_config(specs.UNET).get("parameters", {})
+        in_place = parameters.get(CONFIG_PARAMETER, {}).get("string_value")
+        if in_place:
+            return ServedAdapters(tuple(in_place.split(",")), in_place=True)
+        return ServedAdapters(served=self.serves_adapter)
+
     def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor,
-                 adapter: str | None = None) -> tuple[torch.Tensor, ...]:
-        """Call the network (with a LoRA ``adapter``: the UNet with it fused in, which routes here)."""
+                 adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
+        """Call the network (the UNet with LoRA ``adapters``: where the server's adapters route it)."""
+        adapter, parameters = self.adapters.route(adapters)
         served = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in self.served_config(network)["input"]}
         inputs = infer_inputs({
             spec.name: spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(served[spec.name]), copy=False))
@@ -72,7 +83,7 @@ class TritonNetworks:
         outputs = [grpcclient.InferRequestedOutput(name) for name in network.output_names]
         result = call_with_retries(  # one network call is idempotent: safe to repeat
             lambda: self.client.infer(self.served_name(network, adapter), inputs, outputs=outputs,
-                                      client_timeout=self.timeout),
+                                      client_timeout=self.timeout, parameters=parameters or None),
             self.retry_for,
         )
         return tuple(torch.from_numpy(result.as_numpy(name).copy()) for name in network.output_names)
@@ -95,8 +106,9 @@ class ClientSidePipeline:
             name = self.networks.served_name(specs.UNET)
             raise UsageError(f"the server at {url} does not serve {name!r} ({error.message()}): where each GPU "
                              f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
+        self.networks.adapters = self.networks.served_adapters()
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype,
-                                    sizes=sizes, adapters=ServedAdapters(served=self.networks.serves_adapter))
+                                    sizes=sizes, adapters=self.networks.adapters)
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields

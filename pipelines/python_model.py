@@ -57,9 +57,10 @@ class SubModelError(RuntimeError):
 
 
 def call_by_bls(model_name: str, network: specs.NetworkSpec, memory: "pb_utils.PreferredMemory",
-                times: PhaseTimes, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                times: PhaseTimes, *inputs: torch.Tensor, parameters: dict | None = None) -> tuple[torch.Tensor, ...]:
     """One BLS sub-request: the only place that calls another model, so errors are checked once.
-    Tensors go both ways by DLPack, without a copy where the memory allows it."""
+    Tensors go both ways by DLPack, without a copy where the memory allows it. ``parameters``: the
+    request's (a UNet that applies LoRA adapters in place reads them there)."""
     with times.phase("inputs to Triton tensors"):
         request = pb_utils.InferenceRequest(
             model_name=model_name,
@@ -69,6 +70,7 @@ def call_by_bls(model_name: str, network: specs.NetworkSpec, memory: "pb_utils.P
                 for spec, tensor in zip(network.inputs, inputs)
             ],
             preferred_memory=memory,
+            **({"parameters": parameters} if parameters else {}),
         )
     with times.phase(f"{network.name} sub-requests"):
         response = request.exec()
@@ -112,6 +114,7 @@ class PipelineModel:
         self._request.times = PhaseTimes()
         self.metrics = PipelineMetrics(args["model_name"], {t.name for t in self.spec.inputs} | REQUEST_FIELDS)
         self.unet, self.threads = None, None
+        self.adapters = ServedAdapters(serving.adapters, in_place=serving.adapters_in_place)
         if serving.unet_in_process is not None:
             self.unet = self._in_process_unet(Path(args["model_repository"]).parent, serving, gpu)
             # Each request's thread makes this model's GPU its current device (the default is GPU 0).
@@ -121,7 +124,7 @@ class PipelineModel:
         self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
                                         dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
                                         loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
-                                        adapters=ServedAdapters(serving.adapters))
+                                        adapters=self.adapters)
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -141,14 +144,15 @@ class PipelineModel:
         the metrics."""
         memory = preferred_memory(device)
 
-        def call(network: specs.NetworkSpec, *inputs: torch.Tensor, adapter: str | None = None) -> tuple:
+        def call(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple:
             start = time.perf_counter()
-            if network is specs.UNET and self.unet is not None and adapter is None:
+            if network is specs.UNET and self.unet is not None and not adapters:
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs),)
             else:
+                adapter, parameters = self.adapters.route(adapters)
                 name = serving.placement.model_name(network.name, gpu, adapter)
-                outputs = call_by_bls(name, network, memory, self.times, *inputs)
+                outputs = call_by_bls(name, network, memory, self.times, *inputs, parameters=parameters)
             if network is specs.UNET:
                 seconds = time.perf_counter() - start
                 with self.times.phase("metrics"):  # queued: made by the metrics thread

@@ -38,10 +38,11 @@ LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
 
 
 class CallNetwork(Protocol):
-    """Call ``network`` (with the LoRA ``adapter`` fused in: the UNet served as ``unet_<adapter>``)."""
+    """Call ``network``; the UNet with these LoRA ``adapters``, (name, weight) pairs, where the
+    served adapters route it (utils/lora.py's ServedAdapters.route)."""
 
     def __call__(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
-                 adapter: str | None = None) -> tuple[torch.Tensor, ...]: ...
+                 adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]: ...
 
 
 class Cancelled(RuntimeError):
@@ -140,10 +141,10 @@ class StableDiffusion:
         self._tokenizing = threading.Lock()
 
     def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
-                     adapter: str | None = None) -> tuple[torch.Tensor, ...]:
+                     adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
         """Call a network and get its outputs on the loop's device, wherever it answered:
         TensorRT, and ONNX Runtime on a GPU, answer in the GPU memory they computed in."""
-        return tuple(output.to(self.device) for output in self._call_network(network, *inputs, adapter=adapter))
+        return tuple(output.to(self.device) for output in self._call_network(network, *inputs, adapters=adapters))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         request = check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
@@ -165,7 +166,7 @@ class StableDiffusion:
         model that is given text embeddings."""
         dims = self.components.dims
 
-        def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor, adapter=None) -> tuple[torch.Tensor, ...]:
+        def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple[torch.Tensor, ...]:
             batch = inputs[0].shape[0]
             return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
                          for t in network.outputs)
@@ -253,7 +254,7 @@ class StableDiffusion:
         # after the step at that fraction of the loop's steps, as diffusers' SDCFGCutoffCallback
         # ends it: from then on the UNet runs the conditional rows alone.
         unet_timesteps = timesteps.to(device=self.device, dtype=torch.float32)
-        adapter = options.lora[0] if options.lora else None  # the UNet with it fused (utils/lora.py)
+        adapters = options.adapters  # LoRA: (name, weight) pairs, routed by the served adapters (utils/lora.py)
         cutoff = None if options.cfg_cutoff_step_ratio is None else int(len(timesteps) * options.cfg_cutoff_step_ratio)
         with self.loop_scope():
             for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
@@ -262,7 +263,7 @@ class StableDiffusion:
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
-                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapter=adapter)
+                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapters=adapters)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)

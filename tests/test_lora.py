@@ -58,11 +58,37 @@ def diffusers_lora_images(pipeline, options: dict) -> np.ndarray:
     return np.stack([np.asarray(image) for image in output.images])
 
 
+def ways_of(tiny_model, url: str) -> dict:
+    client_side = ClientSidePipeline(tiny_model, url)
+    return {"client-side": lambda **options: client_side(progress=False, **options),
+            "BLS": BlsPipeline(url), "ensemble": EnsemblePipeline(url)}
+
+
 @pytest.fixture(scope="module")
 def ways(tiny_model, triton_server):
-    client_side = ClientSidePipeline(tiny_model, triton_server.grpc_url)
-    return {"client-side": lambda **options: client_side(progress=False, **options),
-            "BLS": BlsPipeline(triton_server.grpc_url), "ensemble": EnsemblePipeline(triton_server.grpc_url)}
+    """Fused: the session server (the ONNX route), a UNet per adapter."""
+    return ways_of(tiny_model, triton_server.grpc_url)
+
+
+@pytest.fixture(scope="module")
+def in_place_ways(tiny_model, adapters, models_dir, tmp_path_factory):
+    """In place: the torch runtime's UNet applies the adapters per request (here on the CPU)."""
+    from utils.deployment import Deployment
+    from utils.repository.writer import write_repository
+    from utils.server import TritonServer
+
+    repository = tmp_path_factory.mktemp("lora-in-place")
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch", adapters=adapters), models_dir=models_dir)
+    server = TritonServer(repository).start()
+    yield ways_of(tiny_model, server.grpc_url)
+    server.stop()
+
+
+PLACEMENTS = ("fused", "in place")
+
+
+def placement_ways(request, placement: str) -> dict:
+    return request.getfixturevalue("ways" if placement == "fused" else "in_place_ways")
 
 
 def max_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -70,25 +96,43 @@ def max_difference(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
+# Only the torch runtime, which applies adapters in place, serves these.
+IN_PLACE_CASES = {
+    "two adapters mixed, weights 0.7 and 0.5": dict(prompt="a harbour", seed=25, num_inference_steps=8,
+                                                   lora=["style", "lcm"], lora_scale=[0.7, 0.5]),
+    "one adapter at weight 0.5": dict(prompt="a red barn", seed=21, num_inference_steps=8, lora=["style"],
+                                      lora_scale=[0.5]),
+}
+
+
+def parity_cases():
+    for placement in PLACEMENTS:
+        for case in {**CASES, **(IN_PLACE_CASES if placement == "in place" else {})}:
+            for kind in ("client-side", "BLS", "ensemble"):
+                yield pytest.param(placement, case, kind, id=f"{placement}-{kind}-{case}")
+
+
 @pytest.mark.server
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
-def test_an_adapter_image_equals_diffusers_with_that_adapter(kind, case, ways, diffusers_with_adapters):
-    options = CASES[case]
-    images = ways[kind](**options)
+@pytest.mark.parametrize("placement, case, kind", parity_cases())
+def test_an_adapter_image_equals_diffusers_with_that_adapter(placement, case, kind, request, diffusers_with_adapters):
+    options = {**CASES, **IN_PLACE_CASES}[case]
+    images = placement_ways(request, placement)[kind](**options)
     expected = diffusers_lora_images(diffusers_with_adapters, options)
     base = diffusers_lora_images(diffusers_with_adapters, {**options, "lora": []})
     assert max_difference(expected, base) > 3 * MAX_PIXEL_DIFFERENCE, "the adapter changes nothing: the test would prove nothing"
     difference = max_difference(images, expected)
-    report(f"{kind:<12} LoRA vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    report(f"{kind:<12} LoRA ({placement}) vs diffusers, {case}: max pixel difference {difference} "
+           f"(allowed {MAX_PIXEL_DIFFERENCE})")
     assert difference <= MAX_PIXEL_DIFFERENCE
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
-def test_adapters_switched_between_requests_leave_nothing_behind(kind, ways, diffusers_with_adapters):
-    """A -> B -> none -> A: each image is its adapter's (A twice the same), none is the base image."""
-    run = ways[kind]
+def test_adapters_switched_between_requests_leave_nothing_behind(kind, placement, request, diffusers_with_adapters):
+    """A -> B -> none -> A: each image is its adapter's (A twice the same: in place, the weights
+    come back exactly), none is the base image."""
+    run = placement_ways(request, placement)[kind]
     request = dict(prompt="a lighthouse", seed=24, num_inference_steps=6)
     first_a, b, none, second_a = (run(**request, lora=lora) for lora in (["style"], ["lcm"], [], ["style"]))
     assert np.array_equal(first_a, second_a)
@@ -96,7 +140,22 @@ def test_adapters_switched_between_requests_leave_nothing_behind(kind, ways, dif
     for images, lora in ((b, ["lcm"]), (none, [])):
         assert max_difference(images, diffusers_lora_images(diffusers_with_adapters, {**request, "lora": lora})) \
             <= MAX_PIXEL_DIFFERENCE
-    report(f"{kind:<12} LoRA A -> B -> none -> A: A unchanged, B and none equal diffusers")
+    report(f"{kind:<12} LoRA ({placement}) A -> B -> none -> A: A unchanged, B and none equal diffusers")
+
+
+@pytest.mark.server
+def test_concurrent_requests_of_different_adapters_each_get_their_own(in_place_ways):
+    """Requests of different adapters that reach the UNet together are never run in one batch with
+    one set of weights: each image equals the same request made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bls = in_place_ways["BLS"]
+    requests = [dict(prompt="a tree", seed=30 + i, num_inference_steps=6, lora=lora)
+                for i, lora in enumerate([["style"], ["lcm"], [], ["style", "lcm"]] * 2)]
+    alone = [bls(**r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: bls(**r), requests))
+    assert all(max_difference(a, b) <= MAX_PIXEL_DIFFERENCE for a, b in zip(alone, together))
 
 
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)

@@ -115,7 +115,8 @@ class Deployment:
     # checkpoint's own size. The TensorRT profiles are built for them and the pipelines refuse
     # others, so a wider range costs engine build time and, at the extremes, some speed.
     image_sizes: tuple[int, int] | None = None
-    # LoRA adapters (utils/lora.py), each served as a UNet of its own with the adapter fused in.
+    # LoRA adapters (utils/lora.py): on the ONNX and TensorRT routes each served as a UNet of its own
+    # with the adapter fused in; the torch runtime's UNet applies them in place, per request.
     adapters: tuple[LoraAdapter, ...] = ()
 
     def __post_init__(self):
@@ -171,6 +172,12 @@ class Deployment:
         return self.backend == "python" and self.runtime == "torch"
 
     @property
+    def adapters_in_place(self) -> bool:
+        """Whether the UNet applies the adapters itself (the torch runtime) rather than one UNet
+        per adapter with it fused in (graphs and engines, whose weights are fixed when built)."""
+        return bool(self.adapters) and self.torch_runtime
+
+    @property
     def torch_on_gpu(self) -> bool:
         """The torch runtime on CUDA: the portable backend's GPU runtime."""
         return self.torch_runtime and self.device.startswith("cuda")
@@ -217,7 +224,8 @@ class Serving:
     gpus: tuple[int, ...] = ()
     loop_device: str = "cpu"  # where the loop keeps its tensors
     unet_in_process: InProcessUnet | None = None
-    adapters: tuple[str, ...] = ()  # the LoRA adapters served, each as unet_<name>
+    adapters: tuple[str, ...] = ()  # the LoRA adapters served: each as unet_<name>, or
+    adapters_in_place: bool = False  # by the UNet itself, any mix per request (utils/lora.py)
 
     @classmethod
     def of(cls, deployment: Deployment, pipeline: specs.PipelineSpec, precision: str,
@@ -231,7 +239,8 @@ class Serving:
                                  loops_in_flight=placement.pipeline_instances)
         return cls(precision=precision, device="cuda" if on_gpu else "cpu", image_sizes=deployment.sizes(dims),
                    gpus=placement.gpus, loop_device="cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
-                   unet_in_process=unet, adapters=tuple(adapter.name for adapter in deployment.adapters))
+                   unet_in_process=unet, adapters=tuple(adapter.name for adapter in deployment.adapters),
+                   adapters_in_place=deployment.adapters_in_place)
 
     @property
     def placement(self) -> Placement:
@@ -242,6 +251,7 @@ class Serving:
                   "loop_device": self.loop_device, "image_sizes": asdict(self.image_sizes)}
         if self.adapters:
             record["adapters"] = list(self.adapters)
+            record["adapters_in_place"] = self.adapters_in_place
         if self.unet_in_process is not None:
             record["unet_in_process"] = asdict(self.unet_in_process)
         return json.dumps(record, indent=2) + "\n"
@@ -253,7 +263,8 @@ class Serving:
         return cls(precision=record["precision"], device=record["device"], gpus=tuple(record["gpus"]),
                    loop_device=record["loop_device"], image_sizes=specs.ImageSizes(**record["image_sizes"]),
                    unet_in_process=InProcessUnet(**unet) if unet else None,
-                   adapters=tuple(record.get("adapters", ())))
+                   adapters=tuple(record.get("adapters", ())),
+                   adapters_in_place=record.get("adapters_in_place", False))
 
     @classmethod
     def read(cls, repository: Path, pipeline: str) -> Serving | None:

@@ -28,6 +28,12 @@ TINY_RANK = 4
 FUSED_SCALE = 1.0
 UNET_PREFIX = "unet"  # the UNet's keys in a diffusers LoRA file
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
+# The torch runtime applies adapters in place (InPlaceAdapters): its UNet's config names them under
+# this parameter, its version folder keeps their files in ADAPTER_DIR, and a UNet call carries its
+# request's adapters as the request parameter REQUEST_PARAMETER (encode_adapters).
+CONFIG_PARAMETER = "lora_adapters"
+ADAPTER_DIR = "lora"
+REQUEST_PARAMETER = "lora"
 
 
 class AdapterError(UserError, ValueError):
@@ -129,6 +135,17 @@ def load_adapter(unet, adapter_name: str, path: Path) -> None:
                            f"another model.") from None
 
 
+def check_adapters(model_dir: Path, files: dict[str, Path]) -> None:
+    """Load every adapter file into the checkpoint's UNet (on the CPU): AdapterError for one that
+    does not fit."""
+    from diffusers import UNet2DConditionModel
+
+    if files:
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        for name, path in files.items():
+            load_adapter(unet, name, path)
+
+
 def fused_id(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> str:
     """``<name>-<hash>``: the adapter fused into this checkpoint, named by the hash of both, so that
     a changed file gets a new fused UNet (and ONNX graph) and never overwrites the one made before."""
@@ -171,13 +188,25 @@ def fused_model(model_dir: Path, adapter: LoraAdapter, models_dir: Path) -> Path
 
 @dataclass(frozen=True)
 class ServedAdapters:
-    """The adapters a deployment serves, as the pipelines check a request against them: each one a
-    UNet of its own with the adapter fused at FUSED_SCALE, so one adapter per request, at that
-    weight. ``names``: as the repository recorded them; ``served``: asks the server instead (a
-    client, which cannot read the repository)."""
+    """The adapters a deployment serves, as the pipelines check a request against them and route
+    its UNet calls. Fused (the ONNX and TensorRT routes): each a UNet of its own with the adapter
+    at FUSED_SCALE, so one adapter per request, at that weight. In place (the torch runtime): the
+    UNet applies any mix of them at any weights per request. ``names``: as the repository recorded
+    them; ``served``: asks the server instead (a client, which cannot read the repository)."""
 
     names: tuple[str, ...] = ()
     served: Callable[[str], bool] | None = None
+    in_place: bool = False
+
+    def route(self, adapters: tuple[tuple[str, float], ...]) -> tuple[str | None, dict[str, str]]:
+        """Where a UNet call with these (name, weight) adapters goes: the adapter whose fused UNet
+        serves it (None: the UNet itself), and the request parameters it carries."""
+        if not adapters:
+            return None, {}
+        if self.in_place:
+            return None, {REQUEST_PARAMETER: encode_adapters(adapters)}
+        ((name, _),) = adapters
+        return name, {}
 
     def check(self, lora: tuple[str, ...], lora_scale: tuple[float, ...] | None) -> None:
         for name in lora:
@@ -187,10 +216,81 @@ class ServedAdapters:
             if self.served is None and name not in self.names:
                 available = ", ".join(self.names) or "none (the deployment's --lora NAME=PATH adds them)"
                 raise InvalidRequest(f"lora={name!r} is not served: the adapters here are {available}.")
+        if self.in_place:  # any mix, any weight the request checks allow
+            return
         if len(lora) > 1:
             raise InvalidRequest(f"lora={list(lora)}: this deployment serves each adapter fused into a UNet of its own, "
-                                 f"one adapter per request; ask for one (to serve a mix, fuse it into one LoRA file "
-                                 f"and deploy that).")
+                                 f"one adapter per request; ask for one (to mix adapters, serve them with the torch "
+                                 f"runtime, which applies them in place, or fuse the mix into one LoRA file).")
         if lora_scale is not None and any(scale != FUSED_SCALE for scale in lora_scale):
             raise InvalidRequest(f"lora_scale={list(lora_scale)}: the adapters here are fused at weight "
-                                 f"{FUSED_SCALE:g}; leave lora_scale out or send {FUSED_SCALE:g}.")
+                                 f"{FUSED_SCALE:g}; leave lora_scale out or send {FUSED_SCALE:g} (other weights: serve "
+                                 f"them with the torch runtime, which applies them in place).")
+
+
+class InPlaceAdapters:
+    """LoRA adapters applied to a UNet's own weights in place, per request: what the torch runtime
+    does instead of a UNet per adapter. Each adapter's change to a layer, ``B @ A`` times its
+    scaling (peft's ``get_delta_weight``), is computed once at load; a request's set of adapters
+    and weights then sets each layer they touch to its base weights plus their weighted changes,
+    as diffusers' ``set_adapters`` weighs them. The weights stay the same tensors, so compiled
+    kernels and CUDA graphs captured on them stay valid; from a kept copy of the base weights, so
+    switching A -> B -> A gives A's weights exactly, with no drift. Costs one copy of the targeted
+    layers and one change per adapter and layer in the UNet's precision; a switch is a few
+    elementwise kernels per layer."""
+
+    def __init__(self, unet, files: dict[str, Path]):
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        for name, path in files.items():
+            load_adapter(unet, name, path)
+        self.changes: dict[str, dict[str, torch.Tensor]] = {name: {} for name in files}
+        with torch.no_grad():
+            for module_name, module in unet.named_modules():
+                if isinstance(module, LoraLayer):
+                    for name in files:
+                        if name in module.lora_A:
+                            self.changes[name][module_name] = module.get_delta_weight(name).detach().clone()
+        unet.unload_lora()  # the plain layers again, with the base weights
+        modules = dict(unet.named_modules())
+        touched = {module_name for changes in self.changes.values() for module_name in changes}
+        self.weights = {module_name: modules[module_name].weight for module_name in touched}
+        self.base = {module_name: weight.detach().clone() for module_name, weight in self.weights.items()}
+        self.current: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.changes)
+
+    def apply(self, adapters: tuple[tuple[str, float], ...]) -> None:
+        """Make the UNet's weights the base ones plus these (name, weight) adapters' changes."""
+        import torch
+
+        adapters = tuple((name, float(scale)) for name, scale in adapters if scale != 0)
+        if adapters == self.current:
+            return
+        unknown = [name for name, _ in adapters if name not in self.changes]
+        if unknown:
+            raise InvalidRequest(f"lora={unknown} is not served: the adapters here are {', '.join(self.names)}.")
+        touched = {module_name for name, _ in self.current + adapters for module_name in self.changes[name]}
+        with torch.no_grad():
+            for module_name in touched:
+                weight = self.weights[module_name]
+                weight.copy_(self.base[module_name])
+                for name, scale in adapters:
+                    change = self.changes[name].get(module_name)
+                    if change is not None:
+                        weight.add_(change, alpha=scale)
+        self.current = adapters
+
+
+def encode_adapters(adapters: tuple[tuple[str, float], ...]) -> str:
+    """A request's adapters as one request parameter (Triton's take bool, int or str):
+    ``name:weight,name:weight``, the weights written exactly (repr of a float)."""
+    return ",".join(f"{name}:{scale!r}" for name, scale in adapters)
+
+
+def decode_adapters(text: str) -> tuple[tuple[str, float], ...]:
+    pairs = [item.rpartition(":") for item in text.split(",") if item]
+    return tuple((name, float(scale)) for name, _, scale in pairs)

@@ -24,7 +24,7 @@ from utils.request import GenerationRequest
 def ms_per_step(components: PipelineComponents, dtype: torch.dtype, device: str, steps: int, runs: int) -> float:
     dims, calls = components.dims, []
 
-    def free_unet(network: specs.NetworkSpec, *inputs: torch.Tensor, adapter=None) -> tuple[torch.Tensor, ...]:
+    def free_unet(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple[torch.Tensor, ...]:
         calls.append(network.name)
         return (torch.zeros_like(inputs[0]),)
 

@@ -39,11 +39,14 @@ ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SD
 
 
 def runnable_network(spec: specs.NetworkSpec, checkpoint: Path, precision: str, device: torch.device,
-                     compile_module: bool = False, static_batches: tuple[int, ...] = (), log=print):
+                     compile_module: bool = False, static_batches: tuple[int, ...] = (), log=print,
+                     prepare=lambda module: None):
     """A network of the checkpoint as the torch runtime runs it: in CUDA graphs on a GPU (compiled
     first if asked, see GraphedNetwork), the module itself on the CPU. Called with tensors of the
-    spec's inputs."""
+    spec's inputs. ``prepare(module)`` runs first (LoRA adapters to apply in place later: the
+    graphs are captured on the weights they will change)."""
     module = load_network(spec.name, checkpoint, precision, str(device))
+    prepare(module)
     if device.type != "cuda":
         return module
     torch.cuda.set_device(device)  # this process's GPU, for what it allocates without naming one

@@ -22,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from utils import specs
 from utils.layout import CHECKPOINT_DIR
+from utils.lora import ADAPTER_DIR, CONFIG_PARAMETER, REQUEST_PARAMETER, InPlaceAdapters, decode_adapters
 from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
@@ -37,9 +38,18 @@ class TritonPythonModel:
         if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
+        # LoRA adapters applied to the UNet's weights in place, per request (utils/lora.py).
+        names = [name for name in parameters.get(CONFIG_PARAMETER, "").split(",") if name]
+        files = {name: version_dir / ADAPTER_DIR / f"{name}.safetensors" for name in names}
+        self.adapters = None
+
+        def prepare(module):
+            if files:
+                self.adapters = InPlaceAdapters(module.unet, files)
+
         self.network = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
                                     self.device, compile_module=parameters.get("torch_compile") == "yes",
-                                    log=pb_utils.Logger.log_info)
+                                    log=pb_utils.Logger.log_info, prepare=prepare)
         # SD_TRITON_PROFILE_BLS=1: log where a call's time goes, as the pipeline models do for a
         # request (each phase then waits for the GPU, so the split is true and the calls slower).
         self.profile = profiling()
@@ -66,17 +76,41 @@ class TritonPythonModel:
                     inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
                 except Exception as error:
                     responses[index] = _error(f"{self.spec.name}: bad input: {error}")
-        try:
-            responses.update(self._respond(inputs))
-        except Exception:
-            for index, values in inputs.items():
-                try:
-                    responses.update(self._respond({index: values}))
-                except Exception as error:
-                    responses[index] = _error(f"{self.spec.name}: {type(error).__name__}: {error}")
+        for adapters, group in self._by_adapters(requests, inputs).items():
+            try:
+                self._apply(adapters)
+            except Exception as error:  # never run without the weights asked for
+                responses.update({index: _error(f"{self.spec.name}: {error}") for index in group})
+                continue
+            try:
+                responses.update(self._respond(group))
+            except Exception:
+                for index, values in group.items():
+                    try:
+                        responses.update(self._respond({index: values}))
+                    except Exception as error:
+                        responses[index] = _error(f"{self.spec.name}: {type(error).__name__}: {error}")
         if self.profile:
             self._log_profile(time.perf_counter() - start)
         return [responses[index] for index in range(len(requests))]
+
+    def _by_adapters(self, requests, inputs: dict[int, list[torch.Tensor]]) -> dict[tuple, dict[int, list]]:
+        """The requests' inputs by the LoRA adapters each asks for (its request parameter): requests
+        of different adapters never share a batch, and each group runs with its own weights."""
+        groups: dict[tuple, dict[int, list]] = {}
+        for index, values in inputs.items():
+            text = json.loads(requests[index].parameters() or "{}").get(REQUEST_PARAMETER, "")
+            groups.setdefault(decode_adapters(text), {})[index] = values
+        return groups
+
+    def _apply(self, adapters: tuple) -> None:
+        if self.adapters is None:
+            if adapters:
+                raise ValueError(f"this model applies no LoRA adapters, and the request asks for {adapters}: write "
+                                 f"the repository with --lora NAME=PATH.")
+            return
+        with self._phase("LoRA adapters applied"):
+            self.adapters.apply(adapters)
 
     def _log_profile(self, seconds: float) -> None:
         self.calls, self.profiled_seconds = self.calls + 1, self.profiled_seconds + seconds

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import layout, specs
 from utils.deployment import CPU, Deployment, Placement
+from utils.lora import CONFIG_PARAMETER
 
 GENERATED_HEADER = "# Generated from utils/specs.py by utils/repository/configs.py: edit those, not this file.\n"
 
@@ -106,6 +107,8 @@ def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, deployme
         parameters = {"device": "cuda" if on_gpu else "cpu", "precision": precision}
         if on_gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+        if network is specs.UNET and deployment.adapters_in_place:  # applied per request (utils/lora.py)
+            parameters[CONFIG_PARAMETER] = ",".join(adapter.name for adapter in deployment.adapters)
         if network.name in deployment.torch_compile:  # compiled at load, before the CUDA graphs are captured
             parameters["torch_compile"] = "yes"
         for key, value in parameters.items():

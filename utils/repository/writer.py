@@ -21,7 +21,7 @@ from utils import layout, specs
 from utils.repository import configs, environments
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
-from utils.lora import fused_model
+from utils.lora import ADAPTER_DIR, adapter_file, check_adapters
 from utils.models import DEFAULT_MODELS_DIR
 
 # What a pipeline model needs from a diffusers folder: everything but the weights.
@@ -146,8 +146,9 @@ def install_onnx(onnx_file: Path, version_dir: Path, report: RepositoryReport, f
 
 def served_networks(deployment: Deployment) -> list[tuple[str, specs.NetworkSpec, str | None]]:
     """Every network model the deployment serves once: (served name, spec, LoRA adapter or None):
-    the four networks, and a UNet per adapter (utils/lora.py)."""
-    adapters = [(layout.served_name(specs.UNET.name, adapter=a.name), specs.UNET, a.name) for a in deployment.adapters]
+    the four networks, and a UNet per adapter where they are fused (utils/lora.py)."""
+    fused = () if deployment.adapters_in_place else deployment.adapters
+    adapters = [(layout.served_name(specs.UNET.name, adapter=a.name), specs.UNET, a.name) for a in fused]
     return [(name, network, None) for name, network in specs.NETWORKS.items()] + adapters
 
 
@@ -190,10 +191,10 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
                       deployment: Deployment, report: RepositoryReport, force: bool = False,
-                      adapter: str | None = None) -> None:
+                      adapter: str | None = None, adapter_files: dict[str, Path] | None = None) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
-    once per GPU where the placement serves a copy on each (``adapter``: ``model_dir`` is the
-    checkpoint with that LoRA fused into its UNet, utils/lora.py)."""
+    once per GPU where the placement serves a copy on each; the UNet's copies also get the LoRA
+    ``adapter_files`` it applies in place (utils/lora.py)."""
     from utils.networks import WRAPPERS
 
     placement = deployment.placement
@@ -203,6 +204,9 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         checkpoint = version_dir / layout.CHECKPOINT_DIR
         for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
+        if network is specs.UNET:
+            for name, source in (adapter_files or {}).items():
+                install_file(source, version_dir / ADAPTER_DIR / f"{name}.safetensors", report, force)
         config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu, adapter)
         install_file(None, layout.config_file(repository, name), report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
@@ -273,10 +277,10 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
     report = RepositoryReport()
     if deployment.torch_runtime:
         precision = deployment.served_precision
-        fused = {a.name: fused_model(model_dir, a, models_dir) for a in deployment.adapters}  # checked first
+        files = {a.name: adapter_file(a, model_dir, models_dir) for a in deployment.adapters}
+        check_adapters(model_dir, files)  # every file against the checkpoint, before anything is written
         for name, network, adapter in served_networks(deployment):
-            source = fused[adapter] if adapter else model_dir
-            add_torch_network(repository, network, source, dims, deployment, report, force, adapter)
+            add_torch_network(repository, network, model_dir, dims, deployment, report, force, adapter, files)
     else:
         precision = check_exports(onnx_files, dims, deployment)
         for name, network, adapter in served_networks(deployment):
