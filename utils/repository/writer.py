@@ -205,8 +205,8 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
         if network is specs.UNET:
-            for name, source in (adapter_files or {}).items():
-                install_file(source, version_dir / ADAPTER_DIR / f"{name}.safetensors", report, force)
+            for adapter_name, source in (adapter_files or {}).items():
+                install_file(source, version_dir / ADAPTER_DIR / f"{adapter_name}.safetensors", report, force)
         config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu, adapter)
         install_file(None, layout.config_file(repository, name), report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
