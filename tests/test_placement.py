@@ -193,6 +193,19 @@ def test_compiled_kernels_are_kept_where_a_restart_finds_them(monkeypatch, tmp_p
     assert server_environment(shared_libpython())["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
+def test_a_restart_after_torch_compiled_here_finds_the_same_cache(monkeypatch):
+    """torch writes its default cache directory into this process's environment once torch._dynamo
+    is imported (a benchmark that compiled diffusers before restarting the server): the server
+    still gets the project's cache, where its first start left its kernels."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    first_start = server_environment(shared_libpython())["TORCHINDUCTOR_CACHE_DIR"]
+    cache_dir()  # what importing torch._dynamo does
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != first_start  # torch's own default, now in the environment
+    assert server_environment(shared_libpython())["TORCHINDUCTOR_CACHE_DIR"] == first_start == str(COMPILE_CACHE)
+
+
 def test_docker_gets_the_listed_devices(tmp_path):
     assert "--gpus=all" in server_docker.serve_command(tmp_path)
     # Quoted: docker reads the value as CSV, and an unquoted comma would split the device list.

@@ -98,6 +98,15 @@ def _fingerprint(path: Path) -> str:
     return f"{binary.stat().st_size:x}-{int(binary.stat().st_mtime):x}"
 
 
+def torch_default_cache_dir() -> str | None:
+    """Where torch keeps Inductor's cache when told nothing (None where torch is not installed)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return default_cache_dir()
+
+
 def server_environment(libpython: Path, gpus: tuple[int, ...] | None = None) -> dict[str, str]:
     # Located, not imported: importing pytriton needs packages the server does not (gevent).
     libs = Path(importlib.util.find_spec("pytriton").origin).resolve().parents[1] / "nvidia_pytriton.libs"
@@ -108,8 +117,12 @@ def server_environment(libpython: Path, gpus: tuple[int, ...] | None = None) -> 
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     # torch.compile's kernels (the torch runtime's --torch-compile) kept across restarts: with them
     # a restart recompiles in a fraction of the first start's time. /tmp, torch's own default,
-    # does not survive a reboot or a container.
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+    # does not survive a reboot or a container. A user's own directory wins, but not torch's
+    # default, which torch writes into this process's environment itself once torch._dynamo is
+    # imported (a benchmark that compiled diffusers): a restart would then look elsewhere than the
+    # start, and miss (seen on a GPU: every graph compiled again).
+    if env.get("TORCHINDUCTOR_CACHE_DIR") in (None, torch_default_cache_dir()):
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE)
     for name, value in MEMORY_ENVIRONMENT.items():
         env.setdefault(name, value)
     if gpus is not None:  # the repository's GPU indices then count within these
