@@ -118,11 +118,12 @@ def main(argv=None):
              for seed, name in enumerate(("a", "b"))}
     figures = {"model": args.model, "rank": args.rank, "compile": args.compile, "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "adapters_built_s": round(time.perf_counter() - start, 1)}
-    served_unet(checkpoint, files, args.compile, figures)
-    torch.cuda.empty_cache()  # the served UNet's memory, back before diffusers loads its own
-    diffusers_figures(checkpoint, files, figures)
-    args.output.write_text(json.dumps(figures, indent=2) + "\n")
-    print(json.dumps(figures, indent=2))
+    for stage in (lambda: served_unet(checkpoint, files, args.compile, figures),
+                  lambda: diffusers_figures(checkpoint, files, figures)):
+        stage()
+        torch.cuda.empty_cache()  # the served UNet's memory, back before diffusers loads its own
+        args.output.write_text(json.dumps(figures, indent=2) + "\n")  # what is measured so far
+        print(json.dumps(figures, indent=2), flush=True)
 
 
 if __name__ == "__main__":
