@@ -88,15 +88,19 @@ def test_quickstart_main_job(tmp_path):
     out = run("scripts/quickstart.py", "--num-inference-steps", "5", cwd=tmp_path)
     assert "max pixel difference between the two images: 0" in out
     assert "max pixel difference to the BLS image: 0" in out
-    for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png"):
+    for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png",
+                  "outputs/lora_style.png"):  # the last with the demo's LoRA adapter, a UNet of its own
         assert f"  {image}\n" in out and (tmp_path / image).is_file()
+    assert int(out.split("max pixel difference to the BLS image without it: ")[1].split()[0]) > 0
     times = out.split("Times:")[1]
     for number in ("1", "2", "3", "4", "5", "6", "7"):  # the walkthrough's steps it runs, by their table
         assert f"\n{heading(number)}" in times
     assert "\nstop Triton" in times
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir()) == sorted(
-        f"{name}.onnx" for name in specs.NETWORKS)
+    graphs = sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir())
+    adapter = [name for name in graphs if name.startswith("unet_style-")]  # named by the adapter file's hash
+    assert len(adapter) == 1 and sorted(set(graphs) - set(adapter)) == sorted(f"{name}.onnx" for name in specs.NETWORKS)
+    assert (tmp_path / "triton" / "models" / "unet_style" / "1" / "model.onnx").is_file()
 
 
 def test_the_readmes_request_examples_run_as_written(triton_server):
