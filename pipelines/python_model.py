@@ -38,12 +38,12 @@ from pipelines.python_model_metrics import PipelineMetrics
 from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
 from utils import specs
 from utils.deployment import Serving
-from utils.lora import ServedAdapters
+from utils.lora import InPlaceLoader, ServedAdapters
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.python_backend.step_batching import STEPS_QUEUED, StepBatcher, static_batches
-from utils.request import DEFAULT_PREVIEW_EVERY, REQUEST_FIELDS, InvalidRequest, request_from_arrays
+from utils.request import REQUEST_FIELDS, InvalidRequest, preview_every, request_from_arrays
 from utils.timing import CANCELLATION_CHECK_SECONDS, PhaseTimes, at_most_every, profiling
 
 STUB_EXIT_SECONDS = 10  # after finalize, the most a stub may take to exit (it takes about 1 s)
@@ -146,9 +146,9 @@ class PipelineModel:
 
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple:
             start = time.perf_counter()
-            if network is specs.UNET and self.unet is not None and not adapters:
+            if network is specs.UNET and self.unet is not None:  # its adapters applied in place there
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
-                    outputs = (self.unet(*inputs),)
+                    outputs = (self.unet(*inputs, adapters=adapters),)
             else:
                 adapter, parameters = self.adapters.route(adapters)
                 name = serving.placement.model_name(network.name, gpu, adapter)
@@ -169,10 +169,11 @@ class PipelineModel:
         device = torch.device("cuda", gpu or 0) if serving.device == "cuda" else torch.device("cpu")
         checkpoint = repository / unet.model / str(ONNX_VERSION) / CHECKPOINT_DIR
         batches = static_batches(unet.loops_in_flight)
+        lora = InPlaceLoader(checkpoint.parent, serving.adapters)  # the served UNet's adapters, in place here too
         network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=unet.compile,
-                                   static_batches=batches, log=pb_utils.Logger.log_info)
+                                   static_batches=batches, log=pb_utils.Logger.log_info, prepare=lora)
         return StepBatcher(network, max(batches), device,
-                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs])
+                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs], lora=lora.adapters)
 
     @property
     def times(self) -> PhaseTimes:
@@ -375,18 +376,6 @@ class StreamingPipelineModel(BlsPipelineModel):
 
         images = self.pipeline(request, is_cancelled=is_cancelled, on_step=on_step)
         return progress["done"], progress["total"], images, True
-
-
-def preview_every(value: torch.Tensor | None) -> int:
-    if value is None:
-        return DEFAULT_PREVIEW_EVERY
-    if value.numel() != 1:
-        raise InvalidRequest(f"preview_every has {value.numel()} values: send exactly one, shape [1].")
-    every = int(value.reshape(-1)[0])
-    if every < 0:
-        raise InvalidRequest(f"preview_every={every} is not allowed: use a number of steps (1: every step), "
-                             f"or 0 for no previews.")
-    return every
 
 
 def _output_tensor(spec: specs.TensorSpec, output) -> "pb_utils.Tensor":

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import profiled_server, report
 from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_images, diffusers_pipeline  # noqa: F401 (fixture)
+from test_lora import diffusers_lora_images, diffusers_with_adapters  # noqa: F401 (fixture)
 from test_metrics import scrape, value
 from test_reliability import unet_executions
 from tritonclient.utils import InferenceServerException
@@ -40,12 +41,15 @@ def server_deployment():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    """Its models log their split, with the in-process UNet's batches."""
+def server(tiny_model, adapters, models_dir, tmp_path_factory):
+    """Its models log their split, with the in-process UNet's batches; it serves LoRA adapters."""
+    from dataclasses import replace
+
     from utils.repository.writer import write_repository
 
     repository = tmp_path_factory.mktemp("loop-with-unet")
-    write_repository(repository, tiny_model, None, server_deployment())
+    write_repository(repository, tiny_model, None, replace(server_deployment(), adapters=adapters),
+                     models_dir=models_dir)
     with profiled_server(repository) as server:
         yield server
 
@@ -156,3 +160,21 @@ def test_the_benchmark_reads_the_in_process_unets_compute_from_the_metrics_or_sa
     loaded_row = next(line for line in text.splitlines() if line.startswith("triton-bls") and " 2 " in line
                       and line.count("│") == 1 and "ms" not in line)
     assert f"{unet['mean_batch']:>10.1f}" in loaded_row and "-" not in loaded_row.split("│")[1], loaded_row
+
+
+def test_lora_adapters_are_applied_in_the_loops_own_unet(server, diffusers_with_adapters):
+    """The loop's own UNet applies a request's adapters in place, as the served one does: a mix
+    equals diffusers, requests of different adapters at once each get their own image (their steps
+    run in batches of their own), and no step goes through the served UNet."""
+    before = unet_executions(server)
+    requests = [dict(prompt="a harbour", seed=25 + i, num_inference_steps=6, lora=lora, lora_scale=scale)
+                for i, (lora, scale) in enumerate([(["style", "lcm"], [0.7, 0.5]), (["lcm"], None), ([], None),
+                                                   (["style"], [1.5])])]
+    expected = [diffusers_lora_images(diffusers_with_adapters, r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as threads:
+        together = list(threads.map(lambda r: BlsPipeline(server.grpc_url)(**r), requests))
+    pixels = [difference(images, reference) for images, reference in zip(together, expected, strict=True)]
+    report(f"loop with the UNet, LoRA in place, 4 concurrent requests of different adapters vs diffusers: max pixel "
+           f"difference {max(pixels)}")
+    assert max(pixels) <= MAX_PIXEL_DIFFERENCE
+    assert unet_executions(server) == before  # every step in the loop's own process

@@ -285,6 +285,19 @@ class InPlaceAdapters:
         self.current = adapters
 
 
+class InPlaceLoader:
+    """runnable_network's ``prepare``: gives the loaded UNet the adapters named (their files in
+    ``version_dir``/ADAPTER_DIR, where the repository put them), before its graphs are captured."""
+
+    def __init__(self, version_dir: Path, names):
+        self.files = {name: Path(version_dir) / ADAPTER_DIR / f"{name}.safetensors" for name in names}
+        self.adapters: InPlaceAdapters | None = None
+
+    def __call__(self, module) -> None:
+        if self.files:
+            self.adapters = InPlaceAdapters(module.unet, self.files)
+
+
 def encode_adapters(adapters: tuple[tuple[str, float], ...]) -> str:
     """A request's adapters as one request parameter (Triton's take bool, int or str):
     ``name:weight,name:weight``, the weights written exactly (repr of a float)."""

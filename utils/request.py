@@ -325,3 +325,16 @@ def _number(name: str, value, kind: type):
     if kind is int and isinstance(value, (float, np.floating)) and not float(value).is_integer():
         raise InvalidRequest(f"{name}={value!r} is not an integer.")
     return kind(value)
+
+
+def preview_every(value) -> int:
+    """A streaming request's preview_every (a tensor of one value; None: the default)."""
+    if value is None:
+        return DEFAULT_PREVIEW_EVERY
+    if value.numel() != 1:
+        raise InvalidRequest(f"preview_every has {value.numel()} values: send exactly one, shape [1].")
+    every = int(value.reshape(-1)[0])
+    if every < 0:
+        raise InvalidRequest(f"preview_every={every} is not allowed: use a number of steps (1: every step), "
+                             f"or 0 for no previews.")
+    return every

@@ -63,14 +63,16 @@ class StepBatcher:
 
     Calls wait until every loop inside ``loop()`` has called (or ``max_wait`` seconds passed,
     should one be slow to come back), then run together: calls of one input shape (an image size)
-    as one batch, ``max_batch`` rows at a time. Inputs are moved to ``dtypes`` on ``device``; the
-    output stays there. On a GPU a call returns once its batch is queued and this loop's step
-    ``STEPS_QUEUED`` back has finished.
+    and one set of LoRA ``adapters`` as one batch, ``max_batch`` rows at a time, the adapters
+    applied to the network's weights first (``lora``: utils/lora.py's InPlaceAdapters). Inputs are
+    moved to ``dtypes`` on ``device``; the output stays there. On a GPU a call returns once its
+    batch is queued and this loop's step ``STEPS_QUEUED`` back has finished.
     """
 
     def __init__(self, network: Network, max_batch: int, device: torch.device, dtypes: list[torch.dtype],
-                 name: str = "unet", max_wait: float = 0.05):
+                 name: str = "unet", max_wait: float = 0.05, lora=None):
         self.network, self.max_batch, self.device, self.dtypes = network, max_batch, device, dtypes
+        self.lora = lora  # applies a batch's adapters in place (None: the network has none)
         self.on_gpu = device.type == "cuda"
         self.max_wait = max_wait
         self.batches, self.rows = 0, 0  # network calls made, rows run: rows / batches is the mean batch
@@ -84,7 +86,7 @@ class StepBatcher:
         self._loops = 0  # loops in flight: each will call before its next step is done
         self._arrivals: dict[int, float] = {}  # requests whose loop has not started: when each came
         self._closed = False
-        self._pending: list[tuple[tuple[torch.Tensor, ...], Future]] = []
+        self._pending: list[tuple[tuple[torch.Tensor, ...], Future, tuple]] = []  # inputs, answer, adapters
         self._wake = threading.Condition()
         self._queued = threading.local()  # per request (a thread each): its queued steps' events, oldest first
         self._worker = threading.Thread(target=self._serve, name=f"{name} steps", daemon=True)
@@ -128,12 +130,14 @@ class StepBatcher:
                 torch.cuda.current_stream(self.device).synchronize()
             self._queued.steps = deque()
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor, adapters: tuple[tuple[str, float], ...] = ()) -> torch.Tensor:
+        if adapters and self.lora is None:
+            raise ValueError(f"this UNet applies no LoRA adapters, and the call asks for {adapters}.")
         future: Future = Future()
         with self._wake:
             if self._closed:
                 raise RuntimeError("the UNet's worker has stopped: the model is unloading")
-            self._pending.append((inputs, future))
+            self._pending.append((inputs, future, tuple(adapters)))
             self._wake.notify()
         output, finished = future.result()
         if finished is not None:  # a GPU batch, queued: wait only for this loop's step STEPS_QUEUED back
@@ -173,17 +177,25 @@ class StepBatcher:
             calls, self._pending = self._pending, []
         return calls or None
 
-    def _run_batch(self, calls: list[tuple[tuple[torch.Tensor, ...], Future]]) -> None:
+    def _run_batch(self, calls: list[tuple[tuple[torch.Tensor, ...], Future, tuple]]) -> None:
         try:
-            by_shape = defaultdict(list)  # requests of different image sizes cannot share a batch
-            for call in calls:
-                by_shape[tuple(tuple(t.shape[1:]) for t in call[0])].append(call)
-            for group in by_shape.values():
+            # Requests of different image sizes cannot share a batch, nor those of different adapters:
+            # each group runs with its own weights (on a GPU, queued in order on this thread's stream).
+            groups = defaultdict(list)
+            for inputs, future, adapters in calls:
+                groups[adapters, tuple(tuple(t.shape[1:]) for t in inputs)].append((inputs, future))
+            for (adapters, _), group in sorted(groups.items(), key=lambda item: item[0][0] != self._applied()):
+                if self.lora is not None:
+                    self.lora.apply(adapters)
                 self._answer(group)
         except Exception as error:  # the worker lives on: every loop waiting on this batch hears why
-            for _, future in calls:
+            for _, future, _ in calls:
                 if not future.done():
                     future.set_exception(error)
+
+    def _applied(self) -> tuple:
+        """The adapters the network's weights hold now: their group runs first, with no switch."""
+        return self.lora.current if self.lora is not None else ()
 
     def _answer(self, calls: list[tuple[tuple[torch.Tensor, ...], Future]]) -> None:
         """Run the calls as one batch; where the batch fails, each call alone, so that one bad call

@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from utils import specs
 from utils.layout import CHECKPOINT_DIR
-from utils.lora import ADAPTER_DIR, CONFIG_PARAMETER, REQUEST_PARAMETER, InPlaceAdapters, decode_adapters
+from utils.lora import CONFIG_PARAMETER, REQUEST_PARAMETER, InPlaceLoader, decode_adapters
 from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
@@ -39,17 +39,11 @@ class TritonPythonModel:
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
         # LoRA adapters applied to the UNet's weights in place, per request (utils/lora.py).
-        names = [name for name in parameters.get(CONFIG_PARAMETER, "").split(",") if name]
-        files = {name: version_dir / ADAPTER_DIR / f"{name}.safetensors" for name in names}
-        self.adapters = None
-
-        def prepare(module):
-            if files:
-                self.adapters = InPlaceAdapters(module.unet, files)
-
+        lora = InPlaceLoader(version_dir, [name for name in parameters.get(CONFIG_PARAMETER, "").split(",") if name])
         self.network = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
                                     self.device, compile_module=parameters.get("torch_compile") == "yes",
-                                    log=pb_utils.Logger.log_info, prepare=prepare)
+                                    log=pb_utils.Logger.log_info, prepare=lora)
+        self.adapters = lora.adapters
         # SD_TRITON_PROFILE_BLS=1: log where a call's time goes, as the pipeline models do for a
         # request (each phase then waits for the GPU, so the split is true and the calls slower).
         self.profile = profiling()
