@@ -302,11 +302,11 @@ class PipelineModel:
                           f"({self.unet.rows / self.unet.batches:.1f} per call)")
                 split += f", {self.unet.compute_report()}"
             self.logger.log_info(f"{self.spec.name}: {split}")
-        if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
-            self.metrics.images.increment(len(outputs[self.spec.outputs.index(specs.IMAGES)]))
         made = next((len(outputs[self.spec.outputs.index(t)]) for t in (specs.IMAGES, specs.LATENTS)
-                     if t in self.spec.outputs), 0)  # where the loop ran: with its adapters
-        self.metrics.adapter_images(generation.lora, made)
+                     if t in self.spec.outputs), 0)  # the images made here, or their latents (denoise)
+        if specs.IMAGES in self.spec.outputs:  # the final images (a stream's previews go through send)
+            self.metrics.images.increment(made)
+        self.metrics.adapter_images(generation.lora, made)  # where the loop ran: with its adapters
         return outputs
 
     def _settle_metrics(self) -> None:

@@ -178,7 +178,7 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
 
 def check_adapters(lora, lora_scale) -> tuple[tuple[str, ...], tuple[float, ...] | None]:
     """The adapters' names and weights on their own (whether the deployment serves them is
-    check_served_adapters'): names well formed and distinct, one finite weight in range each."""
+    utils/lora.py's ServedAdapters.check): names well formed and distinct, one finite weight in range each."""
     names = tuple(_as_list(lora)) if lora is not None else ()
     if len(names) > MAX_LORAS:
         raise InvalidRequest(f"lora={list(names)} names {len(names)} adapters: at most {MAX_LORAS} per request; use "

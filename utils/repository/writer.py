@@ -191,7 +191,7 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
                       deployment: Deployment, report: RepositoryReport, force: bool = False,
-                      adapter: str | None = None, adapter_files: dict[str, Path] | None = None) -> None:
+                      adapter_files: dict[str, Path] | None = None) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
     once per GPU where the placement serves a copy on each; the UNet's copies also get the LoRA
     ``adapter_files`` it applies in place (utils/lora.py)."""
@@ -199,7 +199,7 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
 
     placement = deployment.placement
     for gpu in placement.network_gpus():
-        name = placement.model_name(network.name, gpu, adapter)
+        name = placement.model_name(network.name, gpu)
         version_dir = repository / name / str(layout.ONNX_VERSION)
         checkpoint = version_dir / layout.CHECKPOINT_DIR
         for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
@@ -207,7 +207,7 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         if network is specs.UNET:
             for adapter_name, source in (adapter_files or {}).items():
                 install_file(source, version_dir / ADAPTER_DIR / f"{adapter_name}.safetensors", report, force)
-        config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu, adapter)
+        config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu)
         install_file(None, layout.config_file(repository, name), report, force, text=configs.to_pbtxt(config))
         install_file(None, version_dir / "model.py", report, force, text=TORCH_RUNTIME_MODEL)
 
@@ -279,8 +279,8 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
         precision = deployment.served_precision
         files = {a.name: adapter_file(a, model_dir, models_dir) for a in deployment.adapters}
         check_adapters(model_dir, files)  # every file against the checkpoint, before anything is written
-        for name, network, adapter in served_networks(deployment):
-            add_torch_network(repository, network, model_dir, dims, deployment, report, force, adapter, files)
+        for network in specs.NETWORKS.values():  # the adapters are applied in place: no UNet of their own
+            add_torch_network(repository, network, model_dir, dims, deployment, report, force, files)
     else:
         precision = check_exports(onnx_files, dims, deployment)
         for name, network, adapter in served_networks(deployment):
