@@ -38,21 +38,49 @@ class DiffusersContender:
         self.pipeline.set_progress_bar_config(disable=True)
         diffusers.utils.logging.set_verbosity_error()  # no per-call prompt truncation warnings
         self.diffusers_version, self.device, self.precision = diffusers.__version__, settings.device, settings.precision
+        # The deployment's LoRA adapters, loaded as a diffusers user loads them; a request's are
+        # set on the UNet module itself (a compiled UNet's wrapper does not list them).
+        for name, path in context.adapter_files.items():
+            self.pipeline.load_lora_weights(str(path), adapter_name=name)
+        self.unet, self.adapters_in_use = self.pipeline.unet, None
+        self.schedulers = {None: self.pipeline.scheduler}
 
     def client(self):
         return self
 
     def configuration(self) -> str:
-        return f"diffusers {self.diffusers_version}, eager, {self.device} {self.precision}"
+        return f"diffusers {self.diffusers_version}, eager, {self.device} {self.precision}{self.adapters_note()}"
+
+    def adapters_note(self) -> str:
+        names = list(getattr(self.unet, "peft_config", {}))
+        return f", LoRA {' and '.join(names)} chosen per request with set_adapters" if names else ""
 
     def compilations(self) -> int:
         """How many graphs torch.compile has built so far (a run that builds one is not a measurement)."""
         return 0
 
-    def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
+    def use(self, lora=(), lora_scale=None, scheduler=None) -> None:
+        """A request's adapters and scheduler, switched when they change (as a user of diffusers
+        switches them): the adapters with set_adapters, the scheduler built from the checkpoint's."""
+        adapters = (tuple(lora), tuple(lora_scale or [1.0] * len(lora)))
+        if adapters != self.adapters_in_use and hasattr(self.unet, "peft_config"):
+            if lora:
+                self.unet.enable_lora()
+                self.unet.set_adapters(list(lora), list(adapters[1]))
+            else:
+                self.unet.disable_lora()
+            self.adapters_in_use = adapters
+        if scheduler not in self.schedulers:
+            import diffusers
+
+            self.schedulers[scheduler] = getattr(diffusers, scheduler).from_config(self.schedulers[None].config)
+        self.pipeline.scheduler = self.schedulers[scheduler]
+
+    def __call__(self, prompt, seed, image=None, lora=(), lora_scale=None, scheduler=None, **options) -> np.ndarray:
         """One call of the pipeline; a list of prompts (and as many pictures) makes one batch."""
         from PIL import Image
 
+        self.use(lora, lora_scale, scheduler)
         generator = self.torch.Generator().manual_seed(seed)
         if image is None:
             images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
@@ -103,7 +131,8 @@ class CompiledDiffusersContender(DiffusersContender):
         self.pipeline.unet = self.torch.compile(self.pipeline.unet, mode="reduce-overhead", fullgraph=True)
 
     def configuration(self) -> str:
-        return f"diffusers {self.diffusers_version}, UNet compiled (reduce-overhead), {self.device} {self.precision}"
+        return (f"diffusers {self.diffusers_version}, UNet compiled (reduce-overhead), {self.device} {self.precision}"
+                f"{self.adapters_note()}")
 
     def compilations(self) -> int:
         from torch._dynamo.utils import counters
@@ -127,7 +156,10 @@ class FastDiffusersContender(CompiledDiffusersContender):
     def __init__(self, context: Context):
         DiffusersContender.__init__(self, context)
         torch, pipeline = self.torch, self.pipeline
-        pipeline.fuse_qkv_projections()
+        # One projection for q, k and v would bypass LoRA layers on them: not with adapters.
+        self.fused_qkv = not context.adapter_files
+        if self.fused_qkv:
+            pipeline.fuse_qkv_projections()
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
         self.compiled = self.device == "cuda"
@@ -166,11 +198,13 @@ class FastDiffusersContender(CompiledDiffusersContender):
     def configuration(self) -> str:
         compiled = ("UNet and VAE decoder compiled (reduce-overhead, full graph, static shapes)" if self.compiled
                     else "not compiled on the CPU")
-        return (f"diffusers {self.diffusers_version}, fused QKV, channels_last UNet and VAE, 1x1 convolutions as "
-                f"matmuls, {compiled}, cuDNN attention first, {self.device} {self.precision}")
+        qkv = "fused QKV" if self.fused_qkv else "QKV not fused (LoRA layers on them)"
+        return (f"diffusers {self.diffusers_version}, {qkv}, channels_last UNet and VAE, 1x1 convolutions as "
+                f"matmuls, {compiled}, cuDNN attention first, {self.device} {self.precision}{self.adapters_note()}")
 
     def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
         from utils.python_backend.cuda_graphs import ATTENTION_BACKENDS
+
 
         with self.torch.nn.attention.sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
             return super().__call__(prompt, seed, image, **options)

@@ -29,6 +29,7 @@ from utils.deployment import Deployment
 from utils.errors import UsageError
 from utils.grpc_client import connect
 from utils.layout import DEFAULT_REPOSITORY
+from utils.lora import adapter_file
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.server import TritonServer, stop_on_sigterm
 from utils.server.access import AccessPolicy
@@ -51,9 +52,12 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
                         help="image-to-image starts every pipeline from the same picture, at --strength")
-    add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "strength"),
+    add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength"),
                              prompt=defaults.prompt, num_inference_steps=defaults.steps,
                              guidance_scale=defaults.guidance_scale, seed=defaults.seed, strength=defaults.strength)
+    parser.add_argument("--alternate-lora", nargs="+", default=[], metavar="NAME",
+                        help="LoRA adapters of the deployment's (--lora NAME=PATH) that the requests ask for in turn, "
+                             "one each (default: none); diffusers switches them with set_adapters")
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--runs", type=int, default=defaults.runs)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[],
@@ -83,12 +87,24 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     static_batches = args.static_batch if args.static_batch is not None else [highest] if highest > 1 else []
     if any(batch < 1 for batch in static_batches):
         raise UsageError(f"--static-batch {' '.join(map(str, static_batches))}: give numbers of images, 1 or more")
+    deployment = deployment_from_args(args)
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
                         requests=args.requests, static_batches=tuple(static_batches), task=args.task,
-                        strength=args.strength,
-                        deployment=deployment_from_args(args))
+                        strength=args.strength, scheduler=args.scheduler,
+                        lora=requested_adapters(args.alternate_lora, deployment),
+                        deployment=deployment)
     return args, settings
+
+
+def requested_adapters(names: list[str], deployment: Deployment) -> tuple[str, ...]:
+    """--alternate-lora's adapters, each one the deployment serves."""
+    served = [adapter.name for adapter in deployment.adapters]
+    unknown = [name for name in names if name not in served]
+    if unknown:
+        raise UsageError(f"--alternate-lora {' '.join(names)}: {', '.join(unknown)} not among the deployment's "
+                         f"adapters ({', '.join(served) or 'none'}); add each with --lora NAME=PATH")
+    return tuple(names)
 
 
 def timed_restart(server: TritonServer, verbose_stop: bool = False) -> dict:
@@ -132,7 +148,9 @@ def main(argv=None):
             stack.enter_context(server)
             start_s = time.monotonic() - started  # until ready: what a user waits for, compilation included
             url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
-        results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url)
+        adapter_files = {adapter.name: adapter_file(adapter, model_dir, args.models_dir)
+                         for adapter in deployment.adapters}
+        results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url, adapter_files)
         if server is not None:
             results["server"] = {"start_s": start_s}
         if one_gpu is not None:

@@ -122,3 +122,40 @@ def test_image_to_image_benchmark_against_a_running_server(triton_server, tiny_m
         stages = figures["stages"]
         # PNDM: 5 steps are 6 UNet calls; strength 0.6 keeps int(5 x 0.6) = 3 steps, the last 4 calls.
         assert stages["vae_encoder"] > 0 and stages["unet_calls_per_run"] == 4, (name, stages)
+
+
+def test_a_benchmark_of_adapters_requested_in_turn_with_few_step_sampling(triton_server, tiny_model, adapters,
+                                                                         tmp_path):
+    """--alternate-lora: the requests ask for the session's two adapters in turn, diffusers
+    switching them with set_adapters; LCM, 4 steps, guidance 1 (LCM-LoRA's use). Every way's last
+    image (the second adapter's) equals diffusers'; diffusers-fast's bound makes one call per adapter."""
+    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
+               "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
+               *[f"--lora={adapter.name}={adapter.path}" for adapter in adapters],
+               "--alternate-lora", *[adapter.name for adapter in adapters],
+               "--scheduler", "LCMScheduler", "--num-inference-steps", "4", "--guidance-scale", "1",
+               "--warmup", "1", "--runs", "2", "--concurrency", "2", "--requests", "4",
+               "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
+               "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    (json_path,) = (tmp_path / "out").glob("*.json")
+    results = json.loads(json_path.read_text())
+    names = [adapter.name for adapter in adapters]
+    assert results["failed"] == {}
+    assert results["settings"]["lora"] == names and results["settings"]["scheduler"] == "LCMScheduler"
+    assert f"4 steps of LCMScheduler, guidance 1.0, the requests asking for LoRA {' and '.join(names)} in turn" \
+        in result.stdout
+    assert "fidelity check passed" in result.stdout
+    for name in ("diffusers", "diffusers-fast"):
+        configuration = results["pipelines"][name]["configuration"]
+        assert f"LoRA {' and '.join(names)} chosen per request with set_adapters" in configuration
+    assert "QKV not fused" in results["pipelines"]["diffusers-fast"]["configuration"]
+    for name, figures in results["pipelines"].items():
+        assert figures["stages"]["unet_calls_per_run"] == 4, name  # guidance 1: one UNet call per step
+        if name != "diffusers":
+            assert results["fidelity"][name]["max_pixel_difference"] <= 2, (name, results["fidelity"][name])
+    for name, runs in results["concurrency"].items():
+        assert runs["2"]["errors"] == 0, (name, runs["2"]["error_messages"])
+    bound = results["static_batch"]["diffusers-fast"]["2"]  # one image of each adapter: two calls
+    assert bound["images"] == 2 and bound["throughput_images_per_s"] > 0

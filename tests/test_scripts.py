@@ -65,6 +65,21 @@ def test_request_options_from_the_command_line(triton_server, tiny_model, tmp_pa
     assert all(np.abs(a - b).max() <= 2 for other in others for a, b in zip(first, other))
 
 
+def test_an_adapter_from_the_command_line_the_same_three_ways(triton_server, tiny_model, tmp_path):
+    """--use-lora NAME: the request asks for a served adapter; each way gives the same image, and
+    not the base weights' image."""
+    common = ["--url", triton_server.grpc_url, "--num-inference-steps", "3", "--seed", "4", "--prompt", "a kite"]
+    run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "base.png"), cwd=tmp_path)
+    for script, extra in (("scripts/run_client_side_pipeline.py", ["--model", str(tiny_model)]),
+                          ("scripts/run_bls_pipeline.py", []), ("scripts/run_ensemble_pipeline.py", [])):
+        run(script, *common, *extra, "--use-lora", "style", "--output", str(tmp_path / f"{Path(script).stem}.png"),
+            cwd=tmp_path)
+    base, client, bls, ensemble = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int) for name in (
+        "base", "run_client_side_pipeline", "run_bls_pipeline", "run_ensemble_pipeline"))
+    assert np.abs(client - bls).max() <= 2 and np.array_equal(bls, ensemble)
+    assert np.abs(bls - base).max() > 10  # the adapter changed the image
+
+
 @pytest.mark.parametrize("network", specs.NETWORKS)
 def test_query_model(network, triton_server, tmp_path):
     out = run("scripts/query_model.py", network, "--url", triton_server.grpc_url, cwd=tmp_path)

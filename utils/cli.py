@@ -43,6 +43,12 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
                               help="image to image: start from this picture (PNG, JPEG...; its size is the output's)")),
     strength=(("--strength",), dict(type=float, default=DEFAULT_STRENGTH,
                                     help="image to image: how much of the image is noised away, in (0, 1]")),
+    lora=(("--use-lora",), dict(nargs="+", default=[], metavar="NAME",
+                                help="LoRA adapters of the deployment's (its --lora NAME=PATH) that the request "
+                                     "asks for, mixed (default: none, the base weights)")),
+    lora_scale=(("--lora-scale",), dict(type=float, nargs="+", default=None, metavar="WEIGHT",
+                                        help="one weight per --use-lora adapter, as diffusers' set_adapters "
+                                             "(default: 1 each)")),
 )
 
 
@@ -167,7 +173,8 @@ def generation_options(args: argparse.Namespace) -> dict:
     """The GenerationRequest fields from the parsed arguments."""
     options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                    guidance_scale=args.guidance_scale, cfg_cutoff_step_ratio=args.cfg_cutoff_step_ratio,
-                   seed=args.seed, scheduler=args.scheduler, num_images_per_prompt=args.num_images_per_prompt)
+                   seed=args.seed, scheduler=args.scheduler, num_images_per_prompt=args.num_images_per_prompt,
+                   lora=args.lora, lora_scale=args.lora_scale)
     if args.image is not None:
         options.update(image=load_image(args.image), strength=args.strength)
     else:

@@ -9,6 +9,9 @@
 # start and to restart 3 times with its compile cache. Writes the JSON, the chart and the logs
 # under $OUT. Each setting can be changed by its variable below, e.g.
 #   PIPELINE_LOOP=cpu CONCURRENCY="1 4 8" bash scripts/gpu_host/benchmark.sh
+# LORA="a b" serves random LoRA adapters of those names (built with peft) and has the requests ask
+# for them in turn, diffusers switching them with set_adapters; few-step sampling, e.g.
+#   LORA=lcm SCHEDULER=LCMScheduler STEPS=4 GUIDANCE=1 bash scripts/gpu_host/benchmark.sh
 # On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
 case "${1-}" in  # --help prints the comment above, and does nothing else
   -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
@@ -24,11 +27,16 @@ if [ -n "$TORCH_COMPILE" ]; then COMPILE=(--torch-compile $TORCH_COMPILE); fi
 PIPELINE_INSTANCES=${PIPELINE_INSTANCES-16}  # BLS instances; with-unet: loops in flight per model (empty: the default)
 INSTANCES=()
 if [ -n "$PIPELINE_INSTANCES" ]; then INSTANCES=(--pipeline-instances "$PIPELINE_INSTANCES"); fi
+ADAPTERS=()  # --lora NAME=tiny for each, then the requests' turn
+for name in ${LORA-}; do ADAPTERS+=(--lora "$name=tiny"); done
+if [ -n "${LORA-}" ]; then ADAPTERS+=(--alternate-lora $LORA); fi
+SAMPLING=(--num-inference-steps "${STEPS:-50}" --guidance-scale "${GUIDANCE:-7.5}")
+if [ -n "${SCHEDULER-}" ]; then SAMPLING+=(--scheduler "$SCHEDULER"); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
 python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
   --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-with-unet}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
-  "${INSTANCES[@]}" \
+  "${INSTANCES[@]}" "${ADAPTERS[@]}" "${SAMPLING[@]}" \
   --min-psnr 35 --time-restart "${RESTARTS:-3}" --log-verbose-stops \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled diffusers-fast triton-client-side triton-bls triton-ensemble} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 16 32} --requests "${REQUESTS:-64}" \

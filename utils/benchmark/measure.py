@@ -44,30 +44,31 @@ def latency_summary(seconds: list[float], images_per_request: int = 1) -> dict:
 def warm_up(name: str, contender, generate, settings: Settings) -> None:
     """The settings' warm-up runs, and more while the runs still get faster (a compilation or a
     lazy initialization in the last one), so that neither reaches the measured runs."""
-    options, seconds = settings.options(), []
-    for _ in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
-        seconds.append(_timed(generate, options))
+    seconds = []
+    for request in tqdm(range(settings.warmup), desc=f"{name}: warm-up", leave=False):
+        seconds.append(_timed(generate, settings.options(request)))
     extra = 0
     while len(seconds) >= 2 and seconds[-1] > SETTLED_FACTOR * seconds[-2] and extra < MAX_EXTRA_RUNS:
-        seconds.append(_timed(generate, options))
+        seconds.append(_timed(generate, settings.options(len(seconds))))
         extra += 1
     if contender.served and settings.deployment.placement.pipeline_instances > 1:
         # Every pipeline instance is a process of its own that Triton picks in turn: one request
         # each at once, so the measured runs do not meet an instance serving its first request.
         instances = settings.deployment.placement.pipeline_instances
         with ThreadPoolExecutor(instances) as pool:
-            list(pool.map(lambda _: contender.client()(**options), range(instances)))
+            list(pool.map(lambda request: contender.client()(**settings.options(request)), range(instances)))
 
 
 def measured_runs(name: str, contender, generate, settings: Settings) -> tuple[list[float], list[float], np.ndarray]:
     """(latencies, discarded, last images): a run during which torch.compile built a graph is
-    discarded and run again (up to MAX_EXTRA_RUNS times): it measured a compilation."""
+    discarded and run again (up to MAX_EXTRA_RUNS times): it measured a compilation. Run i is the
+    settings' request i, so every contender's last images come from the same request."""
     latencies, discarded, images = [], [], None
     progress = tqdm(total=settings.runs, desc=f"{name}: runs", leave=False)
     while len(latencies) < settings.runs:
         compiled_before = contender.compilations()
         start = time.perf_counter()
-        images = generate(**settings.options())
+        images = generate(**settings.options(len(latencies)))
         seconds = time.perf_counter() - start
         if contender.compilations() != compiled_before and len(discarded) < MAX_EXTRA_RUNS:
             discarded.append(seconds)
@@ -148,8 +149,8 @@ def timed_stages(contender, generate, settings: Settings) -> tuple[dict, str]:
     totals, calls, profiled = {}, {}, []
     profiled_runs = max(1, min(3, settings.runs))
     with contender.stage_timers(totals, calls):
-        for _ in range(profiled_runs):
-            profiled.append(_timed(generate, settings.options()))
+        for request in range(profiled_runs):
+            profiled.append(_timed(generate, settings.options(request)))
     stages = {stage: totals.get(stage, 0.0) / profiled_runs for stage in settings.stages}
     stages["unet_per_call"] = totals.get("unet", 0.0) / max(1, calls.get("unet", 0))
     stages["unet_calls_per_run"] = calls.get("unet", 0) / profiled_runs
@@ -168,23 +169,22 @@ def measure_concurrency(name: str, contender, settings: Settings, clients: int,
     """``settings.requests`` requests from ``clients`` threads, each with its own client; with
     the server's statistics, how full the UNet's batches were (dynamic batching at work)."""
     local = threading.local()
-    options = settings.options()
     latencies, errors = [], []
     ready = threading.Barrier(clients)
 
-    def warm_up_client(_):
+    def warm_up_client(client: int):
         """One untimed request per client thread (each gets exactly one: they wait for each other),
         so client set-up and per-thread runtime initialization stay out of the measurement."""
         try:
             local.generate = contender.client()
-            local.generate(**options)
+            local.generate(**settings.options(client))
         finally:
             ready.wait()
 
-    def one_request(_):
+    def one_request(request: int):
         start = time.perf_counter()
         try:
-            local.generate(**options)
+            local.generate(**settings.options(request))
             latencies.append(time.perf_counter() - start)
         except Exception as error:  # counted here: the server's own metrics count errors as successes
             errors.append(f"{type(error).__name__}: {error}")
@@ -232,14 +232,17 @@ def in_process_batching(grown: dict | None, wall: float) -> dict | None:
 
 
 def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contenders: Mapping[str, type],
-                  headers: dict[str, str] | None = None, metrics_url: str | None = None) -> dict:
-    """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work."""
+                  headers: dict[str, str] | None = None, metrics_url: str | None = None,
+                  adapter_files: Mapping[str, Path] | None = None) -> dict:
+    """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work;
+    ``adapter_files``: the deployment's LoRA files, which diffusers loads."""
     dims = specs.ModelDims.from_pretrained(model_dir)
     if settings.task == "image-to-image":
         settings = replace(settings, image=init_image(dims))
-    context = Context(settings, model_dir, url)
+    context = Context(settings, model_dir, url, dict(adapter_files or {}))
     statistics = TritonStatistics(url, headers, metrics_url) if url else None
-    scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+    scheduler = settings.scheduler or json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())[
+        "_class_name"]
     results = {
         "settings": {**settings.describe(), "resolution": [dims.image_height, dims.image_width],
                      "scheduler": scheduler},
@@ -251,19 +254,31 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contende
         try:
             contender = make_contender(context)
             results["pipelines"][name] = measure(name, contender, context, statistics)
+            # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
+            # under load is its sequential images/s (threads would only fight over the same cores).
+            if settings.requests and contender.served and settings.concurrency:
+                results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
+            if contender.bounds_serving and settings.static_batches:
+                results["static_batch"][name] = static_batch_runs(name, contender, settings)
         except Exception as error:  # keep the other contenders' figures; say what failed
             results["failed"][name] = f"{type(error).__name__}: {error}"
             tqdm.write(f"{name} failed: {results['failed'][name]}")
-            continue
-        # diffusers is one in-process pipeline: it serves one request at a time, so its throughput
-        # under load is its sequential images/s (threads would only fight over the same cores).
-        if settings.requests and contender.served and settings.concurrency:
-            results["concurrency"][name] = concurrency_runs(name, contender, settings, statistics)
-        if contender.bounds_serving and settings.static_batches:
-            results["static_batch"][name] = static_batch_runs(name, contender, settings)
+        if name in results["pipelines"]:
+            tqdm.write(summary_line(name, results))
     results["fidelity"] = fidelity({name: r.pop("images") for name, r in results["pipelines"].items()})
     results["compute_budget"] = compute_budget(results)
     return results
+
+
+def summary_line(name: str, results: dict) -> str:
+    """One contender's figures as soon as they are measured (the table waits for the last one)."""
+    latency = results["pipelines"][name]["latency"]
+    parts = [f"{name}: mean {latency['mean_s']:.3f} s, p50 {latency['p50_s']:.3f} s"]
+    for clients, run in results["concurrency"].get(name, {}).items():
+        parts.append(f"{clients} clients {run['throughput_images_per_s']:.2f} images/s, {run['errors']} errors")
+    for batch, run in results["static_batch"].get(name, {}).items():
+        parts.append(f"{batch} images at once {run['throughput_images_per_s']:.2f} images/s")
+    return "; ".join(parts)
 
 
 STATIC_BATCH_RUNS = 3  # measured calls of each static batch (each makes N images)
@@ -271,12 +286,13 @@ STATIC_BATCH_RUNS = 3  # measured calls of each static batch (each makes N image
 
 def static_batch_runs(name: str, contender, settings: Settings) -> dict:
     """N images in one call of an in-process pipeline, for each N of the settings: the same
-    kernels at the ideal batch, the bound for N concurrent clients of a served pipeline.
-    {N: {"throughput_images_per_s", "latency"}}."""
+    kernels at the ideal batch, the bound for N concurrent clients of a served pipeline (with
+    adapters, one call per adapter: Settings.batched_calls). {N: {"throughput_images_per_s",
+    "latency"}}."""
     runs = {}
     for batch in settings.static_batches:
-        def generate(batch=batch, **_options):  # the settings' options, as a batch
-            return contender(**settings.batched_options(batch))
+        def generate(batch=batch, **_options):  # the settings' requests, as batches
+            return np.concatenate([contender(**options) for options in settings.batched_calls(batch)])
 
         batched = replace(settings, runs=STATIC_BATCH_RUNS)
         warm_up(f"{name} x{batch}", contender, generate, batched)

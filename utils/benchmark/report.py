@@ -63,7 +63,9 @@ def unet_unmeasured(stages: dict) -> bool:
 def table(results: dict) -> str:
     """The results as text: latency and stages, compute budget, concurrency, GPU scaling, notes,
     fidelity."""
-    lines = _latency_lines(results) + [""] + budget_lines(results) + _step_lines(results)
+    lines = [work_text(results["settings"]), ""] if "settings" in results else []
+    lines += _latency_lines(results) + [""] + budget_lines(results)
+    lines += _step_lines(results)
     if results.get("concurrency"):
         lines += [""] + _concurrency_lines(results["concurrency"])
     if results.get("static_batch"):
@@ -83,6 +85,16 @@ def table(results: dict) -> str:
         lines += ["", "fidelity, same seed as diffusers: " + "; ".join(
             fidelity_text(name, entry) for name, entry in results["fidelity"].items())]
     return "\n".join(lines)
+
+
+def work_text(settings: dict) -> str:
+    """What every contender made: the model, the task, the sampling, the adapters."""
+    scheduler = f" of {settings['scheduler']}" if settings.get("scheduler") else ""
+    text = (f"work: {settings.get('model')}, {settings.get('task', 'text-to-image')}, {settings.get('steps')} steps"
+            f"{scheduler}, guidance {settings.get('guidance_scale')}")
+    if settings.get("lora"):
+        text += f", the requests asking for LoRA {' and '.join(settings['lora'])} in turn"
+    return text
 
 
 def server_text(server: dict) -> str:

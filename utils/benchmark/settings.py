@@ -29,6 +29,10 @@ class Settings:
     # of the same kernels, the bound for that many concurrent clients.
     static_batches: tuple[int, ...] = ()
     task: str = "text-to-image"
+    scheduler: str | None = None  # a diffusers scheduler class; None: the checkpoint's own
+    # LoRA adapters (of the deployment's) that the requests ask for in turn: request i for
+    # lora[i % len(lora)]; none: the base weights.
+    lora: tuple[str, ...] = ()
     strength: float = 0.8  # image to image
     image: np.ndarray | None = field(default=None, compare=False)  # image to image: the picture to start from
     # How the served pipelines are deployed; diffusers runs on the same device and precision.
@@ -48,20 +52,31 @@ class Settings:
     def stages(self) -> tuple[str, ...]:
         return IMAGE_TO_IMAGE_STAGES if self.task == "image-to-image" else STAGES
 
-    def options(self) -> dict:
+    def options(self, request: int = 0) -> dict:
+        """The options of the ``request``-th request (they differ only in their adapter)."""
         options = dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                        seed=self.seed)
+        if self.scheduler is not None:
+            options.update(scheduler=self.scheduler)
+        if self.lora:
+            options.update(lora=[self.lora[request % len(self.lora)]])
         if self.task == "image-to-image":
             options.update(image=self.image, strength=self.strength)
         return options
 
-    def batched_options(self, batch: int) -> dict:
-        """The options of one call that makes ``batch`` images: the prompt (and the picture) that many times."""
-        options = self.options()
-        options.update(prompt=[self.prompt] * batch)
-        if self.task == "image-to-image":
-            options.update(image=np.repeat(self.image, batch, axis=0))
-        return options
+    def batched_calls(self, batch: int) -> list[dict]:
+        """The calls of an in-process pipeline that make ``batch`` requests' images at once: one
+        call with the prompt (and the picture) that many times; with adapters, one call per adapter
+        with its requests' share, since one call of diffusers runs one set of adapters."""
+        shares = np.array_split(np.arange(batch), max(1, len(self.lora)))
+        calls = []
+        for request, share in enumerate(shares):
+            options = self.options(request)
+            options.update(prompt=[self.prompt] * len(share))
+            if self.task == "image-to-image":
+                options.update(image=np.repeat(self.image, len(share), axis=0))
+            calls.append(options)
+        return calls
 
     def describe(self) -> dict:
         """The settings as plain values, for the JSON."""
@@ -69,6 +84,7 @@ class Settings:
                 "guidance_scale": self.guidance_scale, "seed": self.seed, "warmup": self.warmup, "runs": self.runs,
                 "concurrency": list(self.concurrency), "requests": self.requests,
                 "static_batches": list(self.static_batches), "task": self.task,
+                **({"lora": list(self.lora)} if self.lora else {}),
                 **({"strength": self.strength} if self.task == "image-to-image" else {}), "device": self.device,
                 "precision": self.precision, "deployment": self.deployment.describe()}
 
@@ -81,3 +97,4 @@ class Context:
     settings: Settings
     model_dir: Path
     url: str | None
+    adapter_files: dict[str, Path] = field(default_factory=dict)  # the deployment's LoRA files, for diffusers
