@@ -276,3 +276,58 @@ def test_a_tiny_adapter_is_the_same_for_the_same_name(tiny_model, tmp_path):
     first = adapter_file(LoraAdapter("style", Path("tiny")), tiny_model, tmp_path / "a")
     second = adapter_file(LoraAdapter("style", Path("tiny")), tiny_model, tmp_path / "b")
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.slow  # builds adapters
+def test_in_place_adapters_reach_the_fused_projections_of_the_compile_recipe(tiny_model, adapters):
+    """The GPU runtime's compile recipe fuses each attention's q, k and v into one projection (a
+    new weight) before the adapters load: the changes must land there, or an adapter would change
+    only its output projections. Each UNet output, mix and switch included, equals peft's unfused
+    LoRA layers (diffusers' set_adapters) on a UNet with separate projections."""
+    from utils.lora import InPlaceAdapters
+    from utils.networks import load_network
+    from utils.python_backend.cuda_graphs import compile_recipe
+
+    files = {adapter.name: adapter.path for adapter in adapters}
+    reference = _unet(tiny_model)
+    for name, path in files.items():
+        load_adapter(reference, name, path)
+    network = load_network(specs.UNET.name, tiny_model, "FP32", "cpu")
+    compile_recipe(network)
+    fused = network.unet
+    in_place = InPlaceAdapters(fused, files)
+    assert any(getattr(module, "fused_projections", False) for module in fused.modules())
+    dims = specs.ModelDims.from_pretrained(tiny_model)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, dims.latent_channels, dims.latent_height, dims.latent_width), generator=generator)
+    text = torch.randn((2, dims.text_length, dims.text_hidden), generator=generator)
+    first, second = ADAPTERS
+    with torch.no_grad():
+        for adapters_set in (((first, 1.0),), ((second, 1.0),), ((first, 0.7), (second, 0.5)), (), ((first, 1.0),)):
+            in_place.apply(adapters_set)
+            if adapters_set:
+                reference.enable_lora()
+                reference.set_adapters([name for name, _ in adapters_set], [scale for _, scale in adapters_set])
+            else:
+                reference.disable_lora()
+            expected = reference(latents, 500, encoder_hidden_states=text).sample
+            served = fused(latents.contiguous(memory_format=torch.channels_last), 500, encoder_hidden_states=text).sample
+            assert torch.allclose(served, expected, atol=1e-4), (adapters_set, float((served - expected).abs().max()))
+
+
+@pytest.mark.slow  # builds adapters
+def test_weights_that_did_not_load_are_refused(tiny_model, adapters):
+    """diffusers only warns of LoRA keys it could not place (as with a peft other than the pinned
+    one): the check that follows every load finds the layers without the file's weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from utils.lora import check_loaded
+
+    unet = _unet(tiny_model)
+    load_adapter(unet, "x", adapters[0].path)
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(adapters[0].path))
+    check_loaded(unet, "x", state_dict, adapters[0].path)  # as loaded: passes
+    doubled = {key: 2 * value for key, value in state_dict.items()}
+    with pytest.raises(AdapterError, match=r"its weights did not load into the UNet's LoRA layers .* install the "
+                                           r"versions requirements.txt pins"):
+        check_loaded(unet, "x", doubled, adapters[0].path)

@@ -133,6 +133,26 @@ def load_adapter(unet, adapter_name: str, path: Path) -> None:
         first = str(error).strip().splitlines()[-1].strip()
         raise AdapterError(f"{path}: does not fit this checkpoint's UNet ({first}): the LoRA was trained for "
                            f"another model.") from None
+    check_loaded(unet, adapter_name, state_dict, path)
+
+
+def check_loaded(unet, adapter_name: str, state_dict: dict, path: Path) -> None:
+    """That the file's weights are in the UNet's LoRA layers: diffusers only warns of keys it could
+    not place (seen with a peft other than the pinned one: every layer left at its initial weights,
+    an adapter that changes nothing). Compared as a sum of magnitudes, whatever the keys' names."""
+    import math
+
+    import diffusers
+    import peft
+
+    layers = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
+    loaded = sum(float(weight.detach().float().abs().sum()) for name, weight in unet.named_parameters()
+                 if any(layer in name for layer in layers))
+    expected = sum(float(weight.float().abs().sum()) for key, weight in state_dict.items() if "alpha" not in key)
+    if not math.isclose(loaded, expected, rel_tol=1e-2):
+        raise AdapterError(f"{path}: its weights did not load into the UNet's LoRA layers (sum of magnitudes "
+                           f"{loaded:.6g}, the file's {expected:.6g}) with diffusers {diffusers.__version__} and peft "
+                           f"{peft.__version__}: install the versions requirements.txt pins.")
 
 
 def check_adapters(model_dir: Path, files: dict[str, Path]) -> None:
@@ -235,7 +255,8 @@ class InPlaceAdapters:
     and weights then sets each layer they touch to its base weights plus their weighted changes,
     as diffusers' ``set_adapters`` weighs them. The weights stay the same tensors, so compiled
     kernels and CUDA graphs captured on them stay valid; from a kept copy of the base weights, so
-    switching A -> B -> A gives A's weights exactly, with no drift. Costs one copy of the targeted
+    switching A -> B -> A gives A's weights exactly, with no drift. Where the compile recipe fused
+    the attention's projections first, the changes go to the fused weights (live_weight). Costs one copy of the targeted
     layers and one change per adapter and layer in the UNet's precision; a switch is a few
     elementwise kernels per layer."""
 
@@ -255,7 +276,7 @@ class InPlaceAdapters:
         unet.unload_lora()  # the plain layers again, with the base weights
         modules = dict(unet.named_modules())
         touched = {module_name for changes in self.changes.values() for module_name in changes}
-        self.weights = {module_name: modules[module_name].weight for module_name in touched}
+        self.weights = {module_name: live_weight(modules, module_name) for module_name in touched}
         self.base = {module_name: weight.detach().clone() for module_name, weight in self.weights.items()}
         self.current: tuple[tuple[str, float], ...] = ()
 
@@ -283,6 +304,22 @@ class InPlaceAdapters:
                     if change is not None:
                         weight.add_(change, alpha=scale)
         self.current = adapters
+
+
+def live_weight(modules: dict, module_name: str):
+    """The weight a layer's forward reads: its own, or, where diffusers fused the attention's
+    projections (``fuse_qkv_projections``, the compile recipe), its rows of the fused one (a view:
+    changed in place, the fused projection changes). A self-attention's q, k and v are ``to_qkv``,
+    a cross-attention's k and v ``to_kv``, in that order."""
+    parent_name, _, leaf = module_name.rpartition(".")
+    parent = modules.get(parent_name)
+    if getattr(parent, "fused_projections", False):
+        for fused, order in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+            if hasattr(parent, fused) and leaf in order:
+                rows = modules[module_name].weight.shape[0]
+                start = order.index(leaf) * rows
+                return getattr(parent, fused).weight[start:start + rows]
+    return modules[module_name].weight
 
 
 class InPlaceLoader:

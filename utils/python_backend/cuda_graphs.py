@@ -44,16 +44,31 @@ def runnable_network(spec: specs.NetworkSpec, checkpoint: Path, precision: str, 
     """A network of the checkpoint as the torch runtime runs it: in CUDA graphs on a GPU (compiled
     first if asked, see GraphedNetwork), the module itself on the CPU. Called with tensors of the
     spec's inputs. ``prepare(module)`` runs first (LoRA adapters to apply in place later: the
-    graphs are captured on the weights they will change)."""
+    graphs are captured on the weights they will change; after the compile recipe's fused
+    projections, which the adapters then change too)."""
     module = load_network(spec.name, checkpoint, precision, str(device))
-    prepare(module)
     if device.type != "cuda":
+        prepare(module)
         return module
+    if compile_module:
+        compile_recipe(module)
+    prepare(module)
     torch.cuda.set_device(device)  # this process's GPU, for what it allocates without naming one
     dtypes = [torch_dtype(t, TORCH_DTYPES[precision]) for t in spec.inputs]
     with torch.inference_mode():
         return GraphedNetwork(module, spec, specs.ModelDims.from_pretrained(checkpoint), device, dtypes,
                               compile_module=compile_module, static_batches=static_batches, log=log)
+
+
+def compile_recipe(module) -> None:
+    """What a network gets before torch.compile, as diffusers' own guide to a faster pipeline does:
+    one projection for q, k and v (a new weight, the three concatenated), NHWC convolutions, and
+    1x1 convolutions as matmuls."""
+    for submodule in module.children():
+        if hasattr(submodule, "fuse_qkv_projections"):
+            submodule.fuse_qkv_projections()
+    module.to(memory_format=torch.channels_last)
+    torch._inductor.config.conv_1x1_as_mm = True
 
 
 class GraphedNetwork:
@@ -85,14 +100,7 @@ class GraphedNetwork:
         # kernels rather than compiling again (a minute each). With static_batches, one
         # compilation per batch listed, and every batch at the checkpoint's size runs in one of them.
         compiled = module
-        if compile_module:
-            # As diffusers' own guide to a faster pipeline does: one projection for q, k and v,
-            # NHWC convolutions, and 1x1 convolutions as matmuls.
-            for submodule in module.children():
-                if hasattr(submodule, "fuse_qkv_projections"):
-                    submodule.fuse_qkv_projections()
-            module.to(memory_format=torch.channels_last)
-            torch._inductor.config.conv_1x1_as_mm = True
+        if compile_module:  # after compile_recipe
             compiled = torch.compile(module, dynamic=False)
             limit = torch._dynamo.config.cache_size_limit  # compilations kept per function
             torch._dynamo.config.cache_size_limit = max(limit, len(self.static_batches))
