@@ -71,7 +71,7 @@ def main(argv=None):
             saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
         for adapter in deployment.adapters:
             with timer.step(heading("7", f"the LoRA adapter {adapter.name!r}, chosen per request")):
-                images = BlsPipeline(server.grpc_url)(**generation_options(args), lora=[adapter.name])
+                images = BlsPipeline(server.grpc_url)(**generation_options(args) | dict(lora=[adapter.name]))
                 saved += save_images(images, args.output_dir / f"lora_{adapter.name}.png")
                 print(f"    max pixel difference to the BLS image without it: {abs(images.astype(int) - bls).max()}")
     finally:
