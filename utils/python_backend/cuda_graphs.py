@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from utils import specs
 from utils.networks import TORCH_DTYPES, load_network, torch_dtype
+from utils.python_backend.compile_turns import compile_turn
 
 
 # PyTorch's fused attention, in this order of preference where a kernel takes the shapes: cuDNN's
@@ -108,14 +110,19 @@ class GraphedNetwork:
         # Largest batch first, all graphs in its memory pool: one instance replays one graph at a
         # time and copies its output out at once, so the graphs can share their activations' memory.
         batches = self.static_batches or range(spec.profile.min, spec.profile.max + 1)
-        for batch in sorted(batches, reverse=True):
-            inputs = [torch.zeros(spec.shape(t, batch, dims), device=device, dtype=dtype)
-                      for t, dtype in zip(spec.inputs, dtypes, strict=True)]
-            if compile_module and not self.static_batches and batch == spec.profile.max:
-                for tensor in inputs:
-                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
-            compiles = batch > 1 or self.static_batches or spec.profile.opt == 1
-            self._capture(compiled if compiles else module, inputs)
+        # The same graph compiled by several processes at once (the loop models' UNets): one
+        # compiles, the others follow from the compile cache (compile_turns.py).
+        batching = "-".join(map(str, self.static_batches)) or "dynamic"
+        key = f"{spec.name}-{batching}-{dims.latent_height}x{dims.latent_width}"
+        with compile_turn(key, log=log) if compile_module else nullcontext():
+            for batch in sorted(batches, reverse=True):
+                inputs = [torch.zeros(spec.shape(t, batch, dims), device=device, dtype=dtype)
+                          for t, dtype in zip(spec.inputs, dtypes, strict=True)]
+                if compile_module and not self.static_batches and batch == spec.profile.max:
+                    for tensor in inputs:
+                        torch._dynamo.mark_dynamic(tensor, 0, min=2, max=spec.profile.max)
+                compiles = batch > 1 or self.static_batches or spec.profile.opt == 1
+                self._capture(compiled if compiles else module, inputs)
         self.own_size = set(self.graphs)  # never evicted
         if compile_module:
             # Inductor compiles in a pool of worker processes, one per core, that would stay for
