@@ -74,7 +74,7 @@ class TritonNetworks:
     def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor,
                  adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
         """Call the network (the UNet with LoRA ``adapters``: where the server's adapters route it)."""
-        adapter, parameters = self.adapters.route(adapters)
+        adapter, parameters = self.adapters.route(adapters, network.name)
         served = {t["name"]: t["data_type"].removeprefix("TYPE_") for t in self.served_config(network)["input"]}
         inputs = infer_inputs({
             spec.name: spec.to_wire(tensor.detach().cpu().numpy().astype(triton_to_np_dtype(served[spec.name]), copy=False))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import gc
+import json
 import threading
 import time
 import traceback
@@ -38,7 +39,8 @@ from pipelines.python_model_metrics import PipelineMetrics
 from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
 from utils import specs
 from utils.deployment import Serving
-from utils.lora import InPlaceLoader, ServedAdapters
+from utils.lora import ServedAdapters
+from utils.lora_in_place import InPlaceLoader
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
@@ -150,7 +152,7 @@ class PipelineModel:
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs, adapters=adapters),)
             else:
-                adapter, parameters = self.adapters.route(adapters)
+                adapter, parameters = self.adapters.route(adapters, network.name)
                 name = serving.placement.model_name(network.name, gpu, adapter)
                 outputs = call_by_bls(name, network, memory, self.times, *inputs, parameters=parameters)
             if network is specs.UNET:
@@ -288,6 +290,7 @@ class PipelineModel:
                 tensors[tensor.name] = torch.from_dlpack(value.to_dlpack())
         self._request.times, start = PhaseTimes(), time.perf_counter()
         self._request.requested = set(request.requested_output_names())
+        self._request.parameters = json.loads(request.parameters() or "{}")  # (the ensembles' first step reads them)
 
         def is_cancelled() -> bool:
             with self.times.phase("cancellation checks"):

@@ -29,22 +29,28 @@ class ServedPipeline:
     def __call__(self, prompt: str | list[str] = (), **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
         (negative_prompt, image and strength for image to image, scheduler,
-        num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed)."""
+        num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed, lora
+        and lora_scale)."""
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
         request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
                                 max_steps=None)
         spec = self.text_to_image if request.image is None else self.image_to_image
-        return self.infer(request_to_arrays(request, spec), spec)
+        return self.infer(request_to_arrays(request, spec), spec, self.parameters(request))
 
-    def infer(self, arrays: dict[str, np.ndarray], spec=None) -> np.ndarray:
-        """Send these input tensors as they are (the server validates them)."""
+    def parameters(self, request: GenerationRequest) -> dict[str, str]:
+        """The request parameters that go with the inputs (none here)."""
+        return {}
+
+    def infer(self, arrays: dict[str, np.ndarray], spec=None, parameters: dict[str, str] | None = None) -> np.ndarray:
+        """Send these input tensors as they are (the server validates them), with ``parameters``."""
         spec = spec or self.text_to_image
         inputs = infer_inputs(arrays)
         (output,) = spec.outputs
         outputs = [grpcclient.InferRequestedOutput(output.name)]
         result = call_with_retries(
-            lambda: self.client.infer(spec.name, inputs, outputs=outputs, client_timeout=self.timeout),
+            lambda: self.client.infer(spec.name, inputs, outputs=outputs, client_timeout=self.timeout,
+                                      parameters=parameters or None),
             self.retry_for,
         )
         return result.as_numpy(output.name)

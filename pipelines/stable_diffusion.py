@@ -38,8 +38,8 @@ LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
 
 
 class CallNetwork(Protocol):
-    """Call ``network``; the UNet with these LoRA ``adapters``, (name, weight) pairs, where the
-    served adapters route it (utils/lora.py's ServedAdapters.route)."""
+    """Call ``network``; the UNet and the text encoder with these LoRA ``adapters``, (name,
+    weight) pairs, where the served adapters route them (utils/lora.py's ServedAdapters.route)."""
 
     def __call__(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
                  adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]: ...
@@ -196,9 +196,10 @@ class StableDiffusion:
                                                return_tensors="pt")
         return tokens.input_ids.to(device=self.device, dtype=torch.int32)
 
-    # 2. One text encoder call for both halves.
+    # 2. One text encoder call for both halves (with the request's LoRA adapters, where the text
+    # encoder applies them).
     def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
-        (text_embeddings,) = self.call_network(specs.TEXT_ENCODER, self.tokenize(request))
+        (text_embeddings,) = self.call_network(specs.TEXT_ENCODER, self.tokenize(request), adapters=request.adapters)
         return text_embeddings
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import utils  # noqa: F401  (first: keeps the repository's triton/ folder from shadowing a package)
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +17,14 @@ from utils import specs
 from utils.deployment import Deployment
 from utils.export import adapter_onnx_path, export_network, onnx_path
 from utils.layout import served_name
-from utils.lora import TINY, LoraAdapter, adapter_file, fused_model
+from utils.lora import TINY, TINY_WITH_TEXT_ENCODER, LoraAdapter, adapter_file, fused_model
 from utils.models import build_preset
 from utils.repository.writer import write_repository
 from utils.server import TritonServer
 
 REPORT: list[str] = []  # figures printed at the end of the run (pytest_terminal_summary)
 ADAPTERS = ("style", "lcm")  # the session repository's LoRA adapters: tiny ones, built with peft
+TEXT_ENCODER_ADAPTER = "words"  # and one with a text encoder part, served in place only
 
 
 @contextmanager
@@ -66,6 +68,14 @@ def models_dir(tmp_path_factory):
 def adapters(tiny_model, models_dir) -> tuple[LoraAdapter, ...]:
     """The session repository's adapters, as files (diffusers' LoRA format)."""
     return tuple(LoraAdapter(name, adapter_file(LoraAdapter(name, TINY), tiny_model, models_dir)) for name in ADAPTERS)
+
+
+@pytest.fixture(scope="session")
+def in_place_adapters(tiny_model, adapters, models_dir) -> tuple[LoraAdapter, ...]:
+    """The adapters of the repositories that apply them in place (the torch runtime): the
+    session's, and one with a text encoder part too, which only they serve."""
+    kind = LoraAdapter(TEXT_ENCODER_ADAPTER, Path(TINY_WITH_TEXT_ENCODER))
+    return adapters + (LoraAdapter(TEXT_ENCODER_ADAPTER, adapter_file(kind, tiny_model, models_dir)),)
 
 
 @pytest.fixture(scope="session")

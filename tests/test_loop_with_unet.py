@@ -41,14 +41,14 @@ def server_deployment():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, adapters, models_dir, tmp_path_factory):
+def server(tiny_model, in_place_adapters, models_dir, tmp_path_factory):
     """Its models log their split, with the in-process UNet's batches; it serves LoRA adapters."""
     from dataclasses import replace
 
     from utils.repository.writer import write_repository
 
     repository = tmp_path_factory.mktemp("loop-with-unet")
-    write_repository(repository, tiny_model, None, replace(server_deployment(), adapters=adapters),
+    write_repository(repository, tiny_model, None, replace(server_deployment(), adapters=in_place_adapters),
                      models_dir=models_dir)
     with profiled_server(repository) as server:
         yield server
@@ -169,7 +169,7 @@ def test_lora_adapters_are_applied_in_the_loops_own_unet(server, diffusers_with_
     before = unet_executions(server)
     requests = [dict(prompt="a harbour", seed=25 + i, num_inference_steps=6, lora=lora, lora_scale=scale)
                 for i, (lora, scale) in enumerate([(["style", "lcm"], [0.7, 0.5]), (["lcm"], None), ([], None),
-                                                   (["style"], [1.5])])]
+                                                   (["words", "style"], [1.0, 1.5])])]
     expected = [diffusers_lora_images(diffusers_with_adapters, r) for r in requests]
     with ThreadPoolExecutor(len(requests)) as threads:
         together = list(threads.map(lambda r: BlsPipeline(server.grpc_url)(**r), requests))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTERS, report
+from conftest import ADAPTERS, TEXT_ENCODER_ADAPTER, report
 from test_end_to_end import MAX_PIXEL_DIFFERENCE, diffusers_options, with_scheduler
 from tritonclient.utils import InferenceServerException
 
@@ -32,13 +32,14 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def diffusers_with_adapters(tiny_model, adapters):
-    """diffusers' pipeline with the session's adapters loaded, as a user of diffusers loads them."""
+def diffusers_with_adapters(tiny_model, in_place_adapters):
+    """diffusers' pipeline with the session's adapters loaded (and the one with a text encoder
+    part), as a user of diffusers loads them."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
-    for adapter in adapters:
+    for adapter in in_place_adapters:
         pipeline.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
     return pipeline
 
@@ -71,14 +72,16 @@ def ways(tiny_model, triton_server):
 
 
 @pytest.fixture(scope="module")
-def in_place_ways(tiny_model, adapters, models_dir, tmp_path_factory):
-    """In place: the torch runtime's UNet applies the adapters per request (here on the CPU)."""
+def in_place_ways(tiny_model, in_place_adapters, models_dir, tmp_path_factory):
+    """In place: the torch runtime's UNet and text encoder apply the adapters per request (here on
+    the CPU)."""
     from utils.deployment import Deployment
     from utils.repository.writer import write_repository
     from utils.server import TritonServer
 
     repository = tmp_path_factory.mktemp("lora-in-place")
-    write_repository(repository, tiny_model, None, Deployment(runtime="torch", adapters=adapters), models_dir=models_dir)
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch", adapters=in_place_adapters),
+                     models_dir=models_dir)
     server = TritonServer(repository).start()
     yield ways_of(tiny_model, server.grpc_url)
     server.stop()
@@ -102,6 +105,11 @@ IN_PLACE_CASES = {
                                                    lora=["style", "lcm"], lora_scale=[0.7, 0.5]),
     "one adapter at weight 0.5": dict(prompt="a red barn", seed=21, num_inference_steps=8, lora=["style"],
                                       lora_scale=[0.5]),
+    "an adapter with a text encoder part": dict(prompt="a stone bridge", seed=26, num_inference_steps=8,
+                                                lora=[TEXT_ENCODER_ADAPTER]),
+    "it mixed with a UNet-only one, weights 0.8 and 0.6": dict(prompt="a stone bridge", seed=27, num_inference_steps=8,
+                                                               lora=[TEXT_ENCODER_ADAPTER, "style"],
+                                                               lora_scale=[0.8, 0.6]),
 }
 
 
@@ -244,7 +252,8 @@ def test_files_that_do_not_fit_are_refused_naming_the_file(tiny_model, tmp_path,
     text_encoder = {**weights, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight":
                     torch.zeros(4, 32)}
     save_file(text_encoder, str(tmp_path / "with-text-encoder.safetensors"))
-    with pytest.raises(AdapterError, match=r"has text_encoder weights; adapters are served for the UNet only"):
+    with pytest.raises(AdapterError, match=r"has text_encoder weights; the ONNX and TensorRT routes serve each "
+                                           r"adapter fused into a UNet of its own.*--runtime torch"):
         load_adapter(_unet(tiny_model), "x", tmp_path / "with-text-encoder.safetensors")
 
 
@@ -284,7 +293,7 @@ def test_in_place_adapters_reach_the_fused_projections_of_the_compile_recipe(tin
     new weight) before the adapters load: the changes must land there, or an adapter would change
     only its output projections. Each UNet output, mix and switch included, equals peft's unfused
     LoRA layers (diffusers' set_adapters) on a UNet with separate projections."""
-    from utils.lora import InPlaceAdapters
+    from utils.lora_in_place import InPlaceAdapters
     from utils.networks import load_network
     from utils.python_backend.cuda_graphs import compile_recipe
 
@@ -328,6 +337,20 @@ def test_weights_that_did_not_load_are_refused(tiny_model, adapters):
     state_dict, _ = StableDiffusionPipeline.lora_state_dict(str(adapters[0].path))
     check_loaded(unet, "x", state_dict, adapters[0].path)  # as loaded: passes
     doubled = {key: 2 * value for key, value in state_dict.items()}
-    with pytest.raises(AdapterError, match=r"its weights did not load into the UNet's LoRA layers .* install the "
+    with pytest.raises(AdapterError, match=r"its weights did not load into the network's LoRA layers .* install the "
                                            r"versions requirements.txt pins"):
         check_loaded(unet, "x", doubled, adapters[0].path)
+
+
+@pytest.mark.server
+def test_an_ensemble_request_without_the_adapters_parameter_is_refused_in_place(in_place_ways):
+    """In place, an ensemble's text encoder step reads the adapters from the request parameter
+    (Triton hands a request's parameters to every step): a request that names adapters in its
+    inputs only is refused by the first step, saying what to send."""
+    request = GenerationRequest(prompt=["a kite"], num_inference_steps=2, seed=0, lora=[TEXT_ENCODER_ADAPTER])
+    arrays = request_to_arrays(request, specs.ENSEMBLE_TEXT_TO_IMAGE)
+    with pytest.raises(InferenceServerException, match=r"the text encoder applies adapters in place.*send "
+                                                       r"parameters=\{'lora': 'words:1.0'\}"):
+        in_place_ways["ensemble"].infer(arrays, specs.ENSEMBLE_TEXT_TO_IMAGE)
+    images = in_place_ways["ensemble"].infer(arrays, specs.ENSEMBLE_TEXT_TO_IMAGE, {"lora": "words:1.0"})
+    assert images.shape[0] == 1

@@ -110,8 +110,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                             "step, and for the VAE decoder: 8.7 against 22.6 ms an image on an H100)")
     group.add_argument("--lora", dest="adapters", action="append", type=lora_argument, default=[], metavar="NAME=PATH",
                        help="serve a LoRA adapter (a diffusers LoRA .safetensors file; tiny: a random one for the tiny "
-                            "model) as a UNet of its own, unet_NAME, that requests choose with lora=NAME; repeat for "
-                            "several. The ONNX routes export it with optim/convert_unet_to_onnx.py --lora NAME=PATH")
+                            "model, tiny+text-encoder: with a text encoder part) that requests choose with lora=NAME: "
+                            "a UNet of its own, unet_NAME, on the ONNX routes (which export it with "
+                            "optim/convert_unet_to_onnx.py --lora NAME=PATH), applied in place by the torch runtime; "
+                            "repeat for several")
     group.add_argument("--pipeline-environment", type=Path, default=None,
                        help="a Python environment (utils/repository/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")

@@ -23,10 +23,12 @@ from utils.errors import UsageError, UserError
 from utils.request import LORA_NAME, InvalidRequest
 
 TINY = "tiny"  # --lora NAME=tiny: a random adapter for the tiny model, built here with peft
+TINY_WITH_TEXT_ENCODER = "tiny+text-encoder"  # the same, with a text encoder part too
 TINY_RANK = 4
 # Fused at this weight: diffusers' set_adapters default, the adapter as it was trained.
 FUSED_SCALE = 1.0
 UNET_PREFIX = "unet"  # the UNet's keys in a diffusers LoRA file
+TEXT_ENCODER_PREFIX = "text_encoder"  # and the text encoder's
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 # The torch runtime applies adapters in place (InPlaceAdapters): its UNet's config names them under
 # this parameter, its version folder keeps their files in ADAPTER_DIR, and a UNet call carries its
@@ -69,75 +71,113 @@ def check_names(adapters: tuple[LoraAdapter, ...]) -> None:
 def adapter_file(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> Path:
     """The adapter's LoRA file: the one given, or the tiny one built for ``model_dir`` (seeded by
     the adapter's name, so each name has weights of its own)."""
-    if str(adapter.path) != TINY:
+    if str(adapter.path) not in (TINY, TINY_WITH_TEXT_ENCODER):
         if not adapter.path.is_file():
             raise AdapterError(f"--lora {adapter.name}={adapter.path}: no such file. Give a LoRA file (.safetensors, "
-                               f"as diffusers' save_lora_weights writes it), or {TINY} for a random tiny adapter.")
+                               f"as diffusers' save_lora_weights writes it), or {TINY} for a random tiny adapter "
+                               f"({TINY_WITH_TEXT_ENCODER}: with a text encoder part).")
         return adapter.path
     seed = int.from_bytes(hashlib.sha256(adapter.name.encode()).digest()[:4], "little")
-    target = Path(models_dir) / f"{Path(model_dir).name}-lora" / adapter.name / LORA_FILE
+    text_encoder = str(adapter.path) == TINY_WITH_TEXT_ENCODER
+    folder = adapter.name + ("-with-text-encoder" if text_encoder else "")
+    target = Path(models_dir) / f"{Path(model_dir).name}-lora" / folder / LORA_FILE
     if not target.exists():
-        build_tiny_adapter(model_dir, target, seed)
+        build_tiny_adapter(model_dir, target, seed, text_encoder=text_encoder)
     return target
 
 
-def build_tiny_adapter(model_dir: Path, target: Path, seed: int, rank: int = TINY_RANK) -> Path:
-    """A random LoRA for the UNet's attention projections, made with peft as diffusers' training
-    scripts make one, and saved in diffusers' format: random B matrices (peft starts them at zero,
-    which would change nothing), so that the adapter changes the image visibly."""
+def build_tiny_adapter(model_dir: Path, target: Path, seed: int, rank: int = TINY_RANK,
+                       text_encoder: bool = False) -> Path:
+    """A random LoRA for the UNet's attention projections (and with ``text_encoder``, the text
+    encoder's), made with peft as diffusers' training scripts make one, and saved in diffusers'
+    format: random B matrices (peft starts them at zero, which would change nothing), so that the
+    adapter changes the image visibly."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    if text_encoder:
+        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), encoder)
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, safe_serialization=True,
-                                                  weight_name=target.name)
+        StableDiffusionPipeline.save_lora_weights(staging, **layers, safe_serialization=True, weight_name=target.name)
         (staging / target.name).rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def load_adapter(unet, adapter_name: str, path: Path) -> None:
-    """Load a LoRA file into a diffusers UNet as adapter ``adapter_name``, checked: every key names
-    a module of this UNet with the shapes the file has, and the file has no text encoder part."""
+def read_adapter(path: Path, text_encoder: bool = True) -> tuple[dict, dict | None]:
+    """A LoRA file's weights and alphas as diffusers reads them (``lora_state_dict``), refused if
+    unreadable, empty, or with parts of networks other than the UNet (and, with ``text_encoder``,
+    the text encoder)."""
     from diffusers import StableDiffusionPipeline
 
     try:
         state_dict, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
     except Exception as error:  # not safetensors, not a LoRA diffusers can read
         raise AdapterError(f"{path}: not a LoRA file diffusers can read ({type(error).__name__}: {error}).") from None
-    others = sorted({key.split(".")[0] for key in state_dict} - {UNET_PREFIX})
+    parts = {key.split(".")[0] for key in state_dict}
+    if TEXT_ENCODER_PREFIX in parts and not text_encoder:
+        raise AdapterError(f"{path}: has text_encoder weights; the ONNX and TensorRT routes serve each adapter fused "
+                           f"into a UNet of its own, and its text encoder part would need a text encoder per adapter: "
+                           f"serve it with the torch runtime (--runtime torch), which applies both parts in place, or "
+                           f"use a UNet-only LoRA.")
+    others = sorted(parts - {UNET_PREFIX, TEXT_ENCODER_PREFIX})
     if others:
-        raise AdapterError(f"{path}: has {', '.join(others)} weights; adapters are served for the UNet only here "
-                           f"(its text encoder part would need a text encoder per adapter): use a UNet-only LoRA.")
+        raise AdapterError(f"{path}: has {', '.join(others)} weights, which an SD1.x pipeline has no network for "
+                           f"(an SDXL LoRA?): use a LoRA trained for SD1.x.")
     if not state_dict:
         raise AdapterError(f"{path}: holds no LoRA weights.")
-    modules = dict(unet.named_modules())
-    for key in state_dict:
-        module = key[len(UNET_PREFIX) + 1:].split(".lora")[0].removesuffix(".alpha")
-        if module not in modules:
-            raise AdapterError(f"{path}: targets {module!r}, which this checkpoint's UNet does not have: the LoRA was "
-                               f"trained for another model (SD1.x adapters fit SD1.x checkpoints).")
+    return state_dict, alphas
+
+
+def load_adapter(module, adapter_name: str, path: Path, prefix: str = UNET_PREFIX,
+                 text_encoder_part: bool = False) -> None:
+    """Load a LoRA file's part for one network, ``prefix`` (a diffusers UNet's or a transformers
+    text encoder's), into ``module`` as adapter ``adapter_name``, checked: every key names a
+    module of this network with the shapes the file has, and the weights are in its LoRA layers
+    after. A file with no part for it loads nothing; ``text_encoder_part``: whether the file may
+    have a text encoder part (where the text encoder applies it)."""
+    from diffusers import StableDiffusionPipeline
+
+    state_dict, alphas = read_adapter(path, text_encoder=text_encoder_part or prefix == TEXT_ENCODER_PREFIX)
+    weights = {key: value for key, value in state_dict.items() if key.split(".")[0] == prefix}
+    if not weights:
+        return
+    network = "UNet" if prefix == UNET_PREFIX else "text encoder"
+    modules = dict(module.named_modules())
+    for key in weights:
+        target = key[len(prefix) + 1:].split(".lora")[0].removesuffix(".alpha")
+        if target not in modules:
+            raise AdapterError(f"{path}: targets {target!r}, which this checkpoint's {network} does not have: the LoRA "
+                               f"was trained for another model (SD1.x adapters fit SD1.x checkpoints).")
     try:
-        unet.load_lora_adapter(state_dict, prefix=UNET_PREFIX, network_alphas=alphas, adapter_name=adapter_name)
+        if prefix == UNET_PREFIX:
+            module.load_lora_adapter(weights, prefix=prefix, network_alphas=alphas, adapter_name=adapter_name)
+        else:
+            StableDiffusionPipeline.load_lora_into_text_encoder(weights, network_alphas=alphas, text_encoder=module,
+                                                                 prefix=prefix, adapter_name=adapter_name)
     except (RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()[-1].strip()
-        raise AdapterError(f"{path}: does not fit this checkpoint's UNet ({first}): the LoRA was trained for "
+        raise AdapterError(f"{path}: does not fit this checkpoint's {network} ({first}): the LoRA was trained for "
                            f"another model.") from None
-    check_loaded(unet, adapter_name, state_dict, path)
+    check_loaded(module, adapter_name, weights, path)
 
 
-def check_loaded(unet, adapter_name: str, state_dict: dict, path: Path) -> None:
-    """That the file's weights are in the UNet's LoRA layers: diffusers only warns of keys it could
+def check_loaded(module, adapter_name: str, state_dict: dict, path: Path) -> None:
+    """That the file's weights are in the network's LoRA layers: diffusers only warns of keys it could
     not place (seen with a peft other than the pinned one: every layer left at its initial weights,
     an adapter that changes nothing). Compared as a sum of magnitudes, whatever the keys' names."""
     import math
@@ -146,24 +186,29 @@ def check_loaded(unet, adapter_name: str, state_dict: dict, path: Path) -> None:
     import peft
 
     layers = (f".lora_A.{adapter_name}.", f".lora_B.{adapter_name}.")
-    loaded = sum(float(weight.detach().float().abs().sum()) for name, weight in unet.named_parameters()
+    loaded = sum(float(weight.detach().float().abs().sum()) for name, weight in module.named_parameters()
                  if any(layer in name for layer in layers))
     expected = sum(float(weight.float().abs().sum()) for key, weight in state_dict.items() if "alpha" not in key)
     if not math.isclose(loaded, expected, rel_tol=1e-2):
-        raise AdapterError(f"{path}: its weights did not load into the UNet's LoRA layers (sum of magnitudes "
+        raise AdapterError(f"{path}: its weights did not load into the network's LoRA layers (sum of magnitudes "
                            f"{loaded:.6g}, the file's {expected:.6g}) with diffusers {diffusers.__version__} and peft "
                            f"{peft.__version__}: install the versions requirements.txt pins.")
 
 
-def check_adapters(model_dir: Path, files: dict[str, Path]) -> None:
-    """Load every adapter file into the checkpoint's UNet (on the CPU): AdapterError for one that
-    does not fit."""
+def check_adapters(model_dir: Path, files: dict[str, Path], text_encoder: bool = False) -> None:
+    """Load every adapter file into the checkpoint's UNet (and with ``text_encoder``, where the
+    text encoder applies adapters too, into its text encoder), on the CPU: AdapterError for one
+    that does not fit."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     if files:
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder") if text_encoder else None
         for name, path in files.items():
-            load_adapter(unet, name, path)
+            load_adapter(unet, name, path, text_encoder_part=text_encoder)
+            if encoder is not None:
+                load_adapter(encoder, name, path, TEXT_ENCODER_PREFIX)
 
 
 def fused_id(adapter: LoraAdapter, model_dir: Path, models_dir: Path) -> str:
@@ -218,13 +263,17 @@ class ServedAdapters:
     served: Callable[[str], bool] | None = None
     in_place: bool = False
 
-    def route(self, adapters: tuple[tuple[str, float], ...]) -> tuple[str | None, dict[str, str]]:
-        """Where a UNet call with these (name, weight) adapters goes: the adapter whose fused UNet
-        serves it (None: the UNet itself), and the request parameters it carries."""
+    def route(self, adapters: tuple[tuple[str, float], ...], network: str = UNET_PREFIX) -> tuple[str | None, dict]:
+        """Where a call of ``network`` (the UNet or the text encoder) with these (name, weight)
+        adapters goes: the adapter whose fused UNet serves it (None: the network itself), and the
+        request parameters it carries. In place, both networks apply the adapters; fused, only
+        the UNet has them (files with a text encoder part are served in place only)."""
         if not adapters:
             return None, {}
         if self.in_place:
             return None, {REQUEST_PARAMETER: encode_adapters(adapters)}
+        if network != UNET_PREFIX:
+            return None, {}
         ((name, _),) = adapters
         return name, {}
 
@@ -246,93 +295,6 @@ class ServedAdapters:
             raise InvalidRequest(f"lora_scale={list(lora_scale)}: the adapters here are fused at weight "
                                  f"{FUSED_SCALE:g}; leave lora_scale out or send {FUSED_SCALE:g} (other weights: serve "
                                  f"them with the torch runtime, which applies them in place).")
-
-
-class InPlaceAdapters:
-    """LoRA adapters applied to a UNet's own weights in place, per request: what the torch runtime
-    does instead of a UNet per adapter. Each adapter's change to a layer, ``B @ A`` times its
-    scaling (peft's ``get_delta_weight``), is computed once at load; a request's set of adapters
-    and weights then sets each layer they touch to its base weights plus their weighted changes,
-    as diffusers' ``set_adapters`` weighs them. The weights stay the same tensors, so compiled
-    kernels and CUDA graphs captured on them stay valid; from a kept copy of the base weights, so
-    switching A -> B -> A gives A's weights exactly, with no drift. Where the compile recipe fused
-    the attention's projections first, the changes go to the fused weights (live_weight). Costs one copy of the targeted
-    layers and one change per adapter and layer in the UNet's precision; a switch is a few
-    elementwise kernels per layer."""
-
-    def __init__(self, unet, files: dict[str, Path]):
-        import torch
-        from peft.tuners.lora import LoraLayer
-
-        for name, path in files.items():
-            load_adapter(unet, name, path)
-        self.changes: dict[str, dict[str, torch.Tensor]] = {name: {} for name in files}
-        with torch.no_grad():
-            for module_name, module in unet.named_modules():
-                if isinstance(module, LoraLayer):
-                    for name in files:
-                        if name in module.lora_A:
-                            self.changes[name][module_name] = module.get_delta_weight(name).detach().clone()
-        unet.unload_lora()  # the plain layers again, with the base weights
-        modules = dict(unet.named_modules())
-        touched = {module_name for changes in self.changes.values() for module_name in changes}
-        self.weights = {module_name: live_weight(modules, module_name) for module_name in touched}
-        self.base = {module_name: weight.detach().clone() for module_name, weight in self.weights.items()}
-        self.current: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self.changes)
-
-    def apply(self, adapters: tuple[tuple[str, float], ...]) -> None:
-        """Make the UNet's weights the base ones plus these (name, weight) adapters' changes."""
-        import torch
-
-        adapters = tuple((name, float(scale)) for name, scale in adapters if scale != 0)
-        if adapters == self.current:
-            return
-        unknown = [name for name, _ in adapters if name not in self.changes]
-        if unknown:
-            raise InvalidRequest(f"lora={unknown} is not served: the adapters here are {', '.join(self.names)}.")
-        touched = {module_name for name, _ in self.current + adapters for module_name in self.changes[name]}
-        with torch.no_grad():
-            for module_name in touched:
-                weight = self.weights[module_name]
-                weight.copy_(self.base[module_name])
-                for name, scale in adapters:
-                    change = self.changes[name].get(module_name)
-                    if change is not None:
-                        weight.add_(change, alpha=scale)
-        self.current = adapters
-
-
-def live_weight(modules: dict, module_name: str):
-    """The weight a layer's forward reads: its own, or, where diffusers fused the attention's
-    projections (``fuse_qkv_projections``, the compile recipe), its rows of the fused one (a view:
-    changed in place, the fused projection changes). A self-attention's q, k and v are ``to_qkv``,
-    a cross-attention's k and v ``to_kv``, in that order."""
-    parent_name, _, leaf = module_name.rpartition(".")
-    parent = modules.get(parent_name)
-    if getattr(parent, "fused_projections", False):
-        for fused, order in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
-            if hasattr(parent, fused) and leaf in order:
-                rows = modules[module_name].weight.shape[0]
-                start = order.index(leaf) * rows
-                return getattr(parent, fused).weight[start:start + rows]
-    return modules[module_name].weight
-
-
-class InPlaceLoader:
-    """runnable_network's ``prepare``: gives the loaded UNet the adapters named (their files in
-    ``version_dir``/ADAPTER_DIR, where the repository put them), before its graphs are captured."""
-
-    def __init__(self, version_dir: Path, names):
-        self.files = {name: Path(version_dir) / ADAPTER_DIR / f"{name}.safetensors" for name in names}
-        self.adapters: InPlaceAdapters | None = None
-
-    def __call__(self, module) -> None:
-        if self.files:
-            self.adapters = InPlaceAdapters(module.unet, self.files)
 
 
 def encode_adapters(adapters: tuple[tuple[str, float], ...]) -> str:

@@ -22,7 +22,8 @@ import torch
 from utils import specs
 from utils.cli import main_entry
 from utils.errors import UsageError
-from utils.lora import InPlaceAdapters, build_tiny_adapter
+from utils.lora import build_tiny_adapter
+from utils.lora_in_place import InPlaceAdapters
 from utils.models import resolve_model
 from utils.networks import torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network

@@ -22,7 +22,8 @@ import triton_python_backend_utils as pb_utils
 
 from utils import specs
 from utils.layout import CHECKPOINT_DIR
-from utils.lora import CONFIG_PARAMETER, REQUEST_PARAMETER, InPlaceLoader, decode_adapters
+from utils.lora import CONFIG_PARAMETER, REQUEST_PARAMETER, decode_adapters
+from utils.lora_in_place import InPlaceLoader
 from utils.networks import TORCH_DTYPES, run_in_chunks, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.timing import PROFILE_EVERY, PhaseTimes, profiling
@@ -38,8 +39,10 @@ class TritonPythonModel:
         if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
         self.dtype = TORCH_DTYPES[parameters.get("precision", "FP16")]
-        # LoRA adapters applied to the UNet's weights in place, per request (utils/lora.py).
-        lora = InPlaceLoader(version_dir, [name for name in parameters.get(CONFIG_PARAMETER, "").split(",") if name])
+        # LoRA adapters applied to the UNet's or the text encoder's weights in place, per request
+        # (utils/lora_in_place.py).
+        lora = InPlaceLoader(version_dir, [name for name in parameters.get(CONFIG_PARAMETER, "").split(",") if name],
+                             self.spec.name)
         self.network = runnable_network(self.spec, version_dir / CHECKPOINT_DIR, parameters.get("precision", "FP16"),
                                     self.device, compile_module=parameters.get("torch_compile") == "yes",
                                     log=pb_utils.Logger.log_info, prepare=lora)
@@ -92,8 +95,11 @@ class TritonPythonModel:
         """The requests' inputs by the LoRA adapters each asks for (its request parameter): requests
         of different adapters never share a batch, and each group runs with its own weights."""
         groups: dict[tuple, dict[int, list]] = {}
+        # The VAE's networks have no adapters: they ignore the parameter (an ensemble hands its
+        # request's parameters to every step).
+        applies = self.spec in (specs.UNET, specs.TEXT_ENCODER)
         for index, values in inputs.items():
-            text = json.loads(requests[index].parameters() or "{}").get(REQUEST_PARAMETER, "")
+            text = json.loads(requests[index].parameters() or "{}").get(REQUEST_PARAMETER, "") if applies else ""
             groups.setdefault(decode_adapters(text), {})[index] = values
         return groups
 

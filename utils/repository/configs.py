@@ -107,7 +107,8 @@ def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, deployme
         parameters = {"device": "cuda" if on_gpu else "cpu", "precision": precision}
         if on_gpu:  # hand GPU tensors from BLS sub-requests over as they are, not copied to the host
             parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
-        if network is specs.UNET and deployment.adapters_in_place:  # applied per request (utils/lora.py)
+        # LoRA adapters applied per request (utils/lora_in_place.py).
+        if network in (specs.UNET, specs.TEXT_ENCODER) and deployment.adapters_in_place:
             parameters[CONFIG_PARAMETER] = ",".join(adapter.name for adapter in deployment.adapters)
         if network.name in deployment.torch_compile:  # compiled at load, before the CUDA graphs are captured
             parameters["torch_compile"] = "yes"

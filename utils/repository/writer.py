@@ -193,8 +193,8 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
                       deployment: Deployment, report: RepositoryReport, force: bool = False,
                       adapter_files: dict[str, Path] | None = None) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
-    once per GPU where the placement serves a copy on each; the UNet's copies also get the LoRA
-    ``adapter_files`` it applies in place (utils/lora.py)."""
+    once per GPU where the placement serves a copy on each; the UNet's and the text encoder's
+    copies also get the LoRA ``adapter_files`` they apply in place (utils/lora_in_place.py)."""
     from utils.networks import WRAPPERS
 
     placement = deployment.placement
@@ -204,7 +204,7 @@ def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: P
         checkpoint = version_dir / layout.CHECKPOINT_DIR
         for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
-        if network is specs.UNET:
+        if network in (specs.UNET, specs.TEXT_ENCODER):
             for adapter_name, source in (adapter_files or {}).items():
                 install_file(source, version_dir / ADAPTER_DIR / f"{adapter_name}.safetensors", report, force)
         config = configs.network_config(network, dims, deployment.served_precision, deployment, gpu)
@@ -278,7 +278,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
     if deployment.torch_runtime:
         precision = deployment.served_precision
         files = {a.name: adapter_file(a, model_dir, models_dir) for a in deployment.adapters}
-        check_adapters(model_dir, files)  # every file against the checkpoint, before anything is written
+        check_adapters(model_dir, files, text_encoder=True)  # each file against the checkpoint, before writing
         for network in specs.NETWORKS.values():  # the adapters are applied in place: no UNet of their own
             add_torch_network(repository, network, model_dir, dims, deployment, report, force, files)
     else:
