@@ -349,8 +349,26 @@ def test_an_ensemble_request_without_the_adapters_parameter_is_refused_in_place(
     inputs only is refused by the first step, saying what to send."""
     request = GenerationRequest(prompt=["a kite"], num_inference_steps=2, seed=0, lora=[TEXT_ENCODER_ADAPTER])
     arrays = request_to_arrays(request, specs.ENSEMBLE_TEXT_TO_IMAGE)
-    with pytest.raises(InferenceServerException, match=r"the text encoder applies adapters in place.*send "
-                                                       r"parameters=\{'lora': 'words:1.0'\}"):
+    with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*the text encoder applies adapters in place.*"
+                                                       r"send parameters=\{'lora': 'words:1.0'\}"):
         in_place_ways["ensemble"].infer(arrays, specs.ENSEMBLE_TEXT_TO_IMAGE)
+    plain = request_to_arrays(GenerationRequest(prompt=["a kite"], num_inference_steps=2, seed=0),
+                              specs.ENSEMBLE_TEXT_TO_IMAGE)
+    for parameter in ("words:1.0", "words"):  # an adapter for the text encoder alone, or not even that
+        with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*leave the parameter out, or name the "
+                                                           r"adapters in the inputs too"):
+            in_place_ways["ensemble"].infer(plain, specs.ENSEMBLE_TEXT_TO_IMAGE, {"lora": parameter})
     images = in_place_ways["ensemble"].infer(arrays, specs.ENSEMBLE_TEXT_TO_IMAGE, {"lora": "words:1.0"})
     assert images.shape[0] == 1
+
+
+@pytest.mark.server
+def test_a_network_asked_for_an_adapter_it_does_not_have_refuses_as_invalid(in_place_ways):
+    """A direct call of the in-place text encoder with an unknown adapter: INVALID_ARGUMENT, the
+    network never runs with weights other than those asked for."""
+    from utils.grpc_client import infer_inputs
+
+    client = in_place_ways["ensemble"].client
+    tokens = {specs.TEXT_ENCODER.inputs[0].name: np.zeros((1, 16), dtype=np.int32)}
+    with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*lora=\['nope'\] is not served"):
+        client.infer(specs.TEXT_ENCODER.name, infer_inputs(tokens), parameters={"lora": "nope:1.0"})

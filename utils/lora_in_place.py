@@ -50,7 +50,7 @@ class InPlaceAdapters:
         return tuple(self.changes)
 
     def apply(self, adapters: tuple[tuple[str, float], ...]) -> None:
-        """Make the UNet's weights the base ones plus these (name, weight) adapters' changes."""
+        """Make the network's weights the base ones plus these (name, weight) adapters' changes."""
         import torch
 
         adapters = tuple((name, float(scale)) for name, scale in adapters if scale != 0)

@@ -72,12 +72,12 @@ class TritonPythonModel:
                 try:
                     inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
                 except Exception as error:
-                    responses[index] = _error(f"{self.spec.name}: bad input: {error}")
+                    responses[index] = _error(f"{self.spec.name}: bad input: {error}", invalid=True)
         for adapters, group in self._by_adapters(requests, inputs).items():
             try:
                 self._apply(adapters)
             except Exception as error:  # never run without the weights asked for
-                responses.update({index: _error(f"{self.spec.name}: {error}") for index in group})
+                responses.update({index: _error(f"{self.spec.name}: {error}", invalid=True) for index in group})
                 continue
             try:
                 responses.update(self._respond(group))
@@ -149,5 +149,7 @@ def _received(request, tensor: specs.TensorSpec) -> torch.Tensor:
     return torch.from_dlpack(pb_utils.get_input_tensor_by_name(request, tensor.name).to_dlpack())
 
 
-def _error(message: str):
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+def _error(message: str, invalid: bool = False):
+    """A failed response: INVALID_ARGUMENT where the request is at fault (``invalid``), else INTERNAL."""
+    code = pb_utils.TritonError.INVALID_ARG if invalid else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -18,19 +18,26 @@ class TritonPythonModel(PipelineModel):
             raise InvalidRequest(f"{specs.INIT_IMAGE.name} is required: send a {specs.INIT_IMAGE.dtype} tensor of "
                                  f"shape {list(specs.INIT_IMAGE.dims)}.")
         checked = self.pipeline.check(request)
-        if self.adapters.in_place and checked.adapters:
+        if self.adapters.in_place:
             self.check_adapters_parameter(checked.adapters)
         return checked.prompt, checked.image  # (the response carries the outputs asked for only)
 
     def check_adapters_parameter(self, adapters) -> None:
         """Adapters applied in place: the text encoder step reads them from the request parameter
-        (Triton hands it to every step), which must name the same adapters and weights as the inputs."""
-        sent = decode_adapters(self._request.parameters.get(REQUEST_PARAMETER, ""))
-        same = len(sent) == len(adapters) and all(
+        (Triton hands it to every step), which must name the same adapters and weights as the inputs
+        (none: neither names any)."""
+        text = self._request.parameters.get(REQUEST_PARAMETER, "")
+        try:
+            sent = decode_adapters(text)
+        except ValueError:
+            sent = None
+        same = sent is not None and len(sent) == len(adapters) and all(
             name == other and abs(weight - other_weight) <= 1e-6 * max(1.0, abs(weight))
             for (name, weight), (other, other_weight) in zip(sent, adapters))
         if not same:
-            raise InvalidRequest(f"lora={[name for name, _ in adapters]}: the text encoder applies adapters in place, "
-                                 f"and an ensemble's text encoder step reads them from the request parameter "
-                                 f"{REQUEST_PARAMETER!r}; send parameters={{{REQUEST_PARAMETER!r}: "
-                                 f"{encode_adapters(adapters)!r}}} with the inputs (EnsemblePipeline does).")
+            fix = (f"send parameters={{{REQUEST_PARAMETER!r}: {encode_adapters(adapters)!r}}} with the inputs"
+                   if adapters else f"leave the parameter out, or name the adapters in the inputs too")
+            raise InvalidRequest(f"lora={[name for name, _ in adapters]} with the request parameter "
+                                 f"{REQUEST_PARAMETER}={text!r}: the text encoder applies adapters in place, and an "
+                                 f"ensemble's text encoder step reads them from that parameter: {fix} "
+                                 f"(EnsemblePipeline sends both).")
