@@ -68,13 +68,14 @@ class Settings:
         """The calls of an in-process pipeline that make ``batch`` requests' images at once: one
         call with the prompt (and the picture) that many times; with adapters, one call per adapter
         with its requests' share, since one call of diffusers runs one set of adapters."""
-        shares = np.array_split(np.arange(batch), max(1, len(self.lora)))
+        turns = max(1, len(self.lora))  # request i asks for adapter i % turns (options)
         calls = []
-        for request, share in enumerate(shares):
+        for request in range(min(batch, turns)):
+            images = len(range(request, batch, turns))  # the requests that ask for this one's adapter
             options = self.options(request)
-            options.update(prompt=[self.prompt] * len(share))
+            options.update(prompt=[self.prompt] * images)
             if self.task == "image-to-image":
-                options.update(image=np.repeat(self.image, len(share), axis=0))
+                options.update(image=np.repeat(self.image, images, axis=0))
             calls.append(options)
         return calls
 

@@ -16,17 +16,16 @@ process's lock, so a crash in the first compilation does not block the others.
 from __future__ import annotations
 
 import fcntl
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def compile_cache_dir() -> Path:
-    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR, or torch's default."""
+    """Inductor's cache folder: TORCHINDUCTOR_CACHE_DIR, or torch's default (as Inductor reads it)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir())
+    return Path(cache_dir())
 
 
 @contextmanager
