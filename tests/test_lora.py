@@ -372,3 +372,8 @@ def test_a_network_asked_for_an_adapter_it_does_not_have_refuses_as_invalid(in_p
     tokens = {specs.TEXT_ENCODER.inputs[0].name: np.zeros((1, 16), dtype=np.int32)}
     with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*lora=\['nope'\] is not served"):
         client.infer(specs.TEXT_ENCODER.name, infer_inputs(tokens), parameters={"lora": "nope:1.0"})
+    with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*the request parameter lora='nope': write it "
+                                                       r"name:weight,name:weight"):
+        client.infer(specs.TEXT_ENCODER.name, infer_inputs(tokens), parameters={"lora": "nope"})
+    assert client.infer(specs.TEXT_ENCODER.name, infer_inputs(tokens)).as_numpy(specs.TEXT_ENCODER.output_names[0]) \
+        is not None  # still serving

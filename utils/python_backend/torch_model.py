@@ -73,7 +73,7 @@ class TritonPythonModel:
                     inputs[index] = [self._input(_received(request, t), t) for t in self.spec.inputs]
                 except Exception as error:
                     responses[index] = _error(f"{self.spec.name}: bad input: {error}", invalid=True)
-        for adapters, group in self._by_adapters(requests, inputs).items():
+        for adapters, group in self._by_adapters(requests, inputs, responses).items():
             try:
                 self._apply(adapters)
             except Exception as error:  # never run without the weights asked for
@@ -91,16 +91,23 @@ class TritonPythonModel:
             self._log_profile(time.perf_counter() - start)
         return [responses[index] for index in range(len(requests))]
 
-    def _by_adapters(self, requests, inputs: dict[int, list[torch.Tensor]]) -> dict[tuple, dict[int, list]]:
+    def _by_adapters(self, requests, inputs: dict[int, list[torch.Tensor]], responses: dict) -> dict[tuple, dict]:
         """The requests' inputs by the LoRA adapters each asks for (its request parameter): requests
-        of different adapters never share a batch, and each group runs with its own weights."""
+        of different adapters never share a batch, and each group runs with its own weights. A
+        parameter that does not parse fails its request alone, in ``responses``."""
         groups: dict[tuple, dict[int, list]] = {}
         # The VAE's networks have no adapters: they ignore the parameter (an ensemble hands its
         # request's parameters to every step).
         applies = self.spec in (specs.UNET, specs.TEXT_ENCODER)
         for index, values in inputs.items():
             text = json.loads(requests[index].parameters() or "{}").get(REQUEST_PARAMETER, "") if applies else ""
-            groups.setdefault(decode_adapters(text), {})[index] = values
+            try:
+                adapters = decode_adapters(text)
+            except ValueError:
+                responses[index] = _error(f"{self.spec.name}: the request parameter {REQUEST_PARAMETER}={text!r}: "
+                                          f"write it name:weight,name:weight", invalid=True)
+                continue
+            groups.setdefault(adapters, {})[index] = values
         return groups
 
     def _apply(self, adapters: tuple) -> None:
