@@ -23,7 +23,7 @@ $(VENV)/.installed: $(REQUIREMENTS) setup.py
 # perf_analyzer, prometheus, promtool and mermaid's CLI under .tools/ (utils/operations/tools.py): pip does not install them.
 tools: .tools/.installed
 
-.tools/.installed: utils/operations/tools.py scripts/install_tools.py | venv
+.tools/.installed: utils/operations/tools.py utils/operations/mermaid_cli/package-lock.json scripts/install_tools.py | venv
 	$(BIN)/python scripts/install_tools.py
 	touch $@
 

@@ -8,8 +8,9 @@ diagrams, tests/mermaid_cli.py). ``make tools`` (``python scripts/install_tools.
   and ``libcudart.so.12`` (the ``nvidia-cuda-runtime-cu12`` wheel of requirements.txt), even
   against a CPU-only server.
 - ``prometheus`` and ``promtool``: Debian's ``prometheus`` package.
-- ``mmdc``: ``@mermaid-js/mermaid-cli`` from npm (Node.js 18.19 or newer), pinned with its
-  ``puppeteer``, in ``.tools/node``. It runs mermaid, the library GitHub draws ```mermaid blocks
+- ``mmdc``: ``@mermaid-js/mermaid-cli`` from npm (Node.js 18.19 or newer), in ``.tools/node``, installed
+  with ``npm ci`` from the lock file in ``utils/operations/mermaid_cli/``: every package of its tree is
+  pinned, so a release published upstream since cannot change or break the install. It runs mermaid, the library GitHub draws ```mermaid blocks
   with, in a real browser: a diagram it cannot render shows as an error on GitHub too. Puppeteer's
   browser download is skipped (CI and the tutorial's machines reach only the package registries):
   it drives Debian's ``chromium``, installed with apt-get when we are root, or asked for
@@ -41,9 +42,10 @@ TOOLS_DIR = PROJECT_ROOT / ".tools"
 TRITONCLIENT_RELEASE = TRITON_VERSION  # perf_analyzer of the server's own release (nvidia-pytriton's tritonserver)
 DEBIAN_PACKAGES = {"prometheus": "2.42.0+ds-5+deb12u1", "libb64-0d": "1.2-5+b1"}
 INSTALL_COMMAND = "make tools"
-# 11.17.0 is the last mermaid-cli for Node 20 (12.x needs Node 22.13); its peer puppeteer would
-# resolve to 25.x, which needs Node 22 too, so it is pinned with it.
-MERMAID_CLI = {"@mermaid-js/mermaid-cli": "11.17.0", "puppeteer": "24.43.1"}
+# package.json pins mermaid-cli 11.17.0, the last for Node 20 (12.x needs Node 22.13), with its peer
+# puppeteer at 24.x (25.x needs Node 22 too); package-lock.json pins the rest of the tree.
+MERMAID_CLI_PACKAGE = Path(__file__).with_name("mermaid_cli")
+MERMAID_CLI = json.loads((MERMAID_CLI_PACKAGE / "package.json").read_text())["dependencies"]
 NODE_MINIMUM = (18, 19)  # mermaid-cli 11's engines
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's launcher script; CHROMIUM_BINARY is what it starts
 CHROMIUM_BINARY = Path("/usr/lib/chromium/chromium")
@@ -121,15 +123,18 @@ def _install_debian_packages(destination: Path, work: Path) -> None:
 def _install_mermaid_cli(destination: Path) -> None:
     _check_node()
     prefix = destination / "node"
-    pinned = [f"{name}@{version}" for name, version in MERMAID_CLI.items()]
+    prefix.mkdir(exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copy2(MERMAID_CLI_PACKAGE / name, prefix / name)
     # --ignore-scripts: puppeteer's postinstall would download a Chrome; the variables cover
     # an npm that runs it anyway.
     environment = {**os.environ, "PUPPETEER_SKIP_DOWNLOAD": "1", "PUPPETEER_SKIP_CHROMIUM_DOWNLOAD": "1"}
-    done = subprocess.run(["npm", "install", "--prefix", str(prefix), "--ignore-scripts", "--no-audit", "--no-fund",
-                           "--save-exact", *pinned], env=environment, capture_output=True, text=True)
+    done = subprocess.run(["npm", "ci", "--prefix", str(prefix), "--ignore-scripts", "--no-audit", "--no-fund"],
+                          env=environment, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ToolMissing(f"npm install {' '.join(pinned)} failed: {done.stderr.strip()[-800:]} (mmdc needs the npm "
-                          f"registry, or npm's proxy settings).")
+        pinned = " ".join(f"{name}@{version}" for name, version in MERMAID_CLI.items())
+        raise ToolMissing(f"npm ci of {pinned} (lock file {MERMAID_CLI_PACKAGE / 'package-lock.json'}) failed: "
+                          f"{done.stderr.strip()[-800:]} (mmdc needs the npm registry, or npm's proxy settings).")
     config = prefix / "puppeteer-config.json"
     config.write_text(json.dumps({"executablePath": str(_chromium()), "headless": True, "args": CHROMIUM_ARGS},
                                  indent=2) + "\n")
