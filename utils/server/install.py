@@ -28,10 +28,13 @@ from utils.errors import TritonServerError
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-triton"
 COMPILE_CACHE = DEFAULT_CACHE / "torch-compile"
-# glibc gives every block of 1 MiB or more back to the system when it is freed: otherwise the
-# pieces of a large request (a protobuf field grown by doubling) stay in malloc's arenas, and
-# each refused 100 MB prompt left tens of MiB more in the server.
-MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+# glibc gives every block of 64 KiB or more back to the system when it is freed. The gRPC frontend
+# receives a request in buffers of 64 KiB: under glibc's own threshold they stay in malloc's
+# arenas, fragmented, and each refused 100 MB prompt left 10-50 MiB more in the server (a
+# threshold of 1 MiB, then 128 and 256 KiB, still did; 64 KiB: 2-3 MiB after ten). Every larger
+# allocation then costs a map and an unmap: the tiny served pipeline on the CPU moved within its
+# noise (0.14-0.15 s per image against 0.12-0.14 s). tests/test_server.py measures the memory.
+MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(64 * 2**10)}
 
 
 def shared_libpython() -> Path:
