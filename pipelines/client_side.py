@@ -90,7 +90,7 @@ class TritonNetworks:
 
 
 class ClientSidePipeline:
-    """Text to image and image to image, orchestrated here, each network served by Triton."""
+    """Text to image, image to image and inpainting, orchestrated here, each network served by Triton."""
 
     def __init__(self, model_dir: str | Path, url: str = DEFAULT_URL, timeout: float | None = 60.0,
                  retry_for: float = DEFAULT_RETRY_FOR, gpu: int | None = None,
@@ -112,7 +112,7 @@ class ClientSidePipeline:
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
-        (negative_prompt, image and strength for image to image, scheduler,
+        (negative_prompt, image and strength for image to image, mask_image to inpaint, scheduler,
         num_images_per_prompt, height and width, guidance_scale, cfg_cutoff_step_ratio,
         num_inference_steps, seed, lora and lora_scale)."""
         request = GenerationRequest(prompt=prompt, **options)

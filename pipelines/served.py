@@ -3,7 +3,7 @@
 What the BLS pipelines (pipelines/bls.py) and the ensembles (pipelines/ensemble.py) have in
 common as seen from a client: the same inputs, named as diffusers names its arguments, and the
 same output. Only the model a request goes to differs, and whether the request has an ``image``
-decides between text to image and image to image.
+(and a ``mask_image``) decides between text to image, image to image and inpainting.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from utils.request import GenerationRequest, check_request, request_to_arrays
 class ServedPipeline:
     text_to_image: specs.PipelineSpec | specs.EnsembleSpec
     image_to_image: specs.PipelineSpec | specs.EnsembleSpec
+    inpaint: specs.PipelineSpec | specs.EnsembleSpec
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 600.0, retry_for: float = DEFAULT_RETRY_FOR):
         self.client = connect(url)
@@ -28,14 +29,15 @@ class ServedPipeline:
 
     def __call__(self, prompt: str | list[str] = (), **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
-        (negative_prompt, image and strength for image to image, scheduler,
+        (negative_prompt, image and strength for image to image, mask_image to inpaint, scheduler,
         num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed, lora
         and lora_scale)."""
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
         request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
                                 max_steps=None)
-        spec = self.text_to_image if request.image is None else self.image_to_image
+        spec = (self.text_to_image if request.image is None else
+                self.image_to_image if request.mask_image is None else self.inpaint)
         return self.infer(request_to_arrays(request, spec), spec, self.parameters(request))
 
     def parameters(self, request: GenerationRequest) -> dict[str, str]:

@@ -1,10 +1,11 @@
-"""The Stable Diffusion loop, text to image and image to image, written once.
+"""The Stable Diffusion loop, text to image, image to image and inpainting, written once.
 
 The client-side pipeline (pipelines/client_side.py), the BLS models (triton/models/pipeline_*)
 and the ensembles' Python steps (tokenizer, denoise, postprocess, preprocess_image) run this same
 code; they differ only in how a network is called: ``call_network(spec, *inputs) -> outputs``, over
 gRPC or as a BLS sub-request, or in which steps they run. Same seed and settings give the image of
-``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` (tests/test_end_to_end.py).
+``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` / ``StableDiffusionInpaintPipeline``
+(tests/test_end_to_end.py, tests/test_inpainting.py); what inpainting adds is pipelines/inpainting.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.inpainting import Inpainting, masked_image
 from utils import metrics, specs
 from utils.lora import ServedAdapters
 from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
@@ -154,7 +156,16 @@ class StableDiffusion:
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
         request = check_options(request, self.max_steps, image_to_image, self.sizes)
         self.adapters.check(request.lora, request.lora_scale)
+        self.check_unet_kind(request)
         return request
+
+    def check_unet_kind(self, request: GenerationRequest) -> None:
+        """An inpainting checkpoint's UNet repaints a masked image and nothing else (diffusers' text
+        to image and image to image pipelines refuse it too): where a request's task is known."""
+        if self.components.dims.inpainting_unet and request.mask_image is None:
+            raise InvalidRequest("mask_image is required: this deployment serves an inpainting checkpoint (its UNet "
+                                 f"takes {self.components.dims.unet_sample_channels} channels: the latents, the mask "
+                                 f"and the masked image), which only repaints; send an image and a mask_image.")
 
     def check_image(self, images) -> np.ndarray:
         return check_image(images, None, self.sizes)
@@ -182,9 +193,14 @@ class StableDiffusion:
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Generate; return uint8 images [N, H, W, 3] on the CPU. ``on_step``: see denoise."""
         request = self.check(request)
+        self.check_unet_kind(request)
         text_embeddings = self.encode_prompt(request)
         latent_parameters = None if request.image is None else self.encode_image(request.image)
-        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step)
+        masked = None  # an inpainting UNet is shown the masked image; a plain one blends (inpainting.py)
+        if request.mask_image is not None and self.components.dims.inpainting_unet:
+            masked = self.encode_image(request.image, request.mask_image)
+        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step,
+                               masked_latent_parameters=masked)
         return self.postprocess(self.decode(latents))
 
     # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
@@ -203,24 +219,29 @@ class StableDiffusion:
         return text_embeddings
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
-    def preprocess_image(self, images) -> torch.Tensor:
+    def preprocess_image(self, images, mask_image=None) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> [N, 3, H, W] in [-1, 1] at the served precision, as diffusers'
-        VaeImageProcessor does for PIL images."""
+        VaeImageProcessor does for PIL images; with an inpainting ``mask_image``, the masked image."""
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        return (2.0 * pixels - 1.0).to(device=self.device, dtype=self.dtype)
+        normalized = 2.0 * pixels - 1.0
+        if mask_image is not None:
+            normalized = masked_image(normalized, mask_image)
+        return normalized.to(device=self.device, dtype=self.dtype)
 
-    def encode_image(self, images) -> torch.Tensor:
-        (latent_parameters,) = self.call_network(specs.VAE_ENCODER, self.preprocess_image(images))
+    def encode_image(self, images, mask_image=None) -> torch.Tensor:
+        (latent_parameters,) = self.call_network(specs.VAE_ENCODER, self.preprocess_image(images, mask_image))
         return latent_parameters
 
     # 3-5. The loop: timesteps, initial latents, denoising.
     def denoise(self, text_embeddings: torch.Tensor, options: GenerationRequest,
                 latent_parameters: torch.Tensor | None = None, progress: bool = False,
                 is_cancelled: Callable[[], bool] = lambda: False,
-                on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                masked_latent_parameters: torch.Tensor | None = None) -> torch.Tensor:
         """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to
         image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength,
-        scheduler, images per prompt, and for text to image the size (default: the checkpoint's).
+        scheduler, images per prompt, for text to image the size (default: the checkpoint's), and
+        for inpainting the mask (with an inpainting UNet, ``masked_latent_parameters`` too).
         ``on_step(done, total, latents)`` after each step (a streaming model's previews)."""
         text_embeddings = text_embeddings.to(device=self.device, dtype=self.dtype)
         cfg = options.do_classifier_free_guidance
@@ -234,21 +255,11 @@ class StableDiffusion:
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
 
-        # 3. A scheduler of this request's own.
+        # 3. A scheduler of this request's own; 4. the initial latents.
         scheduler = self._request_scheduler(options)
-        timesteps = scheduler.timesteps
         step_kwargs = self._step_kwargs(scheduler, generator)
-
-        # 4. Initial latents, from the CPU generator as diffusers draws them, in the served precision.
-        if latent_parameters is None:
-            dims = self.components.dims.at_size(options.height or self.components.dims.image_height,
-                                                options.width or self.components.dims.image_width)
-            shape = (batch, dims.latent_channels, dims.latent_height, dims.latent_width)
-            latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
-            latents = latents * scheduler.init_noise_sigma
-        else:
-            timesteps = self._img2img_timesteps(scheduler, options)
-            latents = self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1], generator)
+        timesteps, latents, inpainting = self._start(options, batch, scheduler, generator, latent_parameters,
+                                                     masked_latent_parameters)
 
         # 5. Denoise (loop_scope: see __init__). The UNet's timesteps (FP32, one per sample) go to
         # the loop's device once, not at every step. Guidance, where the request cuts it off, ends
@@ -263,17 +274,44 @@ class StableDiffusion:
                     raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")
                 model_input = torch.cat([latents] * 2) if cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
+                if inpainting is not None:
+                    model_input = inpainting.unet_input(model_input)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
                 (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapters=adapters)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                if inpainting is not None:
+                    latents = inpainting.blend(latents, done, timesteps, scheduler)
                 if cfg and done == cutoff:
                     cfg, text_embeddings = False, text_embeddings.chunk(2)[1]
                 if on_step is not None:
                     on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
+
+    def _start(self, options: GenerationRequest, batch: int, scheduler, generator: torch.Generator,
+               latent_parameters: torch.Tensor | None, masked_latent_parameters: torch.Tensor | None):
+        """The loop's timesteps, its initial latents from the CPU generator as diffusers draws them
+        (in the served precision), and for inpainting its Inpainting (pipelines/inpainting.py)."""
+        if options.mask_image is not None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            timesteps = self._img2img_timesteps(scheduler, options)
+            latents, inpainting = Inpainting.start(
+                batch, functools.partial(self._image_latents, batch=batch, generator=generator),
+                functools.partial(randn_tensor, generator=generator, device=self.device, dtype=self.dtype),
+                latent_parameters, masked_latent_parameters, options, self.components.dims, scheduler, timesteps)
+            return timesteps, latents, inpainting
+        if latent_parameters is not None:  # image to image
+            timesteps = self._img2img_timesteps(scheduler, options)
+            return timesteps, self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1],
+                                                         generator), None
+        dims = self.components.dims.at_size(options.height or self.components.dims.image_height,
+                                            options.width or self.components.dims.image_width)
+        shape = (batch, dims.latent_channels, dims.latent_height, dims.latent_width)
+        latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        return scheduler.timesteps, latents * scheduler.init_noise_sigma, None
 
     @staticmethod
     def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
@@ -314,20 +352,28 @@ class StableDiffusion:
 
     def _noised_image_latents(self, latent_parameters: torch.Tensor, batch: int, scheduler,
                               first_timestep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A sample of the VAE's latent distribution with the request's generator (as diffusers'
-        img2img draws it: the sample first, then the noise), scaled, one per prompt, noised to
-        the first timestep."""
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        """The image's latents (as diffusers' img2img draws them: the sample first, then the
+        noise), noised to the first timestep."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        parameters = latent_parameters.to(device=self.device, dtype=self.dtype)
-        if batch % parameters.shape[0]:
-            raise InvalidRequest(f"latent_parameters has {parameters.shape[0]} images for {batch} prompts: "
-                                 f"send one image per prompt, or one for all.")
-        latents = DiagonalGaussianDistribution(parameters).sample(generator) * self.components.vae_scaling_factor
-        latents = torch.cat([latents] * (batch // latents.shape[0]))
+        latents = self._image_latents(latent_parameters, batch, generator)
         noise = randn_tensor(latents.shape, generator=generator, device=self.device, dtype=self.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(batch))
+
+    def _image_latents(self, latent_parameters: torch.Tensor | None, batch: int, generator: torch.Generator,
+                       name: str = specs.LATENT_PARAMETERS.name) -> torch.Tensor:
+        """A sample of the VAE's latent distribution with the request's generator, scaled, repeated
+        to ``batch`` rows (one image for all prompts, or one per prompt)."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if latent_parameters is None:
+            raise InvalidRequest(f"{name} is required here: send the VAE encoder's output for the image.")
+        parameters = latent_parameters.to(device=self.device, dtype=self.dtype)
+        if batch % parameters.shape[0]:
+            raise InvalidRequest(f"{name} has {parameters.shape[0]} images for {batch} prompts: "
+                                 f"send one image per prompt, or one for all.")
+        latents = DiagonalGaussianDistribution(parameters).sample(generator) * self.components.vae_scaling_factor
+        return torch.cat([latents] * (batch // latents.shape[0]))
 
     # 6. Decode.
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,12 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory):
+    """The tiny checkpoint with an inpainting UNet (9 input channels)."""
+    return build_preset("tiny-inpaint", tmp_path_factory.mktemp("models") / "tiny-inpaint", seed=0)
+
+
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """Where the adapters and the checkpoints with an adapter fused in are written."""
     return tmp_path_factory.mktemp("lora-models")

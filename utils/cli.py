@@ -16,7 +16,8 @@ from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANC
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
 from utils.lora import LoraAdapter
-from utils.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, SCHEDULERS
+from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
+                           DEFAULT_STRENGTH, SCHEDULERS)
 from utils.specs import PRECISIONS
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -41,8 +42,13 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     width=(("--width",), dict(type=int, default=None, help="text to image: the image's width in pixels")),
     image=(("--image",), dict(type=Path, default=None,
                               help="image to image: start from this picture (PNG, JPEG...; its size is the output's)")),
-    strength=(("--strength",), dict(type=float, default=DEFAULT_STRENGTH,
-                                    help="image to image: how much of the image is noised away, in (0, 1]")),
+    mask_image=(("--mask-image",), dict(type=Path, default=None,
+                                        help="inpainting, with --image: repaint where this picture is white "
+                                             "(grey levels; the image's size)")),
+    strength=(("--strength",), dict(type=float, default=None,
+                                    help=f"image to image: how much of the image is noised away, in (0, 1] "
+                                         f"(default: {DEFAULT_STRENGTH}, with --mask-image "
+                                         f"{DEFAULT_INPAINT_STRENGTH})")),
     lora=(("--use-lora",), dict(nargs="+", default=[], metavar="NAME",
                                 help="LoRA adapters of the deployment's (its --lora NAME=PATH) that the request "
                                      "asks for, mixed (default: none, the base weights)")),
@@ -179,20 +185,23 @@ def generation_options(args: argparse.Namespace) -> dict:
                    lora=args.lora, lora_scale=args.lora_scale)
     if args.image is not None:
         options.update(image=load_image(args.image), strength=args.strength)
+        if getattr(args, "mask_image", None) is not None:
+            options.update(mask_image=load_image(args.mask_image, grey=True, flag="--mask-image"))
     else:
         options.update(height=args.height, width=args.width)
     return options
 
 
-def load_image(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB [1, H, W, 3]."""
+def load_image(path: Path, grey: bool = False, flag: str = "--image") -> np.ndarray:
+    """An image file as uint8 RGB [1, H, W, 3], or with ``grey`` as grey levels [1, H, W] (a mask,
+    converted as diffusers converts it: PIL's "L")."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))[None]
+            return np.asarray(image.convert("L" if grey else "RGB"))[None]
     except (OSError, UnidentifiedImageError) as error:
-        raise UsageError(f"--image {path}: not an image file ({error}).") from None
+        raise UsageError(f"{flag} {path}: not an image file ({error}).") from None
 
 
 def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:
@@ -203,7 +212,10 @@ def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:
     paths = save_images(images, args.output)
     steps = args.num_inference_steps
     if args.image is not None:  # image to image runs the last int(steps x strength) of them
-        steps = f"{min(int(steps * args.strength), steps)} of {steps} steps (strength {args.strength:g})"
+        strength = args.strength
+        if strength is None:
+            strength = DEFAULT_INPAINT_STRENGTH if getattr(args, "mask_image", None) is not None else DEFAULT_STRENGTH
+        steps = f"{min(int(steps * strength), steps)} of {steps} steps (strength {strength:g})"
     else:
         steps = f"{steps} steps"
     for path in paths:

@@ -26,6 +26,19 @@ class ModelDims:
     latent_height: int  # 64 for 512x512
     latent_width: int
     vae_scale_factor: int  # image size / latent size (8)
+    # The UNet's input channels where they are not the latents' own: 9 for an inpainting UNet (the
+    # latents, the mask and the masked image's latents, stacked); 0: latent_channels.
+    unet_in_channels: int = 0
+
+    @property
+    def unet_sample_channels(self) -> int:
+        """The channels of the UNet's ``sample`` input."""
+        return self.unet_in_channels or self.latent_channels
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """An inpainting checkpoint's UNet (9 channels): it takes a mask and a masked image with the latents."""
+        return self.unet_sample_channels != self.latent_channels
 
     @property
     def image_height(self) -> int:
@@ -66,10 +79,12 @@ class ModelDims:
         text, unet, vae = config("text_encoder"), config("unet"), config("vae")
         tokenizer_config = json.loads((model_dir / "tokenizer" / "tokenizer_config.json").read_text())
         latent = unet["sample_size"]
+        latent_channels = vae.get("latent_channels", 4)
         return cls(
             text_length=min(tokenizer_config["model_max_length"], text["max_position_embeddings"]),
             text_hidden=text["hidden_size"],
-            latent_channels=unet["in_channels"],
+            latent_channels=latent_channels,
+            unet_in_channels=0 if unet["in_channels"] == latent_channels else unet["in_channels"],
             latent_height=latent,
             latent_width=latent,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),

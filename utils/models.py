@@ -7,7 +7,10 @@ SD1.5. The presets need no download:
 - ``tiny``: a few-MB random pipeline, deterministic from a seed, that runs in seconds on a CPU
   (the default for the quickstart, the tests and CI);
 - ``sd15-random``: the exact SD1.5 architecture with random weights, for GPU benchmarks that
-  need the real compute cost but cannot reach the hub.
+  need the real compute cost but cannot reach the hub;
+- ``tiny-inpaint`` and ``sd15-random-inpaint``: the same with an inpainting UNet (9 input
+  channels: the latents, the mask and the masked image's latents), as SD1.5's inpainting
+  checkpoint has, written as a ``StableDiffusionInpaintPipeline``.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ PRESETS = {
         ),
     ),
 }
+# Inpainting checkpoints: the UNet takes the mask and the masked image's latents with the latents.
+INPAINTING_UNET = dict(in_channels=9, out_channels=4)
+for _name in ("tiny", "sd15-random"):
+    PRESETS[f"{_name}-inpaint"] = {**PRESETS[_name], "unet": {**PRESETS[_name]["unet"], **INPAINTING_UNET}}
 
 
 def preset_dims(name: str):
@@ -81,9 +88,11 @@ def preset_dims(name: str):
     from utils.specs import ModelDims
 
     text, unet, vae = (PRESETS[name][part] for part in ("text_encoder", "unet", "vae"))
+    in_channels = unet.get("in_channels", vae["latent_channels"])
     return ModelDims(text_length=text["max_position_embeddings"], text_hidden=text["hidden_size"],
-                     latent_channels=unet.get("in_channels", 4), latent_height=unet["sample_size"],
-                     latent_width=unet["sample_size"], vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1))
+                     latent_channels=vae["latent_channels"], latent_height=unet["sample_size"],
+                     latent_width=unet["sample_size"], vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                     unet_in_channels=0 if in_channels == vae["latent_channels"] else in_channels)
 
 
 def model_slug(model: str) -> str:
@@ -165,7 +174,8 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     transformers.logging.set_verbosity_error()
     try:
         import diffusers
-        from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import (AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                               UNet2DConditionModel)
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -183,7 +193,8 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     )
     unet = UNet2DConditionModel(**architecture["unet"])
     vae = AutoencoderKL(**architecture["vae"])
-    pipeline = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else StableDiffusionPipeline
+    pipeline = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -193,7 +204,7 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if name != "tiny":  # the large presets are for GPUs: half the disk, and loaded as FP16 anyway
+    if not name.startswith("tiny"):  # the large presets are for GPUs: half the disk, and loaded as FP16 anyway
         pipeline.to(torch.float16)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

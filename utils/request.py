@@ -1,7 +1,7 @@
 """A generation request and its checks, shared by every client and every served model.
 
-Text to image, or image to image where the request carries an ``image`` and a ``strength``, with
-the arguments named as diffusers names them. Every error names the argument, the value received
+Text to image, image to image where the request carries an ``image`` and a ``strength``, or
+inpainting where it carries a ``mask_image`` too, with the arguments named as diffusers names them. Every error names the argument, the value received
 and what is allowed, so that a client can fix its request from the message alone (no traceback,
 no server path).
 """
@@ -22,6 +22,8 @@ from utils.errors import UserError
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
+DEFAULT_INPAINT_STRENGTH = 1.0  # and StableDiffusionInpaintPipeline's: the masked part from pure noise
+MASK_THRESHOLD = 128  # a mask's grey levels from this one up repaint (diffusers binarizes at 0.5)
 # Few-step sampling (with a distilled model or adapter: LCM, LCM-LoRA, TCD): diffusers draws their
 # steps from a schedule of original_inference_steps (its config's, 50 by default), so no more than that.
 FEW_STEP_SCHEDULERS = ("LCMScheduler", "TCDScheduler")
@@ -51,7 +53,11 @@ class GenerationRequest:
     prompt: Sequence[str] = ()
     negative_prompt: Sequence[str] | None = None
     image: np.ndarray | None = None  # image to image: uint8 [N, H, W, 3] (or [H, W, 3]), one per prompt or one for all
-    strength: float = DEFAULT_STRENGTH  # image to image: how much of the image is noised away, in (0, 1]
+    # Inpainting: uint8 [N, H, W] (or [H, W]), the image's size, white where to repaint; one per image or one for all.
+    mask_image: np.ndarray | None = None
+    # Image to image: how much of the image is noised away, in (0, 1]; None: DEFAULT_STRENGTH, or
+    # DEFAULT_INPAINT_STRENGTH with a mask, as diffusers' two pipelines default.
+    strength: float | None = None
     scheduler: str | None = None  # one of SCHEDULERS; None: the checkpoint's own
     num_images_per_prompt: int = 1
     height: int | None = None  # text to image: the size in pixels; None: the checkpoint's
@@ -115,8 +121,12 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
             )
         negatives = _check_texts("negative_prompt", negatives, max_prompts, required=False)
     image = None if request.image is None else check_image(request.image, len(prompts), sizes)
-    request = check_options(replace(request, prompt=prompts, negative_prompt=negatives, image=image), max_steps,
-                            image_to_image=image is not None, sizes=sizes)
+    if request.mask_image is not None and image is None:
+        raise InvalidRequest("mask_image is for inpainting, which repaints an image: send the image too, or leave "
+                             "mask_image out.")
+    mask = None if request.mask_image is None else check_mask(request.mask_image, image)
+    request = check_options(replace(request, prompt=prompts, negative_prompt=negatives, image=image, mask_image=mask),
+                            max_steps, image_to_image=image is not None, sizes=sizes)
     check_image_count(len(prompts), request.num_images_per_prompt, max_prompts)
     return request
 
@@ -157,7 +167,10 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
         seed = _number("seed", seed, int)
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed={seed} is not allowed: use an integer in [0, 2**63 - 1].")
-    strength = _number("strength", request.strength, float)
+    strength = request.strength
+    if strength is None:
+        strength = DEFAULT_INPAINT_STRENGTH if request.mask_image is not None else DEFAULT_STRENGTH
+    strength = _number("strength", strength, float)
     if image_to_image and not (math.isfinite(strength) and 0 < strength <= 1):
         raise InvalidRequest(f"strength={strength!r} is not allowed: use a number in (0, 1].")
     if image_to_image and int(steps * strength) < 1:  # diffusers' img2img keeps int(steps * strength) steps
@@ -237,6 +250,36 @@ def check_image(image, prompts: int | None, sizes: specs.ImageSizes | None) -> n
         raise InvalidRequest(f"image is {height}x{width} pixels (height x width): its height and width must each be "
                              f"{sizes.describe()}; resize it (the range is the deployment's --image-sizes).")
     return image
+
+
+def check_mask(mask, image: np.ndarray | None) -> np.ndarray:
+    """An inpainting mask batch: uint8 [N, H, W] (a single [H, W] mask is one), white (from
+    MASK_THRESHOLD up) where to repaint, N = 1 or one per image, the image's size (``image=None``:
+    a step that has the image's latents only checks its own shape). Each mask must keep a part and
+    repaint a part: all black repaints nothing, all white keeps nothing of the image."""
+    expected = "uint8 grey levels, shape [N, H, W], white where to repaint"
+    if image is None and not isinstance(mask, np.ndarray):
+        raise InvalidRequest(f"mask_image is {type(mask).__name__}: send {expected}.")
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8:
+        kind = mask.dtype if isinstance(mask, np.ndarray) else type(mask).__name__
+        raise InvalidRequest(f"mask_image is {kind}: send {expected}.")
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise InvalidRequest(f"mask_image has shape {list(mask.shape)}: send {expected}.")
+    if image is not None and (mask.shape[1:] != image.shape[1:3] or mask.shape[0] not in (1, image.shape[0])):
+        raise InvalidRequest(f"mask_image has shape {list(mask.shape)} for an image of shape {list(image.shape)}: send "
+                             f"one mask of the image's height and width, [1, {image.shape[1]}, {image.shape[2]}], or "
+                             f"one per image.")
+    repainted = (mask >= MASK_THRESHOLD).reshape(mask.shape[0], -1).mean(axis=1)
+    for index, fraction in enumerate(repainted):
+        if fraction == 0:
+            raise InvalidRequest(f"mask_image[{index}] is black everywhere: nothing to repaint. Paint white (grey "
+                                 f"levels of {MASK_THRESHOLD} and up) where the image should change.")
+        if fraction == 1:
+            raise InvalidRequest(f"mask_image[{index}] is white everywhere: nothing of the image is kept. Paint black "
+                                 f"what to keep, or leave mask_image out (image to image, or text to image).")
+    return mask
 
 
 def request_to_arrays(request: GenerationRequest, spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> dict[str, np.ndarray]:

@@ -109,7 +109,8 @@ TEXT_ENCODER = NetworkSpec(
 UNET = NetworkSpec(
     name="unet",
     inputs=(
-        TensorSpec("sample", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),
+        # The latents; an inpainting UNet's has the mask and the masked image's latents stacked on.
+        TensorSpec("sample", ACTIVATION, ("unet_sample_channels", "latent_height", "latent_width")),
         # One FP32 timestep per sample: requests at different steps can share one batched call,
         # and FP16 would round the fractional timesteps of Euler/LMS-type schedulers.
         TensorSpec("timestep", "FP32", ()),
@@ -181,6 +182,8 @@ LORA = TensorSpec("lora", "BYTES", (-1,), optional=True)
 LORA_SCALE = TensorSpec("lora_scale", "FP32", (-1,), optional=True)
 INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
 STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
+# Inpainting: [N, H, W] grey levels, the image's size, white (128 and above) where to repaint.
+MASK_IMAGE = TensorSpec("mask_image", "UINT8", (-1, -1, -1), optional=True)
 SCHEDULER = TensorSpec("scheduler", "BYTES", (1,), optional=True)  # a diffusers scheduler's class name
 NUM_IMAGES_PER_PROMPT = TensorSpec("num_images_per_prompt", "INT32", (1,), optional=True)
 HEIGHT = TensorSpec("height", "INT32", (1,), optional=True)  # text to image: the image's size in pixels
@@ -198,22 +201,26 @@ FINAL = TensorSpec("final", "BOOL", (1,))
 
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
-REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH,
-                  GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE)
-TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, STRENGTH))
-IMAGE_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))
+REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT,
+                  WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE)
+TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, MASK_IMAGE, STRENGTH))
+INPAINT_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))  # image to image with a mask
+IMAGE_TO_IMAGE_INPUTS = tuple(t for t in INPAINT_INPUTS if t is not MASK_IMAGE)
 
 # What flows between the steps of the ensembles, each one a network's tensor with its batch.
 TEXT_EMBEDDINGS = batched(TEXT_ENCODER.outputs[0], "text_embeddings")
 LATENT_PARAMETERS = batched(VAE_ENCODER.outputs[0])  # the VAE encoder's mean and log-variance
+# Inpainting: the same of the masked image (the pixels to repaint made grey), for an inpainting UNet.
+MASKED_LATENT_PARAMETERS = batched(VAE_ENCODER.outputs[0], "masked_latent_parameters", optional=True)
 LATENTS = batched(VAE_DECODER.inputs[0], "latents")  # unscaled, ready for the VAE decoder
 DECODED = batched(VAE_DECODER.outputs[0], "decoded")  # the VAE decoder's image in [-1, 1]
 NORMALIZED = batched(VAE_ENCODER.inputs[0], "normalized")  # an image in [-1, 1], for the VAE encoder
 
-# The BLS pipelines: the whole loop in one model.
+# The BLS pipelines: the whole loop in one model. Image to image with a mask_image inpaints: the
+# same model, as the loop is the same one with the mask applied at each step.
 TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
                              networks=(TEXT_ENCODER, UNET, VAE_DECODER))
-IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
+IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", INPAINT_INPUTS, (IMAGES,),
                               networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
 # With live progress: the same loops, streaming previews, then the images.
 TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM = (
@@ -227,17 +234,19 @@ TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM = (
 # prompt (and the image) go on to the other steps from it, so none starts until it has answered.
 CHECKED_PROMPT = replace(PROMPT, name="checked_prompt")
 CHECKED_IMAGE = replace(INIT_IMAGE, name="checked_image")  # image to image's ensemble asks for it
+CHECKED_MASK = replace(MASK_IMAGE, name="checked_mask_image", optional=False)  # and the inpainting one this
 CHECK_REQUEST = PipelineSpec("check_request", tuple(replace(t, optional=True) for t in REQUEST_INPUTS),
-                             (CHECKED_PROMPT, CHECKED_IMAGE))
+                             (CHECKED_PROMPT, CHECKED_IMAGE, CHECKED_MASK))
 TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
                          (batched(TEXT_ENCODER.inputs[0]),))
 DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
-    "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), STRENGTH, SCHEDULER,
-                NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED,
-                LORA, LORA_SCALE),
+    "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), MASKED_LATENT_PARAMETERS,
+                MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE,
+                CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE),
     (LATENTS,), networks=(UNET,))
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
-PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True),), (NORMALIZED,))
+# With a mask_image, the masked image: the pixels to repaint made grey (0 in [-1, 1]), as diffusers'.
+PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True), MASK_IMAGE), (NORMALIZED,))
 
 BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM)
 ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
@@ -291,6 +300,12 @@ ENCODE_IMAGE = EnsembleSpec(
     (step(PREPROCESS_IMAGE, INIT_IMAGE.name, outputs=(NORMALIZED.name,)),
      step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name), outputs=(LATENT_PARAMETERS.name,))),
 )
+ENCODE_MASKED_IMAGE = EnsembleSpec(  # the same steps, given the mask too
+    "encode_masked_image", (INIT_IMAGE, MASK_IMAGE), (MASKED_LATENT_PARAMETERS,),
+    (step(PREPROCESS_IMAGE, INIT_IMAGE.name, MASK_IMAGE.name, outputs=(NORMALIZED.name,)),
+     step(VAE_ENCODER, (VAE_ENCODER.inputs[0].name, NORMALIZED.name),
+          outputs=((LATENT_PARAMETERS.name, MASKED_LATENT_PARAMETERS.name),))),
+)
 _OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, CFG_CUTOFF_STEP_RATIO.name,
             NUM_INFERENCE_STEPS.name, SEED.name, LORA.name, LORA_SCALE.name)
 _CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
@@ -310,6 +325,23 @@ ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 
+# Inpainting: image to image's graph, with the masked image encoded beside the image (an ensemble
+# cannot skip a step: with a plain UNet, whose loop blends the image back outside the mask instead,
+# the denoise step only draws from its latent distribution, as diffusers does).
+_CHECKED_MASK = (MASK_IMAGE.name, CHECKED_MASK.name)
+ENSEMBLE_INPAINT = EnsembleSpec(
+    "ensemble_inpaint", INPAINT_INPUTS, (IMAGES,),
+    (step(CHECK_REQUEST, *(t.name for t in INPAINT_INPUTS),
+          outputs=(CHECKED_PROMPT.name, CHECKED_IMAGE.name, CHECKED_MASK.name)),
+     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), outputs=(LATENT_PARAMETERS.name,)),
+     step(ENCODE_MASKED_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), _CHECKED_MASK,
+          outputs=(MASKED_LATENT_PARAMETERS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, LATENT_PARAMETERS.name, MASKED_LATENT_PARAMETERS.name, _CHECKED_MASK,
+          STRENGTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
+)
+
 # Inner ensembles first: Triton loads them in any order, but a reader meets them in this one.
-ENSEMBLES = {spec.name: spec for spec in (ENCODE_PROMPT, DECODE, ENCODE_IMAGE, ENSEMBLE_TEXT_TO_IMAGE,
-                                          ENSEMBLE_IMAGE_TO_IMAGE)}
+ENSEMBLES = {spec.name: spec for spec in (ENCODE_PROMPT, DECODE, ENCODE_IMAGE, ENCODE_MASKED_IMAGE,
+                                          ENSEMBLE_TEXT_TO_IMAGE, ENSEMBLE_IMAGE_TO_IMAGE, ENSEMBLE_INPAINT)}

@@ -10,7 +10,8 @@ from utils.docker import SERVE_IMAGE
 from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_STRENGTH, FEW_STEP_MAX_STEPS,
+from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
+                           DEFAULT_STRENGTH, MASK_THRESHOLD, FEW_STEP_MAX_STEPS,
                            FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE, LORA_SCALE_RANGE, MAX_LORAS, MAX_PROMPT_BYTES,
                            SCHEDULERS, GenerationRequest, InvalidRequest, check_request, max_inference_steps)
 from utils.lora import FUSED_SCALE
@@ -57,8 +58,11 @@ def request_table() -> str:
         specs.NEGATIVE_PROMPT.name: ("none", "one per prompt, or one for all"),
         specs.INIT_IMAGE.name: ("image to image: required", f"uint8 RGB, height and width each {size_range}; one "
                                                             f"per prompt or one for all"),
-        specs.STRENGTH.name: (f"{DEFAULT_STRENGTH}", "image to image: in (0, 1]; keeps int(steps x strength) of the "
-                                                     "steps"),
+        specs.MASK_IMAGE.name: ("none", f"inpainting, with `image`: uint8 grey levels of the image's size, white "
+                                        f"({MASK_THRESHOLD} and up) where to repaint; one per image or one for all; "
+                                        f"not all black, not all white ([docs/inpainting.md](docs/inpainting.md))"),
+        specs.STRENGTH.name: (f"{DEFAULT_STRENGTH}; inpainting {DEFAULT_INPAINT_STRENGTH}",
+                              "image to image: in (0, 1]; keeps int(steps x strength) of the steps"),
         specs.SCHEDULER.name: (f"the checkpoint's (SD1.5: {SD15_SCHEDULER_CLASS})", ", ".join(f"`{name}`" for name in SCHEDULERS)),
         specs.NUM_IMAGES_PER_PROMPT.name: ("1", f"at least 1, with N x num_images_per_prompt <= {max_prompts}"),
         specs.HEIGHT.name: (f"the checkpoint's ({SD15.image_height})", f"text to image: {size_range}"),
@@ -78,7 +82,8 @@ def request_table() -> str:
         specs.LORA_SCALE.name: ("1 per adapter", f"one weight per name in `lora`, finite, in [{LORA_SCALE_RANGE[0]:g}, "
                                                  f"{LORA_SCALE_RANGE[1]:g}]; fused adapters: {FUSED_SCALE:g}"),
     }
-    shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]"}
+    shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]",
+              specs.MASK_IMAGE.name: "[N, H, W] or [1, H, W]"}
     rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]
     for tensor in specs.REQUEST_INPUTS:
         shape = shapes.get(tensor.name, "[N]" if tensor.dims == (-1,) else "[1]")

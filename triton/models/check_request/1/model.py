@@ -1,6 +1,7 @@
 """Ensemble step, the first: the whole request checked as the BLS pipelines check it (the same
-function, pipelines/stable_diffusion.py), before any network runs. Its prompt, and the image of
-image to image, go on to the other steps from here, so a refused request costs no network call."""
+function, pipelines/stable_diffusion.py), before any network runs. Its prompt, the image of image
+to image and the mask of inpainting go on to the other steps from here, so a refused request costs
+no network call."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
@@ -13,14 +14,16 @@ class TritonPythonModel(PipelineModel):
     required = (specs.PROMPT,)
 
     def compute(self, request, tensors, is_cancelled):
-        image_to_image = specs.CHECKED_IMAGE.name in self.requested_outputs()  # the image to image ensemble
-        if image_to_image and request.image is None:
-            raise InvalidRequest(f"{specs.INIT_IMAGE.name} is required: send a {specs.INIT_IMAGE.dtype} tensor of "
-                                 f"shape {list(specs.INIT_IMAGE.dims)}.")
+        requested = self.requested_outputs()  # the image to image and inpainting ensembles ask for these
+        for output, tensor in ((specs.CHECKED_IMAGE, specs.INIT_IMAGE), (specs.CHECKED_MASK, specs.MASK_IMAGE)):
+            if output.name in requested and getattr(request, tensor.name) is None:
+                raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
+                                     f"{list(tensor.dims)}.")
         checked = self.pipeline.check(request)
+        self.pipeline.check_unet_kind(checked)
         if self.adapters.in_place:
             self.check_adapters_parameter(checked.adapters)
-        return checked.prompt, checked.image  # (the response carries the outputs asked for only)
+        return checked.prompt, checked.image, checked.mask_image  # (the response carries the outputs asked for only)
 
     def check_adapters_parameter(self, adapters) -> None:
         """Adapters applied in place: the text encoder step reads them from the request parameter

@@ -1,7 +1,9 @@
-"""Ensemble step: uint8 RGB images [N, H, W, 3] -> the VAE encoder's input, [N, 3, H, W] in [-1, 1]."""
+"""Ensemble step: uint8 RGB images [N, H, W, 3] -> the VAE encoder's input, [N, 3, H, W] in [-1, 1];
+given an inpainting mask_image too (encode_masked_image), the masked image: the part to repaint grey."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
+from utils.request import check_mask
 
 
 class TritonPythonModel(PipelineModel):
@@ -9,4 +11,6 @@ class TritonPythonModel(PipelineModel):
     required = (specs.INIT_IMAGE,)
 
     def compute(self, request, tensors, is_cancelled):
-        return (self.pipeline.preprocess_image(self.pipeline.check_image(request.image)),)
+        image = self.pipeline.check_image(request.image)
+        mask = None if request.mask_image is None else check_mask(request.mask_image, image)
+        return (self.pipeline.preprocess_image(image, mask),)
