@@ -2,8 +2,9 @@
 
 Builds the tiny random pipeline, exports its four networks to ONNX, writes the Triton model
 repository (portable python backend), starts the local Triton server, generates one image each
-way (client-side, BLS, ensemble), then an image-to-image result from the BLS image and an image
-with a LoRA adapter (a random one, served as a UNet of its own), saves them all, and stops the server.
+way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, the BLS image
+with its middle repainted (inpainting) and an image with a LoRA adapter (a random one, served as a
+UNet of its own), saves them all, and stops the server.
 Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
@@ -18,9 +19,10 @@ from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR
+from utils.request import box_mask
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
-from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, heading
+from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, INPAINT_PROMPT, heading
 from utils.workflow import prepare_repository
 
 
@@ -69,6 +71,11 @@ def main(argv=None):
             options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1],
                                                       strength=IMAGE_TO_IMAGE_STRENGTH, height=None, width=None)
             saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
+        with timer.step(heading("7", "inpainting: the BLS image's middle repainted")):
+            mask = box_mask(*bls.shape[1:3])  # white: repaint
+            options = generation_options(args) | dict(prompt=INPAINT_PROMPT, image=bls[:1], mask_image=mask,
+                                                      height=None, width=None)
+            saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "inpaint.png")
         for adapter in deployment.adapters:
             with timer.step(heading("7", f"the LoRA adapter {adapter.name!r}, chosen per request")):
                 images = BlsPipeline(server.grpc_url)(**generation_options(args) | dict(lora=[adapter.name]))

@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from utils import specs
 from utils.layout import network_of
 from utils.grpc_client import infer_inputs
-from utils.request import GenerationRequest, request_to_arrays
+from utils.request import GenerationRequest, box_mask, request_to_arrays
 from utils.server.health import TOP_LEVEL, stream_once
 
 pytestmark = pytest.mark.server  # uses the session's tritonserver
@@ -33,7 +33,8 @@ SWEEP = {"INT32": (0, -1, INT32_MAX), "INT64": (0, -1, INT32_MAX), "FP32": (0.0,
 
 def good_arrays(spec) -> dict[str, np.ndarray]:
     image_to_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
-    request = GenerationRequest(**GOOD, **({"image": IMAGE} if image_to_image else {}))
+    mask = {"mask_image": box_mask(*IMAGE.shape[1:3])} if spec is specs.ENSEMBLE_INPAINT else {}  # which needs one
+    request = GenerationRequest(**GOOD, **({"image": IMAGE} if image_to_image else {}), **mask)
     arrays = request_to_arrays(request, specs.IMAGE_TO_IMAGE if image_to_image else specs.TEXT_TO_IMAGE)
     return {name: value for name, value in arrays.items() if name in {t.name for t in spec.inputs}}
 
@@ -92,7 +93,7 @@ def test_an_out_of_range_value_is_refused_by_name_before_any_network(spec, tenso
 def test_an_ensemble_refuses_more_images_than_the_profiles_at_once(triton_server, networks_before):
     """The whole request is checked before any network runs: no UNet step, no text encoder."""
     too_many = specs.MAX_PROMPTS + 1
-    for spec in (specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE):
+    for spec in (specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.ENSEMBLE_INPAINT):
         arrays = good_arrays(spec) | {specs.NUM_IMAGES_PER_PROMPT.name: np.array([too_many], np.int32)}
         start = time.perf_counter()
         with pytest.raises(InferenceServerException) as caught:

@@ -50,6 +50,19 @@ def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_mode
     assert np.abs(c - b).max() <= 2 and np.array_equal(b, e)
 
 
+def test_inpainting_from_files_the_same_two_ways(triton_server, tmp_path):
+    from utils.request import box_mask
+
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(tmp_path / "in.png")
+    Image.fromarray(np.repeat(box_mask(64, 64)[0, :, :, None], 3, axis=2)).save(tmp_path / "mask.png")  # RGB: greyed
+    common = ["--url", triton_server.grpc_url, "--num-inference-steps", "4", "--seed", "1", "--image",
+              str(tmp_path / "in.png"), "--mask-image", str(tmp_path / "mask.png")]
+    out = run("scripts/run_bls_pipeline.py", *common, "--output", str(tmp_path / "b.png"), cwd=tmp_path)
+    assert "(64x64, 4 of 4 steps (strength 1)" in out  # inpainting's default strength, as diffusers'
+    run("scripts/run_ensemble_pipeline.py", *common, "--output", str(tmp_path / "e.png"), cwd=tmp_path)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(Image.open(tmp_path / "e.png")))
+
+
 def test_request_options_from_the_command_line(triton_server, tiny_model, tmp_path):
     common = ["--url", triton_server.grpc_url, "--num-inference-steps", "3", "--seed", "2", "--scheduler",
               "EulerAncestralDiscreteScheduler", "--num-images-per-prompt", "2", "--height", "48", "--width", "80"]
@@ -104,7 +117,7 @@ def test_quickstart_main_job(tmp_path):
     assert "max pixel difference between the two images: 0" in out
     assert "max pixel difference to the BLS image: 0" in out
     for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png",
-                  "outputs/lora_style.png"):  # the last with the demo's LoRA adapter, a UNet of its own
+                  "outputs/inpaint.png", "outputs/lora_style.png"):  # the last: the demo's LoRA adapter, a UNet of its own
         assert f"  {image}\n" in out and (tmp_path / image).is_file()
     assert int(out.split("max pixel difference to the BLS image without it: ")[1].split()[0]) > 0
     times = out.split("Times:")[1]
@@ -125,9 +138,9 @@ def test_the_readmes_request_examples_run_as_written(triton_server):
     import json
     import urllib.request
 
-    from utils.docs.facts import HTTP_EXAMPLE, HTTP_EXAMPLE_URL, PLAIN_CLIENT_EXAMPLE, PYTHON_EXAMPLE
+    from utils.docs.facts import HTTP_EXAMPLE, HTTP_EXAMPLE_URL, INPAINT_EXAMPLE, PLAIN_CLIENT_EXAMPLE, PYTHON_EXAMPLE
 
-    for example in (PYTHON_EXAMPLE, PLAIN_CLIENT_EXAMPLE):
+    for example in (PYTHON_EXAMPLE, PLAIN_CLIENT_EXAMPLE, INPAINT_EXAMPLE):
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             exec(example.replace("127.0.0.1:8001", triton_server.grpc_url), {})

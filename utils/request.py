@@ -282,6 +282,15 @@ def check_mask(mask, image: np.ndarray | None) -> np.ndarray:
     return mask
 
 
+def box_mask(height: int, width: int, box: tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)):
+    """A mask [1, H, W] that repaints one rectangle, given as fractions (top, left, bottom, right)
+    of the image: the demo's, and a start for a client's own."""
+    mask = np.zeros((1, height, width), dtype=np.uint8)
+    top, left, bottom, right = box
+    mask[:, round(top * height):round(bottom * height), round(left * width):round(right * width)] = 255
+    return mask
+
+
 def request_to_arrays(request: GenerationRequest, spec: specs.PipelineSpec = specs.TEXT_TO_IMAGE) -> dict[str, np.ndarray]:
     """The input tensors of a pipeline model for ``request``; its fields are named as the inputs."""
     arrays = {}

@@ -18,6 +18,7 @@ PROMPT = '"a photo of an astronaut riding a horse on mars"'
 # Step 7's image to image, which the quickstart runs too.
 IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
 IMAGE_TO_IMAGE_STRENGTH = 0.6
+INPAINT_PROMPT = "a full moon"  # the quickstart's inpainting: the middle of the BLS image repainted
 
 
 @dataclass(frozen=True)

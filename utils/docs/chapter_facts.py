@@ -23,7 +23,8 @@ from utils.docs.facts import scheduler_timesteps
 from utils.repository.engines import PROVENANCE_FILE, Provenance, shapes_flag
 from utils.layout import DEFAULT_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_PREVIEW_EVERY, MAX_PROMPT_BYTES
+from utils.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_PREVIEW_EVERY, MASK_THRESHOLD,
+                           MAX_PROMPT_BYTES)
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 
@@ -106,6 +107,8 @@ VALUES: dict[str, Callable[[], str]] = {
     "max-prompt-bytes": lambda: str(MAX_PROMPT_BYTES),
     "default-steps": lambda: str(DEFAULT_NUM_INFERENCE_STEPS),
     "preview-every": lambda: str(DEFAULT_PREVIEW_EVERY),
+    "mask-threshold": lambda: str(MASK_THRESHOLD),
+    "inpaint-strength": lambda: str(DEFAULT_INPAINT_STRENGTH),
 }
 
 

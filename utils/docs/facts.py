@@ -165,6 +165,16 @@ pipeline = BlsPipeline("127.0.0.1:8001")
 images = pipeline("a watercolor fox", scheduler="EulerAncestralDiscreteScheduler", num_images_per_prompt=2,
                   height=48, width=80, num_inference_steps=20, seed=0)
 print(images.shape, images.dtype)  # (2, 48, 80, 3) uint8"""
+# Inpainting (docs/inpainting.md): a picture, then its middle repainted.
+INPAINT_EXAMPLE = """\
+from pipelines.bls import BlsPipeline
+from utils.request import box_mask
+
+pipeline = BlsPipeline("127.0.0.1:8001")
+photo = pipeline("a photo of an astronaut riding a horse on mars", num_inference_steps=20, seed=0)
+mask = box_mask(*photo.shape[1:3])  # white, repainted: the middle half of the picture
+repainted = pipeline("a full moon", image=photo, mask_image=mask, num_inference_steps=20, seed=0)
+print(repainted.shape, repainted.dtype)  # (1, 64, 64, 3) uint8"""
 # The same request with tritonclient alone, as a reader would write it without this project.
 PLAIN_CLIENT_EXAMPLE = """\
 import numpy as np
@@ -194,6 +204,10 @@ HTTP_EXAMPLE_URL = "127.0.0.1:8000/v2/models/pipeline_text_to_image/infer"
 
 def python_example() -> str:
     return f"```python\n{PYTHON_EXAMPLE}\n```"
+
+
+def inpaint_example() -> str:
+    return f"```python\n{INPAINT_EXAMPLE}\n```"
 
 
 def plain_client_example() -> str:
@@ -369,6 +383,7 @@ FACTS: dict[str, Callable[..., str]] = {
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-config": ensemble_config,
     "python-example": python_example,
+    "inpaint-example": inpaint_example,
     "plain-client-example": plain_client_example, "http-example": http_example,
     "metrics": metrics_table, "dashboard-panels": dashboard_panels,
     "cancellation-interval": cancellation_interval,

@@ -288,7 +288,19 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
                         adapter)
     ensembles = deployment.serves_ensembles
     for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
-        add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)
+        if serves(pipeline, dims):
+            add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)
     for ensemble in specs.ENSEMBLES.values() if ensembles else ():
-        add_ensemble(repository, ensemble, precision, report, force)
+        if serves(ensemble, dims):
+            add_ensemble(repository, ensemble, precision, report, force)
     return report
+
+
+def serves(pipeline: specs.PipelineSpec | specs.EnsembleSpec, dims: specs.ModelDims) -> bool:
+    """Whether a checkpoint of these dims can serve this pipeline: an inpainting checkpoint's UNet
+    only repaints, so its repository has image to image's models (which inpaint given a mask) and the
+    inpainting ensemble, not text to image's nor plain image to image's ensemble."""
+    if not dims.inpainting_unet:
+        return True
+    return pipeline not in (specs.TEXT_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.ENSEMBLE_TEXT_TO_IMAGE,
+                            specs.ENSEMBLE_IMAGE_TO_IMAGE)

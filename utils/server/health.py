@@ -24,11 +24,11 @@ from utils import layout, specs
 from utils.deployment import served_network_names
 from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
-from utils.request import GenerationRequest, request_to_arrays
+from utils.request import GenerationRequest, box_mask, request_to_arrays
 from utils.walkthrough import step
 
 # The models a user calls: the BLS pipelines (the streaming one over a gRPC stream) and the ensembles.
-TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE)
+TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.ENSEMBLE_INPAINT)
 
 
 class CanaryFailed(RuntimeError):
@@ -84,20 +84,26 @@ def served_pipelines(repository: Path) -> list[specs.PipelineSpec | specs.Ensemb
 def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
            pipelines: list | None = None) -> None:
     """One request to each served network (batch 1; default: the specs' names) and a one-step
-    generation through each pipeline (default: the text-to-image BLS model); raise CanaryFailed."""
+    generation through each pipeline (default: the text-to-image BLS model); raise CanaryFailed.
+    A pipeline that takes an image gets one of a size the VAE encoder serves, with a mask where it
+    needs one (the inpainting ensemble; every image model of an inpainting checkpoint's UNet)."""
     client = connect(url)
     try:
-        image = None
+        image, channels = None, {}
         for name in networks or list(specs.NETWORKS):
             config = client.get_model_config(name, as_json=True, client_timeout=timeout)["config"]
             client.infer(name, probe_inputs(config, 1), client_timeout=timeout)
+            channels[layout.network_of(name)] = int(config["input"][0]["dims"][0])  # the UNet's and decoder's sample
             if layout.network_of(name) == specs.VAE_ENCODER.name:  # its warm-up's image: a size it serves
                 _, height, width = map(int, config["model_warmup"][0]["inputs"][specs.VAE_ENCODER.inputs[0].name]["dims"])
                 image = np.full((1, height, width, 3), 128, np.uint8)
+        inpainting_unet = channels.get(specs.UNET.name, 0) != channels.get(specs.VAE_DECODER.name, 0)
         for spec in pipelines or [specs.TEXT_TO_IMAGE]:
             takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
+            needs_mask = spec is specs.ENSEMBLE_INPAINT or (inpainting_unet and takes_image)
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
-                                        image=image if takes_image else None, strength=1.0)
+                                        image=image if takes_image else None, strength=1.0,
+                                        mask_image=box_mask(*image.shape[1:3]) if needs_mask else None)
             arrays = request_to_arrays(request, spec)
             if spec.decoupled:  # a stream (never an ensemble): no previews, its final answer
                 stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)
