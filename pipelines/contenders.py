@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from utils.benchmark.settings import Context
+from utils.benchmark.settings import IMAGE_TASKS, Context
 
 
 class DiffusersContender:
@@ -31,10 +31,11 @@ class DiffusersContender:
         self.pipeline = StableDiffusionPipeline.from_pretrained(
             context.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
         ).to(settings.device)
-        if settings.task == "image-to-image":  # the same components, the image-to-image loop
-            from diffusers import StableDiffusionImg2ImgPipeline
+        if settings.task in IMAGE_TASKS:  # the same components, the image-to-image or inpainting loop
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-            self.pipeline = StableDiffusionImg2ImgPipeline(**self.pipeline.components)
+            task = StableDiffusionInpaintPipeline if settings.task == "inpaint" else StableDiffusionImg2ImgPipeline
+            self.pipeline = task(**self.pipeline.components)
         self.pipeline.set_progress_bar_config(disable=True)
         diffusers.utils.logging.set_verbosity_error()  # no per-call prompt truncation warnings
         self.diffusers_version, self.device, self.precision = diffusers.__version__, settings.device, settings.precision
@@ -76,17 +77,19 @@ class DiffusersContender:
             self.schedulers[scheduler] = getattr(diffusers, scheduler).from_config(self.schedulers[None].config)
         self.pipeline.scheduler = self.schedulers[scheduler]
 
-    def __call__(self, prompt, seed, image=None, lora=(), lora_scale=None, scheduler=None, **options) -> np.ndarray:
+    def __call__(self, prompt, seed, image=None, mask_image=None, lora=(), lora_scale=None, scheduler=None,
+                 **options) -> np.ndarray:
         """One call of the pipeline; a list of prompts (and as many pictures) makes one batch."""
         from PIL import Image
 
         self.use(lora, lora_scale, scheduler)
         generator = self.torch.Generator().manual_seed(seed)
-        if image is None:
-            images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
-        else:  # as PIL images: diffusers scales them to [-1, 1] as the served pipelines do
-            pictures = [Image.fromarray(picture) for picture in image]
-            images = self.pipeline(prompt, image=pictures, generator=generator, output_type="pil", **options).images
+        if image is not None:  # as PIL images: diffusers scales them to [-1, 1] as the served pipelines do
+            options.update(image=[Image.fromarray(picture) for picture in image])
+        if mask_image is not None:  # grey levels, at the picture's own size (diffusers' default: the checkpoint's)
+            options.update(mask_image=[Image.fromarray(mask) for mask in mask_image], height=image.shape[1],
+                           width=image.shape[2])
+        images = self.pipeline(prompt, generator=generator, output_type="pil", **options).images
         return np.stack([np.asarray(picture) for picture in images])
 
     def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
@@ -202,12 +205,11 @@ class FastDiffusersContender(CompiledDiffusersContender):
         return (f"diffusers {self.diffusers_version}, {qkv}, channels_last UNet and VAE, 1x1 convolutions as "
                 f"matmuls, {compiled}, cuDNN attention first, {self.device} {self.precision}{self.adapters_note()}")
 
-    def __call__(self, prompt, seed, image=None, **options) -> np.ndarray:
+    def __call__(self, prompt, seed, **options) -> np.ndarray:
         from utils.python_backend.cuda_graphs import ATTENTION_BACKENDS
 
-
         with self.torch.nn.attention.sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
-            return super().__call__(prompt, seed, image, **options)
+            return super().__call__(prompt, seed, **options)
 
 
 class ServedContender:

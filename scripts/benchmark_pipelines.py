@@ -51,7 +51,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
                              "that runs in the loop's process (--pipeline-loop with-unet)")
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
-                        help="image-to-image starts every pipeline from the same picture, at --strength")
+                        help="image-to-image starts every pipeline from the same picture, at --strength; inpaint "
+                             "repaints its middle (with an inpainting checkpoint, e.g. tiny-inpaint, or a plain one)")
     add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength"),
                              prompt=defaults.prompt, num_inference_steps=defaults.steps,
                              guidance_scale=defaults.guidance_scale, seed=defaults.seed, strength=defaults.strength)

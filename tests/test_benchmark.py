@@ -104,24 +104,33 @@ def test_benchmark_writes_complete_results(tiny_model, tmp_path):
         assert chart.width > 1000 and chart.height > 300
 
 
-def test_image_to_image_benchmark_against_a_running_server(triton_server, tiny_model, tmp_path):
+IMAGE_TASKS = {  # task: (its arguments, the strength run, the UNet calls of each run)
+    # PNDM: 5 steps are 6 UNet calls; strength 0.6 keeps int(5 x 0.6) = 3 steps, the last 4 calls.
+    "image-to-image": (["--strength", "0.6"], 0.6, 4),
+    "inpaint": ([], 1.0, 6),  # inpainting's default strength, as diffusers': every step
+}
+
+
+@pytest.mark.parametrize("task", IMAGE_TASKS)
+def test_image_benchmarks_against_a_running_server(task, triton_server, tiny_model, tmp_path):
     """--url: the session's server (no start of its own); --task image-to-image: every pipeline
-    from the same picture, the VAE encoder among the stages, the same images as diffusers'."""
+    from the same picture, the VAE encoder among the stages, the same images as diffusers'; --task
+    inpaint: the same picture with its middle repainted, the same images as diffusers' inpainting."""
+    arguments, strength, unet_calls = IMAGE_TASKS[task]
     command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
                "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
-               "--task", "image-to-image", "--strength", "0.6", "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
+               "--task", task, *arguments, "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
                "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
                "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     (json_path,) = (tmp_path / "out").glob("*.json")
     results = json.loads(json_path.read_text())
-    assert results["settings"]["task"] == "image-to-image" and results["settings"]["strength"] == 0.6
+    assert results["settings"]["task"] == task and results["settings"]["strength"] == strength
     assert "vae enc" in result.stdout and "fidelity check passed" in result.stdout
     for name, figures in results["pipelines"].items():
         stages = figures["stages"]
-        # PNDM: 5 steps are 6 UNet calls; strength 0.6 keeps int(5 x 0.6) = 3 steps, the last 4 calls.
-        assert stages["vae_encoder"] > 0 and stages["unet_calls_per_run"] == 4, (name, stages)
+        assert stages["vae_encoder"] > 0 and stages["unet_calls_per_run"] == unet_calls, (name, stages)
 
 
 def test_a_benchmark_of_adapters_requested_in_turn_with_few_step_sampling(triton_server, tiny_model, adapters,

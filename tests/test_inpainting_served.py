@@ -79,13 +79,19 @@ def test_inpainting_with_an_inpainting_unet_equals_diffusers(kind, case, inpaint
     check_equal(kind, "inpainting UNet", case, served, diffusers_inpaint(tiny_inpaint, photo, mask, **CASES[case]))
 
 
-@pytest.mark.parametrize("model", [specs.TEXT_TO_IMAGE, specs.ENSEMBLE_TEXT_TO_IMAGE])
-def test_an_inpainting_deployment_refuses_text_to_image_with_the_reason(model, inpainting_server):
+def test_an_inpainting_deployment_serves_what_inpaints_and_refuses_the_rest_with_the_reason(inpainting_server):
     from utils.grpc_client import connect, infer_inputs
+    from utils.server.health import canary, served_pipelines
 
+    repository = inpainting_server.model_repository
+    served = {spec.name for spec in served_pipelines(repository)}
+    assert served == {specs.IMAGE_TO_IMAGE.name, specs.IMAGE_TO_IMAGE_STREAM.name, specs.ENSEMBLE_INPAINT.name}
+    canary(inpainting_server.grpc_url, pipelines=served_pipelines(repository))  # the supervisor's: masks included
+    photo, _ = photo_and_mask()
     client = connect(inpainting_server.grpc_url)
     with pytest.raises(InferenceServerException, match="mask_image is required: this deployment serves an inpainting"):
-        client.infer(model.name, infer_inputs({specs.PROMPT.name: np.array([b"a cat"], dtype=object)}))
+        client.infer(specs.IMAGE_TO_IMAGE.name, infer_inputs({specs.PROMPT.name: np.array([b"a cat"], dtype=object),
+                                                              specs.INIT_IMAGE.name: photo}))
 
 
 BAD = {  # what is sent besides the prompt and the photo: the message

@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from utils import specs
 from utils.benchmark.fidelity import fidelity
 from utils.benchmark.report import compute_budget, environment
-from utils.benchmark.settings import Context, Settings
+from utils.benchmark.settings import IMAGE_TASKS, Context, Settings
 from utils.benchmark.statistics import TritonStatistics
+from utils.request import box_mask
 
 OUTLIER_FACTOR = 3.0  # a measured run this many times slower than the median is reported as an outlier
 SETTLED_FACTOR = 1.5  # warm-up continues while a run takes this much longer than the one before
@@ -237,8 +238,8 @@ def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contende
     """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work;
     ``adapter_files``: the deployment's LoRA files, which diffusers loads."""
     dims = specs.ModelDims.from_pretrained(model_dir)
-    if settings.task == "image-to-image":
-        settings = replace(settings, image=init_image(dims))
+    if settings.task in IMAGE_TASKS:
+        settings = with_picture(settings, dims)
     context = Context(settings, model_dir, url, dict(adapter_files or {}))
     statistics = TritonStatistics(url, headers, metrics_url) if url else None
     scheduler = settings.scheduler or json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())[
@@ -312,6 +313,13 @@ def init_image(dims: specs.ModelDims) -> np.ndarray:
     return (pixels[None] * 255).astype(np.uint8)
 
 
+def with_picture(settings: Settings, dims: specs.ModelDims) -> Settings:
+    """The settings with the picture an image task starts from (inpainting: and its mask, the
+    middle of the picture repainted)."""
+    image = init_image(dims)
+    return replace(settings, image=image, mask=box_mask(*image.shape[1:3]) if settings.task == "inpaint" else None)
+
+
 def concurrency_runs(name: str, contender, settings: Settings, statistics: TritonStatistics) -> dict:
     """One contender at each concurrency of the settings: {clients: run}."""
     return {str(clients): measure_concurrency(name, contender, settings, clients, statistics)
@@ -321,8 +329,8 @@ def concurrency_runs(name: str, contender, settings: Settings, statistics: Trito
 def run_concurrency(settings: Settings, model_dir: Path, url: str, contenders: Mapping[str, type],
                     headers: dict[str, str] | None = None) -> dict:
     """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
-    if settings.task == "image-to-image":
-        settings = replace(settings, image=init_image(specs.ModelDims.from_pretrained(model_dir)))
+    if settings.task in IMAGE_TASKS:
+        settings = with_picture(settings, specs.ModelDims.from_pretrained(model_dir))
     context, statistics = Context(settings, model_dir, url), TritonStatistics(url, headers)
     return {name: concurrency_runs(name, make_contender(context), settings, statistics)
             for name, make_contender in contenders.items() if make_contender.served}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.benchmark.fidelity import fidelity_text
-from utils.benchmark.settings import IMAGE_TO_IMAGE_STAGES, STAGES
+from utils.benchmark.settings import IMAGE_TASKS, IMAGE_TO_IMAGE_STAGES, STAGES
 from utils.grpc_client import connect
 from utils.models import model_slug
 from utils.version import machine_and_versions
@@ -110,7 +110,7 @@ def server_text(server: dict) -> str:
 
 def stages_of(results: dict) -> tuple[str, ...]:
     """The networks the run's task goes through (results of earlier versions: text to image)."""
-    return IMAGE_TO_IMAGE_STAGES if results.get("settings", {}).get("task") == "image-to-image" else STAGES
+    return IMAGE_TO_IMAGE_STAGES if results.get("settings", {}).get("task") in IMAGE_TASKS else STAGES
 
 
 def _latency_lines(results: dict) -> list[str]:

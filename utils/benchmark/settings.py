@@ -9,7 +9,8 @@ import numpy as np
 
 from utils.deployment import Deployment
 
-TASKS = ("text-to-image", "image-to-image")
+TASKS = ("text-to-image", "image-to-image", "inpaint")
+IMAGE_TASKS = ("image-to-image", "inpaint")  # from a picture (inpainting: and its mask)
 STAGES = ("text_encoder", "unet", "vae_decoder")  # the networks of text to image, in the order they run
 IMAGE_TO_IMAGE_STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
 
@@ -33,8 +34,9 @@ class Settings:
     # LoRA adapters (of the deployment's) that the requests ask for in turn: request i for
     # lora[i % len(lora)]; none: the base weights.
     lora: tuple[str, ...] = ()
-    strength: float = 0.8  # image to image
+    strength: float | None = None  # image to image and inpainting; None: the request's default (0.8; 1)
     image: np.ndarray | None = field(default=None, compare=False)  # image to image: the picture to start from
+    mask: np.ndarray | None = field(default=None, compare=False)  # inpainting: what to repaint
     # How the served pipelines are deployed; diffusers runs on the same device and precision.
     deployment: Deployment = field(default_factory=Deployment)
 
@@ -50,7 +52,15 @@ class Settings:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return IMAGE_TO_IMAGE_STAGES if self.task == "image-to-image" else STAGES
+        return IMAGE_TO_IMAGE_STAGES if self.task in IMAGE_TASKS else STAGES
+
+    @property
+    def effective_strength(self) -> float:
+        from utils.request import DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH
+
+        if self.strength is not None:
+            return self.strength
+        return DEFAULT_INPAINT_STRENGTH if self.task == "inpaint" else DEFAULT_STRENGTH
 
     def options(self, request: int = 0) -> dict:
         """The options of the ``request``-th request (they differ only in their adapter)."""
@@ -60,8 +70,10 @@ class Settings:
             options.update(scheduler=self.scheduler)
         if self.lora:
             options.update(lora=[self.lora[request % len(self.lora)]])
-        if self.task == "image-to-image":
-            options.update(image=self.image, strength=self.strength)
+        if self.task in IMAGE_TASKS:
+            options.update(image=self.image, **({"strength": self.strength} if self.strength is not None else {}))
+        if self.task == "inpaint":
+            options.update(mask_image=self.mask)
         return options
 
     def batched_calls(self, batch: int) -> list[dict]:
@@ -74,8 +86,10 @@ class Settings:
             images = len(range(request, batch, turns))  # the requests that ask for this one's adapter
             options = self.options(request)
             options.update(prompt=[self.prompt] * images)
-            if self.task == "image-to-image":
+            if self.task in IMAGE_TASKS:
                 options.update(image=np.repeat(self.image, images, axis=0))
+            if self.task == "inpaint":
+                options.update(mask_image=np.repeat(self.mask, images, axis=0))
             calls.append(options)
         return calls
 
@@ -86,7 +100,7 @@ class Settings:
                 "concurrency": list(self.concurrency), "requests": self.requests,
                 "static_batches": list(self.static_batches), "task": self.task,
                 **({"lora": list(self.lora)} if self.lora else {}),
-                **({"strength": self.strength} if self.task == "image-to-image" else {}), "device": self.device,
+                **({"strength": self.effective_strength} if self.task in IMAGE_TASKS else {}), "device": self.device,
                 "precision": self.precision, "deployment": self.deployment.describe()}
 
 
