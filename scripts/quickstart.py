@@ -66,16 +66,7 @@ def main(argv=None):
             ensemble = EnsemblePipeline(server.grpc_url)(**generation_options(args))
             saved += save_images(ensemble, args.output_dir / "ensemble.png")
             print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - bls).max()}")
-        with timer.step(heading("7", "image to image from the BLS image")):
-            # The first BLS image sets the size: height and width are text to image's options.
-            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1],
-                                                      strength=IMAGE_TO_IMAGE_STRENGTH, height=None, width=None)
-            saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "image_to_image.png")
-        with timer.step(heading("7", "inpainting: the BLS image's middle repainted")):
-            mask = box_mask(*bls.shape[1:3])  # white: repaint
-            options = generation_options(args) | dict(prompt=INPAINT_PROMPT, image=bls[:1], mask_image=mask,
-                                                      height=None, width=None)
-            saved += save_images(EnsemblePipeline(server.grpc_url)(**options), args.output_dir / "inpaint.png")
+        saved += from_the_bls_image(server.grpc_url, bls, args, timer)
         for adapter in deployment.adapters:
             with timer.step(heading("7", f"the LoRA adapter {adapter.name!r}, chosen per request")):
                 images = BlsPipeline(server.grpc_url)(**generation_options(args) | dict(lora=[adapter.name]))
@@ -90,6 +81,21 @@ def main(argv=None):
         print(f"  {path}")
     print("\nTimes:")
     print(timer.table())
+
+
+def from_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]:
+    """Image to image, then inpainting (its middle repainted), from the first BLS image, through
+    the ensembles. That image sets the size: height and width are text to image's options."""
+    saved = []
+    with timer.step(heading("7", "image to image from the BLS image")):
+        options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=bls[:1],
+                                                  strength=IMAGE_TO_IMAGE_STRENGTH, height=None, width=None)
+        saved += save_images(EnsemblePipeline(url)(**options), args.output_dir / "image_to_image.png")
+    with timer.step(heading("7", "inpainting: the BLS image's middle repainted")):
+        options = generation_options(args) | dict(prompt=INPAINT_PROMPT, image=bls[:1], height=None, width=None,
+                                                  mask_image=box_mask(*bls.shape[1:3]))  # white: repainted
+        saved += save_images(EnsemblePipeline(url)(**options), args.output_dir / "inpaint.png")
+    return saved
 
 
 if __name__ == "__main__":
