@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from utils import specs
+from utils.models import preset_dims
 from utils.deployment import Deployment
 from utils.repository.engines import (EngineMismatch, Provenance, Target, build_engine, check_engines, parse_build_log, plan_path,
                            profile_shapes, trtexec_command)
@@ -45,6 +46,13 @@ def test_trtexec_command_per_network(name):
         f"trtexec --onnx=triton/models/{name}/1/model.onnx --saveEngine=triton/models/{name}/2/model.plan "
         f"{EXPECTED_SD15[name]} --fp16 --timingCacheFile=engines/timing.cache"
     )
+
+
+def test_an_inpainting_unets_engine_takes_its_nine_channels_and_the_decoder_keeps_four():
+    inpaint = preset_dims("sd15-random-inpaint")
+    unet, decoder = (" ".join(trtexec_command(specs.NETWORKS[name], inpaint, REPO)) for name in ("unet", "vae_decoder"))
+    assert "--optShapes=sample:2x9x64x64," in unet and "--maxShapes=sample:16x9x96x96," in unet
+    assert "--optShapes=sample:1x4x64x64 " in decoder  # the latents themselves: the VAE's 4 channels
 
 
 def test_fp32_engine_has_no_fp16_flag_and_bad_precision_is_refused():
