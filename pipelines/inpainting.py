@@ -60,6 +60,7 @@ class Inpainting:
         self.inpainting_unet = inpainting_unet
         self.image_latents, self.noise = image_latents, noise
         self.masked_latents = masked_latents
+        self._unet_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per guidance rows: built once
 
     @classmethod
     def start(cls, batch: int, sample: Callable[..., torch.Tensor], randn: Callable[..., torch.Tensor],
@@ -74,22 +75,29 @@ class Inpainting:
         does not use, and diffusers draws all the same: drawn here too, with no VAE call where the
         masked image was not encoded, it keeps the generator in step for the schedulers that draw
         from it at each step)."""
-        if latent_parameters is None:
-            raise InvalidRequest(f"{specs.LATENT_PARAMETERS.name} is required for inpainting: send the VAE encoder's "
-                                 f"output for the image.")
         from_noise = options.strength == 1.0
-        image_latents = None if dims.inpainting_unet and from_noise else sample(latent_parameters)
-        shape = (batch, dims.latent_channels, *latent_parameters.shape[2:])
+        needs_image = not (dims.inpainting_unet and from_noise)  # an inpainting UNet at strength 1 starts from noise
+        encoded = latent_parameters if needs_image else masked_latent_parameters
+        for name, parameters, needed in ((specs.LATENT_PARAMETERS.name, latent_parameters, needs_image),
+                                         (specs.MASKED_LATENT_PARAMETERS.name, masked_latent_parameters,
+                                          dims.inpainting_unet)):
+            if needed and parameters is None:
+                raise InvalidRequest(f"{name} is required here: send the VAE encoder's output for the image.")
+            if parameters is not None and parameters.shape[2:] != encoded.shape[2:]:
+                raise InvalidRequest(f"{name} has latents of {list(parameters.shape[2:])} for an image of "
+                                     f"{list(encoded.shape[2:])}: encode the image and the masked image at one size.")
+        image_latents = sample(latent_parameters) if needs_image else None
+        shape = (batch, dims.latent_channels, *encoded.shape[2:])
         noise = randn(shape)
         if from_noise:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
         masked = None
-        if masked_latent_parameters is not None or dims.inpainting_unet:
+        if masked_latent_parameters is not None:
             masked = sample(masked_latent_parameters, name=specs.MASKED_LATENT_PARAMETERS.name)
-        else:  # diffusers' masked image: as many as the images or the masks
-            randn((max(latent_parameters.shape[0], options.mask_image.shape[0]), *shape[1:]))
+        else:  # as many as diffusers' masked images: one per image (the checks allow no more masks)
+            randn((encoded.shape[0], *shape[1:]))
         return latents, cls(options.mask_image, noise, image_latents, masked if dims.inpainting_unet else None,
                             dims.inpainting_unet, dims.vae_scale_factor)
 
@@ -99,8 +107,9 @@ class Inpainting:
         if not self.inpainting_unet:
             return model_input
         rows = model_input.shape[0] // self.mask.shape[0]
-        return torch.cat([model_input, self.mask.repeat(rows, 1, 1, 1), self.masked_latents.repeat(rows, 1, 1, 1)],
-                         dim=1)
+        if rows not in self._unet_inputs:
+            self._unet_inputs[rows] = (self.mask.repeat(rows, 1, 1, 1), self.masked_latents.repeat(rows, 1, 1, 1))
+        return torch.cat([model_input, *self._unet_inputs[rows]], dim=1)
 
     def blend(self, latents: torch.Tensor, done: int, timesteps: torch.Tensor, scheduler) -> torch.Tensor:
         """A plain UNet's step, finished: the image's own latents outside the mask, noised to the

@@ -195,9 +195,11 @@ class StableDiffusion:
         request = self.check(request)
         self.check_unet_kind(request)
         text_embeddings = self.encode_prompt(request)
-        latent_parameters = None if request.image is None else self.encode_image(request.image)
-        masked = None  # an inpainting UNet is shown the masked image; a plain one blends (inpainting.py)
-        if request.mask_image is not None and self.components.dims.inpainting_unet:
+        inpainting_unet = request.mask_image is not None and self.components.dims.inpainting_unet
+        latent_parameters = masked = None  # an inpainting UNet is shown the masked image; a plain one blends
+        if request.image is not None and not (inpainting_unet and request.strength == 1.0):  # (from noise)
+            latent_parameters = self.encode_image(request.image)
+        if inpainting_unet:
             masked = self.encode_image(request.image, request.mask_image)
         latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step,
                                masked_latent_parameters=masked)
@@ -370,7 +372,7 @@ class StableDiffusion:
             raise InvalidRequest(f"{name} is required here: send the VAE encoder's output for the image.")
         parameters = latent_parameters.to(device=self.device, dtype=self.dtype)
         if batch % parameters.shape[0]:
-            raise InvalidRequest(f"{name} has {parameters.shape[0]} images for {batch} prompts: "
+            raise InvalidRequest(f"{name} has {parameters.shape[0]} images for {batch} to make: "
                                  f"send one image per prompt, or one for all.")
         latents = DiagonalGaussianDistribution(parameters).sample(generator) * self.components.vae_scaling_factor
         return torch.cat([latents] * (batch // latents.shape[0]))

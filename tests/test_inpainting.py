@@ -29,11 +29,14 @@ def photo_and_mask(seed: int = 0, images: int = 1) -> tuple[np.ndarray, np.ndarr
     return photo, mask
 
 
-def in_process(model_dir) -> StableDiffusion:
-    """The loop with each network a torch module in this process (what the served ones export)."""
+def in_process(model_dir, calls: dict | None = None) -> StableDiffusion:
+    """The loop with each network a torch module in this process (what the served ones export);
+    ``calls`` counts each network's calls."""
     networks = {name: load_network(name, model_dir) for name in specs.NETWORKS}
 
     def call(network, *inputs, adapters=()):
+        if calls is not None:
+            calls[network.name] = calls.get(network.name, 0) + 1
         with torch.no_grad():
             return (networks[network.name](*inputs),)
 
@@ -60,6 +63,7 @@ CASES = {  # name: (checkpoint, options)
     "plain UNet, strength 1": ("tiny", dict(strength=1.0)),
     "plain UNet, strength 0.6, 2 images": ("tiny", dict(strength=0.6, num_images_per_prompt=2)),
     "plain UNet, EulerAncestral (draws at each step)": ("tiny", dict(scheduler="EulerAncestralDiscreteScheduler")),
+    "plain UNet, DDIM (the checkpoint's clip_sample: false)": ("tiny", dict(scheduler="DDIMScheduler", strength=0.7)),
     "inpainting UNet, strength 1": ("tiny-inpaint", dict(strength=1.0)),
     "inpainting UNet, strength 0.6, guidance 1": ("tiny-inpaint", dict(strength=0.6, guidance_scale=1.0)),
 }
@@ -80,6 +84,52 @@ def test_the_loop_inpaints_as_diffusers(case, tiny_model, tiny_inpaint):
     assert ours.shape == reference.shape and difference <= 2
     if checkpoint == "tiny":  # a plain UNet keeps the image outside the mask (up to the VAE's round trip)
         assert not np.array_equal(ours.numpy()[0], photo[0])
+
+
+@pytest.mark.parametrize("strength, encodes", [(1.0, 1), (0.7, 2)])
+def test_an_inpainting_unet_encodes_the_image_only_where_it_starts_from_it(strength, encodes, tiny_inpaint):
+    """From noise (strength 1, the default) an inpainting UNet needs the masked image alone, as
+    diffusers encodes it; a plain UNet needs the image alone (its blend), with no masked image."""
+    photo, mask = photo_and_mask()
+    calls = {}
+    in_process(tiny_inpaint, calls)(GenerationRequest(prompt=["a"], image=photo, mask_image=mask, strength=strength,
+                                                      num_inference_steps=2, seed=0))
+    assert calls[specs.VAE_ENCODER.name] == encodes
+
+
+def test_a_plain_unet_encodes_the_image_alone(tiny_model):
+    photo, mask = photo_and_mask()
+    calls = {}
+    in_process(tiny_model, calls)(GenerationRequest(prompt=["a"], image=photo, mask_image=mask, num_inference_steps=2,
+                                                    seed=0))
+    assert calls[specs.VAE_ENCODER.name] == 1
+
+
+def test_a_served_fp32_strength_keeps_the_steps_a_client_asked_for():
+    """A strength of 0.7 arrives as FP32 0.699999988: read as sent, 10 steps keep 7, as diffusers."""
+    from utils.request import request_from_arrays
+
+    photo, mask = photo_and_mask()
+    arrays = {"prompt": np.array([b"a"], dtype=object), "image": photo, "mask_image": mask,
+              "strength": np.array([0.7], np.float32), "lora_scale": np.array([0.7], np.float32)}
+    request = request_from_arrays(arrays, specs.IMAGE_TO_IMAGE)
+    assert request.strength == 0.7 and request.lora_scale == [0.7]
+
+
+def test_guidance_cut_off_is_refused_with_a_mask_which_diffusers_does_not_cut():
+    photo, mask = photo_and_mask()
+    with pytest.raises(InvalidRequest, match="cfg_cutoff_step_ratio is not allowed with a mask_image"):
+        check_request(GenerationRequest(prompt=["a"], image=photo, mask_image=mask, cfg_cutoff_step_ratio=0.5), 4, 50)
+
+
+def test_a_step_given_no_image_still_checks_the_mask():
+    """The ensemble's denoise step checks what it has: the mask's own shape and content."""
+    from utils.request import check_options
+
+    with pytest.raises(InvalidRequest, match=r"mask_image\[0\] is black everywhere"):
+        check_options(GenerationRequest(mask_image=np.zeros((1, SIZE, SIZE), np.uint8)), 50, image_to_image=True)
+    with pytest.raises(InvalidRequest, match=r"mask_image has shape \[0, 64, 64\]"):
+        check_options(GenerationRequest(mask_image=np.zeros((0, SIZE, SIZE), np.uint8)), 50, image_to_image=True)
 
 
 def test_an_inpainting_checkpoint_refuses_a_request_without_a_mask(tiny_inpaint):

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.server  # starts tritonserver
 MAX_PIXEL_DIFFERENCE = 2
 CASES = {
     "strength 1": dict(prompt="a red door", seed=5, num_inference_steps=8),
-    "strength 0.6, 2 images per prompt": dict(prompt="a blue window", seed=9, num_inference_steps=10, strength=0.6,
+    # 0.7 arrives as FP32 0.699999988: 10 steps keep 7 all the same, as diffusers.
+    "strength 0.7, 2 images per prompt": dict(prompt="a blue window", seed=9, num_inference_steps=10, strength=0.7,
                                               num_images_per_prompt=2, guidance_scale=5.0),
 }
 

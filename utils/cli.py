@@ -17,7 +17,7 @@ from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANC
 from utils.errors import UsageError, UserError
 from utils.lora import LoraAdapter
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
-                           DEFAULT_STRENGTH, SCHEDULERS)
+                           DEFAULT_STRENGTH, SCHEDULERS, default_strength)
 from utils.specs import PRECISIONS
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -212,9 +212,8 @@ def generate_and_save(pipeline, args: argparse.Namespace) -> list[Path]:
     paths = save_images(images, args.output)
     steps = args.num_inference_steps
     if args.image is not None:  # image to image runs the last int(steps x strength) of them
-        strength = args.strength
-        if strength is None:
-            strength = DEFAULT_INPAINT_STRENGTH if getattr(args, "mask_image", None) is not None else DEFAULT_STRENGTH
+        strength = args.strength if args.strength is not None else default_strength(
+            getattr(args, "mask_image", None) is not None)
         steps = f"{min(int(steps * strength), steps)} of {steps} steps (strength {strength:g})"
     else:
         steps = f"{steps} steps"

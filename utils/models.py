@@ -38,6 +38,7 @@ SD15_SCHEDULER = dict(
     steps_offset=1,
     trained_betas=None,
 )
+SD15_SCHEDULER_EXTRAS = dict(clip_sample=False)  # in its scheduler_config.json too, for the other schedulers
 
 # Architectures. SD1.5's values are those of its config.json files; "tiny" keeps the same
 # structure (4 VAE levels, so h = H/8; cross-attention in the UNet) at toy widths.
@@ -211,12 +212,22 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         pipeline.save_pretrained(staging)
+        _write_sd15_scheduler_extras(staging / "scheduler" / "scheduler_config.json")
         (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _write_sd15_scheduler_extras(path: Path) -> None:
+    """The keys of SD1.5's scheduler_config.json that PNDM does not take, so do not save: the
+    other schedulers built from it read them. ``clip_sample: false`` most of all: DDIM would clip
+    its samples without it in diffusers' pipelines that do not turn it off themselves (inpainting)."""
+    config = json.loads(path.read_text())
+    config.update({key: value for key, value in SD15_SCHEDULER_EXTRAS.items() if key not in config})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def make_byte_level_clip_tokenizer(model_max_length: int):

@@ -131,6 +131,12 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
     return request
 
 
+def default_strength(inpainting: bool) -> float:
+    """A request's strength where it gives none, as diffusers' image to image and inpainting
+    pipelines default."""
+    return DEFAULT_INPAINT_STRENGTH if inpainting else DEFAULT_STRENGTH
+
+
 def check_image_count(prompts: int, images_per_prompt: int, max_prompts: int) -> None:
     """The images a request makes, against the engines' batch profiles (before any network runs)."""
     if prompts * images_per_prompt > max_prompts:
@@ -157,6 +163,12 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
                              f"{FEW_STEP_MAX_STEPS} (its schedule's original_inference_steps); few-step sampling "
                              f"takes 1 to 8.")
     cutoff = request.cfg_cutoff_step_ratio
+    if cutoff is not None and request.mask_image is not None:
+        raise InvalidRequest("cfg_cutoff_step_ratio is not allowed with a mask_image: diffusers' SDCFGCutoffCallback, "
+                             "which it follows, does not cut an inpainting request's guidance (its mask stays "
+                             "doubled); leave it out to inpaint with guidance to the end.")
+    if request.mask_image is not None:  # (what a step without the image can check: check_request checks it whole)
+        check_mask(request.mask_image, None)
     if cutoff is not None:
         cutoff = _number("cfg_cutoff_step_ratio", cutoff, float)
         if not (math.isfinite(cutoff) and 0 <= cutoff <= 1):
@@ -167,9 +179,7 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
         seed = _number("seed", seed, int)
         if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed={seed} is not allowed: use an integer in [0, 2**63 - 1].")
-    strength = request.strength
-    if strength is None:
-        strength = DEFAULT_INPAINT_STRENGTH if request.mask_image is not None else DEFAULT_STRENGTH
+    strength = request.strength if request.strength is not None else default_strength(request.mask_image is not None)
     strength = _number("strength", strength, float)
     if image_to_image and not (math.isfinite(strength) and 0 < strength <= 1):
         raise InvalidRequest(f"strength={strength!r} is not allowed: use a number in (0, 1].")
@@ -258,8 +268,6 @@ def check_mask(mask, image: np.ndarray | None) -> np.ndarray:
     a step that has the image's latents only checks its own shape). Each mask must keep a part and
     repaint a part: all black repaints nothing, all white keeps nothing of the image."""
     expected = "uint8 grey levels, shape [N, H, W], white where to repaint"
-    if image is None and not isinstance(mask, np.ndarray):
-        raise InvalidRequest(f"mask_image is {type(mask).__name__}: send {expected}.")
     if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8:
         kind = mask.dtype if isinstance(mask, np.ndarray) else type(mask).__name__
         raise InvalidRequest(f"mask_image is {kind}: send {expected}.")
@@ -328,10 +336,19 @@ def request_from_arrays(arrays: Mapping[str, np.ndarray | None],
         elif tensor.dims == (1,):
             if array.size != 1:
                 raise InvalidRequest(f"{tensor.name} has {array.size} values: send exactly one, shape [1].")
-            fields_[tensor.name] = array.reshape(-1)[0].item()
+            fields_[tensor.name] = _as_sent(array.reshape(-1)[0])
+        elif array.dtype == np.float32:  # lora_scale: each weight as sent
+            fields_[tensor.name] = [_as_sent(value) for value in array.reshape(-1)]
         else:
             fields_[tensor.name] = array
     return GenerationRequest(**fields_)
+
+
+def _as_sent(value: np.generic):
+    """A tensor's number as the client wrote it: an FP32 value as the shortest decimal that gives
+    it (0.7, not 0.699999988), so that a strength of 0.7 keeps int(10 x 0.7) = 7 of 10 steps here
+    as it does in the client-side loop and in diffusers."""
+    return float(repr(value)) if isinstance(value, np.float32) else value.item()
 
 
 def _as_list(value) -> list:

@@ -56,11 +56,9 @@ class Settings:
 
     @property
     def effective_strength(self) -> float:
-        from utils.request import DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH
+        from utils.request import default_strength
 
-        if self.strength is not None:
-            return self.strength
-        return DEFAULT_INPAINT_STRENGTH if self.task == "inpaint" else DEFAULT_STRENGTH
+        return self.strength if self.strength is not None else default_strength(self.task == "inpaint")
 
     def options(self, request: int = 0) -> dict:
         """The options of the ``request``-th request (they differ only in their adapter)."""

@@ -19,7 +19,8 @@ class TritonPythonModel(PipelineModel):
 
     def compute(self, request, tensors, is_cancelled):
         latent_parameters = tensors.get(LATENT_PARAMETERS)
-        options = self.pipeline.check_options(request, image_to_image=latent_parameters is not None)
+        image_to_image = latent_parameters is not None or request.mask_image is not None
+        options = self.pipeline.check_options(request, image_to_image=image_to_image)
         rows = tensors[TEXT_EMBEDDINGS].shape[0]  # a prompt's rows: 2 with guidance (unconditional first)
         check_image_count(rows // 2 if options.do_classifier_free_guidance else rows, options.num_images_per_prompt,
                           specs.MAX_PROMPTS)  # before the loop: a client may call this step directly
