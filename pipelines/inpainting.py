@@ -21,7 +21,8 @@ from typing import Callable
 
 from utils import specs
 from utils.model_dims import ModelDims
-from utils.request import MASK_THRESHOLD, GenerationRequest, InvalidRequest
+from utils.mask import MASK_THRESHOLD
+from utils.request import GenerationRequest, InvalidRequest
 
 
 def mask_pixels(mask_image, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
 from utils.models import DEFAULT_MODELS_DIR
-from utils.request import box_mask
+from utils.mask import box_mask
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
 from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, INPAINT_PROMPT, heading

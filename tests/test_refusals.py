@@ -16,7 +16,8 @@ from tritonclient.utils import InferenceServerException
 from utils import specs
 from utils.layout import network_of
 from utils.grpc_client import infer_inputs
-from utils.request import GenerationRequest, box_mask, request_to_arrays
+from utils.mask import box_mask
+from utils.request import GenerationRequest, request_to_arrays
 from utils.server.health import TOP_LEVEL, stream_once
 
 pytestmark = pytest.mark.server  # uses the session's tritonserver

@@ -51,7 +51,7 @@ def test_image_to_image_from_a_file_the_same_three_ways(triton_server, tiny_mode
 
 
 def test_inpainting_from_files_the_same_two_ways(triton_server, tmp_path):
-    from utils.request import box_mask
+    from utils.mask import box_mask
 
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(tmp_path / "in.png")
     Image.fromarray(np.repeat(box_mask(64, 64)[0, :, :, None], 3, axis=2)).save(tmp_path / "mask.png")  # RGB: greyed

@@ -19,3 +19,8 @@ class UsageError(UserError, ValueError):
 
 class TritonServerError(UserError, RuntimeError):
     """The server could not start or stopped: the message says why and how to fix it."""
+
+
+class InvalidRequest(UserError, ValueError):
+    """A generation request itself is wrong: a client error, reported as INVALID_ARG (its checks:
+    utils/request.py)."""

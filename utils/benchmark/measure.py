@@ -19,7 +19,7 @@ from utils.benchmark.fidelity import fidelity
 from utils.benchmark.report import compute_budget, environment
 from utils.benchmark.settings import IMAGE_TASKS, Context, Settings
 from utils.benchmark.statistics import TritonStatistics
-from utils.request import box_mask
+from utils.mask import box_mask
 
 OUTLIER_FACTOR = 3.0  # a measured run this many times slower than the median is reported as an outlier
 SETTLED_FACTOR = 1.5  # warm-up continues while a run takes this much longer than the one before

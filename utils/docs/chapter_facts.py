@@ -22,8 +22,9 @@ from utils.docker import TRITON_VERSION
 from utils.docs.facts import scheduler_timesteps
 from utils.repository.engines import PROVENANCE_FILE, Provenance, shapes_flag
 from utils.layout import DEFAULT_REPOSITORY, PROJECT_ROOT
+from utils.mask import MASK_THRESHOLD
 from utils.models import SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_PREVIEW_EVERY, MASK_THRESHOLD,
+from utils.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_PREVIEW_EVERY,
                            MAX_PROMPT_BYTES)
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes

@@ -11,10 +11,11 @@ from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
-                           DEFAULT_STRENGTH, MASK_THRESHOLD, FEW_STEP_MAX_STEPS,
+                           DEFAULT_STRENGTH, FEW_STEP_MAX_STEPS,
                            FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE, LORA_SCALE_RANGE, MAX_LORAS, MAX_PROMPT_BYTES,
                            SCHEDULERS, GenerationRequest, InvalidRequest, check_request, max_inference_steps)
 from utils.lora import FUSED_SCALE
+from utils.mask import MASK_THRESHOLD
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
@@ -168,7 +169,7 @@ print(images.shape, images.dtype)  # (2, 48, 80, 3) uint8"""
 # Inpainting (docs/inpainting.md): a picture, then its middle repainted.
 INPAINT_EXAMPLE = """\
 from pipelines.bls import BlsPipeline
-from utils.request import box_mask
+from utils.mask import box_mask
 
 pipeline = BlsPipeline("127.0.0.1:8001")
 photo = pipeline("a photo of an astronaut riding a horse on mars", num_inference_steps=20, seed=0)

@@ -24,7 +24,8 @@ from utils import layout, specs
 from utils.deployment import served_network_names
 from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
-from utils.request import GenerationRequest, box_mask, request_to_arrays
+from utils.mask import box_mask
+from utils.request import GenerationRequest, request_to_arrays
 from utils.walkthrough import step
 
 # The models a user calls: the BLS pipelines (the streaming one over a gRPC stream) and the ensembles.

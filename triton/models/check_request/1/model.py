@@ -39,7 +39,7 @@ class TritonPythonModel(PipelineModel):
             for (name, weight), (other, other_weight) in zip(sent, adapters))
         if not same:
             fix = (f"send parameters={{{REQUEST_PARAMETER!r}: {encode_adapters(adapters)!r}}} with the inputs"
-                   if adapters else f"leave the parameter out, or name the adapters in the inputs too")
+                   if adapters else "leave the parameter out, or name the adapters in the inputs too")
             raise InvalidRequest(f"lora={[name for name, _ in adapters]} with the request parameter "
                                  f"{REQUEST_PARAMETER}={text!r}: the text encoder applies adapters in place, and an "
                                  f"ensemble's text encoder step reads them from that parameter: {fix} "

@@ -3,7 +3,7 @@ given an inpainting mask_image too (encode_masked_image), the masked image: the 
 
 from pipelines.python_model import PipelineModel
 from utils import specs
-from utils.request import check_mask
+from utils.mask import check_mask
 
 
 class TritonPythonModel(PipelineModel):
