@@ -118,7 +118,7 @@ def test_a_served_fp32_strength_keeps_the_steps_a_client_asked_for():
 
 def test_guidance_cut_off_is_refused_with_a_mask_which_diffusers_does_not_cut():
     photo, mask = photo_and_mask()
-    with pytest.raises(InvalidRequest, match="cfg_cutoff_step_ratio is not allowed with a mask_image"):
+    with pytest.raises(InvalidRequest, match="cfg_cutoff_step_ratio=0.5 is not allowed with a mask_image"):
         check_request(GenerationRequest(prompt=["a"], image=photo, mask_image=mask, cfg_cutoff_step_ratio=0.5), 4, 50)
 
 

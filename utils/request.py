@@ -160,9 +160,9 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
                              f"takes 1 to 8.")
     cutoff = request.cfg_cutoff_step_ratio
     if cutoff is not None and request.mask_image is not None:
-        raise InvalidRequest("cfg_cutoff_step_ratio is not allowed with a mask_image: diffusers' SDCFGCutoffCallback, "
-                             "which it follows, does not cut an inpainting request's guidance (its mask stays "
-                             "doubled); leave it out to inpaint with guidance to the end.")
+        raise InvalidRequest(f"cfg_cutoff_step_ratio={cutoff!r} is not allowed with a mask_image: diffusers' "
+                             f"SDCFGCutoffCallback, which it follows, does not cut an inpainting request's guidance "
+                             f"(its mask stays doubled); use guidance to the end (leave it out).")
     if request.mask_image is not None:  # (what a step without the image can check: check_request checks it whole)
         check_mask(request.mask_image, None)
     if cutoff is not None:
