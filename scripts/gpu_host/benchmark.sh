@@ -12,6 +12,9 @@
 # LORA="a b" serves random LoRA adapters of those names (built with peft) and has the requests ask
 # for them in turn, diffusers switching them with set_adapters; few-step sampling, e.g.
 #   LORA=lcm SCHEDULER=LCMScheduler STEPS=4 GUIDANCE=1 bash scripts/gpu_host/benchmark.sh
+# TASK=inpaint repaints the middle of one picture (the default picture, its middle masked), with
+# SD1.5's plain UNet or, with MODEL=sd15-random-inpaint, an inpainting checkpoint's 9-channel one:
+#   MODEL=sd15-random-inpaint TASK=inpaint bash scripts/gpu_host/benchmark.sh
 # On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
 case "${1-}" in  # --help prints the comment above, and does nothing else
   -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
@@ -34,7 +37,7 @@ SAMPLING=(--num-inference-steps "${STEPS:-50}" --guidance-scale "${GUIDANCE:-7.5
 if [ -n "${SCHEDULER-}" ]; then SAMPLING+=(--scheduler "$SCHEDULER"); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
-python3 scripts/benchmark_pipelines.py --model sd15-random --device cuda --precision FP16 --runtime torch \
+python3 scripts/benchmark_pipelines.py --model "${MODEL:-sd15-random}" --task "${TASK:-text-to-image}" --device cuda --precision FP16 --runtime torch \
   --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-with-unet}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
   "${INSTANCES[@]}" "${ADAPTERS[@]}" "${SAMPLING[@]}" \
   --min-psnr 35 --time-restart "${RESTARTS:-3}" --log-verbose-stops \
