@@ -15,13 +15,13 @@ image's latent sample), so that the same seed gives the same image.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
 
+import torch
+
 from utils import specs
-from utils.model_dims import ModelDims
 from utils.mask import MASK_THRESHOLD
+from utils.model_dims import ModelDims
 from utils.request import GenerationRequest, InvalidRequest
 
 
@@ -43,10 +43,11 @@ class Inpainting:
     input (an inpainting UNet), ``blend`` follows each scheduler step (a plain UNet)."""
 
     def __init__(self, mask_image, noise: torch.Tensor, image_latents: torch.Tensor | None,
-                 masked_latents: torch.Tensor | None, inpainting_unet: bool, vae_scale_factor: int):
+                 masked_latents: torch.Tensor | None, vae_scale_factor: int):
         """``noise``: the loop's initial noise [batch, C, h, w]; ``image_latents``: the image's
         latents, scaled, one row per image made (a plain UNet's blend needs them);
-        ``masked_latents``: the masked image's, likewise (an inpainting UNet's input)."""
+        ``masked_latents``: the masked image's, likewise, for an inpainting UNet's input (None: a
+        plain UNet, which blends instead)."""
         batch, _, height, width = noise.shape
         mask = mask_pixels(mask_image, noise.device)
         if batch % mask.shape[0]:
@@ -58,7 +59,7 @@ class Inpainting:
                                  f"image's own size.")
         mask = torch.nn.functional.interpolate(mask, size=(height, width))  # nearest, as diffusers
         self.mask = mask.to(noise.dtype).repeat(batch // mask.shape[0], 1, 1, 1)
-        self.inpainting_unet = inpainting_unet
+        self.inpainting_unet = masked_latents is not None
         self.image_latents, self.noise = image_latents, noise
         self.masked_latents = masked_latents
         self._unet_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per guidance rows: built once
@@ -100,7 +101,7 @@ class Inpainting:
         else:  # as many as diffusers' masked images: one per image (the checks allow no more masks)
             randn((encoded.shape[0], *shape[1:]))
         return latents, cls(options.mask_image, noise, image_latents, masked if dims.inpainting_unet else None,
-                            dims.inpainting_unet, dims.vae_scale_factor)
+                            dims.vae_scale_factor)
 
     def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
         """An inpainting UNet's input: the (scaled) latents, the mask and the masked image's latents,

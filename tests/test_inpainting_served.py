@@ -57,27 +57,24 @@ def inpainting_ways(inpainting_server, tiny_inpaint):
     return three_ways(inpainting_server.grpc_url, tiny_inpaint)
 
 
-def check_equal(kind: str, unet: str, case: str, served: np.ndarray, expected: np.ndarray) -> None:
+UNETS = {  # each kind of checkpoint: the fixtures of its three ways and of its diffusers folder
+    "plain UNet": ("plain_ways", "tiny_model"),
+    "inpainting UNet": ("inpainting_ways", "tiny_inpaint"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+@pytest.mark.parametrize("unet", UNETS)
+def test_inpainting_equals_diffusers(unet, kind, case, request):
+    ways, model_dir = (request.getfixturevalue(name) for name in UNETS[unet])
+    photo, mask = photo_and_mask()
+    served = ways[kind](image=photo, mask_image=mask, **CASES[case])
+    expected = diffusers_inpaint(model_dir, photo, mask, **CASES[case])
     difference = int(np.abs(served.astype(int) - expected.astype(int)).max())
     report(f"{kind:<12} inpaint ({unet}) vs diffusers, {case}: max pixel difference {difference} "
            f"(allowed {MAX_PIXEL_DIFFERENCE})")
     assert served.shape == expected.shape and difference <= MAX_PIXEL_DIFFERENCE
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
-def test_inpainting_with_a_plain_unet_equals_diffusers(kind, case, plain_ways, tiny_model):
-    photo, mask = photo_and_mask()
-    served = plain_ways[kind](image=photo, mask_image=mask, **CASES[case])
-    check_equal(kind, "plain UNet", case, served, diffusers_inpaint(tiny_model, photo, mask, **CASES[case]))
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
-def test_inpainting_with_an_inpainting_unet_equals_diffusers(kind, case, inpainting_ways, tiny_inpaint):
-    photo, mask = photo_and_mask()
-    served = inpainting_ways[kind](image=photo, mask_image=mask, **CASES[case])
-    check_equal(kind, "inpainting UNet", case, served, diffusers_inpaint(tiny_inpaint, photo, mask, **CASES[case]))
 
 
 def test_an_inpainting_deployment_serves_what_inpaints_and_refuses_the_rest_with_the_reason(inpainting_server):

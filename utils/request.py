@@ -1,9 +1,9 @@
 """A generation request and its checks, shared by every client and every served model.
 
 Text to image, image to image where the request carries an ``image`` and a ``strength``, or
-inpainting where it carries a ``mask_image`` too, with the arguments named as diffusers names them. Every error names the argument, the value received
-and what is allowed, so that a client can fix its request from the message alone (no traceback,
-no server path).
+inpainting where it carries a ``mask_image`` too, with the arguments named as diffusers names them.
+Every error names the argument, the value received and what is allowed, so that a client can fix
+its request from the message alone (no traceback, no server path).
 """
 
 from __future__ import annotations
