@@ -8,6 +8,7 @@ the second run shows what a server restart pays with the first run's compile cac
 """
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -49,6 +50,9 @@ def main(argv=None):
     parser.add_argument("--static-batches", type=int, nargs="*", default=[],
                         help="compile for these batch sizes alone, as a loop's own UNet is (e.g. 2 16 32)")
     parser.add_argument("--calls", type=int, default=50, help="timed calls per batch size")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="Inductor settings to try on top of the served recipe, e.g. "
+                             "coordinate_descent_tuning=True epilogue_fusion=False (diffusers' guide)")
     parser.add_argument("--output", type=Path, required=True, help="a JSON of every figure")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -64,6 +68,12 @@ def main(argv=None):
     module = load_network(spec.name, checkpoint, "FP16", "cuda")
     if args.compile:
         compile_recipe(module)
+        for setting in args.inductor:
+            name, _, value = setting.partition("=")
+            if not hasattr(torch._inductor.config, name):
+                raise UsageError(f"--inductor {setting}: torch._inductor.config has no {name!r}")
+            setattr(torch._inductor.config, name, ast.literal_eval(value))
+        record["inductor"] = args.inductor
     record["load_s"] = time.perf_counter() - start
     with torch.inference_mode():
         start = time.perf_counter()
