@@ -108,6 +108,21 @@ def test_tiny_preset_is_deterministic(tiny_model, tmp_path):
         assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_a_preset_built_by_two_processes_at_once_keeps_the_first(tiny_model, tmp_path):
+    """Scripts started side by side each build a missing preset; the one that finishes second
+    finds the folder there (the rename fails) and uses it rather than failing."""
+    import shutil
+
+    from utils.models import build_preset
+
+    target = tmp_path / "tiny"
+    shutil.copytree(tiny_model, target)
+    (target / "first.txt").write_text("the first process's copy")
+    assert build_preset("tiny", target, seed=0) == target
+    assert (target / "first.txt").read_text() == "the first process's copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging folder left
+
+
 def test_local_tokenizer_tokenizes_any_text(tiny_model):
     from transformers import CLIPTokenizer
 

@@ -214,7 +214,13 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
         pipeline.save_pretrained(staging)
         _write_sd15_scheduler_extras(staging / "scheduler" / "scheduler_config.json")
         (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+            # Another process built the same preset meanwhile (scripts started side by side): its copy stands.
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
