@@ -207,7 +207,12 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
     )
     if not name.startswith("tiny"):  # the large presets are for GPUs: half the disk, and loaded as FP16 anyway
         pipeline.to(torch.float16)
-    target = Path(target)
+    return _save_preset(pipeline, Path(target), name, seed)
+
+
+def _save_preset(pipeline, target: Path, name: str, seed: int) -> Path:
+    """Write the preset to a staging folder beside ``target``, then rename it into place: a
+    folder there is always whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
