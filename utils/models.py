@@ -219,15 +219,12 @@ def _save_preset(pipeline, target: Path, name: str, seed: int) -> Path:
         pipeline.save_pretrained(staging)
         _write_sd15_scheduler_extras(staging / "scheduler" / "scheduler_config.json")
         (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-            # Another process built the same preset meanwhile (scripts started side by side): its copy stands.
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
+        staging.rename(target)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        # Another process built the same preset meanwhile (scripts started side by side): its copy stands.
+        if isinstance(error, OSError) and (target / "model_index.json").exists():
+            return target
         raise
     return target
 

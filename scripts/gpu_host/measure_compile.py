@@ -55,6 +55,9 @@ def main(argv=None):
                              "coordinate_descent_tuning=True epilogue_fusion=False (diffusers' guide)")
     parser.add_argument("--output", type=Path, required=True, help="a JSON of every figure")
     args = parser.parse_args(argv)
+    if args.inductor and not args.compile:
+        raise UsageError(f"--inductor {' '.join(args.inductor)}: Inductor settings apply to a compiled network; "
+                         f"add --compile.")
     if not torch.cuda.is_available():
         raise UsageError("no CUDA device: this measures the GPU runtime (CUDA graphs), run it on a GPU host.")
 
