@@ -15,6 +15,7 @@ from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
+from utils.controlnet import ServedControlNet
 from utils.lora import LoraAdapter
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
                            DEFAULT_STRENGTH, SCHEDULERS, default_strength)
@@ -155,6 +156,14 @@ def lora_argument(text: str) -> LoraAdapter:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def controlnet_argument(text: str) -> ServedControlNet:
+    """``NAME=PATH``, as --controlnet takes it."""
+    try:
+        return ServedControlNet.parse(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def image_sizes(text: str) -> tuple[int, int]:
     """``MIN-MAX`` in pixels, as --image-sizes takes it (the step is checked with the checkpoint)."""
     low, separator, high = text.partition("-")
@@ -235,7 +244,8 @@ def save_images(images: np.ndarray, path: str | Path) -> list[Path]:
 
 
 def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
-    """The command line shared by the four optim/convert_*_to_onnx.py scripts."""
+    """The command line shared by the optim/convert_*_to_onnx.py scripts."""
+    from utils.controlnet import controlnet_folder
     from utils.export import DEFAULT_ONNX_DIR, adapter_onnx_path, export_network, onnx_path
     from utils.lora import fused_model
     from utils.models import DEFAULT_MODELS_DIR, resolve_model
@@ -260,15 +270,25 @@ def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
         parser.add_argument("--lora", dest="adapters", action="append", type=lora_argument, default=[],
                             metavar="NAME=PATH", help="also export the UNet with this LoRA adapter fused in, as "
                                                       "unet_NAME-<hash>.onnx (repeat for several; tiny: a random one)")
+    if network is specs.CONTROLNET:
+        parser.add_argument("--controlnet", dest="controlnets", action="append", type=controlnet_argument,
+                            required=True, metavar="NAME=PATH", help="the ControlNet to export, as controlnet_NAME.onnx "
+                            "(a ControlNetModel folder or hub id; tiny: a random one; repeat for several)")
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model, args.models_dir)
-    jobs = [(network.name, model_dir, onnx_path(args.onnx_dir, args.model, network.name))]
+    # (label, the network as served, its source checkpoint, its own weights' folder, the output)
+    jobs = [] if network is specs.CONTROLNET else [
+        (network.name, network, model_dir, None, onnx_path(args.onnx_dir, args.model, network.name))]
     for adapter in getattr(args, "adapters", []):  # exported from the checkpoint with the adapter fused in
-        jobs.append((f"{network.name} with LoRA {adapter.name}", fused_model(model_dir, adapter, args.models_dir),
-                     adapter_onnx_path(args.onnx_dir, args.model, model_dir, adapter, args.models_dir)))
-    for label, source, output in jobs:
-        result = export_network(network, source, output, args.precision, args.device, args.force,
-                                args.external_data)
+        jobs.append((f"{network.name} with LoRA {adapter.name}", network, fused_model(model_dir, adapter, args.models_dir),
+                     None, adapter_onnx_path(args.onnx_dir, args.model, model_dir, adapter, args.models_dir)))
+    for controlnet in getattr(args, "controlnets", []):  # each from its own folder
+        served = specs.controlnet_model(controlnet.name)
+        jobs.append((served.name, served, model_dir, controlnet_folder(controlnet, model_dir, args.models_dir),
+                     onnx_path(args.onnx_dir, args.model, served.name)))
+    for label, served, source, weights, output in jobs:
+        result = export_network(served, source, output, args.precision, args.device, args.force,
+                                args.external_data, weights)
         if result.skipped:
             print(f"{label}: {output} exists, skipped (pass --force to export again)")
         else:

@@ -87,6 +87,7 @@ def export_network(
     device: str = "cpu",
     force: bool = False,
     external_data: bool = False,
+    weights: str | Path | None = None,
 ) -> ExportResult:
     """Export ``network`` of the diffusers folder ``model_dir`` to ``output`` and check it.
 
@@ -94,6 +95,7 @@ def export_network(
     pass, so an existing file is always a checked one. FP16 runs on a CPU too (slowly), so a
     machine without a GPU can produce and check the graphs GPU engines are built from.
     ``external_data``: keep the weights in ``<output>.data`` even below the 2 GB limit.
+    ``weights``: the network's own folder, where its weights are not the checkpoint's (a ControlNet).
     """
     output = Path(output)
     if precision not in specs.PRECISIONS:
@@ -106,7 +108,7 @@ def export_network(
         return ExportResult(output, skipped=True)
     start = time.perf_counter()
     dims = specs.ModelDims.from_pretrained(model_dir)
-    module = load_network(network.name, model_dir, precision, device, for_export=True)
+    module = load_network(network.name, weights or model_dir, precision, device, for_export=True)
     generator = torch.Generator().manual_seed(0)
     trace_inputs = _on(network, module.example_inputs(network.profile.opt, dims, generator), precision, device)
 

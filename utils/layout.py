@@ -43,19 +43,20 @@ _GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")
 def served_name(network: str, gpu: int | None = None, adapter: str | None = None) -> str:
     """The name a network is served under: its own, or ``<network>_gpu<N>`` for its copy on GPU N
     (on several GPUs each GPU serves its own copy; utils/deployment.py says why); with a LoRA
-    adapter fused in (utils/lora.py), ``<network>_<adapter>`` (and its GPU after that)."""
+    adapter fused in (utils/lora.py), ``<network>_<adapter>`` (and its GPU after that), and so
+    each of a deployment's ControlNets, ``controlnet_<name>`` (utils/controlnet.py)."""
     name = network if adapter is None else f"{network}_{adapter}"
     return name if gpu is None else f"{name}_gpu{gpu}"
 
 
 def network_of(model_name: str) -> str:
-    """The network a served name stands for: ``unet_gpu1`` and ``unet_<adapter>`` -> ``unet``;
-    other names unchanged."""
-    from utils.specs import NETWORKS
+    """The network a served name stands for: ``unet_gpu1`` and ``unet_<adapter>`` -> ``unet``,
+    ``controlnet_<name>`` -> ``controlnet``; other names unchanged."""
+    from utils.specs import CONTROL_NETWORKS, NETWORKS
 
     match = _GPU_COPY.match(model_name)
     name = match["network"] if match else model_name
-    return next((network for network in NETWORKS if name.startswith(f"{network}_")), name)
+    return next((network for network in (*NETWORKS, *CONTROL_NETWORKS) if name.startswith(f"{network}_")), name)
 
 
 def config_file(repository: Path, model: str) -> Path:

@@ -11,7 +11,7 @@ from typing import Union
 
 # The sizes that follow the image a request asks for: dynamic axes of the graphs, -1 in the
 # configs, a range in TensorRT's optimization profiles (ImageSizes).
-SPATIAL = ("latent_height", "latent_width", "image_height", "image_width")
+SPATIAL = ("latent_height", "latent_width", "image_height", "image_width", "residual_values")
 
 Dim = Union[int, str]
 
@@ -29,6 +29,10 @@ class ModelDims:
     # The UNet's input channels where they are not the latents' own: 9 for an inpainting UNet (the
     # latents, the mask and the masked image's latents, stacked); 0: latent_channels.
     unet_in_channels: int = 0
+    # What a ControlNet adds to the UNet (down_block_additional_residuals, then the
+    # mid_block_additional_residual), in the UNet's order: (channels, level) of each, level l at
+    # 1/2**l of the latents' size (utils/networks.py packs them into one tensor, "residual_values").
+    residual_layout: tuple[tuple[int, int], ...] = ()
 
     @property
     def unet_sample_channels(self) -> int:
@@ -51,6 +55,13 @@ class ModelDims:
     @property
     def latent_parameters(self) -> int:
         return 2 * self.latent_channels  # the VAE encoder's mean and log-variance
+
+    @property
+    def residual_values(self) -> int:
+        """The values of a ControlNet's residuals per sample, at this size (a stride-2 convolution
+        halves a size rounding up)."""
+        return sum(channels * _halved(self.latent_height, level) * _halved(self.latent_width, level)
+                   for channels, level in self.residual_layout)
 
     @property
     def size_step(self) -> int:
@@ -88,7 +99,28 @@ class ModelDims:
             latent_height=latent,
             latent_width=latent,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            residual_layout=residual_layout(unet),
         )
+
+
+def _halved(size: int, times: int) -> int:
+    return -(-size // 2 ** times)
+
+
+def residual_layout(unet_config: dict) -> tuple[tuple[int, int], ...]:
+    """(channels, level) of each residual a ControlNet gives a UNet of this config, in the order
+    diffusers' UNet2DConditionModel collects its skip connections: the input convolution's output,
+    each down block's resnets' and its downsampler's (all but the last block have one), then the
+    mid block's."""
+    channels = unet_config["block_out_channels"]
+    layers = unet_config.get("layers_per_block", 2)
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    layout = [(channels[0], 0)]
+    for level, (width, count) in enumerate(zip(channels, layers)):
+        layout += [(width, level)] * count
+        if level < len(channels) - 1:
+            layout.append((width, level + 1))
+    return (*layout, (channels[-1], len(channels) - 1))
 
 
 @dataclass(frozen=True)

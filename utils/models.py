@@ -86,14 +86,15 @@ for _name in ("tiny", "sd15-random"):
 def preset_dims(name: str):
     """The sizes of a preset's checkpoint, from its architecture (as ModelDims.from_pretrained
     reads them from a written checkpoint), without building it."""
-    from utils.specs import ModelDims
+    from utils.specs import ModelDims, residual_layout
 
     text, unet, vae = (PRESETS[name][part] for part in ("text_encoder", "unet", "vae"))
     in_channels = unet.get("in_channels", vae["latent_channels"])
     return ModelDims(text_length=text["max_position_embeddings"], text_hidden=text["hidden_size"],
                      latent_channels=vae["latent_channels"], latent_height=unet["sample_size"],
                      latent_width=unet["sample_size"], vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
-                     unet_in_channels=0 if in_channels == vae["latent_channels"] else in_channels)
+                     unet_in_channels=0 if in_channels == vae["latent_channels"] else in_channels,
+                     residual_layout=residual_layout(unet))
 
 
 def model_slug(model: str) -> str:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from utils import specs
+from utils.layout import network_of
 
 
 class _Network(nn.Module):
@@ -67,9 +68,70 @@ class UNet(_Network):
         return self
 
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
-        sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+        sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in specs.UNET.inputs)
         timestep = torch.randint(0, 1000, (batch,), generator=generator).float()
         return sample, timestep, hidden
+
+
+class ControlledUNet(UNet):
+    """The UNet with a ControlNet's residuals added, given packed as the ControlNet returns them."""
+
+    spec = specs.CONTROLLED_UNET
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__(model_dir, dtype)
+        self.layout = specs.ModelDims.from_pretrained(model_dir).residual_layout
+
+    def forward(self, sample, timestep, encoder_hidden_states, residuals):
+        *down, mid = unpack_residuals(residuals, self.layout, sample.shape[2], sample.shape[3])
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, return_dict=False)[0]
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        residuals = random_input(self.spec, self.spec.inputs[3], batch, dims, generator)
+        return (*super().example_inputs(batch, dims, generator), residuals)
+
+
+class ControlNet(_Network):
+    """A ControlNet (diffusers' ControlNetModel folder, not a checkpoint's subfolder); its
+    residuals packed into one tensor (pack_residuals), at conditioning scale 1: the loop scales them."""
+
+    spec = specs.CONTROLNET
+    subfolder = ""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        super().__init__()
+        from diffusers import ControlNetModel
+
+        self.controlnet = ControlNetModel.from_pretrained(model_dir, dtype=dtype)
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False)
+        return pack_residuals((*down, mid))
+
+    def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
+        sample, _, hidden, image = (random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs)
+        timestep = torch.randint(0, 1000, (batch,), generator=generator).float()
+        return sample, timestep, hidden, image.uniform_(0, 1, generator=generator)
+
+
+def pack_residuals(residuals) -> torch.Tensor:
+    """A ControlNet's residuals [N, C, h', w'] each -> [N, residual_values], in order."""
+    return torch.cat([r.flatten(1) for r in residuals], dim=1)
+
+
+def unpack_residuals(packed: torch.Tensor, layout, height, width) -> list[torch.Tensor]:
+    """The inverse, for latents of ``height`` x ``width``: (channels, level) of each in ``layout``
+    (ModelDims.residual_layout). The sizes are computed from the latents' own, so that an exported
+    graph reads them from its inputs at any size (rounded up by adding first: ONNX's integer
+    division truncates, so the floor of a negative number would not survive the export)."""
+    residuals, start = [], 0
+    for channels, level in layout:
+        size_h, size_w = (height + 2 ** level - 1) // 2 ** level, (width + 2 ** level - 1) // 2 ** level
+        end = start + channels * size_h * size_w
+        residuals.append(packed[:, start:end].reshape(-1, channels, size_h, size_w))
+        start = end
+    return residuals
 
 
 class _Vae(_Network):
@@ -103,7 +165,8 @@ class VaeDecoder(_Vae):
         return self.vae.decode(sample, return_dict=False)[0]
 
 
-WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEncoder, VaeDecoder)}
+WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEncoder, VaeDecoder, ControlNet,
+                                                       ControlledUNet)}
 
 TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
 
@@ -127,6 +190,7 @@ def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, 
 
 def load_network(name: str, model_dir: str | Path, precision: str = "FP32", device: str = "cpu",
                  for_export: bool = False) -> nn.Module:
-    """The named network of a diffusers folder, in eval mode, on ``device`` at ``precision``."""
-    module = WRAPPERS[name](Path(model_dir), TORCH_DTYPES[precision]).to(device).eval()
+    """The named network (or a served name of it: ``controlnet_<name>``) of a diffusers folder (a
+    ControlNet's: its own folder), in eval mode, on ``device`` at ``precision``."""
+    module = WRAPPERS[network_of(name)](Path(model_dir), TORCH_DTYPES[precision]).to(device).eval()
     return module.for_export() if for_export else module

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 # The checkpoint's sizes and the image sizes served, in a module of their own; named here too, as
 # every tensor's dims are resolved against them.
-from utils.model_dims import SPATIAL, Dim, ImageSizes, ModelDims  # noqa: F401
+from utils.model_dims import SPATIAL, Dim, ImageSizes, ModelDims, residual_layout  # noqa: F401
 
 # Float activations are FP16 in GPU engines and FP32 for the CPU default: a spec says
 # ACTIVATION and the precision is chosen when the network is exported.
@@ -138,6 +138,42 @@ VAE_DECODER = NetworkSpec(
 )
 
 NETWORKS = {spec.name: spec for spec in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
+
+# ControlNet, where a deployment has one or more: each a network of its own, served as
+# controlnet_<name> (controlnet_model), called once per step before the UNet with the UNet's own
+# inputs and a control image; what it returns, every down block's residual and the mid block's,
+# travels packed in one tensor per sample, flattened in the UNet's order (ModelDims.residual_layout),
+# so that the contract is the same for every checkpoint, whatever its number of blocks. The UNet
+# that adds them is a network of its own too: the plain UNet's graph keeps no input it does not use.
+CONTROLNET = NetworkSpec(
+    name="controlnet",
+    inputs=(
+        TensorSpec("sample", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),
+        UNET.inputs[1],
+        UNET.inputs[2],
+        # The control image (edges, depth, ...), RGB in [0, 1] at the image's size, as diffusers' ControlNet takes it.
+        TensorSpec("controlnet_cond", ACTIVATION, (3, "image_height", "image_width")),
+    ),
+    outputs=(TensorSpec("residuals", ACTIVATION, ("residual_values",)),),
+    profile=UNET.profile,
+    cfg_doubled=True,
+)
+CONTROLLED_UNET = NetworkSpec(
+    name="controlled_unet",
+    inputs=(*UNET.inputs, CONTROLNET.outputs[0]),
+    outputs=UNET.outputs,
+    profile=UNET.profile,
+    cfg_doubled=True,
+)
+CONTROL_NETWORKS = {spec.name: spec for spec in (CONTROLNET, CONTROLLED_UNET)}
+
+
+def controlnet_model(name: str) -> NetworkSpec:
+    """The served ControlNet of this name (a deployment's --controlnet NAME=...): the ControlNet's
+    contract under the model name it is served as."""
+    from utils.layout import served_name
+
+    return replace(CONTROLNET, name=served_name(CONTROLNET.name, adapter=name))
 
 
 # One request's prompts, whichever way it is served: the smallest batch profile of the networks a
