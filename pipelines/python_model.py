@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from pipelines.previews import preview
 from pipelines.python_model_metrics import PipelineMetrics
 from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
 from utils import specs
@@ -364,7 +365,7 @@ class BlsPipelineModel(PipelineModel):
 class StreamingPipelineModel(BlsPipelineModel):
     """A BLS pipeline with live progress (a decoupled model): a response every ``preview_every``
     steps with the steps done, of how many, and a preview of each image made from the latents
-    without the VAE decoder (StableDiffusion.preview); then the decoded images, flagged final. A
+    without the VAE decoder (pipelines/previews.py); then the decoded images, flagged final. A
     client that closes its stream cancels the request: the loop stops at its next step, and
     ``_failure`` turns that into a CANCELLED answer nobody waits for."""
 
@@ -375,7 +376,7 @@ class StreamingPipelineModel(BlsPipelineModel):
         def on_step(done, total, latents):
             progress.update(done=done, total=total)
             if every and done % every == 0 and done < total:  # the last step's picture is the final image
-                self.send((done, total, self.pipeline.preview(latents), False))
+                self.send((done, total, preview(latents), False))
 
         images = self.pipeline(request, is_cancelled=is_cancelled, on_step=on_step)
         return progress["done"], progress["total"], images, True

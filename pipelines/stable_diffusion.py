@@ -24,21 +24,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.controlnet import Control
 from pipelines.inpainting import Inpainting, masked_image
 from utils import metrics, specs
+from utils.controlnet import check_control
 from utils.lora import ServedAdapters
 from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
                            max_inference_steps)
 
 _LAZY_IMPORTS = threading.Lock()
-# A linear fit from SD1.x's (scaled) latent channels to RGB in [-1, 1], rows per channel: the
-# approximation community previewers use (e.g. ComfyUI's latent_rgb_factors for SD1.5).
-LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
-                      (0.3250, 0.4974, 0.2350),
-                      (-0.2829, 0.1762, 0.2721),
-                      (-0.2120, -0.2616, -0.7177))
-
-
 class CallNetwork(Protocol):
     """Call ``network``; the UNet and the text encoder with these LoRA ``adapters``, (name,
     weight) pairs, where the served adapters route them (utils/lora.py's ServedAdapters.route)."""
@@ -126,13 +120,14 @@ class StableDiffusion:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  sizes: specs.ImageSizes | None = None,
                  loop_scope: Callable[[], ContextManager] = contextlib.nullcontext,
-                 adapters: ServedAdapters = ServedAdapters()):
+                 adapters: ServedAdapters = ServedAdapters(), controlnets: tuple[str, ...] = ()):
         """``sizes``: the image sizes the networks are served at (default: ImageSizes.default);
-        ``adapters``: the LoRA adapters served (utils/lora.py).
+        ``adapters``: the LoRA adapters served (utils/lora.py); ``controlnets``: the ControlNets, by name.
         ``loop_scope``: entered around each denoising loop (a UNet in the loop's own process counts
         the loops whose steps it batches, utils/python_backend/step_batching.py)."""
         self.loop_scope = loop_scope
         self.adapters = adapters
+        self.controlnets = controlnets
         self.components = components
         self.sizes = sizes or specs.ImageSizes.default(components.dims)
         self._call_network = call_network  # over gRPC, by BLS, or in this process
@@ -151,7 +146,7 @@ class StableDiffusion:
     def check(self, request: GenerationRequest) -> GenerationRequest:
         request = check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
         self.adapters.check(request.lora, request.lora_scale)
-        return request
+        return check_control(request, self.controlnets, self.sizes)
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
         request = check_options(request, self.max_steps, image_to_image, self.sizes)
@@ -262,6 +257,8 @@ class StableDiffusion:
         step_kwargs = self._step_kwargs(scheduler, generator)
         timesteps, latents, inpainting = self._start(options, batch, scheduler, generator, latent_parameters,
                                                      masked_latent_parameters)
+        control = None if options.control_image is None else Control(options, batch, len(timesteps), self.dtype,
+                                                                     self.device)
 
         # 5. Denoise (loop_scope: see __init__). The UNet's timesteps (FP32, one per sample) go to
         # the loop's device once, not at every step. Guidance, where the request cuts it off, ends
@@ -279,7 +276,7 @@ class StableDiffusion:
                 if inpainting is not None:
                     model_input = inpainting.unet_input(model_input)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
-                (noise,) = self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapters=adapters)
+                noise = self._predict_noise(model_input, timestep, text_embeddings, adapters, control, done)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
@@ -291,6 +288,15 @@ class StableDiffusion:
                 if on_step is not None:
                     on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
+
+    def _predict_noise(self, model_input: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
+                       adapters: tuple[tuple[str, float], ...], control: Control | None, done: int) -> torch.Tensor:
+        """The UNet's call at step ``done``; where ControlNets act at this step, with their
+        residuals, after calling them (pipelines/controlnet.py)."""
+        residuals = control and control.residuals(self.call_network, done, model_input, timestep, text_embeddings)
+        if residuals is None:
+            return self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapters=adapters)[0]
+        return self.call_network(specs.CONTROLLED_UNET, model_input, timestep, text_embeddings, residuals)[0]
 
     def _start(self, options: GenerationRequest, batch: int, scheduler, generator: torch.Generator,
                latent_parameters: torch.Tensor | None, masked_latent_parameters: torch.Tensor | None):
@@ -330,17 +336,6 @@ class StableDiffusion:
         scheduler = self.components.new_scheduler(options.scheduler)
         scheduler.set_timesteps(options.num_inference_steps, device="cpu")
         return scheduler
-
-    @staticmethod
-    def preview(latents: torch.Tensor) -> torch.Tensor:
-        """A cheap picture of the loop's latents: uint8 [N, h, w, 3] on the CPU, each latent pixel
-        one RGB pixel by a linear map instead of the VAE decoder (at 1/64 of the pixels, for
-        nothing like its cost). SD1.x's four latent channels only; others get grey previews."""
-        if latents.shape[1] != len(LATENT_RGB_FACTORS):
-            return torch.full((latents.shape[0], *latents.shape[2:], 3), 128, dtype=torch.uint8)
-        factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
-        rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
-        return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
 
     @staticmethod
     def _img2img_timesteps(scheduler, options: GenerationRequest) -> torch.Tensor:

@@ -13,21 +13,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UsageError, UserError
-from utils.model_dims import residual_layout
-from utils.request import LORA_NAME
+from utils import specs
+from utils.errors import InvalidRequest, UsageError, UserError
+from utils.model_dims import ImageSizes, residual_layout
+from utils.request import LORA_NAME, GenerationRequest, check_image
 
 TINY = "tiny"  # --controlnet NAME=tiny: a random ControlNet for the checkpoint, built here
 # Canny's hysteresis thresholds, as diffusers' ControlNet guide makes a control image with OpenCV.
 CANNY_THRESHOLDS = (100, 200)
 CONTROL_MODES = ("canny",)  # what a server can make a control image from a photo with
+AS_SENT = "none"  # a control_mode: the control image as sent (the default)
+# A ControlNet's weight (diffusers' controlnet_conditioning_scale takes any number; past 2 its
+# residuals overwhelm the UNet's own).
+CONDITIONING_SCALE_RANGE = (0.0, 2.0)
 
 
 class ControlNetError(UserError, ValueError):
@@ -151,3 +157,73 @@ def canny(photos: np.ndarray, thresholds: tuple[int, int] = CANNY_THRESHOLDS) ->
 
     edges = [cv2.Canny(np.ascontiguousarray(photo), *thresholds) for photo in photos]
     return np.repeat(np.stack(edges)[..., None], 3, axis=-1)
+
+
+def check_control(request: GenerationRequest, served: tuple[str, ...],
+                  sizes: ImageSizes | None = None) -> GenerationRequest:
+    """A request's ControlNet inputs against the ControlNets a deployment serves (``served``, by
+    name): returned whole, one entry per ControlNet used, and its size the control images'."""
+    extras = ("control_mode", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+    if not request.controlnet and request.control_image is None:
+        given = [name for name in extras if getattr(request, name)]
+        if given:
+            raise InvalidRequest(f"{given[0]} applies to ControlNet: send a control_image too, or leave it out.")
+        return request
+    if not served:
+        raise InvalidRequest("control_image: this deployment serves no ControlNet; leave the ControlNet inputs out.")
+    names = tuple(request.controlnet) or (served if len(served) == 1 else ())
+    if not names:
+        raise InvalidRequest(f"controlnet is required: this deployment serves {len(served)} ControlNets "
+                             f"({', '.join(served)}); name those to use, with a control image for each.")
+    for index, name in enumerate(names):
+        if name not in served:
+            raise InvalidRequest(f"controlnet[{index}]={name!r} is not served here: use one of {', '.join(served)}.")
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"controlnet={list(names)} names one twice: send each once, with its own control image.")
+    if request.control_image is None:
+        raise InvalidRequest(f"controlnet={list(names)} needs a control_image: one per ControlNet, uint8 [K, H, W, 3].")
+    if request.image is not None or request.lora:
+        what = specs.INIT_IMAGE.name if request.image is not None else specs.LORA.name
+        raise InvalidRequest(f"{what} is not served with a ControlNet yet: ControlNet guides text to image with the "
+                             f"base weights; leave {what} out, or the ControlNet inputs.")
+    images = check_image(request.control_image, None, sizes, name=specs.CONTROL_IMAGE.name, counts=(len(names),))
+    height, width = images.shape[1:3]
+    for name in ("height", "width"):
+        if getattr(request, name) not in (None, {"height": height, "width": width}[name]):
+            raise InvalidRequest(f"{name}={getattr(request, name)!r} differs from the control image's "
+                                 f"({height}x{width}): the image takes the control image's size; resize one.")
+    modes = _each("control_mode", request.control_mode, len(names), AS_SENT)
+    for index, mode in enumerate(modes):
+        if mode not in (AS_SENT, *CONTROL_MODES):
+            raise InvalidRequest(f"control_mode[{index}]={mode!r} is not a control mode: use {AS_SENT!r} (the control "
+                                 f"image as sent) or one made here from a photo: {', '.join(CONTROL_MODES)}.")
+    scales = _fractions("controlnet_conditioning_scale", request.controlnet_conditioning_scale, len(names), 1.0,
+                        CONDITIONING_SCALE_RANGE)
+    starts = _fractions("control_guidance_start", request.control_guidance_start, len(names), 0.0, (0.0, 1.0))
+    ends = _fractions("control_guidance_end", request.control_guidance_end, len(names), 1.0, (0.0, 1.0))
+    for index, (start, end) in enumerate(zip(starts, ends)):
+        if start >= end:
+            raise InvalidRequest(f"control_guidance_start[{index}]={start:g} is not before control_guidance_end"
+                                 f"[{index}]={end:g}: the ControlNet acts from the first fraction of the steps to the "
+                                 f"second; send a start below the end.")
+    return replace(request, controlnet=names, control_image=images, control_mode=modes, height=height, width=width,
+                   controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends)
+
+
+def _each(name: str, values, count: int, default):
+    """One value per ControlNet: as given, one for all, or the default."""
+    values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [] if values is None else [values]
+    if len(values) not in (0, 1, count):
+        raise InvalidRequest(f"{name} has {len(values)} values for {count} ControlNets: send one for each, or one "
+                             f"for all.")
+    return tuple(values * count if len(values) == 1 else values or [default] * count)
+
+
+def _fractions(name: str, values, count: int, default: float, allowed: tuple[float, float]) -> tuple[float, ...]:
+    numbers = _each(name, values, count, default)
+    for index, value in enumerate(numbers):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+                math.isfinite(value) and allowed[0] <= value <= allowed[1]):
+            raise InvalidRequest(f"{name}[{index}]={value!r} is not allowed: use a number in [{allowed[0]:g}, "
+                                 f"{allowed[1]:g}].")
+    return tuple(float(value) for value in numbers)

@@ -66,6 +66,16 @@ class GenerationRequest:
     seed: int | None = None  # None: a fresh random seed
     lora: Sequence[str] = ()  # LoRA adapters by name: those the deployment serves (none: the base weights)
     lora_scale: Sequence[float] | None = None  # one weight per adapter, as diffusers' set_adapters (None: 1 each)
+    # ControlNet (text to image; utils/controlnet.py checks these): the deployment's ControlNets by name (none
+    # named: its only one), a control image each, uint8 [K, H, W, 3] at the image's size, made from a photo
+    # where its control_mode says how ("canny"), and as diffusers names them, each one's weight and the
+    # fraction of the steps it acts in (None: 1, and from 0 to 1).
+    controlnet: Sequence[str] = ()
+    control_image: np.ndarray | None = None
+    control_mode: Sequence[str] = ()
+    controlnet_conditioning_scale: Sequence[float] | None = None
+    control_guidance_start: Sequence[float] | None = None
+    control_guidance_end: Sequence[float] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -239,21 +249,24 @@ def _check_size(name: str, value, sizes: specs.ImageSizes | None, image_to_image
     return size
 
 
-def check_image(image, prompts: int | None, sizes: specs.ImageSizes | None) -> np.ndarray:
+def check_image(image, prompts: int | None, sizes: specs.ImageSizes | None, name: str = specs.INIT_IMAGE.name,
+                counts: Sequence[int] | None = None) -> np.ndarray:
     """An image batch: uint8 [N, H, W, 3] (a single [H, W, 3] image is one), N = 1 or one per
-    prompt (``prompts=None``: any N), its height and width sizes served (``sizes=None``: any)."""
+    prompt (``prompts=None``: any N; ``counts``: one of these), its height and width sizes served
+    (``sizes=None``: any); ``name``: the input's, for the errors."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
-        raise InvalidRequest(f"image is {kind}: send uint8 RGB pixels, shape [N, H, W, 3].")
+        raise InvalidRequest(f"{name} is {kind}: send uint8 RGB pixels, shape [N, H, W, 3].")
     if image.ndim == 3:
         image = image[None]
-    expected = "[N, H, W, 3]" + (f" (N = 1 or one per prompt: {prompts})" if prompts else "")
-    counts = (1, prompts) if prompts else range(1, image.shape[0] + 1)
+    expected = "[N, H, W, 3]" + (f" (N = 1 or one per prompt: {prompts})" if prompts and not counts else
+                                 f" (N = {' or '.join(map(str, counts))})" if counts else "")
+    counts = counts or ((1, prompts) if prompts else range(1, image.shape[0] + 1))
     if image.ndim != 4 or image.shape[3] != 3 or image.shape[0] not in counts:
-        raise InvalidRequest(f"image has shape {list(image.shape)}: send {expected}.")
+        raise InvalidRequest(f"{name} has shape {list(image.shape)}: send {expected}.")
     height, width = image.shape[1:3]
     if sizes is not None and not (sizes.allows(height) and sizes.allows(width)):
-        raise InvalidRequest(f"image is {height}x{width} pixels (height x width): its height and width must each be "
+        raise InvalidRequest(f"{name} is {height}x{width} pixels (height x width): its height and width must each be "
                              f"{sizes.describe()}; resize it (the range is the deployment's --image-sizes).")
     return image
 

@@ -235,12 +235,27 @@ STEP = TensorSpec("step", "INT32", (1,))
 TOTAL_STEPS = TensorSpec("total_steps", "INT32", (1,))
 FINAL = TensorSpec("final", "BOOL", (1,))
 
+# ControlNet (text to image), as diffusers names its arguments: the ControlNets by name (those the
+# deployment serves), a control image each ([K, H, W, RGB], the image's size), how each was made
+# ("none": as sent; "canny": a photo, made into its edges on the server), and one weight, start
+# and end (fractions of the steps) each, or one for all.
+CONTROLNET_NAMES = TensorSpec("controlnet", "BYTES", (-1,), optional=True)
+CONTROL_IMAGE = TensorSpec("control_image", "UINT8", (-1, -1, -1, 3), optional=True)
+CONTROL_MODE = TensorSpec("control_mode", "BYTES", (-1,), optional=True)
+CONTROLNET_CONDITIONING_SCALE = TensorSpec("controlnet_conditioning_scale", "FP32", (-1,), optional=True)
+CONTROL_GUIDANCE_START = TensorSpec("control_guidance_start", "FP32", (-1,), optional=True)
+CONTROL_GUIDANCE_END = TensorSpec("control_guidance_end", "FP32", (-1,), optional=True)
+CONTROL_INPUTS = (CONTROLNET_NAMES, CONTROL_IMAGE, CONTROL_MODE, CONTROLNET_CONDITIONING_SCALE, CONTROL_GUIDANCE_START,
+                  CONTROL_GUIDANCE_END)
+
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
 REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT,
-                  WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE)
+                  WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE,
+                  *CONTROL_INPUTS)
 TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, MASK_IMAGE, STRENGTH))
-INPAINT_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH))  # image to image with a mask
+# image to image with a mask; ControlNet guides text to image only
+INPAINT_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH, *CONTROL_INPUTS))
 IMAGE_TO_IMAGE_INPUTS = tuple(t for t in INPAINT_INPUTS if t is not MASK_IMAGE)
 
 # What flows between the steps of the ensembles, each one a network's tensor with its batch.

@@ -1,0 +1,23 @@
+"""Previews of a loop's latents, as the streaming pipelines send them between steps: each latent
+pixel one RGB pixel by a linear map, instead of the VAE decoder (at 1/64 of the pixels, for
+nothing like its cost)."""
+
+from __future__ import annotations
+
+import torch
+
+# A linear fit from SD1.x's (scaled) latent channels to RGB in [-1, 1], rows per channel: the
+# approximation community previewers use (e.g. ComfyUI's latent_rgb_factors for SD1.5).
+LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
+                      (0.3250, 0.4974, 0.2350),
+                      (-0.2829, 0.1762, 0.2721),
+                      (-0.2120, -0.2616, -0.7177))
+
+
+def preview(latents: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, h, w, 3] on the CPU. SD1.x's four latent channels only; others get grey previews."""
+    if latents.shape[1] != len(LATENT_RGB_FACTORS):
+        return torch.full((latents.shape[0], *latents.shape[2:], 3), 128, dtype=torch.uint8)
+    factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
