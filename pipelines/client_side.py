@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
+from utils.controlnet import CONTROLNETS_PARAMETER
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.layout import served_name
@@ -71,6 +72,15 @@ class TritonNetworks:
             return ServedAdapters(tuple(in_place.split(",")), in_place=True)
         return ServedAdapters(served=self.serves_adapter)
 
+    def served_controlnets(self) -> tuple[str, ...]:
+        """The ControlNets this server serves, by name: as the controlled UNet's config lists them
+        (none without one)."""
+        if not self.client.is_model_ready(self.served_name(specs.CONTROLLED_UNET)):
+            return ()
+        parameters = self.served_config(specs.CONTROLLED_UNET).get("parameters", {})
+        return tuple(name for name in parameters.get(CONTROLNETS_PARAMETER, {}).get("string_value", "").split(",")
+                     if name)
+
     def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor,
                  adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
         """Call the network (the UNet with LoRA ``adapters``: where the server's adapters route it)."""
@@ -108,12 +118,13 @@ class ClientSidePipeline:
                              f"serves its own copy of the networks, pass gpu=N (--gpu N).") from None
         self.networks.adapters = self.networks.served_adapters()
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype,
-                                    sizes=sizes, adapters=self.networks.adapters)
+                                    sizes=sizes, adapters=self.networks.adapters,
+                                    controlnets=self.networks.served_controlnets())
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
         (negative_prompt, image and strength for image to image, mask_image to inpaint, scheduler,
         num_images_per_prompt, height and width, guidance_scale, cfg_cutoff_step_ratio,
-        num_inference_steps, seed, lora and lora_scale)."""
+        num_inference_steps, seed, lora and lora_scale, and ControlNet's: controlnet, control_image, ...)."""
         request = GenerationRequest(prompt=prompt, **options)
         return self.loop(request, progress=progress).numpy()

@@ -127,7 +127,7 @@ class PipelineModel:
         self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
                                         dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
                                         loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
-                                        adapters=self.adapters)
+                                        adapters=self.adapters, controlnets=serving.controlnets)
         self.logger = pb_utils.Logger
         self.prepare()
 

@@ -152,7 +152,7 @@ class StableDiffusion:
         request = check_options(request, self.max_steps, image_to_image, self.sizes)
         self.adapters.check(request.lora, request.lora_scale)
         self.check_unet_kind(request)
-        return request
+        return check_control(request, self.controlnets, self.sizes)
 
     def check_unet_kind(self, request: GenerationRequest) -> None:
         """An inpainting checkpoint's UNet repaints a masked image and nothing else (diffusers' text

@@ -32,7 +32,8 @@ def main(argv=None):
                         help="reused across builds: later builds of similar layers are much faster")
     parser.add_argument("--network", action="append", metavar="NAME",
                         help="build only this network, by its served name: text_encoder, unet, vae_encoder, "
-                             "vae_decoder or a LoRA adapter's unet_NAME (repeatable); default: every one the "
+                             "vae_decoder, a LoRA adapter's unet_NAME, a ControlNet's controlnet_NAME or controlled_unet "
+                             "(repeatable); default: every one the "
                              "repository serves with TensorRT")
     parser.add_argument("--docker", action="store_true", help="run trtexec in the export image (docker run --gpus)")
     parser.add_argument("--force", action="store_true", help="rebuild engines that exist")

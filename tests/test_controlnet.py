@@ -4,6 +4,8 @@ start and end, Canny made from a photo), and the request's checks."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -205,25 +207,63 @@ def test_several_controlnets_need_names(tiny_model, controlnets):
         in_process(tiny_model, controlnets).check(GenerationRequest(prompt=["a"], control_image=photo()))
 
 
-def test_the_control_networks_export_from_the_specs(tiny_model, models_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def control_exports(tiny_model, models_dir, tmp_path_factory) -> tuple[object, str]:
     """optim/convert_controlnet_to_onnx.py (a graph per ControlNet named) and
-    convert_controlled_unet_to_onnx.py: the specs' names and dynamic axes (the residuals' length
-    among them), checked against torch at another batch and size by the export itself."""
-    from conftest import report
+    convert_controlled_unet_to_onnx.py, run once: their ONNX folder and what they printed."""
+    import contextlib
+    import io
+
     from utils.cli import export_cli
+
+    onnx_dir = tmp_path_factory.mktemp("onnx-control")
+    common = ["--model", str(tiny_model), "--models-dir", str(models_dir), "--onnx-dir", str(onnx_dir)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export_cli(specs.CONTROLNET, common + [flag for name in NAMES for flag in ("--controlnet", f"{name}=tiny")])
+        export_cli(specs.CONTROLLED_UNET, common)
+    return onnx_dir / tiny_model.name, printed.getvalue()
+
+
+def test_the_control_networks_export_from_the_specs(control_exports):
+    """The specs' names and dynamic axes (the residuals' length among them), checked against torch
+    at another batch and size by the export itself."""
+    from conftest import report
     from utils.export import TOLERANCE
 
-    common = ["--model", str(tiny_model), "--models-dir", str(models_dir), "--onnx-dir", str(tmp_path)]
-    export_cli(specs.CONTROLNET, common + ["--controlnet", "edges=tiny", "--controlnet", "depth=tiny"])
-    export_cli(specs.CONTROLLED_UNET, common)
-    printed = capsys.readouterr().out
-    for network in (specs.controlnet_model("edges"), specs.controlnet_model("depth"), specs.CONTROLLED_UNET):
-        graph = onnx.load(str(tmp_path / tiny_model.name / f"{network.name}.onnx"))
+    folder, printed = control_exports
+    for network in (*(specs.controlnet_model(name) for name in NAMES), specs.CONTROLLED_UNET):
+        graph = onnx.load(str(folder / f"{network.name}.onnx"))
         axes = {t.name: [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]
                 for t in (*graph.graph.input, *graph.graph.output)}
         assert list(axes) == network.input_names + network.output_names
-        assert axes[network.outputs[0].name if network is not specs.CONTROLLED_UNET else "residuals"] == [
-            specs.BATCH_AXIS, "residual_values"]
+        assert axes[specs.CONTROLNET.outputs[0].name] == [specs.BATCH_AXIS, "residual_values"]
         error = float(printed.split(f"{network.name}: wrote")[1].split("= ")[1].split()[0])
         report(f"export {network.name:<16} max |onnxruntime - torch| = {error:.2e}")
         assert error <= TOLERANCE["FP32"]
+
+
+def test_a_tensorrt_repository_builds_an_engine_per_controlnet(control_exports, exports, tiny_model, tmp_path, capsys):
+    """Each ControlNet and the controlled UNet get a TensorRT model and a trtexec command whose
+    profile spans the residuals' length at the smallest, the checkpoint's and the largest size served."""
+    from scripts.build_tensorrt_engines import main as build_engines
+    from utils.deployment import Deployment
+    from utils.repository import configs
+    from utils.repository.writer import write_repository
+
+    folder, _ = control_exports
+    files = {name: exports[name].path for name in specs.NETWORKS}
+    files |= {path.stem: path for path in folder.glob("*.onnx")}
+    deployment = Deployment(backend="tensorrt", controlnets=tuple(ServedControlNet(name, "tiny") for name in NAMES))
+    write_repository(tmp_path, tiny_model, files, deployment)
+    config = configs.parse_pbtxt((tmp_path / specs.CONTROLLED_UNET.name / "config.pbtxt").read_text())
+    assert config.platform == "tensorrt_plan" and config.parameters["controlnets"].string_value == ",".join(NAMES)
+    build_engines(["--repository", str(tmp_path), "--print-commands"])
+    commands = {re.search(r"--onnx=\S*/([^/ ]+)/1/model.onnx", line)[1]: line
+                for line in capsys.readouterr().out.splitlines()}
+    assert set(commands) == {*specs.NETWORKS, specs.CONTROLLED_UNET.name, *(f"controlnet_{name}" for name in NAMES)}
+    dims, sizes = specs.ModelDims.from_pretrained(tiny_model), specs.ImageSizes.default(specs.ModelDims.from_pretrained(tiny_model))
+    lengths = [dims.at_size(size, size).residual_values for size in (sizes.min, dims.image_height, sizes.max)]
+    for flag, batch, length in zip(("min", "opt", "max"), (1, 2, 16), lengths):
+        assert f"--{flag}Shapes=" in commands[specs.CONTROLLED_UNET.name]
+        assert f"residuals:{batch}x{length}" in commands[specs.CONTROLLED_UNET.name]

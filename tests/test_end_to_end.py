@@ -216,15 +216,21 @@ def test_unknown_model_name_is_a_clear_client_error(triton_server):
         client.get_model_config("no_such_model")
 
 
+TORCH_CONTROLNET = "edges"  # the torch runtime's ControlNet: the tiny one of this name
+
+
 @pytest.fixture(scope="module")
-def torch_runtime_server(tiny_model, tmp_path_factory):
+def torch_runtime_server(tiny_model, models_dir, tmp_path_factory):
     """The python backend's torch runtime (the GPU runtime), here on the CPU: same models, same
-    clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_host/benchmark.sh)."""
+    clients; only the CUDA graphs need a GPU (exercised by scripts/gpu_host/benchmark.sh). With a
+    ControlNet, which it loads from the checkpoint's copy beside the UNet."""
+    from utils.controlnet import ServedControlNet
     from utils.deployment import Deployment
     from utils.repository.writer import write_repository
 
     repository = tmp_path_factory.mktemp("torch-runtime")
-    write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False))
+    write_repository(repository, tiny_model, None, Deployment(runtime="torch", ensembles=False, controlnets=(
+        ServedControlNet(TORCH_CONTROLNET, "tiny"),)), models_dir=models_dir)
     with profiled_server(repository) as server:  # the models log their split
         yield server
 
@@ -238,6 +244,20 @@ def test_torch_runtime_images_equal_diffusers(case, torch_runtime_server, tiny_m
         difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
         report(f"torch runtime vs diffusers, {case}: max pixel difference {difference}")
         assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_torch_runtime_serves_a_controlnet_equal_to_diffusers(torch_runtime_server, tiny_model, models_dir):
+    from test_controlnet import diffusers_controlnet, photo
+
+    from utils.controlnet import ServedControlNet, canny, controlnet_folder
+
+    options = dict(prompt="a red door", seed=4, num_inference_steps=6)
+    images = BlsPipeline(torch_runtime_server.grpc_url)(control_image=photo(), control_mode=["canny"], **options)
+    folder = controlnet_folder(ServedControlNet(TORCH_CONTROLNET, "tiny"), tiny_model, models_dir)
+    expected = diffusers_controlnet(tiny_model, [folder], canny(photo()), **options)
+    difference = int(np.abs(images.astype(int) - expected.astype(int)).max())
+    report(f"torch runtime ControlNet vs diffusers: max pixel difference {difference}")
+    assert difference <= MAX_PIXEL_DIFFERENCE
 
 
 def test_torch_runtime_batches_concurrent_requests(torch_runtime_server):

@@ -121,6 +121,12 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                             "a UNet of its own, unet_NAME, on the ONNX routes (which export it with "
                             "optim/convert_unet_to_onnx.py --lora NAME=PATH), applied in place by the torch runtime; "
                             "repeat for several")
+    group.add_argument("--controlnet", dest="controlnets", action="append", type=controlnet_argument, default=[],
+                       metavar="NAME=PATH", help="serve a ControlNet (a diffusers ControlNetModel folder or hub id; tiny: "
+                       "a random one for the checkpoint) as controlnet_NAME, with controlled_unet, the UNet that adds "
+                       "its residuals; requests name it in controlnet=NAME with a control_image (the ONNX routes export "
+                       "them with optim/convert_controlnet_to_onnx.py and convert_controlled_unet_to_onnx.py); repeat "
+                       "for several")
     group.add_argument("--pipeline-environment", type=Path, default=None,
                        help="a Python environment (utils/repository/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
@@ -145,7 +151,8 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
     return Deployment(backend=backend, runtime=args.runtime, device=args.device, precision=args.precision,
                       placement=placement, torch_compile=tuple(args.torch_compile),
                       pipeline_environment=args.pipeline_environment, ensembles=args.ensembles,
-                      image_sizes=args.image_sizes, adapters=tuple(args.adapters))
+                      image_sizes=args.image_sizes, adapters=tuple(args.adapters),
+                      controlnets=tuple(getattr(args, "controlnets", ())))
 
 
 def lora_argument(text: str) -> LoraAdapter:

@@ -31,6 +31,7 @@ TINY = "tiny"  # --controlnet NAME=tiny: a random ControlNet for the checkpoint,
 CANNY_THRESHOLDS = (100, 200)
 CONTROL_MODES = ("canny",)  # what a server can make a control image from a photo with
 AS_SENT = "none"  # a control_mode: the control image as sent (the default)
+CONTROLNETS_PARAMETER = "controlnets"  # the controlled UNet's config lists the ControlNets served under it
 # A ControlNet's weight (diffusers' controlnet_conditioning_scale takes any number; past 2 its
 # residuals overwhelm the UNet's own).
 CONDITIONING_SCALE_RANGE = (0.0, 2.0)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import layout, specs
+from utils import controlnet
+from utils.controlnet import ServedControlNet
 from utils.errors import UsageError
 from utils.lora import LoraAdapter, check_names
 
@@ -118,6 +120,8 @@ class Deployment:
     # LoRA adapters (utils/lora.py): on the ONNX and TensorRT routes each served as a UNet of its own
     # with the adapter fused in; the torch runtime's UNet applies them in place, per request.
     adapters: tuple[LoraAdapter, ...] = ()
+    # ControlNets (utils/controlnet.py): each served as controlnet_<name>, with controlled_unet.
+    controlnets: tuple[ServedControlNet, ...] = ()
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -154,6 +158,7 @@ class Deployment:
                 f"--gpus {','.join(map(str, self.placement.gpus)) or 'none'}): add --runtime torch, keep to one GPU, "
                 f"or use --pipeline-loop cpu.")
         check_names(self.adapters)
+        controlnet.check_names(self.controlnets)
 
     def sizes(self, dims: specs.ModelDims) -> specs.ImageSizes:
         """The image sizes served, for a checkpoint of ``dims``."""
@@ -201,7 +206,14 @@ class Deployment:
                 "pipeline_environment": str(self.pipeline_environment) if self.pipeline_environment else None,
                 "ensembles": self.serves_ensembles,
                 "image_sizes": list(self.image_sizes) if self.image_sizes else "default",
-                "adapters": [adapter.name for adapter in self.adapters]}
+                "adapters": [adapter.name for adapter in self.adapters],
+                "controlnets": [controlnet.name for controlnet in self.controlnets]}
+
+    def control_networks(self) -> tuple[specs.NetworkSpec, ...]:
+        """The networks ControlNet adds, as served: each ControlNet's, then the UNet that adds their residuals."""
+        if not self.controlnets:
+            return ()
+        return (*(specs.controlnet_model(controlnet.name) for controlnet in self.controlnets), specs.CONTROLLED_UNET)
 
 
 @dataclass(frozen=True)
@@ -226,6 +238,7 @@ class Serving:
     unet_in_process: InProcessUnet | None = None
     adapters: tuple[str, ...] = ()  # the LoRA adapters served: each as unet_<name>, or
     adapters_in_place: bool = False  # by the UNet itself, any mix per request (utils/lora.py)
+    controlnets: tuple[str, ...] = ()  # the ControlNets served, each as controlnet_<name>
 
     @classmethod
     def of(cls, deployment: Deployment, pipeline: specs.PipelineSpec, precision: str,
@@ -240,7 +253,8 @@ class Serving:
         return cls(precision=precision, device="cuda" if on_gpu else "cpu", image_sizes=deployment.sizes(dims),
                    gpus=placement.gpus, loop_device="cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
                    unet_in_process=unet, adapters=tuple(adapter.name for adapter in deployment.adapters),
-                   adapters_in_place=deployment.adapters_in_place)
+                   adapters_in_place=deployment.adapters_in_place,
+                   controlnets=tuple(controlnet.name for controlnet in deployment.controlnets))
 
     @property
     def placement(self) -> Placement:
@@ -252,6 +266,8 @@ class Serving:
         if self.adapters:
             record["adapters"] = list(self.adapters)
             record["adapters_in_place"] = self.adapters_in_place
+        if self.controlnets:
+            record["controlnets"] = list(self.controlnets)
         if self.unet_in_process is not None:
             record["unet_in_process"] = asdict(self.unet_in_process)
         return json.dumps(record, indent=2) + "\n"
@@ -264,7 +280,8 @@ class Serving:
                    loop_device=record["loop_device"], image_sizes=specs.ImageSizes(**record["image_sizes"]),
                    unet_in_process=InProcessUnet(**unet) if unet else None,
                    adapters=tuple(record.get("adapters", ())),
-                   adapters_in_place=record.get("adapters_in_place", False))
+                   adapters_in_place=record.get("adapters_in_place", False),
+                   controlnets=tuple(record.get("controlnets", ())))
 
     @classmethod
     def read(cls, repository: Path, pipeline: str) -> Serving | None:

@@ -70,9 +70,10 @@ def adapter_onnx_path(onnx_dir: str | Path, model: str, model_dir: Path, adapter
 
 
 def served_onnx_files(onnx_dir: str | Path, model: str, model_dir: Path, adapters: tuple[LoraAdapter, ...],
-                      models_dir: Path) -> dict[str, Path]:
-    """Per served network name, its exported graph: the four networks', and each adapter's UNet."""
-    files = {name: onnx_path(onnx_dir, model, name) for name in specs.NETWORKS}
+                      models_dir: Path, control_networks: tuple[specs.NetworkSpec, ...] = ()) -> dict[str, Path]:
+    """Per served network name, its exported graph: the four networks', each adapter's UNet, and
+    the ``control_networks`` (Deployment.control_networks: each ControlNet's, the controlled UNet)."""
+    files = {name: onnx_path(onnx_dir, model, name) for name in (*specs.NETWORKS, *(n.name for n in control_networks))}
     for adapter in adapters:
         files[served_name(specs.UNET.name, adapter=adapter.name)] = adapter_onnx_path(onnx_dir, model, model_dir,
                                                                                       adapter, models_dir)

@@ -93,17 +93,20 @@ class ControlledUNet(UNet):
 
 
 class ControlNet(_Network):
-    """A ControlNet (diffusers' ControlNetModel folder, not a checkpoint's subfolder); its
-    residuals packed into one tensor (pack_residuals), at conditioning scale 1: the loop scales them."""
+    """A ControlNet; its residuals packed into one tensor (pack_residuals), at conditioning scale
+    1: the loop weights them."""
 
     spec = specs.CONTROLNET
-    subfolder = ""
+    # The ControlNet's own folder (ControlNetModel.save_pretrained's) is given, or a checkpoint
+    # folder that holds it here, beside the UNet (the torch runtime's copy).
+    subfolder = "controlnet"
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()
         from diffusers import ControlNetModel
 
-        self.controlnet = ControlNetModel.from_pretrained(model_dir, dtype=dtype)
+        inside = model_dir / self.subfolder
+        self.controlnet = ControlNetModel.from_pretrained(inside if inside.is_dir() else model_dir, dtype=dtype)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False)

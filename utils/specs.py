@@ -17,83 +17,9 @@ from dataclasses import dataclass, replace
 # every tensor's dims are resolved against them.
 from utils.model_dims import SPATIAL, Dim, ImageSizes, ModelDims, residual_layout  # noqa: F401
 
-# Float activations are FP16 in GPU engines and FP32 for the CPU default: a spec says
-# ACTIVATION and the precision is chosen when the network is exported.
-ACTIVATION = "ACTIVATION"
-PRECISIONS = ("FP32", "FP16")
-ONNX_FLOAT_PRECISIONS = {"FLOAT": "FP32", "FLOAT16": "FP16"}  # ONNX's element type names
-
-BATCH_AXIS = "batch"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # Triton data type without the TYPE_ prefix, or ACTIVATION
-    dims: tuple[Dim, ...]  # without the batch dim; str = symbol resolved by ModelDims, -1 = any
-    optional: bool = False
-
-    def resolved_dtype(self, precision: str) -> str:
-        return precision if self.dtype == ACTIVATION else self.dtype
-
-    @property
-    def wire_dims(self) -> tuple[Dim, ...]:
-        """Triton needs at least one dim: a per-sample scalar travels as [batch, 1], and the
-        config's ``reshape`` hands it to the model as [batch], the shape it was exported with."""
-        return self.dims or (1,)
-
-    def to_wire(self, batched):
-        """Reshape a batched tensor (torch or numpy) from the model's shape to the wire shape."""
-        return batched if self.dims else batched.reshape(-1, 1)
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """TensorRT optimization profile on the network's own batch dimension (min/opt/max)."""
-
-    min: int
-    opt: int
-    max: int
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """One exported network, served as one Triton model with a batch dimension."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    profile: BatchProfile
-    # Classifier-free guidance: the text encoder and the UNet see the unconditional and the
-    # conditional rows together, unconditional first, so their batch is 2x the prompt batch.
-    cfg_doubled: bool = False
-
-    @property
-    def tensors(self) -> tuple[TensorSpec, ...]:
-        return self.inputs + self.outputs
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """The batch, and the image's height and width where a tensor has them."""
-        return {t.name: {0: BATCH_AXIS, **{i + 1: d for i, d in enumerate(t.dims) if d in SPATIAL}}
-                for t in self.tensors}
-
-    def shape(self, tensor: TensorSpec, batch: int, dims: ModelDims) -> tuple[int, ...]:
-        return (batch, *dims.resolve(tensor.dims))
-
-    def input_shapes(self, batch: int, dims: ModelDims) -> dict[str, tuple[int, ...]]:
-        return {t.name: self.shape(t, batch, dims) for t in self.inputs}
-
-    def max_prompts(self) -> int:
-        """How many prompts one call of this network can take at most."""
-        return self.profile.max // (2 if self.cfg_doubled else 1)
+# What the contracts are made of (tensors, batch profiles, networks), in a module of their own.
+from utils.spec_types import (ACTIVATION, BATCH_AXIS, ONNX_FLOAT_PRECISIONS, PRECISIONS, BatchProfile,  # noqa: F401
+                              NetworkSpec, TensorSpec)
 
 
 TEXT_ENCODER = NetworkSpec(
@@ -166,6 +92,15 @@ CONTROLLED_UNET = NetworkSpec(
     cfg_doubled=True,
 )
 CONTROL_NETWORKS = {spec.name: spec for spec in (CONTROLNET, CONTROLLED_UNET)}
+
+
+def served_network(served_name: str) -> NetworkSpec:
+    """The spec of a served network, by its served name (``unet_gpu0``, ``unet_<adapter>``,
+    ``controlnet_<name>``): its network's, under that name."""
+    from utils.layout import network_of
+
+    network = {**NETWORKS, **CONTROL_NETWORKS}[network_of(served_name)]
+    return network if network.name == served_name else replace(network, name=served_name)
 
 
 def controlnet_model(name: str) -> NetworkSpec:
@@ -293,7 +228,7 @@ TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_
 DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
     "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), MASKED_LATENT_PARAMETERS,
                 MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE,
-                CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE),
+                CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE, *CONTROL_INPUTS),
     (LATENTS,), networks=(UNET,))
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
 # With a mask_image, the masked image: the pixels to repaint made grey (0 in [-1, 1]), as diffusers'.
@@ -364,7 +299,8 @@ ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
     "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
     (step(CHECK_REQUEST, *(t.name for t in TEXT_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name,)),
      step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
-     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, *(t.name for t in CONTROL_INPUTS),
+          outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(

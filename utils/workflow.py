@@ -10,7 +10,8 @@ from pathlib import Path
 from utils import specs
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR, export_network, served_onnx_files
-from utils.layout import network_of, served_name
+from utils.controlnet import controlnet_folder
+from utils.layout import served_name
 from utils.lora import fused_model
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository.writer import write_repository
@@ -33,13 +34,17 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
     if not deployment.torch_runtime:
         precision = deployment.served_precision
         with step(heading("2")):
-            onnx_files = served_onnx_files(onnx_dir, model, model_dir, deployment.adapters, models_dir)
-            sources = {name: model_dir for name in specs.NETWORKS}
+            onnx_files = served_onnx_files(onnx_dir, model, model_dir, deployment.adapters, models_dir,
+                                           deployment.control_networks())
+            sources = {name: model_dir for name in onnx_files}
             sources |= {served_name(specs.UNET.name, adapter=adapter.name): fused_model(model_dir, adapter, models_dir)
                         for adapter in deployment.adapters}  # an adapter's UNet: exported from the fused checkpoint
+            weights = {specs.controlnet_model(c.name).name: controlnet_folder(c, model_dir, models_dir)
+                       for c in deployment.controlnets}  # a ControlNet: from its own folder
             for name, path in onnx_files.items():
-                network = specs.NETWORKS[network_of(name)]
-                result = export_network(network, sources[name], path, precision=precision, force=force)
+                network = specs.served_network(name)
+                result = export_network(network, sources[name], path, precision=precision, force=force,
+                                        weights=weights.get(name))
                 status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"
                 print(f"    {result.path}: {status}")
     with step(heading("3", str(repository))):

@@ -33,7 +33,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.spec = specs.NETWORKS[parameters["network"]]  # the served name may carry a GPU suffix
+        self.spec = specs.served_network(parameters["network"])  # the served name may carry a GPU suffix
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.device = torch.device("cpu")
         if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)

@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from utils import layout, specs
 from utils.deployment import CPU, Deployment, Placement
+from utils.controlnet import CONTROLNETS_PARAMETER
 from utils.lora import CONFIG_PARAMETER
 
 GENERATED_HEADER = "# Generated from utils/specs.py by utils/repository/configs.py: edit those, not this file.\n"
@@ -53,6 +54,8 @@ def network_config(network: specs.NetworkSpec, dims: specs.ModelDims, precision:
         input=[mc.ModelInput(**_tensor_fields(t, precision, dims)) for t in network.inputs],
         output=[mc.ModelOutput(**_tensor_fields(t, precision, dims)) for t in network.outputs],
     )
+    if network is specs.CONTROLLED_UNET:  # the ControlNets it serves with, for a client to read (client_side.py)
+        config.parameters[CONTROLNETS_PARAMETER].string_value = ",".join(c.name for c in deployment.controlnets)
     version = layout.ENGINE_VERSION if deployment.backend == "tensorrt" else layout.ONNX_VERSION
     config.version_policy.specific.versions.append(version)
     gpus = placement.gpus if gpu is None else (gpu,)

@@ -13,7 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils import layout, specs
@@ -149,14 +149,14 @@ def _release(version: str) -> str:
 def tensorrt_networks(repository: Path) -> list[specs.NetworkSpec]:
     """The networks that the repository serves with TensorRT (config platform tensorrt_plan), each
     named as served: a LoRA adapter's UNet is the UNet's spec under its own name (``unet_<name>``),
-    with an engine of its own."""
+    with an engine of its own, and so is each ControlNet (``controlnet_<name>``)."""
     found = []
     for config_file in layout.config_files(repository):
         config = configs.parse_pbtxt(config_file.read_text())
-        network = specs.NETWORKS.get(layout.network_of(config.name))
-        if network is not None and config.platform == "tensorrt_plan":
-            found.append(network if config.name == network.name else replace(network, name=config.name))
-    order = list(specs.NETWORKS)  # the walkthrough's order, each network's adapters after it
+        if layout.network_of(config.name) in (*specs.NETWORKS, *specs.CONTROL_NETWORKS) and \
+                config.platform == "tensorrt_plan":
+            found.append(specs.served_network(config.name))
+    order = [*specs.NETWORKS, *specs.CONTROL_NETWORKS]  # the walkthrough's order, each network's variants after it
     return sorted(found, key=lambda network: (order.index(layout.network_of(network.name)), network.name))
 
 

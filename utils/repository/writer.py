@@ -21,6 +21,7 @@ from utils import layout, specs
 from utils.repository import configs, environments
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
+from utils.controlnet import controlnet_folder
 from utils.lora import ADAPTER_DIR, adapter_file, check_adapters
 from utils.models import DEFAULT_MODELS_DIR
 
@@ -146,10 +147,12 @@ def install_onnx(onnx_file: Path, version_dir: Path, report: RepositoryReport, f
 
 def served_networks(deployment: Deployment) -> list[tuple[str, specs.NetworkSpec, str | None]]:
     """Every network model the deployment serves once: (served name, spec, LoRA adapter or None):
-    the four networks, and a UNet per adapter where they are fused (utils/lora.py)."""
+    the four networks, a UNet per adapter where they are fused (utils/lora.py), and each
+    ControlNet's with the UNet that adds their residuals (utils/controlnet.py)."""
     fused = () if deployment.adapters_in_place else deployment.adapters
     adapters = [(layout.served_name(specs.UNET.name, adapter=a.name), specs.UNET, a.name) for a in fused]
-    return [(name, network, None) for name, network in specs.NETWORKS.items()] + adapters
+    control = [(network.name, network, None) for network in deployment.control_networks()]
+    return [(name, network, None) for name, network in specs.NETWORKS.items()] + adapters + control
 
 
 def check_exports(onnx_files: dict[str, Path], dims: specs.ModelDims, deployment: Deployment) -> str:
@@ -158,10 +161,12 @@ def check_exports(onnx_files: dict[str, Path], dims: specs.ModelDims, deployment
     for name, network, adapter in served_networks(deployment):
         onnx_file = Path(onnx_files[name]) if name in onnx_files else None
         if onnx_file is None or not onnx_file.exists():
-            lora = f" --lora {adapter}=PATH" if adapter else ""
+            base = layout.network_of(network.name)
+            flag = (f" --lora {adapter}=PATH" if adapter else
+                    f" --controlnet {name.removeprefix(base + '_')}=PATH" if base == specs.CONTROLNET.name else "")
             raise MissingExport(
                 f"{onnx_file or name + '.onnx'} not found: export it first with "
-                f"`python optim/convert_{network.name}_to_onnx.py{lora}` (same --model and --onnx-dir)."
+                f"`python optim/convert_{base}_to_onnx.py{flag}` (same --model and --onnx-dir)."
             )
         precisions.add(onnx_precision(onnx_file, network, dims))
     if len(precisions) != 1:
@@ -191,19 +196,25 @@ def add_network(repository: Path, network: specs.NetworkSpec, onnx_file: Path, d
 
 def add_torch_network(repository: Path, network: specs.NetworkSpec, model_dir: Path, dims: specs.ModelDims,
                       deployment: Deployment, report: RepositoryReport, force: bool = False,
-                      adapter_files: dict[str, Path] | None = None) -> None:
+                      adapter_files: dict[str, Path] | None = None, weights: Path | None = None) -> None:
     """The python backend's torch runtime: the checkpoint's configs and this network's weights,
     once per GPU where the placement serves a copy on each; the UNet's and the text encoder's
-    copies also get the LoRA ``adapter_files`` they apply in place (utils/lora_in_place.py)."""
+    copies also get the LoRA ``adapter_files`` they apply in place (utils/lora_in_place.py).
+    ``weights``: the network's own folder, where its weights are not the checkpoint's (a
+    ControlNet: installed as the checkpoint's subfolder it loads from)."""
     from utils.networks import WRAPPERS
 
     placement = deployment.placement
+    subfolder = WRAPPERS[layout.network_of(network.name)].subfolder
+    source_dir = weights or model_dir / subfolder
     for gpu in placement.network_gpus():
         name = placement.model_name(network.name, gpu)
         version_dir = repository / name / str(layout.ONNX_VERSION)
         checkpoint = version_dir / layout.CHECKPOINT_DIR
-        for source in pipeline_files(model_dir) + sorted((model_dir / WRAPPERS[network.name].subfolder).glob("*")):
+        for source in pipeline_files(model_dir):
             install_file(source, checkpoint / source.relative_to(model_dir), report, force)
+        for source in sorted(path for path in source_dir.glob("*") if path.is_file()):
+            install_file(source, checkpoint / subfolder / source.name, report, force)
         if network in (specs.UNET, specs.TEXT_ENCODER):
             for adapter_name, source in (adapter_files or {}).items():
                 install_file(source, version_dir / ADAPTER_DIR / f"{adapter_name}.safetensors", report, force)
@@ -279,8 +290,11 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
         precision = deployment.served_precision
         files = {a.name: adapter_file(a, model_dir, models_dir) for a in deployment.adapters}
         check_adapters(model_dir, files, text_encoder=True)  # each file against the checkpoint, before writing
-        for network in specs.NETWORKS.values():  # the adapters are applied in place: no UNet of their own
-            add_torch_network(repository, network, model_dir, dims, deployment, report, force, files)
+        folders = {specs.controlnet_model(c.name).name: controlnet_folder(c, model_dir, models_dir)
+                   for c in deployment.controlnets}  # each checked against the checkpoint, before writing
+        for network in (*specs.NETWORKS.values(), *deployment.control_networks()):  # adapters: applied in place
+            add_torch_network(repository, network, model_dir, dims, deployment, report, force, files,
+                              folders.get(network.name))
     else:
         precision = check_exports(onnx_files, dims, deployment)
         for name, network, adapter in served_networks(deployment):

@@ -1,0 +1,121 @@
+"""ControlNet served, in the three ways, equal to diffusers' StableDiffusionControlNetPipeline: a
+server with two tiny ControlNets (each exported as controlnet_<name>, with the controlled UNet);
+bad control inputs refused by name while the server keeps serving; a server without ControlNets
+refuses a control image with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import report
+from test_controlnet import NAMES, diffusers_controlnet, photo
+from tritonclient.utils import InferenceServerException
+
+from pipelines.bls import BlsPipeline
+from pipelines.client_side import ClientSidePipeline
+from pipelines.ensemble import EnsemblePipeline
+from utils import specs
+from utils.controlnet import ServedControlNet, canny, controlnet_folder
+from utils.deployment import Deployment
+from utils.export import export_network, onnx_path
+from utils.grpc_client import connect, infer_inputs
+from utils.repository.writer import write_repository
+from utils.server import TritonServer
+
+pytestmark = pytest.mark.server  # starts tritonserver
+
+MAX_PIXEL_DIFFERENCE = 2
+CONTROLNETS = tuple(ServedControlNet(name, "tiny") for name in NAMES)
+CASES = {  # the request's ControlNet inputs and options
+    "one ControlNet, Canny made from the photo": dict(
+        controlnet=NAMES[:1], control_image=photo(), control_mode=["canny"], prompt="a red door", seed=5,
+        num_inference_steps=8),
+    "two ControlNets, scales 1 and 0.5, guidance 0-0.6 and 0.3-1": dict(
+        controlnet=NAMES, control_image=np.concatenate([canny(photo()), photo(1)]), prompt="a blue window", seed=9,
+        num_inference_steps=8, controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.3],
+        control_guidance_end=[0.6, 1.0], num_images_per_prompt=2),
+}
+
+
+@pytest.fixture(scope="module")
+def controlnet_server(tiny_model, exports, models_dir, tmp_path_factory):
+    """The session's four networks, and the two ControlNets with the controlled UNet, exported and served."""
+    onnx_dir, repository = tmp_path_factory.mktemp("onnx-controlnet"), tmp_path_factory.mktemp("repository-controlnet")
+    deployment = Deployment(controlnets=CONTROLNETS)
+    files = {name: exports[name].path for name in specs.NETWORKS}
+    for network in deployment.control_networks():
+        folder = next((controlnet_folder(c, tiny_model, models_dir) for c in CONTROLNETS
+                       if specs.controlnet_model(c.name).name == network.name), None)
+        files[network.name] = export_network(network, tiny_model, onnx_path(onnx_dir, "tiny", network.name),
+                                             weights=folder).path
+    write_repository(repository, tiny_model, files, deployment, models_dir=models_dir)
+    with TritonServer(repository) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ways(controlnet_server, tiny_model) -> dict:
+    url = controlnet_server.grpc_url
+    client_side = ClientSidePipeline(tiny_model, url)
+    return {"client-side": lambda **options: client_side(progress=False, **options), "BLS": BlsPipeline(url),
+            "ensemble": EnsemblePipeline(url)}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
+def test_controlnet_equals_diffusers(kind, case, ways, tiny_model, models_dir):
+    options = dict(CASES[case])
+    served = ways[kind](**options)
+    names, images, modes = options.pop("controlnet"), options.pop("control_image"), options.pop("control_mode", [])
+    if modes:  # diffusers is given the edges, as its guide makes them
+        images = canny(images)
+    folders = [controlnet_folder(ServedControlNet(name, "tiny"), tiny_model, models_dir) for name in names]
+    expected = diffusers_controlnet(tiny_model, folders, images, **options)
+    difference = int(np.abs(served.astype(int) - expected.astype(int)).max())
+    report(f"{kind:<12} ControlNet vs diffusers, {case}: max pixel difference {difference} "
+           f"(allowed {MAX_PIXEL_DIFFERENCE})")
+    assert served.shape == expected.shape and difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_the_client_side_reads_the_served_controlnets_from_the_config(controlnet_server, triton_server, tiny_model):
+    """The controlled UNet's config lists the ControlNets (the repository's index needs the admin key)."""
+    assert ClientSidePipeline(tiny_model, controlnet_server.grpc_url).loop.controlnets == NAMES
+    assert ClientSidePipeline(tiny_model, triton_server.grpc_url).loop.controlnets == ()
+
+
+BAD = {  # the ControlNet inputs sent with a prompt: the message
+    "a control image of an unserved size": (dict(controlnet=[b"edges"], control_image=np.zeros((1, 60, 64, 3), np.uint8)),
+                                            "control_image is 60x64 pixels"),
+    # refused by Triton itself, from the config's dims, naming the input
+    "a grey control image": (dict(controlnet=[b"edges"], control_image=np.zeros((1, 64, 64), np.uint8)),
+                             "shape for input 'control_image'"),
+    "an unknown control mode": (dict(controlnet=[b"edges"], control_image=photo(), control_mode=[b"pose"]),
+                                r"control_mode\[0\]='pose' is not a control mode"),
+    "start after end": (dict(controlnet=[b"edges"], control_image=photo(),
+                             control_guidance_start=np.array([0.9], np.float32),
+                             control_guidance_end=np.array([0.1], np.float32)), "is not before control_guidance_end"),
+    "an unserved ControlNet": (dict(controlnet=[b"pose"], control_image=photo()), r"controlnet\[0\]='pose' is not served"),
+    "no name, where two are served": (dict(control_image=photo()), "controlnet is required"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+@pytest.mark.parametrize("model", [specs.TEXT_TO_IMAGE, specs.ENSEMBLE_TEXT_TO_IMAGE])
+def test_bad_control_inputs_are_refused_by_name_and_the_server_keeps_serving(case, model, controlnet_server):
+    extra, message = BAD[case]
+    client = connect(controlnet_server.grpc_url)
+    inputs = {specs.PROMPT.name: np.array([b"a cat"], dtype=object), specs.NUM_INFERENCE_STEPS.name: np.array([2], np.int32)}
+    extra = {name: np.array(value, dtype=object) if isinstance(value, list) else value for name, value in extra.items()}
+    with pytest.raises(InferenceServerException, match=message) as refused:
+        client.infer(model.name, infer_inputs({**inputs, **extra}))
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    served = client.infer(model.name, infer_inputs({**inputs, specs.CONTROLNET_NAMES.name: np.array([b"edges"], object),
+                                                    specs.CONTROL_IMAGE.name: photo()}))
+    assert served.as_numpy(specs.IMAGES.name).shape == (1, 64, 64, 3)
+
+
+def test_a_server_without_controlnets_refuses_a_control_image_with_the_reason(triton_server):
+    client = connect(triton_server.grpc_url)
+    with pytest.raises(InferenceServerException, match="this deployment serves no ControlNet"):
+        client.infer(specs.TEXT_TO_IMAGE.name, infer_inputs({specs.PROMPT.name: np.array([b"a cat"], dtype=object),
+                                                             specs.CONTROL_IMAGE.name: photo()}))
