@@ -166,9 +166,10 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
     name): returned whole, one entry per ControlNet used, and its size the control images'."""
     extras = ("control_mode", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
     if not request.controlnet and request.control_image is None:
-        given = [name for name in extras if getattr(request, name)]
+        given = [name for name in extras if getattr(request, name) not in (None, (), [])]
         if given:
-            raise InvalidRequest(f"{given[0]} applies to ControlNet: send a control_image too, or leave it out.")
+            raise InvalidRequest(f"{given[0]}={getattr(request, given[0])!r} applies to ControlNet: use it with a "
+                                 f"control_image, or leave it out.")
         return request
     if not served:
         raise InvalidRequest("control_image: this deployment serves no ControlNet; leave the ControlNet inputs out.")
