@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   tiny model -> ONNX -> Triton repository -> local Triton -> an image each way, image to image, inpainting (CPU, offline)
+#   make demo   tiny model -> ONNX -> Triton repository -> local Triton -> an image each way, image to image, inpainting, LoRA, ControlNet (CPU, offline)
 #   make test   the test suite, against a real Triton server
 # Both create the virtual environment first if it is missing or out of date.
 

@@ -3,8 +3,9 @@
 Builds the tiny random pipeline, exports its four networks to ONNX, writes the Triton model
 repository (portable python backend), starts the local Triton server, generates one image each
 way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, the BLS image
-with its middle repainted (inpainting) and an image with a LoRA adapter (a random one, served as a
-UNet of its own), saves them all, and stops the server.
+with its middle repainted (inpainting), an image with a LoRA adapter (a random one, served as a
+UNet of its own) and one guided by the BLS image's edges (a random ControlNet), saves them all,
+and stops the server.
 Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
@@ -15,6 +16,7 @@ from pipelines.bls import BlsPipeline
 from pipelines.client_side import ClientSidePipeline
 from pipelines.ensemble import EnsemblePipeline
 from utils.cli import add_generation_arguments, generation_options, lora_argument, main_entry, save_images
+from utils.controlnet import ServedControlNet
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
@@ -22,11 +24,12 @@ from utils.models import DEFAULT_MODELS_DIR
 from utils.mask import box_mask
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
-from utils.walkthrough import IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, INPAINT_PROMPT, heading
+from utils.walkthrough import CONTROLNET_PROMPT, IMAGE_TO_IMAGE_PROMPT, IMAGE_TO_IMAGE_STRENGTH, INPAINT_PROMPT, heading
 from utils.workflow import prepare_repository
 
 
 DEMO_ADAPTER = "style=tiny"
+DEMO_CONTROLNET = "edges=tiny"  # a random ControlNet built for the model
 
 
 def main(argv=None):
@@ -47,7 +50,7 @@ def main(argv=None):
     timer = StepTimer()
     saved = []
 
-    deployment = Deployment(adapters=tuple(args.adapters))
+    deployment = Deployment(adapters=tuple(args.adapters), controlnets=(ServedControlNet.parse(DEMO_CONTROLNET),))
     model_dir = prepare_repository(args.model, args.repository, deployment, models_dir=args.models_dir,
                                    onnx_dir=args.onnx_dir, force=args.force, timer=timer)
     with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
@@ -67,6 +70,7 @@ def main(argv=None):
             saved += save_images(ensemble, args.output_dir / "ensemble.png")
             print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - bls).max()}")
         saved += from_the_bls_image(server.grpc_url, bls, args, timer)
+        saved += guided_by_the_bls_image(server.grpc_url, bls, args, timer)
         for adapter in deployment.adapters:
             with timer.step(heading("7", f"the LoRA adapter {adapter.name!r}, chosen per request")):
                 images = BlsPipeline(server.grpc_url)(**generation_options(args) | dict(lora=[adapter.name]))
@@ -96,6 +100,18 @@ def from_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]:
                                                   mask_image=box_mask(*bls.shape[1:3]))  # white: repainted
         saved += save_images(EnsemblePipeline(url)(**options), args.output_dir / "inpaint.png")
     return saved
+
+
+def guided_by_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]:
+    """ControlNet: the BLS image sent as a photo, whose edges the server makes (control_mode canny)
+    and the demo's ControlNet follows, with another prompt."""
+    with timer.step(heading("7", "ControlNet: the BLS image's edges guide another prompt")):
+        options = generation_options(args) | dict(prompt=CONTROLNET_PROMPT, control_image=bls[:1],
+                                                  control_mode=["canny"], height=None, width=None)
+        images = BlsPipeline(url)(**options)
+        print(f"    max pixel difference to the BLS image, whose edges guided it: "
+              f"{abs(images.astype(int) - bls[:1]).max()}")
+        return save_images(images, args.output_dir / "controlnet.png")
 
 
 if __name__ == "__main__":

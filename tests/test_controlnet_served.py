@@ -119,3 +119,24 @@ def test_a_server_without_controlnets_refuses_a_control_image_with_the_reason(tr
     with pytest.raises(InferenceServerException, match="this deployment serves no ControlNet"):
         client.infer(specs.TEXT_TO_IMAGE.name, infer_inputs({specs.PROMPT.name: np.array([b"a cat"], dtype=object),
                                                              specs.CONTROL_IMAGE.name: photo()}))
+
+
+def test_the_run_scripts_send_a_control_image_from_a_file(controlnet_server, tiny_model, tmp_path):
+    """--control-image FILE --control-mode canny --use-controlnet NAME: the same image from each
+    way's script, and the one that the Python client makes with the same inputs."""
+    from PIL import Image
+    from test_scripts import run
+
+    Image.fromarray(photo()[0]).save(tmp_path / "photo.png")
+    common = ["--url", controlnet_server.grpc_url, "--num-inference-steps", "3", "--seed", "5", "--prompt", "a cat",
+              "--control-image", str(tmp_path / "photo.png"), "--control-mode", "canny", "--use-controlnet", NAMES[0]]
+    saved = {}
+    for script, extra in (("run_client_side_pipeline", ["--model", str(tiny_model)]), ("run_bls_pipeline", []),
+                          ("run_ensemble_pipeline", [])):
+        run(f"scripts/{script}.py", *common, *extra, "--output", str(tmp_path / f"{script}.png"), cwd=tmp_path)
+        saved[script] = np.asarray(Image.open(tmp_path / f"{script}.png"))
+    expected = BlsPipeline(controlnet_server.grpc_url)(prompt="a cat", num_inference_steps=3, seed=5,
+                                                      control_image=photo(), control_mode=["canny"],
+                                                      controlnet=NAMES[:1])[0]
+    for script, image in saved.items():
+        assert np.array_equal(image, expected), script

@@ -117,7 +117,8 @@ def test_quickstart_main_job(tmp_path):
     assert "max pixel difference between the two images: 0" in out
     assert "max pixel difference to the BLS image: 0" in out
     for image in ("outputs/client_side.png", "outputs/bls.png", "outputs/ensemble.png", "outputs/image_to_image.png",
-                  "outputs/inpaint.png", "outputs/lora_style.png"):  # the last: the demo's LoRA adapter, a UNet of its own
+                  "outputs/inpaint.png", "outputs/lora_style.png",  # the demo's LoRA adapter, a UNet of its own
+                  "outputs/controlnet.png"):  # and its ControlNet, following the BLS image's edges
         assert f"  {image}\n" in out and (tmp_path / image).is_file()
     assert int(out.split("max pixel difference to the BLS image without it: ")[1].split()[0]) > 0
     times = out.split("Times:")[1]
@@ -127,7 +128,10 @@ def test_quickstart_main_job(tmp_path):
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()
     graphs = sorted(p.name for p in (tmp_path / "onnx" / "tiny").iterdir())
     adapter = [name for name in graphs if name.startswith("unet_style-")]  # named by the adapter file's hash
-    assert len(adapter) == 1 and sorted(set(graphs) - set(adapter)) == sorted(f"{name}.onnx" for name in specs.NETWORKS)
+    control = [f"{network.name}.onnx" for network in (specs.controlnet_model("edges"), specs.CONTROLLED_UNET)]
+    assert len(adapter) == 1 and sorted(set(graphs) - set(adapter)) == sorted(
+        [*(f"{name}.onnx" for name in specs.NETWORKS), *control])
+    assert int(out.split("whose edges guided it: ")[1].split()[0]) > 0
     assert (tmp_path / "triton" / "models" / "unet_style" / "1" / "model.onnx").is_file()
 
 

@@ -15,7 +15,7 @@ from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
-from utils.controlnet import ServedControlNet
+from utils.controlnet import AS_SENT, CONTROL_MODES, ServedControlNet
 from utils.lora import LoraAdapter
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
                            DEFAULT_STRENGTH, SCHEDULERS, default_strength)
@@ -56,7 +56,23 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     lora_scale=(("--lora-scale",), dict(type=float, nargs="+", default=None, metavar="WEIGHT",
                                         help="one weight per --use-lora adapter, as diffusers' set_adapters "
                                              "(default: 1 each)")),
+    control_image=(("--control-image",), dict(type=Path, nargs="+", default=None, metavar="FILE", help=(
+        "ControlNet, text to image: a control image per --use-controlnet (edges, depth...; or a photo with "
+        "--control-mode canny); the image takes its size"))),
+    controlnet=(("--use-controlnet",), dict(nargs="+", default=[], metavar="NAME", help=(
+        "ControlNets of the deployment's (its --controlnet NAME=PATH) that the control images are for "
+        "(default: its only one)"))),
+    control_mode=(("--control-mode",), dict(nargs="+", default=[], choices=(AS_SENT, *CONTROL_MODES), help=(
+        f"per control image: {AS_SENT} (as sent, the default) or canny (a photo: the server makes its edges)"))),
+    controlnet_conditioning_scale=(("--controlnet-conditioning-scale",), dict(
+        type=float, nargs="+", default=None, metavar="WEIGHT", help="per ControlNet, or one for all (default: 1)")),
+    control_guidance_start=(("--control-guidance-start",), dict(
+        type=float, nargs="+", default=None, metavar="FRACTION", help="the fraction of the steps each starts at (0)")),
+    control_guidance_end=(("--control-guidance-end",), dict(
+        type=float, nargs="+", default=None, metavar="FRACTION", help="and ends at (default: 1)")),
 )
+CONTROL_FLAGS = ("controlnet", "control_mode", "controlnet_conditioning_scale", "control_guidance_start",
+                 "control_guidance_end")
 
 
 def script_parser(script: str, doc: str) -> argparse.ArgumentParser:
@@ -205,6 +221,13 @@ def generation_options(args: argparse.Namespace) -> dict:
             options.update(mask_image=load_image(args.mask_image, grey=True, flag="--mask-image"))
     else:
         options.update(height=args.height, width=args.width)
+    if getattr(args, "control_image", None):  # one file per ControlNet, each of the image's size
+        images = [load_image(path, flag="--control-image") for path in args.control_image]
+        if len({image.shape for image in images}) != 1:
+            raise UsageError(f"--control-image {' '.join(map(str, args.control_image))}: the images differ in size "
+                             f"({', '.join('x'.join(map(str, image.shape[1:3])) for image in images)}); give each at "
+                             f"the size of the image to make.")
+        options.update(control_image=np.concatenate(images), **{name: getattr(args, name) for name in CONTROL_FLAGS})
     return options
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from utils import specs
 from utils.errors import InvalidRequest, UsageError, UserError
 from utils.model_dims import ImageSizes, residual_layout
-from utils.request import LORA_NAME, GenerationRequest, check_image
+from utils.layout import parse_named
+from utils.request import GenerationRequest, check_image
 
 TINY = "tiny"  # --controlnet NAME=tiny: a random ControlNet for the checkpoint, built here
 # Canny's hysteresis thresholds, as diffusers' ControlNet guide makes a control image with OpenCV.
@@ -52,14 +53,9 @@ class ServedControlNet:
     @classmethod
     def parse(cls, text: str) -> ServedControlNet:
         """``NAME=PATH``, as --controlnet takes it."""
-        name, separator, source = text.partition("=")
-        if not separator or not source:
-            raise UsageError(f"--controlnet {text!r}: give NAME=PATH, e.g. --controlnet canny=lllyasviel/sd-controlnet-"
-                             f"canny (a ControlNetModel folder or hub id), or NAME={TINY} for a random one.")
-        if not LORA_NAME.match(name):
-            raise UsageError(f"--controlnet {text!r}: the name {name!r} is served as controlnet_{name}; use lower-case "
-                             f"letters, digits and dashes (at most 40), starting with a letter or digit.")
-        return cls(name, source)
+        return cls(*parse_named("--controlnet", text, "controlnet", f"canny=lllyasviel/sd-controlnet-canny (a "
+                                                                   f"ControlNetModel folder or hub id), or canny={TINY} "
+                                                                   f"for a random one"))
 
 
 def check_names(controlnets: tuple[ServedControlNet, ...]) -> None:

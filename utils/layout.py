@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from utils.errors import UsageError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_MODELS = PROJECT_ROOT / "triton" / "models"  # the committed pipeline models
 DEFAULT_REPOSITORY = Path("triton/models")  # the walkthrough's repository (relative to the project)
@@ -38,6 +40,9 @@ PIPELINE_FILES = "stable_diffusion"  # in a pipeline model's version folder: no 
 SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision, devices, GPUs, image sizes
 
 _GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")
+# The name of a network's variant (a LoRA adapter's UNet, a ControlNet), served as <network>_<name>:
+# lower case, digits and dashes.
+SERVED_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
 def served_name(network: str, gpu: int | None = None, adapter: str | None = None) -> str:
@@ -47,6 +52,18 @@ def served_name(network: str, gpu: int | None = None, adapter: str | None = None
     each of a deployment's ControlNets, ``controlnet_<name>`` (utils/controlnet.py)."""
     name = network if adapter is None else f"{network}_{adapter}"
     return name if gpu is None else f"{name}_gpu{gpu}"
+
+
+def parse_named(flag: str, text: str, network: str, example: str) -> tuple[str, str]:
+    """``NAME=PATH``, as --lora and --controlnet take it: the variant's name, served as
+    ``<network>_<name>``, and where it comes from; ``example``: a right one, for the error."""
+    name, separator, source = text.partition("=")
+    if not separator or not source:
+        raise UsageError(f"{flag} {text!r}: give NAME=PATH, e.g. {flag} {example}.")
+    if not SERVED_NAME.match(name):
+        raise UsageError(f"{flag} {text!r}: the name {name!r} is served as {network}_{name}; use lower-case letters, "
+                         f"digits and dashes (at most 40), starting with a letter or digit.")
+    return name, source
 
 
 def network_of(model_name: str) -> str:

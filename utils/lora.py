@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from utils.errors import UsageError, UserError
-from utils.request import LORA_NAME, InvalidRequest
+from utils.layout import parse_named
+from utils.request import InvalidRequest
 
 TINY = "tiny"  # --lora NAME=tiny: a random adapter for the tiny model, built here with peft
 TINY_WITH_TEXT_ENCODER = "tiny+text-encoder"  # the same, with a text encoder part too
@@ -52,13 +53,8 @@ class LoraAdapter:
     @classmethod
     def parse(cls, text: str) -> LoraAdapter:
         """``NAME=PATH``, as --lora takes it."""
-        name, separator, path = text.partition("=")
-        if not separator or not path:
-            raise UsageError(f"--lora {text!r}: give NAME=PATH, e.g. --lora style=loras/style.safetensors "
-                             f"(or NAME={TINY} for a random adapter of the tiny model).")
-        if not LORA_NAME.match(name):
-            raise UsageError(f"--lora {text!r}: the name {name!r} is served as unet_{name}; use lower-case letters, "
-                             f"digits and dashes (at most 40), starting with a letter or digit.")
+        name, path = parse_named("--lora", text, UNET_PREFIX, f"style=loras/style.safetensors (or style={TINY} for "
+                                                              f"a random adapter of the tiny model)")
         return cls(name, Path(path))
 
 

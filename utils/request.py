@@ -9,7 +9,6 @@ its request from the message alone (no traceback, no server path).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields, replace
 from typing import Mapping, Sequence
 
@@ -18,6 +17,7 @@ from tritonclient.utils import triton_to_np_dtype
 
 from utils import specs
 from utils.errors import InvalidRequest
+from utils.layout import SERVED_NAME
 from utils.mask import check_mask
 
 DEFAULT_GUIDANCE_SCALE = 7.5
@@ -40,7 +40,6 @@ GUIDANCE_SCALE_RANGE = (0.0, 100.0)
 # (diffusers takes any number; past 2 an adapter's delta usually overwhelms the base weights).
 MAX_LORAS = 4
 LORA_SCALE_RANGE = (-2.0, 2.0)
-LORA_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")  # served as unet_<name>: lower case, digits, dashes
 SEED_RANGE = (0, 2**63 - 1)
 
 
@@ -213,7 +212,7 @@ def check_adapters(lora, lora_scale) -> tuple[tuple[str, ...], tuple[float, ...]
         raise InvalidRequest(f"lora={list(names)} names {len(names)} adapters: at most {MAX_LORAS} per request; use "
                              f"fewer, or merge them into one LoRA file.")
     for index, name in enumerate(names):
-        if not isinstance(name, str) or not LORA_NAME.match(name):
+        if not isinstance(name, str) or not SERVED_NAME.match(name):
             raise InvalidRequest(f"lora[{index}]={name!r} is not an adapter name: names are lower-case letters, digits "
                                  f"and dashes: use a name the deployment serves (its --lora NAME=PATH).")
     if len(set(names)) != len(names):

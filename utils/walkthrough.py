@@ -19,6 +19,7 @@ PROMPT = '"a photo of an astronaut riding a horse on mars"'
 IMAGE_TO_IMAGE_PROMPT = "the same scene at night, oil painting"
 IMAGE_TO_IMAGE_STRENGTH = 0.6
 INPAINT_PROMPT = "a full moon"  # the quickstart's inpainting: the middle of the BLS image repainted
+CONTROLNET_PROMPT = "a castle on a hill"  # the quickstart's ControlNet: the BLS image's edges guide it
 
 
 @dataclass(frozen=True)
