@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from utils import specs
-from utils.controlnet import canny
+from utils.controlnet import CANNY, canny
 from utils.request import GenerationRequest
 
 
@@ -28,10 +28,11 @@ class Control:
         made; ``steps``: the loop's timesteps."""
         images = request.control_image.copy()
         for index, mode in enumerate(request.control_mode):
-            if mode == "canny":  # the control image is a photo: its edges, made here
+            if mode == CANNY:  # the control image is a photo: its edges, made here
                 images[index] = canny(images[index:index + 1])[0]
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).to(torch.float32) / 255.0  # as diffusers' processor
         self.images = [image[None].repeat(batch, 1, 1, 1).to(device=device, dtype=dtype) for image in pixels]
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (ControlNet, guidance rows): its images, made once
         self.models = [specs.controlnet_model(name) for name in request.controlnet]
         # Each ControlNet's weight at each step: 0 outside its fraction of the steps (diffusers' controlnet_keep).
         self.weights = [[scale * (1.0 - float(done / steps < start or (done + 1) / steps > end))
@@ -44,11 +45,19 @@ class Control:
         """The weighted sum of the residuals of the ControlNets that act at step ``done`` (None: none
         does), for a UNet call with these inputs (a control image per row: guidance doubles them)."""
         total = None
-        for model, image, weight in zip(self.models, self.images, self.weights[done]):
+        for index, (model, weight) in enumerate(zip(self.models, self.weights[done])):
             if weight == 0:
                 continue
-            rows = model_input.shape[0] // image.shape[0]
-            (residuals,) = call_network(model, model_input, timestep, text_embeddings, image.repeat(rows, 1, 1, 1))
-            residuals = residuals * weight
+            (residuals,) = call_network(model, model_input, timestep, text_embeddings,
+                                        self._control_images(index, model_input.shape[0]))
+            if weight != 1:  # (at 1, a copy of many megabytes for nothing)
+                residuals = residuals * weight
             total = residuals if total is None else total + residuals
         return total
+
+    def _control_images(self, index: int, rows: int) -> torch.Tensor:
+        """ControlNet ``index``'s images for a call of ``rows`` rows: guidance doubles them."""
+        if (index, rows) not in self._rows:
+            image = self.images[index]
+            self._rows[index, rows] = image.repeat(rows // image.shape[0], 1, 1, 1)
+        return self._rows[index, rows]

@@ -156,7 +156,7 @@ class PipelineModel:
                 adapter, parameters = self.adapters.route(adapters, network.name)
                 name = serving.placement.model_name(network.name, gpu, adapter)
                 outputs = call_by_bls(name, network, memory, self.times, *inputs, parameters=parameters)
-            if network is specs.UNET:
+            if network in (specs.UNET, specs.CONTROLLED_UNET):  # a denoising step, with or without ControlNet
                 seconds = time.perf_counter() - start
                 with self.times.phase("metrics"):  # queued: made by the metrics thread
                     self.metrics.steps.increment(1)

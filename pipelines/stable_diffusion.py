@@ -267,7 +267,9 @@ class StableDiffusion:
         unet_timesteps = timesteps.to(device=self.device, dtype=torch.float32)
         adapters = options.adapters  # LoRA: (name, weight) pairs, routed by the served adapters (utils/lora.py)
         cutoff = None if options.cfg_cutoff_step_ratio is None else int(len(timesteps) * options.cfg_cutoff_step_ratio)
-        with self.loop_scope():
+        # A ControlNet request's controlled steps go to controlled_unet, which a UNet in this
+        # process does not batch: its loop stays out of the count, so the others never wait for it.
+        with (self.loop_scope if control is None else contextlib.nullcontext)():
             for done, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
                 if is_cancelled():
                     raise Cancelled(f"cancelled at step {done} of {len(timesteps)}")

@@ -126,14 +126,22 @@ def test_a_controlnet_is_called_only_in_its_fraction_of_the_steps(tiny_model, co
     assert calls[specs.CONTROLLED_UNET.name] == 8 and calls[specs.UNET.name] == 3
 
 
-def test_the_controlled_unet_with_no_residuals_is_the_unet(tiny_model):
-    """Zeros for the residuals give the plain UNet's output exactly: the graphs differ only in what they add."""
+def test_the_controlled_unet_adds_the_residuals_where_diffusers_does(tiny_model, controlnets):
+    """At a size that is neither square nor a multiple of the downsampling (9x7 latents), the
+    packed residuals unpacked give diffusers' UNet given them as lists; zeros give the plain UNet."""
+    import diffusers
+
     dims = specs.ModelDims.from_pretrained(tiny_model).at_size(72, 56)
     unet, controlled = (load_network(name, tiny_model) for name in (specs.UNET.name, specs.CONTROLLED_UNET.name))
-    inputs = unet.example_inputs(2, dims, torch.Generator().manual_seed(0))
+    model = diffusers.ControlNetModel.from_pretrained(controlnets["edges"])
+    inputs = load_network(specs.CONTROLNET.name, controlnets["edges"]).example_inputs(
+        2, dims, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        zeros = torch.zeros(2, dims.residual_values)
-        assert torch.equal(controlled(*inputs, zeros), unet(*inputs))
+        down, mid = model(*inputs, return_dict=False)
+        expected = unet.unet(*inputs[:3], down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                             return_dict=False)[0]
+        assert torch.equal(controlled(*inputs[:3], pack_residuals((*down, mid))), expected)
+        assert torch.equal(controlled(*inputs[:3], torch.zeros(2, dims.residual_values)), unet(*inputs[:3]))
 
 
 def test_the_packed_residuals_have_the_layout_the_specs_read(tiny_model, controlnets):
@@ -148,9 +156,34 @@ def test_the_packed_residuals_have_the_layout_the_specs_read(tiny_model, control
     with torch.no_grad():
         down, mid = model(*inputs, return_dict=False)
         packed = wrapper(*inputs)
-    assert [(r.shape[1], r.shape[2]) for r in (*down, mid)] == [
-        (channels, -(-dims.latent_height // 2 ** level)) for channels, level in dims.residual_layout]
+    assert [tuple(r.shape[1:]) for r in (*down, mid)] == [
+        (channels, -(-dims.latent_height // 2 ** level), -(-dims.latent_width // 2 ** level))
+        for channels, level in dims.residual_layout]
     assert packed.shape == (1, dims.residual_values) and torch.equal(packed, pack_residuals((*down, mid)))
+
+
+def test_guidance_cut_off_with_a_controlnet_equals_diffusers_cutting_the_control_image_too(tiny_model, controlnets):
+    """cfg_cutoff_step_ratio: from the cut, the ControlNet sees the conditional rows alone, as
+    diffusers does with a callback that cuts the control image with the prompt embeddings (as its
+    SDXLControlnetCFGCutoffCallback does for SDXL; SD1.5's SDCFGCutoffCallback leaves the image doubled)."""
+    from diffusers.callbacks import PipelineCallback
+
+    class CutControlToo(PipelineCallback):
+        tensor_inputs = ["prompt_embeds", "image"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                pipeline._guidance_scale = 0.0
+                return {"prompt_embeds": callback_kwargs["prompt_embeds"].chunk(2)[1],
+                        "image": callback_kwargs["image"].chunk(2)[1]}
+            return callback_kwargs
+
+    options = dict(prompt=["a red door"], num_inference_steps=6)
+    ours = in_process(tiny_model, controlnets)(GenerationRequest(
+        controlnet=NAMES[:1], control_image=canny(photo()), seed=3, cfg_cutoff_step_ratio=0.4, **options))
+    reference = diffusers_controlnet(tiny_model, [controlnets[NAMES[0]]], canny(photo()), seed=3,
+                                     callback_on_step_end=CutControlToo(cutoff_step_ratio=0.4), **options)
+    assert int(np.abs(ours.numpy().astype(int) - reference.astype(int)).max()) <= 2
 
 
 def test_a_controlnet_of_another_checkpoint_is_refused_by_name(tiny_model, tmp_path):
@@ -164,6 +197,39 @@ def test_a_controlnet_of_another_checkpoint_is_refused_by_name(tiny_model, tmp_p
         check_controlnet(tiny_model, tmp_path / "other", "--controlnet x=other")
     with pytest.raises(ControlNetError, match="no config.json"):
         check_controlnet(tiny_model, tmp_path, "--controlnet x=" + str(tmp_path))
+
+
+def test_a_controlnet_that_pools_its_residuals_is_refused(tiny_model, controlnets, tmp_path):
+    """global_pool_conditions (SD1.5's shuffle ControlNet): residuals of one value per channel,
+    which the packed contract does not carry."""
+    import json
+    import shutil
+
+    pooled = shutil.copytree(controlnets["edges"], tmp_path / "pooled")
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    with pytest.raises(ControlNetError, match="its global_pool_conditions True does not match the checkpoint's False"):
+        check_controlnet(tiny_model, pooled, "--controlnet shuffle=pooled")
+
+
+def test_arrays_from_a_python_client_are_checked_like_lists(tiny_model, controlnets):
+    request = in_process(tiny_model, controlnets).check(GenerationRequest(
+        prompt=["a"], controlnet=np.array(NAMES), control_image=np.concatenate([photo()] * 2),
+        controlnet_conditioning_scale=np.array([1.0, 0.5], np.float32)))
+    assert request.controlnet == NAMES and request.controlnet_conditioning_scale == (1.0, 0.5)
+
+
+def test_a_control_flag_without_a_control_image_is_refused_by_name(tiny_model, controlnets):
+    """The run scripts pass every ControlNet flag on: one given alone is refused, not dropped."""
+    import argparse
+
+    from utils.cli import add_generation_arguments, generation_options
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    options = generation_options(parser.parse_args(["--controlnet-conditioning-scale", "0.5"]))
+    with pytest.raises(InvalidRequest, match=r"controlnet_conditioning_scale=\[0.5\] applies to ControlNet"):
+        in_process(tiny_model, controlnets).check(GenerationRequest(**options))
 
 
 BAD = {  # request fields: what the error names
@@ -264,6 +330,7 @@ def test_a_tensorrt_repository_builds_an_engine_per_controlnet(control_exports, 
     assert set(commands) == {*specs.NETWORKS, specs.CONTROLLED_UNET.name, *(f"controlnet_{name}" for name in NAMES)}
     dims, sizes = specs.ModelDims.from_pretrained(tiny_model), specs.ImageSizes.default(specs.ModelDims.from_pretrained(tiny_model))
     lengths = [dims.at_size(size, size).residual_values for size in (sizes.min, dims.image_height, sizes.max)]
-    for flag, batch, length in zip(("min", "opt", "max"), (1, 2, 16), lengths):
+    profile = specs.CONTROLLED_UNET.profile
+    for flag, batch, length in zip(("min", "opt", "max"), (profile.min, profile.opt, profile.max), lengths):
         assert f"--{flag}Shapes=" in commands[specs.CONTROLLED_UNET.name]
         assert f"residuals:{batch}x{length}" in commands[specs.CONTROLLED_UNET.name]

@@ -71,8 +71,7 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     control_guidance_end=(("--control-guidance-end",), dict(
         type=float, nargs="+", default=None, metavar="FRACTION", help="and ends at (default: 1)")),
 )
-CONTROL_FLAGS = ("controlnet", "control_mode", "controlnet_conditioning_scale", "control_guidance_start",
-                 "control_guidance_end")
+CONTROL_FLAGS = tuple(t.name for t in specs.CONTROL_INPUTS if t is not specs.CONTROL_IMAGE)  # besides the files
 
 
 def script_parser(script: str, doc: str) -> argparse.ArgumentParser:
@@ -129,6 +128,7 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                             "its tensors on the UNet's device (the fastest on one GPU with --runtime torch)")
     group.add_argument("--torch-compile", nargs="+", default=[], metavar="NETWORK",
                        help="networks the torch runtime compiles with torch.compile at load, e.g. unet vae_decoder "
+                            "(controlnet: each ControlNet; controlled_unet) "
                             "(a minute or more per network, cached for restarts; pays where a network runs at every "
                             "step, and for the VAE decoder: 8.7 against 22.6 ms an image on an H100)")
     group.add_argument("--lora", dest="adapters", action="append", type=lora_argument, default=[], metavar="NAME=PATH",
@@ -221,13 +221,15 @@ def generation_options(args: argparse.Namespace) -> dict:
             options.update(mask_image=load_image(args.mask_image, grey=True, flag="--mask-image"))
     else:
         options.update(height=args.height, width=args.width)
+    if hasattr(args, "control_image"):  # (its other flags go too, so that one without an image is refused by name)
+        options.update({name: getattr(args, name) for name in CONTROL_FLAGS})
     if getattr(args, "control_image", None):  # one file per ControlNet, each of the image's size
         images = [load_image(path, flag="--control-image") for path in args.control_image]
         if len({image.shape for image in images}) != 1:
             raise UsageError(f"--control-image {' '.join(map(str, args.control_image))}: the images differ in size "
                              f"({', '.join('x'.join(map(str, image.shape[1:3])) for image in images)}); give each at "
                              f"the size of the image to make.")
-        options.update(control_image=np.concatenate(images), **{name: getattr(args, name) for name in CONTROL_FLAGS})
+        options.update(control_image=np.concatenate(images))
     return options
 
 

@@ -30,7 +30,8 @@ from utils.request import GenerationRequest, check_image
 TINY = "tiny"  # --controlnet NAME=tiny: a random ControlNet for the checkpoint, built here
 # Canny's hysteresis thresholds, as diffusers' ControlNet guide makes a control image with OpenCV.
 CANNY_THRESHOLDS = (100, 200)
-CONTROL_MODES = ("canny",)  # what a server can make a control image from a photo with
+CANNY = "canny"
+CONTROL_MODES = (CANNY,)  # what a server can make a control image from a photo with
 AS_SENT = "none"  # a control_mode: the control image as sent (the default)
 CONTROLNETS_PARAMETER = "controlnets"  # the controlled UNet's config lists the ControlNets served under it
 # A ControlNet's weight (diffusers' controlnet_conditioning_scale takes any number; past 2 its
@@ -53,7 +54,7 @@ class ServedControlNet:
     @classmethod
     def parse(cls, text: str) -> ServedControlNet:
         """``NAME=PATH``, as --controlnet takes it."""
-        return cls(*parse_named("--controlnet", text, "controlnet", f"canny=lllyasviel/sd-controlnet-canny (a "
+        return cls(*parse_named("--controlnet", text, specs.CONTROLNET.name, f"canny=lllyasviel/sd-controlnet-canny (a "
                                                                    f"ControlNetModel folder or hub id), or canny={TINY} "
                                                                    f"for a random one"))
 
@@ -70,7 +71,9 @@ def controlnet_folder(controlnet: ServedControlNet, model_dir: Path, models_dir:
     its own)."""
     if controlnet.source == TINY:
         seed = int.from_bytes(hashlib.sha256(controlnet.name.encode()).digest()[:4], "little")
-        folder = Path(models_dir) / f"{Path(model_dir).name}-controlnet" / controlnet.name
+        # Named by the UNet's config too: a checkpoint of another architecture in a folder of the same name gets its own.
+        unet = hashlib.sha256((Path(model_dir) / "unet" / "config.json").read_bytes()).hexdigest()[:8]
+        folder = Path(models_dir) / f"{Path(model_dir).name}-controlnet" / f"{controlnet.name}-{unet}"
         if not (folder / "config.json").exists():
             build_tiny_controlnet(model_dir, folder, seed)
     elif Path(controlnet.source).is_dir():
@@ -98,7 +101,10 @@ def _download(controlnet: ServedControlNet) -> Path:
 
 def check_controlnet(model_dir: Path, folder: Path, label: str) -> None:
     """A ControlNet fits a checkpoint when its residuals are the UNet's skip connections (the same
-    blocks, channels and layers), it reads the same text embeddings and the same latents."""
+    blocks, channels and layers), it reads the same text embeddings and the same latents, and it
+    takes an RGB control image and returns full-size residuals (a ControlNet with
+    ``global_pool_conditions``, such as SD1.5's shuffle one, averages them to one value per channel
+    and is run in diffusers' guess mode: not served)."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise ControlNetError(f"{label}: {folder} has no config.json; give a folder written by "
@@ -110,7 +116,9 @@ def check_controlnet(model_dir: Path, folder: Path, label: str) -> None:
     latent_channels = json.loads((Path(model_dir) / "vae" / "config.json").read_text()).get("latent_channels", 4)
     for key, theirs, ours in (("residuals (channels, level)", residual_layout(config), residual_layout(unet)),
                               ("cross_attention_dim", config.get("cross_attention_dim"), unet.get("cross_attention_dim")),
-                              ("in_channels", config.get("in_channels"), latent_channels)):
+                              ("in_channels", config.get("in_channels"), latent_channels),
+                              ("conditioning_channels", config.get("conditioning_channels", 3), 3),
+                              ("global_pool_conditions", config.get("global_pool_conditions", False), False)):
         if theirs != ours:
             raise ControlNetError(f"{label}: its {key} {theirs} does not match the checkpoint's {ours} ({model_dir}): "
                                   f"use a ControlNet trained for this checkpoint's family.")
@@ -160,16 +168,17 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
                   sizes: ImageSizes | None = None) -> GenerationRequest:
     """A request's ControlNet inputs against the ControlNets a deployment serves (``served``, by
     name): returned whole, one entry per ControlNet used, and its size the control images'."""
-    extras = ("control_mode", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-    if not request.controlnet and request.control_image is None:
-        given = [name for name in extras if getattr(request, name) not in (None, (), [])]
+    extras = [t.name for t in specs.CONTROL_INPUTS if t not in (specs.CONTROLNET_NAMES, specs.CONTROL_IMAGE)]
+    if not _given(request.controlnet) and request.control_image is None:
+        given = [name for name in extras if _given(getattr(request, name))]
         if given:
             raise InvalidRequest(f"{given[0]}={getattr(request, given[0])!r} applies to ControlNet: use it with a "
                                  f"control_image, or leave it out.")
         return request
     if not served:
         raise InvalidRequest("control_image: this deployment serves no ControlNet; leave the ControlNet inputs out.")
-    names = tuple(request.controlnet) or (served if len(served) == 1 else ())
+    names = tuple(str(name) for name in _each(specs.CONTROLNET_NAMES.name, request.controlnet, 0, None)) or (
+        served if len(served) == 1 else ())
     if not names:
         raise InvalidRequest(f"controlnet is required: this deployment serves {len(served)} ControlNets "
                              f"({', '.join(served)}); name those to use, with a control image for each.")
@@ -190,15 +199,15 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
         if getattr(request, name) not in (None, {"height": height, "width": width}[name]):
             raise InvalidRequest(f"{name}={getattr(request, name)!r} differs from the control image's "
                                  f"({height}x{width}): the image takes the control image's size; resize one.")
-    modes = _each("control_mode", request.control_mode, len(names), AS_SENT)
+    modes = _each(specs.CONTROL_MODE.name, request.control_mode, len(names), AS_SENT)
     for index, mode in enumerate(modes):
         if mode not in (AS_SENT, *CONTROL_MODES):
-            raise InvalidRequest(f"control_mode[{index}]={mode!r} is not a control mode: use {AS_SENT!r} (the control "
+            raise InvalidRequest(f"{specs.CONTROL_MODE.name}[{index}]={mode!r} is not a control mode: use {AS_SENT!r} (the control "
                                  f"image as sent) or one made here from a photo: {', '.join(CONTROL_MODES)}.")
-    scales = _fractions("controlnet_conditioning_scale", request.controlnet_conditioning_scale, len(names), 1.0,
-                        CONDITIONING_SCALE_RANGE)
-    starts = _fractions("control_guidance_start", request.control_guidance_start, len(names), 0.0, (0.0, 1.0))
-    ends = _fractions("control_guidance_end", request.control_guidance_end, len(names), 1.0, (0.0, 1.0))
+    scales = _fractions(specs.CONTROLNET_CONDITIONING_SCALE.name, request.controlnet_conditioning_scale, len(names),
+                        1.0, CONDITIONING_SCALE_RANGE)
+    starts = _fractions(specs.CONTROL_GUIDANCE_START.name, request.control_guidance_start, len(names), 0.0, (0.0, 1.0))
+    ends = _fractions(specs.CONTROL_GUIDANCE_END.name, request.control_guidance_end, len(names), 1.0, (0.0, 1.0))
     for index, (start, end) in enumerate(zip(starts, ends)):
         if start >= end:
             raise InvalidRequest(f"control_guidance_start[{index}]={start:g} is not before control_guidance_end"
@@ -208,13 +217,20 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
                    controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends)
 
 
+def _given(value) -> bool:
+    """Whether a request field was sent: a value, or a list (or array) of one or more."""
+    return value is not None and (not isinstance(value, (list, tuple, np.ndarray)) or len(value) > 0)
+
+
 def _each(name: str, values, count: int, default):
-    """One value per ControlNet: as given, one for all, or the default."""
+    """One value per ControlNet: as given, one for all, or the default (``count`` 0: any number, as given)."""
     values = list(values) if isinstance(values, (list, tuple, np.ndarray)) else [] if values is None else [values]
-    if len(values) not in (0, 1, count):
+    if count and len(values) not in (0, 1, count):
         raise InvalidRequest(f"{name} has {len(values)} values for {count} ControlNets: send one for each, or one "
                              f"for all.")
-    return tuple(values * count if len(values) == 1 else values or [default] * count)
+    if count and len(values) == 1:
+        return tuple(values * count)
+    return tuple(values or [default] * count)
 
 
 def _fractions(name: str, values, count: int, default: float, allowed: tuple[float, float]) -> tuple[float, ...]:

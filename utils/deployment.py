@@ -139,9 +139,10 @@ class Deployment:
             raise UsageError(f"--device {self.device} applies to --runtime torch (the python backend's ONNX Runtime "
                              f"runs on the CPU; the onnxruntime and tensorrt backends find their GPUs themselves): "
                              f"add --runtime torch, or leave --device out.")
-        unknown = set(self.torch_compile) - set(specs.NETWORKS)
+        compilable = [*specs.NETWORKS, *specs.CONTROL_NETWORKS]  # controlnet: each ControlNet served
+        unknown = set(self.torch_compile) - set(compilable)
         if unknown or (self.torch_compile and not self.torch_runtime):
-            raise UsageError(f"torch_compile={list(self.torch_compile)}: name networks of {list(specs.NETWORKS)}, "
+            raise UsageError(f"torch_compile={list(self.torch_compile)}: name networks of {compilable}, "
                              f"with runtime='torch' (got runtime={self.runtime!r}; --torch-compile).")
         if self.placement is None:
             object.__setattr__(self, "placement", Placement.on_gpus() if self.torch_on_gpu else CPU)

@@ -74,7 +74,7 @@ NETWORKS = {spec.name: spec for spec in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DE
 CONTROLNET = NetworkSpec(
     name="controlnet",
     inputs=(
-        TensorSpec("sample", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),
+        replace(UNET.inputs[0], dims=("latent_channels", "latent_height", "latent_width")),  # the latents alone
         UNET.inputs[1],
         UNET.inputs[2],
         # The control image (edges, depth, ...), RGB in [0, 1] at the image's size, as diffusers' ControlNet takes it.

@@ -5,6 +5,8 @@ per batch size, compiled with --compile), prints how long that took, then times 
 replay, copy out) with CUDA events at every batch size of the profile. Run it twice with the same TORCHINDUCTOR_CACHE_DIR:
 the second run shows what a server restart pays with the first run's compile cache.
   python scripts/gpu_host/measure_compile.py --network unet --compile --output outputs/compile.json
+A ControlNet (--network controlnet) is the one --controlnet names (default: a random one built for
+the model); the GPU memory the network holds is recorded too.
 """
 
 import argparse
@@ -17,9 +19,10 @@ from pathlib import Path
 import torch
 
 from utils import specs
-from utils.cli import main_entry
+from utils.cli import controlnet_argument, main_entry
+from utils.controlnet import TINY, ServedControlNet, controlnet_folder
 from utils.errors import UsageError
-from utils.models import resolve_model
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.networks import TORCH_DTYPES, load_network, torch_dtype
 from utils.python_backend.cuda_graphs import GraphedNetwork, compile_cache_report, compile_recipe
 
@@ -45,7 +48,9 @@ def timed_calls(network: GraphedNetwork, spec: specs.NetworkSpec, dims: specs.Mo
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd15-random", help="a preset, a diffusers folder or a hub id")
-    parser.add_argument("--network", default=specs.UNET.name, choices=list(specs.NETWORKS))
+    parser.add_argument("--network", default=specs.UNET.name, choices=[*specs.NETWORKS, *specs.CONTROL_NETWORKS])
+    parser.add_argument("--controlnet", default=ServedControlNet("controlnet", TINY), type=controlnet_argument,
+                        metavar="NAME=PATH", help="with --network controlnet: which (default: controlnet=tiny)")
     parser.add_argument("--compile", action="store_true", help="torch.compile it, as --torch-compile does")
     parser.add_argument("--static-batches", type=int, nargs="*", default=[],
                         help="compile for these batch sizes alone, as a loop's own UNet is (e.g. 2 16 32)")
@@ -61,14 +66,16 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise UsageError("no CUDA device: this measures the GPU runtime (CUDA graphs), run it on a GPU host.")
 
-    spec = specs.NETWORKS[args.network]
+    spec = specs.served_network(args.network)
     checkpoint = resolve_model(args.model)
     dims = specs.ModelDims.from_pretrained(checkpoint)
+    weights = controlnet_folder(args.controlnet, checkpoint, DEFAULT_MODELS_DIR) if spec is specs.CONTROLNET else None
     dtypes = [torch_dtype(t, TORCH_DTYPES["FP16"]) for t in spec.inputs]
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "network": spec.name,
               "compiled": args.compile, "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     start = time.perf_counter()
-    module = load_network(spec.name, checkpoint, "FP16", "cuda")
+    module = load_network(spec.name, weights or checkpoint, "FP16", "cuda")
+    record["weights_gib"] = torch.cuda.memory_allocated() / 2**30
     if args.compile:
         compile_recipe(module)
         for setting in args.inductor:
@@ -83,6 +90,7 @@ def main(argv=None):
         network = GraphedNetwork(module, spec, dims, torch.device("cuda", 0), dtypes, compile_module=args.compile,
                                  static_batches=tuple(args.static_batches), log=lambda line: print(line, flush=True))
         record["build_s"] = time.perf_counter() - start
+        record["held_gib"] = torch.cuda.memory_allocated() / 2**30  # the weights, and the graphs' own buffers
         if args.compile:
             record["compile_cache"] = compile_cache_report()
         record["ms_per_call"] = {}
@@ -93,7 +101,8 @@ def main(argv=None):
                   flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"built in {record['build_s']:.1f} s; wrote {args.output}")
+    print(f"built in {record['build_s']:.1f} s; {record['weights_gib']:.2f} GiB of weights, "
+          f"{record['held_gib']:.2f} GiB held with the graphs; wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _python_backend(config: mc.ModelConfig, network: specs.NetworkSpec, deployme
         # LoRA adapters applied per request (utils/lora_in_place.py).
         if network in (specs.UNET, specs.TEXT_ENCODER) and deployment.adapters_in_place:
             parameters[CONFIG_PARAMETER] = ",".join(adapter.name for adapter in deployment.adapters)
-        if network.name in deployment.torch_compile:  # compiled at load, before the CUDA graphs are captured
+        if layout.network_of(network.name) in deployment.torch_compile:  # compiled at load, before the CUDA graphs
             parameters["torch_compile"] = "yes"
         for key, value in parameters.items():
             config.parameters[key].string_value = value
