@@ -47,11 +47,39 @@ def server(tiny_model, in_place_adapters, models_dir, tmp_path_factory):
 
     from utils.repository.writer import write_repository
 
+    from utils.controlnet import ServedControlNet
+
     repository = tmp_path_factory.mktemp("loop-with-unet")
-    write_repository(repository, tiny_model, None, replace(server_deployment(), adapters=in_place_adapters),
-                     models_dir=models_dir)
+    write_repository(repository, tiny_model, None, replace(server_deployment(), adapters=in_place_adapters, controlnets=(
+        ServedControlNet(CONTROLNET, "tiny"),)), models_dir=models_dir)
     with profiled_server(repository) as server:
         yield server
+
+
+CONTROLNET = "edges"  # a ControlNet served beside the loop's UNet: its requests' steps go to controlled_unet
+
+
+def test_a_controlnet_request_beside_plain_ones_equals_diffusers(server, tiny_model, models_dir):
+    """Its controlled steps go to controlled_unet by BLS, its plain ones (none here) to the loop's
+    UNet, its loop outside the batcher's count: in flight with plain requests, each gives its image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_controlnet import diffusers_controlnet, photo
+
+    from utils.controlnet import ServedControlNet, canny, controlnet_folder
+
+    control = dict(prompt="a castle", seed=3, num_inference_steps=8, control_image=canny(photo()))
+    folder = controlnet_folder(ServedControlNet(CONTROLNET, "tiny"), tiny_model, models_dir)
+    pipeline = BlsPipeline(server.grpc_url)
+    with ThreadPoolExecutor(3) as pool:
+        guided = pool.submit(pipeline, **control)
+        plain = [pool.submit(pipeline, **OPTIONS) for _ in range(2)]
+        images, plain_images = guided.result(), [future.result() for future in plain]
+    control_image = control.pop("control_image")
+    pixels = difference(images, diffusers_controlnet(tiny_model, [folder], control_image, **control))
+    report(f"loop with the UNet, a ControlNet request beside plain ones vs diffusers: max pixel difference {pixels}")
+    assert pixels <= MAX_PIXEL_DIFFERENCE
+    assert all(np.array_equal(plain_images[0], other) for other in plain_images[1:])
 
 
 def difference(images: np.ndarray, expected: np.ndarray) -> int:
