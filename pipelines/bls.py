@@ -15,3 +15,4 @@ class BlsPipeline(ServedPipeline):
     text_to_image = specs.TEXT_TO_IMAGE
     image_to_image = specs.IMAGE_TO_IMAGE
     inpaint = specs.IMAGE_TO_IMAGE  # the same model: image to image with a mask_image
+    controlnet = specs.TEXT_TO_IMAGE  # the same model: text to image with a control_image

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from utils import specs
-from utils.controlnet import CANNY, canny
+from utils.controlnet import prepared
 from utils.request import GenerationRequest
 
 
@@ -26,10 +26,7 @@ class Control:
                  device: torch.device):
         """``request``: as utils/controlnet.py's check_control returns it; ``batch``: the images
         made; ``steps``: the loop's timesteps."""
-        images = request.control_image.copy()
-        for index, mode in enumerate(request.control_mode):
-            if mode == CANNY:  # the control image is a photo: its edges, made here
-                images[index] = canny(images[index:index + 1])[0]
+        images = prepared(request.control_image, request.control_mode)  # a photo's edges made here, for instance
         pixels = torch.as_tensor(images).permute(0, 3, 1, 2).to(torch.float32) / 255.0  # as diffusers' processor
         self.images = [image[None].repeat(batch, 1, 1, 1).to(device=device, dtype=dtype) for image in pixels]
         self._rows: dict[tuple[int, int], torch.Tensor] = {}  # (ControlNet, guidance rows): its images, made once

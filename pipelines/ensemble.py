@@ -1,5 +1,5 @@
-"""Client of the Triton ensembles (triton/models/ensemble_text_to_image, ensemble_image_to_image and
-ensemble_inpaint).
+"""Client of the Triton ensembles (triton/models/ensemble_text_to_image, ensemble_image_to_image,
+ensemble_inpaint and ensemble_controlnet).
 
 An ensemble is a data-flow graph that Triton runs itself: each step's outputs become the next
 steps' inputs, with no client round trip between them. Its steps are ensembles too
@@ -23,6 +23,7 @@ class EnsemblePipeline(ServedPipeline):
     text_to_image = specs.ENSEMBLE_TEXT_TO_IMAGE
     image_to_image = specs.ENSEMBLE_IMAGE_TO_IMAGE
     inpaint = specs.ENSEMBLE_INPAINT
+    controlnet = specs.ENSEMBLE_CONTROLNET
 
     def parameters(self, request: GenerationRequest) -> dict[str, str]:
         return {REQUEST_PARAMETER: encode_adapters(request.adapters)} if request.adapters else {}

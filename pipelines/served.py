@@ -20,6 +20,7 @@ class ServedPipeline:
     text_to_image: specs.PipelineSpec | specs.EnsembleSpec
     image_to_image: specs.PipelineSpec | specs.EnsembleSpec
     inpaint: specs.PipelineSpec | specs.EnsembleSpec
+    controlnet: specs.PipelineSpec | specs.EnsembleSpec  # text to image with a control image
 
     def __init__(self, url: str = DEFAULT_URL, timeout: float | None = 600.0, retry_for: float = DEFAULT_RETRY_FOR):
         self.client = connect(url)
@@ -31,13 +32,13 @@ class ServedPipeline:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields
         (negative_prompt, image and strength for image to image, mask_image to inpaint, scheduler,
         num_images_per_prompt, height and width, guidance_scale, num_inference_steps, seed, lora
-        and lora_scale)."""
+        and lora_scale, control_image and the other ControlNet inputs)."""
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
         request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
                                 max_steps=None)
-        spec = (self.text_to_image if request.image is None else
-                self.image_to_image if request.mask_image is None else self.inpaint)
+        spec = (self.controlnet if request.control_image is not None else self.text_to_image if request.image is None
+                else self.image_to_image if request.mask_image is None else self.inpaint)
         return self.infer(request_to_arrays(request, spec), spec, self.parameters(request))
 
     def parameters(self, request: GenerationRequest) -> dict[str, str]:

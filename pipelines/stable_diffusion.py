@@ -162,8 +162,8 @@ class StableDiffusion:
                                  f"takes {self.components.dims.unet_sample_channels} channels: the latents, the mask "
                                  f"and the masked image), which only repaints; send an image and a mask_image.")
 
-    def check_image(self, images) -> np.ndarray:
-        return check_image(images, None, self.sizes)
+    def check_image(self, images, name: str = specs.INIT_IMAGE.name) -> np.ndarray:
+        return check_image(images, None, self.sizes, name=name)
 
     def warm_up(self, steps: int = 3, tokenize: bool = True) -> None:
         """Run the loop's own work once (tokenizer, scheduler, guidance) with networks that return

@@ -77,6 +77,18 @@ def test_controlnet_equals_diffusers(kind, case, ways, tiny_model, models_dir):
     assert served.shape == expected.shape and difference <= MAX_PIXEL_DIFFERENCE
 
 
+def test_a_controlnet_deployment_serves_its_ensemble_and_passes_the_canary(controlnet_server, triton_server):
+    """ensemble_controlnet and its preprocess_control step where ControlNets are served, nowhere else;
+    the supervisor's canary sends its graph a control image for the first ControlNet."""
+    from utils.server.health import canary, served_pipelines
+
+    served = served_pipelines(controlnet_server.model_repository)
+    assert specs.ENSEMBLE_CONTROLNET in served
+    assert specs.ENSEMBLE_CONTROLNET not in served_pipelines(triton_server.model_repository)
+    assert not (triton_server.model_repository / specs.PREPROCESS_CONTROL.name).exists()
+    canary(controlnet_server.grpc_url, pipelines=served)
+
+
 def test_the_client_side_reads_the_served_controlnets_from_the_config(controlnet_server, triton_server, tiny_model):
     """The controlled UNet's config lists the ControlNets (the repository's index needs the admin key)."""
     assert ClientSidePipeline(tiny_model, controlnet_server.grpc_url).loop.controlnets == NAMES
@@ -100,7 +112,7 @@ BAD = {  # the ControlNet inputs sent with a prompt: the message
 
 
 @pytest.mark.parametrize("case", BAD)
-@pytest.mark.parametrize("model", [specs.TEXT_TO_IMAGE, specs.ENSEMBLE_TEXT_TO_IMAGE])
+@pytest.mark.parametrize("model", [specs.TEXT_TO_IMAGE, specs.ENSEMBLE_CONTROLNET])
 def test_bad_control_inputs_are_refused_by_name_and_the_server_keeps_serving(case, model, controlnet_server):
     extra, message = BAD[case]
     client = connect(controlnet_server.grpc_url)

@@ -199,11 +199,7 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
         if getattr(request, name) not in (None, {"height": height, "width": width}[name]):
             raise InvalidRequest(f"{name}={getattr(request, name)!r} differs from the control image's "
                                  f"({height}x{width}): the image takes the control image's size; resize one.")
-    modes = _each(specs.CONTROL_MODE.name, request.control_mode, len(names), AS_SENT)
-    for index, mode in enumerate(modes):
-        if mode not in (AS_SENT, *CONTROL_MODES):
-            raise InvalidRequest(f"{specs.CONTROL_MODE.name}[{index}]={mode!r} is not a control mode: use {AS_SENT!r} (the control "
-                                 f"image as sent) or one made here from a photo: {', '.join(CONTROL_MODES)}.")
+    modes = control_modes(request.control_mode, len(names))
     scales = _fractions(specs.CONTROLNET_CONDITIONING_SCALE.name, request.controlnet_conditioning_scale, len(names),
                         1.0, CONDITIONING_SCALE_RANGE)
     starts = _fractions(specs.CONTROL_GUIDANCE_START.name, request.control_guidance_start, len(names), 0.0, (0.0, 1.0))
@@ -215,6 +211,26 @@ def check_control(request: GenerationRequest, served: tuple[str, ...],
                                  f"second; send a start below the end.")
     return replace(request, controlnet=names, control_image=images, control_mode=modes, height=height, width=width,
                    controlnet_conditioning_scale=scales, control_guidance_start=starts, control_guidance_end=ends)
+
+
+def control_modes(modes, count: int) -> tuple[str, ...]:
+    """A request's control_mode for ``count`` control images: one each, checked."""
+    modes = _each(specs.CONTROL_MODE.name, modes, count, AS_SENT)
+    for index, mode in enumerate(modes):
+        if mode not in (AS_SENT, *CONTROL_MODES):
+            raise InvalidRequest(f"{specs.CONTROL_MODE.name}[{index}]={mode!r} is not a control mode: use {AS_SENT!r} "
+                                 f"(the control image as sent) or one made here from a photo: {', '.join(CONTROL_MODES)}.")
+    return modes
+
+
+def prepared(images: np.ndarray, modes: tuple[str, ...]) -> np.ndarray:
+    """The control images as the ControlNets take them: each made from its photo where its mode
+    says how (canny: the edges), as sent otherwise."""
+    images = images.copy()
+    for index, mode in enumerate(modes):
+        if mode == CANNY:
+            images[index] = canny(images[index:index + 1])[0]
+    return images
 
 
 def _given(value) -> bool:

@@ -221,8 +221,9 @@ TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM = (
 CHECKED_PROMPT = replace(PROMPT, name="checked_prompt")
 CHECKED_IMAGE = replace(INIT_IMAGE, name="checked_image")  # image to image's ensemble asks for it
 CHECKED_MASK = replace(MASK_IMAGE, name="checked_mask_image", optional=False)  # and the inpainting one this
+CHECKED_CONTROL_IMAGE = replace(CONTROL_IMAGE, name="checked_control_image", optional=False)  # and ControlNet's this
 CHECK_REQUEST = PipelineSpec("check_request", tuple(replace(t, optional=True) for t in REQUEST_INPUTS),
-                             (CHECKED_PROMPT, CHECKED_IMAGE, CHECKED_MASK))
+                             (CHECKED_PROMPT, CHECKED_IMAGE, CHECKED_MASK, CHECKED_CONTROL_IMAGE))
 TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
                          (batched(TEXT_ENCODER.inputs[0]),))
 DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
@@ -231,11 +232,16 @@ DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph ca
                 CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE, *CONTROL_INPUTS),
     (LATENTS,), networks=(UNET,))
 POSTPROCESS = PipelineSpec("postprocess", (DECODED,), (IMAGES,))
+# ControlNet's branch: the control images as the ControlNets take them, made from the photos where
+# control_mode asks (canny: their edges), each as sent otherwise.
+PREPARED_CONTROL_IMAGE = replace(CONTROL_IMAGE, name="prepared_control_image", optional=False)
+PREPROCESS_CONTROL = PipelineSpec("preprocess_control", (replace(CONTROL_IMAGE, optional=True), CONTROL_MODE),
+                                  (PREPARED_CONTROL_IMAGE,))
 # With a mask_image, the masked image: the pixels to repaint made grey (0 in [-1, 1]), as diffusers'.
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True), MASK_IMAGE), (NORMALIZED,))
 
 BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM)
-ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE)
+ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE, PREPROCESS_CONTROL)
 PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
 
 
@@ -295,12 +301,27 @@ ENCODE_MASKED_IMAGE = EnsembleSpec(  # the same steps, given the mask too
 _OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, CFG_CUTOFF_STEP_RATIO.name,
             NUM_INFERENCE_STEPS.name, SEED.name, LORA.name, LORA_SCALE.name)
 _CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
+_PLAIN_INPUTS = tuple(t for t in TEXT_TO_IMAGE_INPUTS if t not in CONTROL_INPUTS)  # ControlNet has its own graph
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
-    "ensemble_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
-    (step(CHECK_REQUEST, *(t.name for t in TEXT_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name,)),
+    "ensemble_text_to_image", _PLAIN_INPUTS, (IMAGES,),
+    (step(CHECK_REQUEST, *(t.name for t in _PLAIN_INPUTS), outputs=(CHECKED_PROMPT.name,)),
      step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
-     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, *(t.name for t in CONTROL_INPUTS),
-          outputs=(LATENTS.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
+     step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
+)
+# ControlNet: text to image's graph with a branch beside the prompt's, the control images made
+# ready (preprocess_control) for the denoise step, which calls the ControlNets with the UNet. Its own
+# graph: an ensemble cannot skip a step, and a plain request has no control image to prepare.
+ENSEMBLE_CONTROLNET = EnsembleSpec(
+    "ensemble_controlnet", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
+    (step(CHECK_REQUEST, *(t.name for t in TEXT_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name,
+                                                                         CHECKED_CONTROL_IMAGE.name)),
+     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(PREPROCESS_CONTROL, (CONTROL_IMAGE.name, CHECKED_CONTROL_IMAGE.name), CONTROL_MODE.name,
+          outputs=(PREPARED_CONTROL_IMAGE.name,)),
+     step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, CONTROLNET_NAMES.name,
+          (CONTROL_IMAGE.name, PREPARED_CONTROL_IMAGE.name), CONTROLNET_CONDITIONING_SCALE.name,
+          CONTROL_GUIDANCE_START.name, CONTROL_GUIDANCE_END.name, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
@@ -331,4 +352,5 @@ ENSEMBLE_INPAINT = EnsembleSpec(
 
 # Inner ensembles first: Triton loads them in any order, but a reader meets them in this one.
 ENSEMBLES = {spec.name: spec for spec in (ENCODE_PROMPT, DECODE, ENCODE_IMAGE, ENCODE_MASKED_IMAGE,
-                                          ENSEMBLE_TEXT_TO_IMAGE, ENSEMBLE_IMAGE_TO_IMAGE, ENSEMBLE_INPAINT)}
+                                          ENSEMBLE_TEXT_TO_IMAGE, ENSEMBLE_IMAGE_TO_IMAGE, ENSEMBLE_INPAINT,
+                                          ENSEMBLE_CONTROLNET)}

@@ -302,18 +302,22 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
                         adapter)
     ensembles = deployment.serves_ensembles
     for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
-        if serves(pipeline, dims):
+        if serves(pipeline, dims, deployment):
             add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force)
     for ensemble in specs.ENSEMBLES.values() if ensembles else ():
-        if serves(ensemble, dims):
+        if serves(ensemble, dims, deployment):
             add_ensemble(repository, ensemble, precision, report, force)
     return report
 
 
-def serves(pipeline: specs.PipelineSpec | specs.EnsembleSpec, dims: specs.ModelDims) -> bool:
-    """Whether a checkpoint of these dims can serve this pipeline: an inpainting checkpoint's UNet
-    only repaints, so its repository has image to image's models (which inpaint given a mask) and the
-    inpainting ensemble, not text to image's nor plain image to image's ensemble."""
+def serves(pipeline: specs.PipelineSpec | specs.EnsembleSpec, dims: specs.ModelDims,
+           deployment: Deployment = Deployment()) -> bool:
+    """Whether a deployment of a checkpoint of these dims serves this pipeline: ControlNet's
+    ensemble and its step where it has ControlNets; an inpainting checkpoint's UNet only repaints,
+    so its repository has image to image's models (which inpaint given a mask) and the inpainting
+    ensemble, not text to image's nor plain image to image's ensemble."""
+    if pipeline in (specs.ENSEMBLE_CONTROLNET, specs.PREPROCESS_CONTROL) and not deployment.controlnets:
+        return False
     if not dims.inpainting_unet:
         return True
     return pipeline not in (specs.TEXT_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.ENSEMBLE_TEXT_TO_IMAGE,

@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from utils import layout, specs
+from utils.controlnet import CONTROLNETS_PARAMETER
 from utils.deployment import served_network_names
 from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
@@ -29,7 +30,8 @@ from utils.request import GenerationRequest, request_to_arrays
 from utils.walkthrough import step
 
 # The models a user calls: the BLS pipelines (the streaming one over a gRPC stream) and the ensembles.
-TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.ENSEMBLE_INPAINT)
+TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.ENSEMBLE_INPAINT,
+             specs.ENSEMBLE_CONTROLNET)
 
 
 class CanaryFailed(RuntimeError):
@@ -102,9 +104,14 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
         for spec in pipelines or [specs.TEXT_TO_IMAGE]:
             takes_image = any(t.name == specs.INIT_IMAGE.name for t in spec.inputs)
             needs_mask = spec is specs.ENSEMBLE_INPAINT or (inpainting_unet and takes_image)
+            control = {}
+            if spec is specs.ENSEMBLE_CONTROLNET:  # a grey control image, for the first ControlNet served
+                config = client.get_model_config(specs.CONTROLLED_UNET.name, as_json=True, client_timeout=timeout)
+                names = config["config"]["parameters"][CONTROLNETS_PARAMETER]["string_value"].split(",")
+                control = dict(controlnet=names[:1], control_image=np.full((1, *image.shape[1:]), 128, np.uint8))
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0,
-                                        mask_image=box_mask(*image.shape[1:3]) if needs_mask else None)
+                                        mask_image=box_mask(*image.shape[1:3]) if needs_mask else None, **control)
             arrays = request_to_arrays(request, spec)
             if spec.decoupled:  # a stream (never an ensemble): no previews, its final answer
                 stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)

@@ -1,7 +1,7 @@
 """Ensemble step, the first: the whole request checked as the BLS pipelines check it (the same
 function, pipelines/stable_diffusion.py), before any network runs. Its prompt, the image of image
-to image and the mask of inpainting go on to the other steps from here, so a refused request costs
-no network call."""
+to image, the mask of inpainting and ControlNet's control images go on to the other steps from
+here, so a refused request costs no network call."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
@@ -15,7 +15,8 @@ class TritonPythonModel(PipelineModel):
 
     def compute(self, request, tensors, is_cancelled):
         requested = self.requested_outputs()  # the image to image and inpainting ensembles ask for these
-        for output, tensor in ((specs.CHECKED_IMAGE, specs.INIT_IMAGE), (specs.CHECKED_MASK, specs.MASK_IMAGE)):
+        for output, tensor in ((specs.CHECKED_IMAGE, specs.INIT_IMAGE), (specs.CHECKED_MASK, specs.MASK_IMAGE),
+                               (specs.CHECKED_CONTROL_IMAGE, specs.CONTROL_IMAGE)):
             if output.name in requested and getattr(request, tensor.name) is None:
                 raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
                                      f"{list(tensor.dims)}.")
@@ -23,7 +24,8 @@ class TritonPythonModel(PipelineModel):
         self.pipeline.check_unet_kind(checked)
         if self.adapters.in_place:
             self.check_adapters_parameter(checked.adapters)
-        return checked.prompt, checked.image, checked.mask_image  # (the response carries the outputs asked for only)
+        # (the response carries the outputs asked for only)
+        return checked.prompt, checked.image, checked.mask_image, checked.control_image
 
     def check_adapters_parameter(self, adapters) -> None:
         """Adapters applied in place: the text encoder step reads them from the request parameter
