@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from utils.benchmark.settings import IMAGE_TASKS, Context
+from utils.benchmark.settings import CONTROLNET, IMAGE_TASKS, Context
 
 
 class DiffusersContender:
@@ -36,6 +36,12 @@ class DiffusersContender:
 
             task = StableDiffusionInpaintPipeline if settings.task == "inpaint" else StableDiffusionImg2ImgPipeline
             self.pipeline = task(**self.pipeline.components)
+        if settings.task == CONTROLNET:  # the same components with the deployment's ControlNet
+            from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+            (folder,) = context.controlnet_folders.values()
+            controlnet = ControlNetModel.from_pretrained(folder, dtype=dtype).to(settings.device)
+            self.pipeline = StableDiffusionControlNetPipeline(**self.pipeline.components, controlnet=controlnet)
         self.pipeline.set_progress_bar_config(disable=True)
         diffusers.utils.logging.set_verbosity_error()  # no per-call prompt truncation warnings
         self.diffusers_version, self.device, self.precision = diffusers.__version__, settings.device, settings.precision
@@ -78,7 +84,7 @@ class DiffusersContender:
         self.pipeline.scheduler = self.schedulers[scheduler]
 
     def __call__(self, prompt, seed, image=None, mask_image=None, lora=(), lora_scale=None, scheduler=None,
-                 **options) -> np.ndarray:
+                 control_image=None, controlnet=(), **options) -> np.ndarray:
         """One call of the pipeline; a list of prompts (and as many pictures) makes one batch."""
         from PIL import Image
 
@@ -86,6 +92,8 @@ class DiffusersContender:
         generator = self.torch.Generator().manual_seed(seed)
         if image is not None:  # as PIL images: diffusers scales them to [-1, 1] as the served pipelines do
             options.update(image=[Image.fromarray(picture) for picture in image])
+        if control_image is not None:  # ControlNet's pipeline (of the one ControlNet named) takes them as its image
+            options.update(image=[Image.fromarray(picture) for picture in control_image])
         if mask_image is not None:  # grey levels, at the picture's own size (diffusers' default: the checkpoint's)
             options.update(mask_image=[Image.fromarray(mask) for mask in mask_image], height=image.shape[1],
                            width=image.shape[2])
@@ -96,8 +104,13 @@ class DiffusersContender:
         """Time the networks' forward calls (synchronizing the GPU, so only while profiling)."""
         # vae.decoder: all of the VAE decoder network but its first 1x1 convolution (post_quant_conv).
         modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet,
-                   "vae_encoder": self.pipeline.vae.encoder, "vae_decoder": self.pipeline.vae.decoder}
+                   "vae_encoder": self.pipeline.vae.encoder, "vae_decoder": self.pipeline.vae.decoder,
+                   **self._controlnet()}
         return self._timers(modules, totals, calls)
+
+    def _controlnet(self) -> dict:
+        """The ControlNet's module where the pipeline has one (the controlnet task), to time it."""
+        return {"controlnet": self.pipeline.controlnet} if hasattr(self.pipeline, "controlnet") else {}
 
     @contextmanager
     def _timers(self, modules: dict, totals: dict[str, float], calls: dict[str, int]):
@@ -163,21 +176,27 @@ class FastDiffusersContender(CompiledDiffusersContender):
         self.fused_qkv = not context.adapter_files
         if self.fused_qkv:
             pipeline.fuse_qkv_projections()
-        pipeline.unet.to(memory_format=torch.channels_last)
-        pipeline.vae.to(memory_format=torch.channels_last)
+        controlnet = getattr(pipeline, "controlnet", None)  # the controlnet task's: the UNet's recipe too
+        if controlnet is not None and self.fused_qkv:
+            controlnet.fuse_qkv_projections()
+        for module in (pipeline.unet, pipeline.vae, *([controlnet] if controlnet is not None else [])):
+            module.to(memory_format=torch.channels_last)
         self.compiled = self.device == "cuda"
         if self.compiled:
             torch._inductor.config.conv_1x1_as_mm = True
             compile_options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
             pipeline.unet = torch.compile(pipeline.unet, **compile_options)
             pipeline.vae.decode = torch.compile(pipeline.vae.decode, **compile_options)
+            if controlnet is not None:
+                pipeline.controlnet = torch.compile(controlnet, **compile_options)
 
     @contextmanager
     def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
         """As diffusers', but the VAE decoder timed around the compiled ``vae.decode`` (its whole
         network, post_quant_conv included): the hooks of a module inside a compiled graph do not run."""
         vae = self.pipeline.vae
-        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet, "vae_encoder": vae.encoder}
+        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet, "vae_encoder": vae.encoder,
+                   **self._controlnet()}
         decode = vae.decode
 
         def timed_decode(*args, **kwargs):
@@ -199,7 +218,8 @@ class FastDiffusersContender(CompiledDiffusersContender):
             vae.decode = decode
 
     def configuration(self) -> str:
-        compiled = ("UNet and VAE decoder compiled (reduce-overhead, full graph, static shapes)" if self.compiled
+        networks = "UNet, ControlNet and VAE decoder" if self._controlnet() else "UNet and VAE decoder"
+        compiled = (f"{networks} compiled (reduce-overhead, full graph, static shapes)" if self.compiled
                     else "not compiled on the CPU")
         qkv = "fused QKV" if self.fused_qkv else "QKV not fused (LoRA layers on them)"
         return (f"diffusers {self.diffusers_version}, {qkv}, channels_last UNet and VAE, 1x1 convolutions as "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.contenders import CONTENDERS
 from utils.benchmark import (
+    CONTROLNET,
     TASKS,
     Settings,
     fidelity_problems,
@@ -24,6 +25,7 @@ from utils.benchmark import (
     table,
     write_results,
 )
+from utils.controlnet import controlnet_folder
 from utils.cli import add_deployment_arguments, add_generation_arguments, deployment_from_args, main_entry
 from utils.deployment import Deployment
 from utils.errors import UsageError
@@ -52,7 +54,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
                         help="image-to-image starts every pipeline from the same picture, at --strength; inpaint "
-                             "repaints its middle (with an inpainting checkpoint, e.g. tiny-inpaint, or a plain one)")
+                             "repaints its middle (any checkpoint, e.g. tiny-inpaint); controlnet follows its Canny "
+                             "edges with the deployment's ControlNet (--controlnet NAME=PATH)")
     add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength"),
                              prompt=defaults.prompt, num_inference_steps=defaults.steps,
                              guidance_scale=defaults.guidance_scale, seed=defaults.seed, strength=defaults.strength)
@@ -88,14 +91,22 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     static_batches = args.static_batch if args.static_batch is not None else [highest] if highest > 1 else []
     if any(batch < 1 for batch in static_batches):
         raise UsageError(f"--static-batch {' '.join(map(str, static_batches))}: give numbers of images, 1 or more")
-    deployment = deployment_from_args(args)
+    deployment = check_task(args.task, deployment_from_args(args))
     settings = Settings(model=args.model, prompt=args.prompt, steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                         seed=args.seed, warmup=args.warmup, runs=args.runs, concurrency=tuple(args.concurrency),
                         requests=args.requests, static_batches=tuple(static_batches), task=args.task,
                         strength=args.strength, scheduler=args.scheduler,
-                        lora=requested_adapters(args.alternate_lora, deployment),
-                        deployment=deployment)
+                        lora=requested_adapters(args.alternate_lora, deployment), deployment=deployment)
     return args, settings
+
+
+def check_task(task: str, deployment: Deployment) -> Deployment:
+    """The deployment, where it can serve the task: the controlnet task's needs one ControlNet."""
+    if task == CONTROLNET and len(deployment.controlnets) != 1:
+        raise UsageError(f"--task {CONTROLNET} guides every request with the deployment's ControlNet: give one, "
+                         f"--controlnet NAME=PATH (NAME=tiny: a random one for the model; got "
+                         f"{len(deployment.controlnets)})")
+    return deployment
 
 
 def requested_adapters(names: list[str], deployment: Deployment) -> tuple[str, ...]:
@@ -151,7 +162,10 @@ def main(argv=None):
             url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
         adapter_files = {adapter.name: adapter_file(adapter, model_dir, args.models_dir)
                          for adapter in deployment.adapters}
-        results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url, adapter_files)
+        controlnet_folders = {controlnet.name: controlnet_folder(controlnet, model_dir, args.models_dir)
+                              for controlnet in deployment.controlnets}
+        results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url, adapter_files,
+                                controlnet_folders)
         if server is not None:
             results["server"] = {"start_s": start_s}
         if one_gpu is not None:

@@ -15,6 +15,9 @@
 # TASK=inpaint repaints the middle of one picture (the default picture, its middle masked), with
 # SD1.5's plain UNet or, with MODEL=sd15-random-inpaint, an inpainting checkpoint's 9-channel one:
 #   MODEL=sd15-random-inpaint TASK=inpaint bash scripts/gpu_host/benchmark.sh
+# TASK=controlnet guides text to image with that picture's Canny edges and a random ControlNet of
+# SD1.5's architecture (canny=tiny), served beside the UNet and compiled as it is:
+#   TASK=controlnet bash scripts/gpu_host/benchmark.sh
 # On a host without network, first: python scripts/gpu_host/pack_wheels.py, and copy .whl/ along.
 case "${1-}" in  # --help prints the comment above, and does nothing else
   -h|--help) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
@@ -24,7 +27,10 @@ OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 source scripts/gpu_host/setup.sh  # wheels, this project, the pipeline model's environment
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-TORCH_COMPILE=${TORCH_COMPILE-unet vae_decoder}  # empty: the eager networks, still in CUDA graphs
+CONTROL=()
+if [ "${TASK-}" = controlnet ]; then CONTROL=(--controlnet canny=tiny); fi
+DEFAULT_COMPILE="unet vae_decoder${CONTROL:+ controlnet controlled_unet}"
+TORCH_COMPILE=${TORCH_COMPILE-$DEFAULT_COMPILE}  # empty: the eager networks, still in CUDA graphs
 COMPILE=()
 if [ -n "$TORCH_COMPILE" ]; then COMPILE=(--torch-compile $TORCH_COMPILE); fi
 PIPELINE_INSTANCES=${PIPELINE_INSTANCES-16}  # BLS instances; with-unet: loops in flight per model (empty: the default)
@@ -39,7 +45,7 @@ if [ -n "${SCHEDULER-}" ]; then SAMPLING+=(--scheduler "$SCHEDULER"); fi
 status=0
 python3 scripts/benchmark_pipelines.py --model "${MODEL:-sd15-random}" --task "${TASK:-text-to-image}" --device cuda --precision FP16 --runtime torch \
   --repository outputs/triton-gpu --gpus "${GPUS:-0}" --pipeline-loop "${PIPELINE_LOOP:-with-unet}" "${ENVIRONMENT[@]}" "${COMPILE[@]}" \
-  "${INSTANCES[@]}" "${ADAPTERS[@]}" "${SAMPLING[@]}" \
+  "${INSTANCES[@]}" "${ADAPTERS[@]}" "${CONTROL[@]}" "${SAMPLING[@]}" \
   --min-psnr 35 --time-restart "${RESTARTS:-3}" --log-verbose-stops \
   --pipelines ${PIPELINES:-diffusers diffusers-compiled diffusers-fast triton-client-side triton-bls triton-ensemble} \
   --warmup "${WARMUP:-3}" --runs "${RUNS:-10}" --concurrency ${CONCURRENCY:-1 16 32} --requests "${REQUESTS:-64}" \

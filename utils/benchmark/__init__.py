@@ -16,7 +16,7 @@ Triton pipelines' uint8 images). The modules, in the order a run uses them:
 from utils.benchmark.fidelity import fidelity_problems
 from utils.benchmark.measure import gpu_scaling, run_benchmark, run_concurrency
 from utils.benchmark.report import chart, table, write_results
-from utils.benchmark.settings import STAGES, TASKS, Settings
+from utils.benchmark.settings import CONTROLNET, STAGES, TASKS, Settings
 
-__all__ = ["STAGES", "TASKS", "Settings", "chart", "fidelity_problems", "gpu_scaling", "run_benchmark",
+__all__ = ["CONTROLNET", "STAGES", "TASKS", "Settings", "chart", "fidelity_problems", "gpu_scaling", "run_benchmark",
            "run_concurrency", "table", "write_results"]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from utils import specs
 from utils.benchmark.fidelity import fidelity
 from utils.benchmark.report import compute_budget, environment
-from utils.benchmark.settings import IMAGE_TASKS, Context, Settings
+from utils.benchmark.settings import CONTROLNET, IMAGE_TASKS, Context, Settings
 from utils.benchmark.statistics import TritonStatistics
 from utils.mask import box_mask
 
@@ -234,13 +234,15 @@ def in_process_batching(grown: dict | None, wall: float) -> dict | None:
 
 def run_benchmark(settings: Settings, model_dir: Path, url: str | None, contenders: Mapping[str, type],
                   headers: dict[str, str] | None = None, metrics_url: str | None = None,
-                  adapter_files: Mapping[str, Path] | None = None) -> dict:
+                  adapter_files: Mapping[str, Path] | None = None,
+                  controlnet_folders: Mapping[str, Path] | None = None) -> dict:
     """Measure each contender (a class by name, pipelines/contenders.py) on the settings' work;
-    ``adapter_files``: the deployment's LoRA files, which diffusers loads."""
+    ``adapter_files``, ``controlnet_folders``: the deployment's LoRA files and ControlNets, which
+    diffusers loads."""
     dims = specs.ModelDims.from_pretrained(model_dir)
-    if settings.task in IMAGE_TASKS:
+    if settings.task in (*IMAGE_TASKS, CONTROLNET):
         settings = with_picture(settings, dims)
-    context = Context(settings, model_dir, url, dict(adapter_files or {}))
+    context = Context(settings, model_dir, url, dict(adapter_files or {}), dict(controlnet_folders or {}))
     statistics = TritonStatistics(url, headers, metrics_url) if url else None
     scheduler = settings.scheduler or json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())[
         "_class_name"]
@@ -315,8 +317,12 @@ def init_image(dims: specs.ModelDims) -> np.ndarray:
 
 def with_picture(settings: Settings, dims: specs.ModelDims) -> Settings:
     """The settings with the picture an image task starts from (inpainting: and its mask, the
-    middle of the picture repainted)."""
+    middle of the picture repainted; ControlNet: its Canny edges, the control image)."""
+    from utils.controlnet import canny
+
     image = init_image(dims)
+    if settings.task == CONTROLNET:
+        return replace(settings, control=canny(image))
     return replace(settings, image=image, mask=box_mask(*image.shape[1:3]) if settings.task == "inpaint" else None)
 
 
@@ -329,7 +335,7 @@ def concurrency_runs(name: str, contender, settings: Settings, statistics: Trito
 def run_concurrency(settings: Settings, model_dir: Path, url: str, contenders: Mapping[str, type],
                     headers: dict[str, str] | None = None) -> dict:
     """The concurrency mode alone, for the served contenders: {name: {clients: run}}."""
-    if settings.task in IMAGE_TASKS:
+    if settings.task in (*IMAGE_TASKS, CONTROLNET):
         settings = with_picture(settings, specs.ModelDims.from_pretrained(model_dir))
     context, statistics = Context(settings, model_dir, url), TritonStatistics(url, headers)
     return {name: concurrency_runs(name, make_contender(context), settings, statistics)

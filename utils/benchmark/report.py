@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.benchmark.fidelity import fidelity_text
-from utils.benchmark.settings import IMAGE_TASKS, IMAGE_TO_IMAGE_STAGES, STAGES
+from utils.benchmark.settings import task_stages
 from utils.grpc_client import connect
 from utils.models import model_slug
 from utils.version import machine_and_versions
@@ -110,13 +110,15 @@ def server_text(server: dict) -> str:
 
 def stages_of(results: dict) -> tuple[str, ...]:
     """The networks the run's task goes through (results of earlier versions: text to image)."""
-    return IMAGE_TO_IMAGE_STAGES if results.get("settings", {}).get("task") in IMAGE_TASKS else STAGES
+    return task_stages(results.get("settings", {}).get("task", "text-to-image"))
 
 
 def _latency_lines(results: dict) -> list[str]:
-    encoder = "vae_encoder" in stages_of(results)
+    # The stages besides the text encoder, the UNet and the VAE decoder that the task has, with their headings.
+    extra = {stage: heading for stage, heading in (("vae_encoder", "vae enc"), ("controlnet", "ctrlnet"))
+             if stage in stages_of(results)}
     header = (f"{'pipeline':<20} {'mean ± std (s)':>16} {'p50':>7} {'p90':>7} {'p99':>7} {'img/s':>7} │ "
-              f"{'text enc':>8} " + (f"{'vae enc':>8} " if encoder else "")
+              f"{'text enc':>8} " + "".join(f"{heading:>8} " for heading in extra.values())
               + f"{'unet':>8} {'per call':>9} {'vae dec':>8} {'other':>8}")
     lines = [header, "─" * len(header)]
     for name, result in results["pipelines"].items():
@@ -124,7 +126,7 @@ def _latency_lines(results: dict) -> list[str]:
         lines.append(
             f"{name:<20} {latency['mean_s']:>8.3f} ± {latency['std_s']:<5.3f} {latency['p50_s']:>7.3f} "
             f"{latency['p90_s']:>7.3f} {latency['p99_s']:>7.3f} {latency['images_per_s']:>7.2f} │ "
-            f"{stages['text_encoder']:>8.4f} " + (f"{stages['vae_encoder']:>8.4f} " if encoder else "")
+            f"{stages['text_encoder']:>8.4f} " + "".join(f"{stages[stage]:>8.4f} " for stage in extra)
             + (f"{'in loop':>8} {'-':>9} " if unet_unmeasured(stages)
                else f"{stages['unet']:>8.3f} {'in loop':>9} " if not stages.get("unet_per_call")
                else f"{stages['unet']:>8.3f} {1000 * stages['unet_per_call']:>6.2f} ms ")
@@ -270,8 +272,8 @@ def _latency_bars(axis, results: dict) -> None:
 def _stage_bars(axis, results: dict) -> None:
     names = list(results["pipelines"])
     left = np.zeros(len(names))
-    colors = {"text_encoder": "#72b7b2", "vae_encoder": "#54a24b", "unet": "#4c78a8", "vae_decoder": "#f58518",
-              "other": "#bab0ac"}
+    colors = {"text_encoder": "#72b7b2", "vae_encoder": "#54a24b", "controlnet": "#b279a2", "unet": "#4c78a8",
+              "vae_decoder": "#f58518", "other": "#bab0ac"}
     for stage in (*stages_of(results), "other"):
         color = colors[stage]
         widths = np.array([results["pipelines"][n]["stages"][stage] for n in names])

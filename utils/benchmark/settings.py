@@ -9,10 +9,18 @@ import numpy as np
 
 from utils.deployment import Deployment
 
-TASKS = ("text-to-image", "image-to-image", "inpaint")
+TASKS = ("text-to-image", "image-to-image", "inpaint", "controlnet")
 IMAGE_TASKS = ("image-to-image", "inpaint")  # from a picture (inpainting: and its mask)
+CONTROLNET = "controlnet"  # text to image guided by the Canny edges of that picture, the deployment's ControlNet
 STAGES = ("text_encoder", "unet", "vae_decoder")  # the networks of text to image, in the order they run
 IMAGE_TO_IMAGE_STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+# With a ControlNet: its calls, and the UNet's (which adds their residuals: controlled_unet, served).
+CONTROLNET_STAGES = ("text_encoder", "controlnet", "unet", "vae_decoder")
+
+
+def task_stages(task: str) -> tuple[str, ...]:
+    """The networks a task's requests go through, in the order they run."""
+    return IMAGE_TO_IMAGE_STAGES if task in IMAGE_TASKS else CONTROLNET_STAGES if task == CONTROLNET else STAGES
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Settings:
     strength: float | None = None  # image to image and inpainting; None: the request's default (0.8; 1)
     image: np.ndarray | None = field(default=None, compare=False)  # image to image: the picture to start from
     mask: np.ndarray | None = field(default=None, compare=False)  # inpainting: what to repaint
+    control: np.ndarray | None = field(default=None, compare=False)  # ControlNet: the control image (edges)
     # How the served pipelines are deployed; diffusers runs on the same device and precision.
     deployment: Deployment = field(default_factory=Deployment)
 
@@ -52,7 +61,7 @@ class Settings:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return IMAGE_TO_IMAGE_STAGES if self.task in IMAGE_TASKS else STAGES
+        return task_stages(self.task)
 
     @property
     def effective_strength(self) -> float:
@@ -72,6 +81,8 @@ class Settings:
             options.update(image=self.image, **({"strength": self.strength} if self.strength is not None else {}))
         if self.task == "inpaint":
             options.update(mask_image=self.mask)
+        if self.task == CONTROLNET:  # the deployment's ControlNet, one control image for all prompts as diffusers repeats it
+            options.update(controlnet=[self.deployment.controlnets[0].name], control_image=self.control)
         return options
 
     def batched_calls(self, batch: int) -> list[dict]:
@@ -111,3 +122,4 @@ class Context:
     model_dir: Path
     url: str | None
     adapter_files: dict[str, Path] = field(default_factory=dict)  # the deployment's LoRA files, for diffusers
+    controlnet_folders: dict[str, Path] = field(default_factory=dict)  # and its ControlNets' folders

@@ -10,7 +10,7 @@ import time
 
 from tritonclient.utils import InferenceServerException
 
-from utils import metrics
+from utils import metrics, specs
 from utils.benchmark.settings import STAGES
 from utils.errors import UsageError
 from utils.grpc_client import connect
@@ -113,10 +113,13 @@ class TritonStatistics:
 
 
 def per_network(model_stats: list[dict]) -> dict[str, dict[str, int]]:
-    """The statistics API's models, each network's served copies summed under its own name."""
+    """The statistics API's models, each network's served copies summed under its own name (each
+    ControlNet's under ``controlnet``; the controlled UNet's under ``unet``: a denoising step's
+    UNet call, with a ControlNet's residuals or without)."""
     figures: dict[str, dict[str, int]] = {}
     for model in model_stats:
-        network = figures.setdefault(network_of(model["name"]), {})
+        name = network_of(model["name"])
+        network = figures.setdefault(specs.UNET.name if name == specs.CONTROLLED_UNET.name else name, {})
         for key, value in _model_figures(model).items():
             network[key] = network.get(key, 0) + value
     return figures
