@@ -111,23 +111,29 @@ IMAGE_TASKS = {  # task: (its arguments, the strength run, the UNet calls of eac
 }
 
 
+def run_benchmark(arguments: list[str], tmp_path: Path) -> tuple[str, dict]:
+    """scripts/benchmark_pipelines.py with these arguments, its results in tmp_path/out: what it
+    printed, and its JSON."""
+    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), *arguments,
+               "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
+    (json_path,) = (tmp_path / "out").glob("*.json")
+    return result.stdout, json.loads(json_path.read_text())
+
+
 @pytest.mark.parametrize("task", IMAGE_TASKS)
 def test_image_benchmarks_against_a_running_server(task, triton_server, tiny_model, tmp_path):
     """--url: the session's server (no start of its own); --task image-to-image: every pipeline
     from the same picture, the VAE encoder among the stages, the same images as diffusers'; --task
     inpaint: the same picture with its middle repainted, the same images as diffusers' inpainting."""
     arguments, strength, unet_calls = IMAGE_TASKS[task]
-    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
-               "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
-               "--task", task, *arguments, "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
-               "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble",
-               "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
-    (json_path,) = (tmp_path / "out").glob("*.json")
-    results = json.loads(json_path.read_text())
+    printed, results = run_benchmark([
+        "--model", str(tiny_model), "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
+        "--task", task, *arguments, "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
+        "--pipelines", "diffusers", "triton-client-side", "triton-bls", "triton-ensemble", "--min-psnr", "40"], tmp_path)
     assert results["settings"]["task"] == task and results["settings"]["strength"] == strength
-    assert "vae enc" in result.stdout and "fidelity check passed" in result.stdout
+    assert "vae enc" in printed and "fidelity check passed" in printed
     for name, figures in results["pipelines"].items():
         stages = figures["stages"]
         assert stages["vae_encoder"] > 0 and stages["unet_calls_per_run"] == unet_calls, (name, stages)
@@ -138,24 +144,20 @@ def test_a_benchmark_of_adapters_requested_in_turn_with_few_step_sampling(triton
     """--alternate-lora: the requests ask for the session's two adapters in turn, diffusers
     switching them with set_adapters; LCM, 4 steps, guidance 1 (LCM-LoRA's use). Every way's last
     image (the second adapter's) equals diffusers'; diffusers-fast's bound makes one call per adapter."""
-    command = [sys.executable, str(ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
-               "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
-               *[f"--lora={adapter.name}={adapter.path}" for adapter in adapters],
-               "--alternate-lora", *[adapter.name for adapter in adapters],
-               "--scheduler", "LCMScheduler", "--num-inference-steps", "4", "--guidance-scale", "1",
-               "--warmup", "1", "--runs", "2", "--concurrency", "2", "--requests", "4",
-               "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
-               "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
-    (json_path,) = (tmp_path / "out").glob("*.json")
-    results = json.loads(json_path.read_text())
+    printed, results = run_benchmark([
+        "--model", str(tiny_model), "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
+        *[f"--lora={adapter.name}={adapter.path}" for adapter in adapters],
+        "--alternate-lora", *[adapter.name for adapter in adapters],
+        "--scheduler", "LCMScheduler", "--num-inference-steps", "4", "--guidance-scale", "1",
+        "--warmup", "1", "--runs", "2", "--concurrency", "2", "--requests", "4",
+        "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
+        "--min-psnr", "40"], tmp_path)
     names = [adapter.name for adapter in adapters]
     assert results["failed"] == {}
     assert results["settings"]["lora"] == names and results["settings"]["scheduler"] == "LCMScheduler"
     assert f"4 steps of LCMScheduler, guidance 1.0, the requests asking for LoRA {' and '.join(names)} in turn" \
-        in result.stdout
-    assert "fidelity check passed" in result.stdout
+        in printed
+    assert "fidelity check passed" in printed
     for name in ("diffusers", "diffusers-fast"):
         configuration = results["pipelines"][name]["configuration"]
         assert f"LoRA {' and '.join(names)} chosen per request with set_adapters" in configuration

@@ -157,24 +157,16 @@ def test_the_run_scripts_send_a_control_image_from_a_file(controlnet_server, tin
 def test_the_benchmark_measures_controlnet_against_diffusers(controlnet_server, tiny_model, models_dir, tmp_path):
     """--task controlnet: every way and diffusers' ControlNet pipeline guided by the same picture's
     edges, the ControlNet among the stages (one call a step), the same images as diffusers'."""
-    import json
-    import subprocess
-    import sys
+    from test_benchmark import run_benchmark
 
-    from utils.layout import PROJECT_ROOT
-
-    command = [sys.executable, str(PROJECT_ROOT / "scripts/benchmark_pipelines.py"), "--model", str(tiny_model),
-               "--models-dir", str(models_dir), "--url", controlnet_server.grpc_url,
-               "--admin-key", controlnet_server.admin_key, "--task", "controlnet", "--controlnet", f"{NAMES[0]}=tiny",
-               "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
-               "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
-               "--min-psnr", "40", "--output-dir", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
-    (json_path,) = (tmp_path / "out").glob("*.json")
-    results = json.loads(json_path.read_text())
+    printed, results = run_benchmark([
+        "--model", str(tiny_model), "--models-dir", str(models_dir), "--url", controlnet_server.grpc_url,
+        "--admin-key", controlnet_server.admin_key, "--task", "controlnet", "--controlnet", f"{NAMES[0]}=tiny",
+        "--warmup", "1", "--runs", "2", "--num-inference-steps", "5",
+        "--pipelines", "diffusers", "diffusers-fast", "triton-client-side", "triton-bls", "triton-ensemble",
+        "--min-psnr", "40"], tmp_path)
     assert results["settings"]["task"] == "controlnet" and results["failed"] == {}
-    assert "ctrlnet" in result.stdout and "fidelity check passed" in result.stdout
+    assert "ctrlnet" in printed and "fidelity check passed" in printed
     for name, figures in results["pipelines"].items():
         stages = figures["stages"]
         # PNDM: 5 steps are 6 calls of the ControlNet and of the UNet (the controlled one, served)
