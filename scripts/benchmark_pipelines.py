@@ -25,7 +25,7 @@ from utils.benchmark import (
     table,
     write_results,
 )
-from utils.controlnet import controlnet_folder
+from utils.controlnet import served_folders
 from utils.cli import add_deployment_arguments, add_generation_arguments, deployment_from_args, main_entry
 from utils.deployment import Deployment
 from utils.errors import UsageError
@@ -162,8 +162,7 @@ def main(argv=None):
             url, headers, metrics_url = server.grpc_url, server.admin_headers(), server.metrics_url
         adapter_files = {adapter.name: adapter_file(adapter, model_dir, args.models_dir)
                          for adapter in deployment.adapters}
-        controlnet_folders = {controlnet.name: controlnet_folder(controlnet, model_dir, args.models_dir)
-                              for controlnet in deployment.controlnets}
+        controlnet_folders = served_folders(deployment.controlnets, model_dir, args.models_dir)
         results = run_benchmark(settings, model_dir, url, contenders, headers, metrics_url, adapter_files,
                                 controlnet_folders)
         if server is not None:

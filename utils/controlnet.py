@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from utils import specs
 from utils.errors import InvalidRequest, UsageError, UserError
 from utils.model_dims import ImageSizes, residual_layout
 from utils.layout import parse_named
+from utils.models import write_folder
 from utils.request import GenerationRequest, check_image
 
 TINY = "tiny"  # --controlnet NAME=tiny: a random ControlNet for the checkpoint, built here
@@ -87,6 +86,11 @@ def controlnet_folder(controlnet: ServedControlNet, model_dir: Path, models_dir:
     return folder
 
 
+def served_folders(controlnets: tuple[ServedControlNet, ...], model_dir: Path, models_dir: Path) -> dict[str, Path]:
+    """Each ControlNet's folder (controlnet_folder), by the name its network is served under."""
+    return {specs.controlnet_model(c.name).name: controlnet_folder(c, model_dir, models_dir) for c in controlnets}
+
+
 def _download(controlnet: ServedControlNet) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -142,17 +146,7 @@ def build_tiny_controlnet(model_dir: Path, target: Path, seed: int) -> Path:
             zero_conv.weight.normal_(0, 0.02)
     if unet.dtype != torch.float32:  # the large presets' (ControlNetModel.to would warn on each module)
         controlnet.half()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        controlnet.save_pretrained(staging)
-        staging.rename(target)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and (target / "config.json").exists():  # built by another process meanwhile
-            return target
-        raise
-    return target
+    return write_folder(target, controlnet.save_pretrained, "config.json")
 
 
 def canny(photos: np.ndarray, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> np.ndarray:

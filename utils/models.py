@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from utils.errors import UsageError, UserError
 
@@ -212,19 +213,27 @@ def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
 
 
 def _save_preset(pipeline, target: Path, name: str, seed: int) -> Path:
-    """Write the preset to a staging folder beside ``target``, then rename it into place: a
-    folder there is always whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    """The preset written whole, or not at all (write_folder)."""
+    def write(staging: Path) -> None:
         pipeline.save_pretrained(staging)
         _write_sd15_scheduler_extras(staging / "scheduler" / "scheduler_config.json")
         (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
+
+    return write_folder(target, write, "model_index.json")
+
+
+def write_folder(target: Path, write: Callable[[Path], None], marker: str) -> Path:
+    """``write`` a folder into a staging folder beside ``target``, then rename it into place: a
+    folder there is always whole. Where another process wrote the same one meanwhile (scripts
+    started side by side; ``marker``, a file of a finished folder, says so), its copy stands."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write(staging)
         staging.rename(target)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        # Another process built the same preset meanwhile (scripts started side by side): its copy stands.
-        if isinstance(error, OSError) and (target / "model_index.json").exists():
+        if isinstance(error, OSError) and (target / marker).exists():
             return target
         raise
     return target

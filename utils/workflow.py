@@ -10,7 +10,7 @@ from pathlib import Path
 from utils import specs
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR, export_network, served_onnx_files
-from utils.controlnet import controlnet_folder
+from utils.controlnet import served_folders
 from utils.layout import served_name
 from utils.lora import fused_model
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
@@ -39,8 +39,7 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
             sources = {name: model_dir for name in onnx_files}
             sources |= {served_name(specs.UNET.name, adapter=adapter.name): fused_model(model_dir, adapter, models_dir)
                         for adapter in deployment.adapters}  # an adapter's UNet: exported from the fused checkpoint
-            weights = {specs.controlnet_model(c.name).name: controlnet_folder(c, model_dir, models_dir)
-                       for c in deployment.controlnets}  # a ControlNet: from its own folder
+            weights = served_folders(deployment.controlnets, model_dir, models_dir)  # a ControlNet: its own folder
             for name, path in onnx_files.items():
                 network = specs.served_network(name)
                 result = export_network(network, sources[name], path, precision=precision, force=force,

@@ -21,7 +21,7 @@ from utils import layout, specs
 from utils.repository import configs, environments
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
-from utils.controlnet import controlnet_folder
+from utils.controlnet import served_folders
 from utils.lora import ADAPTER_DIR, adapter_file, check_adapters
 from utils.models import DEFAULT_MODELS_DIR
 
@@ -290,8 +290,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
         precision = deployment.served_precision
         files = {a.name: adapter_file(a, model_dir, models_dir) for a in deployment.adapters}
         check_adapters(model_dir, files, text_encoder=True)  # each file against the checkpoint, before writing
-        folders = {specs.controlnet_model(c.name).name: controlnet_folder(c, model_dir, models_dir)
-                   for c in deployment.controlnets}  # each checked against the checkpoint, before writing
+        folders = served_folders(deployment.controlnets, model_dir, models_dir)  # each checked, before writing
         for network in (*specs.NETWORKS.values(), *deployment.control_networks()):  # adapters: applied in place
             add_torch_network(repository, network, model_dir, dims, deployment, report, force, files,
                               folders.get(network.name))
