@@ -5,6 +5,8 @@ start and end, Canny made from a photo), and the request's checks."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import torch
 from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
 from utils import specs
 from utils.controlnet import ControlNetError, ServedControlNet, canny, check_controlnet, controlnet_folder
+from utils.layout import PROJECT_ROOT
 from utils.networks import load_network, pack_residuals
 from utils.request import GenerationRequest, InvalidRequest
 
@@ -309,10 +312,9 @@ def test_the_control_networks_export_from_the_specs(control_exports):
         assert error <= TOLERANCE["FP32"]
 
 
-def test_a_tensorrt_repository_builds_an_engine_per_controlnet(control_exports, exports, tiny_model, tmp_path, capsys):
+def test_a_tensorrt_repository_builds_an_engine_per_controlnet(control_exports, exports, tiny_model, tmp_path):
     """Each ControlNet and the controlled UNet get a TensorRT model and a trtexec command whose
     profile spans the residuals' length at the smallest, the checkpoint's and the largest size served."""
-    from scripts.build_tensorrt_engines import main as build_engines
     from utils.deployment import Deployment
     from utils.repository import configs
     from utils.repository.writer import write_repository
@@ -324,9 +326,10 @@ def test_a_tensorrt_repository_builds_an_engine_per_controlnet(control_exports, 
     write_repository(tmp_path, tiny_model, files, deployment)
     config = configs.parse_pbtxt((tmp_path / specs.CONTROLLED_UNET.name / "config.pbtxt").read_text())
     assert config.platform == "tensorrt_plan" and config.parameters["controlnets"].string_value == ",".join(NAMES)
-    build_engines(["--repository", str(tmp_path), "--print-commands"])
-    commands = {re.search(r"--onnx=\S*/([^/ ]+)/1/model.onnx", line)[1]: line
-                for line in capsys.readouterr().out.splitlines()}
+    script = PROJECT_ROOT / "scripts" / "build_tensorrt_engines.py"  # run as users run it
+    printed = subprocess.run([sys.executable, str(script), "--repository", str(tmp_path), "--print-commands"],
+                             capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    commands = {re.search(r"--onnx=\S*/([^/ ]+)/1/model.onnx", line)[1]: line for line in printed.splitlines()}
     assert set(commands) == {*specs.NETWORKS, specs.CONTROLLED_UNET.name, *(f"controlnet_{name}" for name in NAMES)}
     dims, sizes = specs.ModelDims.from_pretrained(tiny_model), specs.ImageSizes.default(specs.ModelDims.from_pretrained(tiny_model))
     lengths = [dims.at_size(size, size).residual_values for size in (sizes.min, dims.image_height, sizes.max)]
