@@ -17,7 +17,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from pipelines.components import PipelineComponents
+from pipelines.prompts import warn_if_truncated
+from pipelines.stable_diffusion import StableDiffusion
 from utils import specs
 from utils.controlnet import CONTROLNETS_PARAMETER
 from utils.errors import UsageError
@@ -127,4 +129,6 @@ class ClientSidePipeline:
         num_images_per_prompt, height and width, guidance_scale, cfg_cutoff_step_ratio,
         num_inference_steps, seed, lora and lora_scale, and ControlNet's: controlnet, control_image, ...)."""
         request = GenerationRequest(prompt=prompt, **options)
-        return self.loop(request, progress=progress).numpy()
+        generated = self.loop.generate(request, progress=progress)
+        warn_if_truncated(generated.truncated)
+        return generated.images.numpy()

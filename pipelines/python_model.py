@@ -37,7 +37,8 @@ import triton_python_backend_utils as pb_utils
 
 from pipelines.previews import preview
 from pipelines.python_model_metrics import PipelineMetrics
-from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, PipelineComponents, StableDiffusion
+from pipelines.components import PipelineComponents
+from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, StableDiffusion
 from utils import specs
 from utils.deployment import Serving
 from utils.lora import ServedAdapters
@@ -359,7 +360,8 @@ class BlsPipelineModel(PipelineModel):
         self.pipeline.warm_up()
 
     def compute(self, request, tensors: dict[str, torch.Tensor], is_cancelled) -> tuple:
-        return (self.pipeline(request, is_cancelled=is_cancelled),)
+        generated = self.pipeline.generate(request, is_cancelled=is_cancelled)
+        return generated.images, generated.truncated
 
 
 class StreamingPipelineModel(BlsPipelineModel):
@@ -378,8 +380,8 @@ class StreamingPipelineModel(BlsPipelineModel):
             if every and done % every == 0 and done < total:  # the last step's picture is the final image
                 self.send((done, total, preview(latents), False))
 
-        images = self.pipeline(request, is_cancelled=is_cancelled, on_step=on_step)
-        return progress["done"], progress["total"], images, True
+        generated = self.pipeline.generate(request, is_cancelled=is_cancelled, on_step=on_step)
+        return progress["done"], progress["total"], generated.images, True, generated.truncated
 
 
 def _output_tensor(spec: specs.TensorSpec, output) -> "pb_utils.Tensor":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from pipelines.prompts import warn_if_truncated
 from utils import specs
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.request import GenerationRequest, check_request, request_to_arrays
@@ -49,11 +50,12 @@ class ServedPipeline:
         """Send these input tensors as they are (the server validates them), with ``parameters``."""
         spec = spec or self.text_to_image
         inputs = infer_inputs(arrays)
-        (output,) = spec.outputs
-        outputs = [grpcclient.InferRequestedOutput(output.name)]
+        images, truncated = spec.outputs
+        outputs = [grpcclient.InferRequestedOutput(tensor.name) for tensor in (images, truncated)]
         result = call_with_retries(
             lambda: self.client.infer(spec.name, inputs, outputs=outputs, client_timeout=self.timeout,
                                       parameters=parameters or None),
             self.retry_for,
         )
-        return result.as_numpy(output.name)
+        warn_if_truncated([text.decode() for text in result.as_numpy(truncated.name)])
+        return result.as_numpy(images.name)

@@ -1,29 +1,30 @@
 """The Stable Diffusion loop, text to image, image to image and inpainting, written once.
 
 The client-side pipeline (pipelines/client_side.py), the BLS models (triton/models/pipeline_*)
-and the ensembles' Python steps (tokenizer, denoise, postprocess, preprocess_image) run this same
+and the ensembles' Python steps (tokenizer, prompt_embeds, denoise, postprocess, preprocess_image) run this same
 code; they differ only in how a network is called: ``call_network(spec, *inputs) -> outputs``, over
 gRPC or as a BLS sub-request, or in which steps they run. Same seed and settings give the image of
 ``diffusers.StableDiffusionPipeline`` / ``StableDiffusionImg2ImgPipeline`` / ``StableDiffusionInpaintPipeline``
-(tests/test_end_to_end.py, tests/test_inpainting.py); what inpainting adds is pipelines/inpainting.py.
+(tests/test_end_to_end.py, tests/test_inpainting.py); what inpainting adds is pipelines/inpainting.py,
+and long and weighted prompts pipelines/prompts.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
-import json
 import secrets
 import threading
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipelines import prompts
+from pipelines.components import PipelineComponents
 from pipelines.controlnet import Control
 from pipelines.inpainting import Inpainting, masked_image
 from utils import metrics, specs
@@ -32,7 +33,7 @@ from utils.lora import ServedAdapters
 from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
                            max_inference_steps)
 
-_LAZY_IMPORTS = threading.Lock()
+
 class CallNetwork(Protocol):
     """Call ``network``; the UNet and the text encoder with these LoRA ``adapters``, (name,
     weight) pairs, where the served adapters route them (utils/lora.py's ServedAdapters.route)."""
@@ -45,59 +46,10 @@ class Cancelled(RuntimeError):
     pass
 
 
-class PipelineComponents:
-    """What the loop needs from a checkpoint besides the networks: no weights. The tokenizer and
-    the scheduler load when first used, so that a model that needs neither (an ensemble's image
-    steps) starts without importing transformers or diffusers."""
-
-    def __init__(self, model_dir: str | Path):
-        self.model_dir = Path(model_dir)
-        self.scheduler_config = json.loads((self.model_dir / "scheduler" / "scheduler_config.json").read_text())
-        vae_config = json.loads((self.model_dir / "vae" / "config.json").read_text())
-        self.vae_scaling_factor = vae_config.get("scaling_factor", 0.18215)
-        self.dims = specs.ModelDims.from_pretrained(self.model_dir)
-
-    @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> PipelineComponents:
-        return cls(model_dir)
-
-    @functools.cached_property
-    def tokenizer(self):
-        with _LAZY_IMPORTS:  # transformers' lazy module fails two threads importing from it at once
-            from transformers import CLIPTokenizer
-        return CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
-
-    @property
-    def scheduler(self):
-        """The checkpoint's own scheduler, never used itself: each request gets a copy (new_scheduler)."""
-        return self._scheduler(self.scheduler_config["_class_name"])
-
-    @functools.lru_cache(maxsize=None)
-    def _scheduler(self, class_name: str):
-        """A scheduler of this class built from the checkpoint's scheduler config, once per class."""
-        with _LAZY_IMPORTS:
-            import diffusers
-        scheduler_class = getattr(diffusers, class_name)
-        # The constructor, not from_config: from_config imports every compatible scheduler class
-        # on each call, and some import scipy, which fails in the pipeline model's numpy 1
-        # environment (utils/repository/environments.py). Config keys the class does not take (another
-        # scheduler's, like clip_sample for PNDM) are left out, as from_config leaves them.
-        accepted = inspect.signature(scheduler_class.__init__).parameters
-        config = {k: v for k, v in self.scheduler_config.items() if k in accepted}
-        if "clip_sample" in accepted:  # as diffusers' StableDiffusionPipeline sets it: SD's latents are not clipped
-            config["clip_sample"] = False
-        return scheduler_class(**config)
-
-    def load(self) -> PipelineComponents:
-        """Load the tokenizer and the scheduler now, for a pipeline that will need both, rather
-        than in its first request."""
-        self.tokenizer, self.scheduler  # noqa: B018  (cached on first access)
-        return self
-
-    def new_scheduler(self, class_name: str | None = None):
-        """A scheduler of a request's own (PNDM keeps state between steps): the checkpoint's, or
-        another one of the allowed classes (utils/request.py checks the name first)."""
-        return copy.deepcopy(self._scheduler(class_name or self.scheduler_config["_class_name"]))
+@dataclass(frozen=True)
+class Generated:
+    images: torch.Tensor  # uint8 [N, H, W, 3] on the CPU
+    truncated: list[str]  # the text cut from each prompt (pipelines/prompts.py's order), "" where none
 
 
 class InvalidImage(RuntimeError):
@@ -187,9 +139,16 @@ class StableDiffusion:
                  is_cancelled: Callable[[], bool] = lambda: False,
                  on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Generate; return uint8 images [N, H, W, 3] on the CPU. ``on_step``: see denoise."""
+        return self.generate(request, progress, is_cancelled, on_step).images
+
+    def generate(self, request: GenerationRequest, progress: bool = False,
+                 is_cancelled: Callable[[], bool] = lambda: False,
+                 on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> Generated:
+        """The images, and the text cut from each prompt (past the longest prompt served)."""
         request = self.check(request)
         self.check_unet_kind(request)
-        text_embeddings = self.encode_prompt(request)
+        rows = self.tokenize(request)
+        text_embeddings = self.encode_prompt(request, rows)
         inpainting_unet = request.mask_image is not None and self.components.dims.inpainting_unet
         latent_parameters = masked = None  # an inpainting UNet is shown the masked image; a plain one blends
         if request.image is not None and not (inpainting_unet and request.strength == 1.0):  # (from noise)
@@ -198,22 +157,33 @@ class StableDiffusion:
             masked = self.encode_image(request.image, request.mask_image)
         latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step,
                                masked_latent_parameters=masked)
-        return self.postprocess(self.decode(latents))
+        return Generated(self.postprocess(self.decode(latents)), rows.truncated)
 
-    # 1. Tokenize: unconditional rows first, then the prompts (the specs' CFG order).
-    def tokenize(self, request: GenerationRequest) -> torch.Tensor:
-        texts = (request.negative_prompts() if request.do_classifier_free_guidance else []) + list(request.prompt)
+    # 1. Tokenize: the rows the text encoder encodes, unconditional prompts first (the specs' CFG
+    # order): a row per chunk of a long prompt, more for a weighted one (pipelines/prompts.py).
+    def tokenize(self, request: GenerationRequest) -> prompts.EncoderRows:
+        prompts.check_clip_skip(request, self.components.dims)
         with self._tokenizing:  # a fast tokenizer sets its padding per call: one thread at a time
-            tokens = self.components.tokenizer(texts, padding="max_length",
-                                               max_length=self.components.dims.text_length, truncation=True,
-                                               return_tensors="pt")
-        return tokens.input_ids.to(device=self.device, dtype=torch.int32)
+            rows = prompts.plan(self.components.tokenizer, request, self.components.dims)
+        return prompts.EncoderRows(*(t.to(self.device) for t in (rows.input_ids, rows.attention_mask,
+                                                                    rows.skipped_layers)), rows.truncated)
 
-    # 2. One text encoder call for both halves (with the request's LoRA adapters, where the text
-    # encoder applies them).
-    def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
-        (text_embeddings,) = self.call_network(specs.TEXT_ENCODER, self.tokenize(request), adapters=request.adapters)
-        return text_embeddings
+    # 2. The text encoder on those rows (with the request's LoRA adapters, where the text encoder
+    # applies them), at most its batch profile's rows per call; then the UNet's text embeddings.
+    def encode_prompt(self, request: GenerationRequest, rows: prompts.EncoderRows | None = None) -> torch.Tensor:
+        rows = rows or self.tokenize(request)
+        inputs = (rows.input_ids, rows.attention_mask, rows.skipped_layers)
+        most = specs.TEXT_ENCODER.profile.max
+        encoded = torch.cat([self.call_network(specs.TEXT_ENCODER, *(t[start:start + most] for t in inputs),
+                                               adapters=request.adapters)[0]
+                             for start in range(0, inputs[0].shape[0], most)])
+        return self.prompt_embeds(request, encoded)
+
+    def prompt_embeds(self, request: GenerationRequest, encoded: torch.Tensor) -> torch.Tensor:
+        """The UNet's text embeddings from the text encoder's rows (compel's arithmetic, on the CPU)."""
+        with self._tokenizing:
+            embeddings = prompts.assemble(self.components.tokenizer, request, self.components.dims, encoded.cpu())
+        return embeddings.to(device=self.device, dtype=encoded.dtype)
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
     def preprocess_image(self, images, mask_image=None) -> torch.Tensor:

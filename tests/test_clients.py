@@ -34,7 +34,7 @@ def test_two_threads_can_make_their_first_pipeline_at_once(tiny_model):
 
     code = f"""
 import threading, utils
-from pipelines.stable_diffusion import PipelineComponents
+from pipelines.components import PipelineComponents
 errors, start = [], threading.Barrier(2)
 def load():
     start.wait()

@@ -126,7 +126,7 @@ def test_written_configs_agree_with_the_exported_onnx_graphs(name, written_repos
         for config_tensor, graph_tensor in zip(config_tensors, graph_tensors):
             graph_type = graph_tensor.type.tensor_type
             # The image's height and width: named axes in the graph, -1 in the config.
-            graph_dims = [-1 if d.dim_param in specs.SPATIAL else d.dim_param or d.dim_value
+            graph_dims = [-1 if d.dim_param in specs.DYNAMIC else d.dim_param or d.dim_value
                           for d in graph_type.shape.dim]
             model_dims = list(config_tensor.reshape.shape) if config_tensor.HasField("reshape") else list(config_tensor.dims)
             assert graph_dims == ["batch", *model_dims]

@@ -13,7 +13,8 @@ import onnx
 import pytest
 import torch
 
-from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from pipelines.components import PipelineComponents
+from pipelines.stable_diffusion import StableDiffusion
 from utils import specs
 from utils.controlnet import ControlNetError, ServedControlNet, canny, check_controlnet, controlnet_folder
 from utils.layout import PROJECT_ROOT

@@ -19,11 +19,14 @@ SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, laten
                        vae_scale_factor=8)
 REPO = "triton/models"
 EXPECTED_SD15 = {
-    "text_encoder": "--minShapes=input_ids:1x77 --optShapes=input_ids:2x77 --maxShapes=input_ids:16x77",
-    # The image sizes: 384 to 768 pixels a side by default, SD1.5's 512 as the optimum.
+    "text_encoder": "--minShapes=input_ids:1x77,attention_mask:1x77,skipped_layers:1 "
+                    "--optShapes=input_ids:2x77,attention_mask:2x77,skipped_layers:2 "
+                    "--maxShapes=input_ids:64x77,attention_mask:64x77,skipped_layers:64",
+    # The image sizes: 384 to 768 pixels a side by default, SD1.5's 512 as the optimum; prompts of
+    # one chunk of 77 tokens to three (231).
     "unet": "--minShapes=sample:1x4x48x48,timestep:1,encoder_hidden_states:1x77x768 "
             "--optShapes=sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768 "
-            "--maxShapes=sample:16x4x96x96,timestep:16,encoder_hidden_states:16x77x768",
+            "--maxShapes=sample:16x4x96x96,timestep:16,encoder_hidden_states:16x231x768",
     "vae_encoder": "--minShapes=image:1x3x384x384 --optShapes=image:1x3x512x512 --maxShapes=image:4x3x768x768",
     "vae_decoder": "--minShapes=sample:1x4x48x48 --optShapes=sample:1x4x64x64 --maxShapes=sample:4x4x96x96",
 }

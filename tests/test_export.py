@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import report
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -15,6 +16,7 @@ from utils.cli import export_cli
 from utils.deployment import Deployment
 from utils.export import ExportParityError, export_network
 from utils.layout import CONFIG_FILE, ONNX_DATA_FILE, ONNX_FILE
+from utils.networks import load_network
 from utils.repository.writer import write_repository
 
 ONNX_TYPES = {"FP16": "FLOAT16", "FP32": "FLOAT", "INT32": "INT32"}
@@ -35,13 +37,10 @@ def test_batch_axis_is_dynamic(name, exports, tiny_model):
     session = ort.InferenceSession(str(exports[name].path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == network.input_names
     assert [o.name for o in session.get_outputs()] == network.output_names
-    rng = np.random.default_rng(0)
+    wrapper = load_network(name, tiny_model)  # its example inputs are in range (token ids, layers to skip)
     for batch in (network.profile.min, network.profile.max):
-        feeds = {}
-        for tensor in network.inputs:
-            shape = network.shape(tensor, batch, dims)
-            feeds[tensor.name] = (rng.integers(0, 100, shape).astype(np.int32) if tensor.dtype == "INT32"
-                                  else rng.standard_normal(shape).astype(np.float32))
+        inputs = wrapper.example_inputs(batch, dims, torch.Generator().manual_seed(batch))
+        feeds = {tensor.name: value.numpy() for tensor, value in zip(network.inputs, inputs)}
         outputs = session.run(None, feeds)
         for tensor, output in zip(network.outputs, outputs):
             assert output.shape == network.shape(tensor, batch, dims)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from pipelines.components import PipelineComponents
+from pipelines.stable_diffusion import StableDiffusion
 from utils import specs
 from utils.networks import load_network
 from utils.request import GenerationRequest, InvalidRequest, check_request

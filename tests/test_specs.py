@@ -19,10 +19,15 @@ SD15 = specs.ModelDims(text_length=77, text_hidden=768, latent_channels=4, laten
 def test_sd15_contract_at_prompt_batch_b():
     b = 2
     cfg = 2 * b  # classifier-free guidance doubles the text encoder and UNet batch
-    assert specs.TEXT_ENCODER.input_shapes(cfg, SD15) == {"input_ids": (cfg, 77)}
+    # A row per 77-token chunk of a prompt, with its attention mask and the layers clip_skip skips.
+    assert specs.TEXT_ENCODER.input_shapes(cfg, SD15) == {"input_ids": (cfg, 77), "attention_mask": (cfg, 77),
+                                                          "skipped_layers": (cfg,)}
     assert specs.UNET.input_shapes(cfg, SD15) == {
         "sample": (cfg, 4, 64, 64), "timestep": (cfg,), "encoder_hidden_states": (cfg, 77, 768),
     }
+    # A long prompt: its chunks joined (3 of 77 tokens at most), positive and negative alike.
+    assert specs.UNET.input_shapes(cfg, SD15.at_size(512, 512, prompt_chunks=3))["encoder_hidden_states"] == (
+        cfg, 231, 768)
     assert specs.UNET.shape(specs.UNET.outputs[0], cfg, SD15) == (cfg, 4, 64, 64)
     assert specs.TEXT_ENCODER.shape(specs.TEXT_ENCODER.outputs[0], cfg, SD15) == (cfg, 77, 768)
     assert specs.VAE_ENCODER.input_shapes(b, SD15) == {"image": (b, 3, 512, 512)}
@@ -42,12 +47,14 @@ def test_dtypes_and_precision():
 def test_profiles_and_cfg_doubling():
     # The served UNet batches 8 requests' steps (16 rows with their unconditional halves).
     assert specs.UNET.profile == specs.BatchProfile(1, 2, 16) and specs.UNET.cfg_doubled
-    assert specs.TEXT_ENCODER.profile == specs.BatchProfile(1, 2, 16) and specs.TEXT_ENCODER.cfg_doubled
+    # The text encoder takes a row per chunk of each prompt: more rows than the UNet.
+    assert specs.TEXT_ENCODER.profile == specs.BatchProfile(1, 2, 64) and specs.TEXT_ENCODER.cfg_doubled
     assert specs.VAE_ENCODER.profile == specs.VAE_DECODER.profile == specs.BatchProfile(1, 1, 4)
     assert specs.TEXT_TO_IMAGE.max_prompts() == 4  # the VAE decoder's max: 4 images per request
     assert specs.TEXT_ENCODER.dynamic_axes() == {t.name: {0: "batch"} for t in specs.TEXT_ENCODER.tensors}
-    # The image's height and width are dynamic too, wherever a tensor has them.
+    # The image's height and width are dynamic too, wherever a tensor has them; and the prompt's length.
     assert specs.UNET.dynamic_axes()["sample"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
+    assert specs.UNET.dynamic_axes()["encoder_hidden_states"] == {0: "batch", 1: "prompt_length"}
     assert specs.VAE_DECODER.dynamic_axes()["image"] == {0: "batch", 2: "image_height", 3: "image_width"}
 
 
@@ -96,7 +103,7 @@ def test_tiny_preset_is_a_diffusers_folder_with_its_own_sizes(tiny_model):
     assert dims == specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8,
                                    latent_width=8, vae_scale_factor=8,
                                    # conv_in, a resnet and the downsampler of block 0, a resnet of block 1, the mid block
-                                   residual_layout=((32, 0), (32, 0), (32, 1), (64, 1), (64, 1)))
+                                   residual_layout=((32, 0), (32, 0), (32, 1), (64, 1), (64, 1)), text_layers=2)
     assert dims.image_height == 64  # h = H/8, as for SD1.5
 
 

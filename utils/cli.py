@@ -35,6 +35,9 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     cfg_cutoff_step_ratio=(("--cfg-cutoff-step-ratio",), dict(
         type=float, default=None, help="stop guidance after this fraction of the steps, in [0, 1] (default: never)")),
     seed=(("--seed",), dict(type=int, default=0)),
+    clip_skip=(("--clip-skip",), dict(type=int, default=None, help=(
+        "condition on the text encoder's layer this many before the last (diffusers' clip_skip; 1 is A1111's "
+        "'clip skip 2'; default: the last)"))),
     scheduler=(("--scheduler",), dict(default=None, choices=SCHEDULERS,
                                       help="a diffusers scheduler class (default: the checkpoint's own)")),
     num_images_per_prompt=(("--num-images-per-prompt",), dict(type=int, default=1)),
@@ -214,7 +217,7 @@ def generation_options(args: argparse.Namespace) -> dict:
     options = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
                    guidance_scale=args.guidance_scale, cfg_cutoff_step_ratio=args.cfg_cutoff_step_ratio,
                    seed=args.seed, scheduler=args.scheduler, num_images_per_prompt=args.num_images_per_prompt,
-                   lora=args.lora, lora_scale=args.lora_scale)
+                   lora=args.lora, lora_scale=args.lora_scale, clip_skip=getattr(args, "clip_skip", None))
     if args.image is not None:
         options.update(image=load_image(args.image), strength=args.strength)
         if getattr(args, "mask_image", None) is not None:

@@ -185,9 +185,10 @@ def compare_with_torch(module: torch.nn.Module, onnx_file: Path, inputs: tuple[t
 def check_size(dims: specs.ModelDims) -> specs.ModelDims:
     """The image size the graph is checked at: not the traced one, and not square (the largest
     width of the default range, and a height one latent pixel above its smallest, which no fixed
-    up-sampling factor fits): proves both spatial axes dynamic at any multiple of the step."""
+    up-sampling factor fits): proves both spatial axes dynamic at any multiple of the step; and a
+    prompt of two chunks, which proves its length dynamic."""
     sizes = specs.ImageSizes.default(dims)
-    return dims.at_size(sizes.min + sizes.step, sizes.max)
+    return dims.at_size(sizes.min + sizes.step, sizes.max, prompt_chunks=2)
 
 
 def check_batch(profile: specs.BatchProfile) -> int:
@@ -230,8 +231,8 @@ def _single_file_or_external_data(path: Path, external_data: bool = False) -> Pa
 def _set_static_dims(path: Path, network: specs.NetworkSpec, dims: specs.ModelDims) -> None:
     """Write the spec's sizes into the graph's inputs and outputs: the exporter sometimes leaves an
     output dim symbolic (e.g. the text encoder's sequence length), which configs and TensorRT
-    profiles would then have to guess. Only the batch and the image's height and width stay
-    dynamic, under the spec's names."""
+    profiles would then have to guess. Only the batch, the image's height and width and the
+    prompt's length stay dynamic, under the spec's names."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -240,7 +241,7 @@ def _set_static_dims(path: Path, network: specs.NetworkSpec, dims: specs.ModelDi
             shape = tensor.type.tensor_type.shape.dim
             for dim, name, size in zip(list(shape)[1:], spec.dims, dims.resolve(spec.dims)):
                 dim.Clear()
-                if name in specs.SPATIAL:
+                if name in specs.DYNAMIC:
                     dim.dim_param = name
                 else:
                     dim.dim_value = size

@@ -9,9 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
-# The sizes that follow the image a request asks for: dynamic axes of the graphs, -1 in the
-# configs, a range in TensorRT's optimization profiles (ImageSizes).
-SPATIAL = ("latent_height", "latent_width", "image_height", "image_width", "residual_values")
+# The sizes that follow the request: the image's (ImageSizes) and the prompt's length in tokens
+# (a long prompt is encoded in chunks of text_length tokens, joined: up to MAX_PROMPT_CHUNKS).
+# Dynamic axes of the graphs, -1 in the configs, a range in TensorRT's optimization profiles.
+DYNAMIC = ("latent_height", "latent_width", "image_height", "image_width", "residual_values", "prompt_length")
+MAX_PROMPT_CHUNKS = 3  # SD1.5: prompts of up to 3 x 75 tokens (each chunk of 77 holds its own BOS and EOS)
 
 Dim = Union[int, str]
 
@@ -33,6 +35,13 @@ class ModelDims:
     # mid_block_additional_residual), in the UNet's order: (channels, level) of each, level l at
     # 1/2**l of the latents' size (utils/networks.py packs them into one tensor, "residual_values").
     residual_layout: tuple[tuple[int, int], ...] = ()
+    text_layers: int = 0  # the text encoder's transformer layers (12): clip_skip picks an earlier one's output
+    prompt_chunks: int = 1  # the text_length-token chunks of a prompt's embeddings (the UNet's prompt_length)
+
+    @property
+    def prompt_length(self) -> int:
+        """The UNet's text embeddings per sample: a chunk of text_length for each chunk of the prompt."""
+        return self.text_length * self.prompt_chunks
 
     @property
     def unet_sample_channels(self) -> int:
@@ -68,16 +77,17 @@ class ModelDims:
         """What an image's height and width must be multiples of: one latent pixel."""
         return self.vae_scale_factor
 
-    def at_size(self, height: int, width: int) -> ModelDims:
-        """These dims for an image of ``height`` x ``width`` pixels."""
-        return replace(self, latent_height=height // self.vae_scale_factor, latent_width=width // self.vae_scale_factor)
+    def at_size(self, height: int, width: int, prompt_chunks: int = 1) -> ModelDims:
+        """These dims for an image of ``height`` x ``width`` pixels (and a prompt of ``prompt_chunks``)."""
+        return replace(self, latent_height=height // self.vae_scale_factor, latent_width=width // self.vae_scale_factor,
+                       prompt_chunks=prompt_chunks)
 
     def resolve(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else getattr(self, d) for d in dims)
 
     def resolve_static(self, dims: tuple[Dim, ...]) -> tuple[int, ...]:
         """As a config declares them: the image's sizes vary (-1), the others are this checkpoint's."""
-        return tuple(-1 if d in SPATIAL else r for d, r in zip(dims, self.resolve(dims)))
+        return tuple(-1 if d in DYNAMIC else r for d, r in zip(dims, self.resolve(dims)))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelDims:
@@ -100,6 +110,7 @@ class ModelDims:
             latent_width=latent,
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
             residual_layout=residual_layout(unet),
+            text_layers=text["num_hidden_layers"],
         )
 
 

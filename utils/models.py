@@ -95,7 +95,7 @@ def preset_dims(name: str):
                      latent_channels=vae["latent_channels"], latent_height=unet["sample_size"],
                      latent_width=unet["sample_size"], vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                      unet_in_channels=0 if in_channels == vae["latent_channels"] else in_channels,
-                     residual_layout=residual_layout(unet))
+                     residual_layout=residual_layout(unet), text_layers=text["num_hidden_layers"])
 
 
 def model_slug(model: str) -> str:

@@ -31,8 +31,15 @@ class TextEncoder(_Network):
 
         self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype)
 
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids, attention_mask, skipped_layers):
+        """The last hidden state where skipped_layers is 0; else the output of the layer that many
+        before the last, through the final layer norm (diffusers' clip_skip), chosen per row."""
+        states = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        stacked = torch.stack(states, dim=1)  # [rows, 1 + layers, tokens, features]: the embeddings, then each layer
+        chosen = stacked[torch.arange(stacked.shape[0], device=stacked.device), len(states) - 1 - skipped_layers.long()]
+        # (transformers 5's CLIPTextModel holds its final layer norm itself, where 4's text_model did)
+        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_layer_norm(chosen)
 
     def for_export(self) -> nn.Module:
         # transformers' eager attention: torch's TorchScript exporter turns SDPA with is_causal into
@@ -42,8 +49,11 @@ class TextEncoder(_Network):
         return self
 
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
-        vocab = self.text_encoder.config.vocab_size
-        return (torch.randint(0, vocab, (batch, dims.text_length), generator=generator, dtype=torch.int32),)
+        vocab, layers = self.text_encoder.config.vocab_size, self.text_encoder.config.num_hidden_layers
+        ids = torch.randint(0, vocab, (batch, dims.text_length), generator=generator, dtype=torch.int32)
+        mask = (torch.rand(batch, dims.text_length, generator=generator) > 0.2).to(torch.int32)  # some masked out
+        mask[:, 0] = 1  # (as compel masks: never the BOS)
+        return ids, mask, torch.randint(0, layers, (batch,), generator=generator, dtype=torch.int32)
 
 
 class UNet(_Network):

@@ -75,6 +75,9 @@ class GenerationRequest:
     controlnet_conditioning_scale: Sequence[float] | None = None
     control_guidance_start: Sequence[float] | None = None
     control_guidance_end: Sequence[float] | None = None
+    # The text encoder's layer whose output conditions the UNet, counted back from the last (0), as
+    # diffusers' clip_skip (1 is A1111's "clip skip 2"; None: 0); pipelines/prompts.py checks it.
+    clip_skip: int | None = None
 
     @property
     def batch_size(self) -> int:

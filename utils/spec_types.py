@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from utils.model_dims import SPATIAL, Dim, ModelDims
+from utils.model_dims import DYNAMIC, Dim, ModelDims
 
 # Float activations are FP16 in GPU engines and FP32 for the CPU default: a spec says
 # ACTIVATION and the precision is chosen when the network is exported.
@@ -72,7 +72,7 @@ class NetworkSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """The batch, and the sizes that follow the image's (its height and width, ...) where a tensor has them."""
-        return {t.name: {0: BATCH_AXIS, **{i + 1: d for i, d in enumerate(t.dims) if d in SPATIAL}}
+        return {t.name: {0: BATCH_AXIS, **{i + 1: d for i, d in enumerate(t.dims) if d in DYNAMIC}}
                 for t in self.tensors}
 
     def shape(self, tensor: TensorSpec, batch: int, dims: ModelDims) -> tuple[int, ...]:

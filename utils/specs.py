@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 # The checkpoint's sizes and the image sizes served, in a module of their own; named here too, as
 # every tensor's dims are resolved against them.
-from utils.model_dims import SPATIAL, Dim, ImageSizes, ModelDims, residual_layout  # noqa: F401
+from utils.model_dims import (DYNAMIC, MAX_PROMPT_CHUNKS, Dim, ImageSizes, ModelDims,  # noqa: F401
+                              residual_layout)
 
 # What the contracts are made of (tensors, batch profiles, networks), in a module of their own.
 from utils.spec_types import (ACTIVATION, BATCH_AXIS, ONNX_FLOAT_PRECISIONS, PRECISIONS, BatchProfile,  # noqa: F401
@@ -24,11 +25,18 @@ from utils.spec_types import (ACTIVATION, BATCH_AXIS, ONNX_FLOAT_PRECISIONS, PRE
 
 TEXT_ENCODER = NetworkSpec(
     name="text_encoder",
-    inputs=(TensorSpec("input_ids", "INT32", ("text_length",)),),
+    # One chunk of a prompt per row: a long prompt is several rows, and prompt weighting asks for
+    # more (the same chunk with a down-weighted part masked out: attention_mask 0 there; see
+    # pipelines/prompts.py). skipped_layers, per row, the request's clip_skip: 0 gives CLIP's last
+    # hidden state; n, the output of the n-th layer before the last through the final layer norm,
+    # as diffusers' clip_skip does it.
+    inputs=(TensorSpec("input_ids", "INT32", ("text_length",)),
+            TensorSpec("attention_mask", "INT32", ("text_length",)),
+            TensorSpec("skipped_layers", "INT32", ())),
     outputs=(TensorSpec("last_hidden_state", ACTIVATION, ("text_length", "text_hidden")),),
-    # Up to 16: the served UNet and text encoder batch several requests together (dynamic
-    # batching), 8 prompts with their unconditional rows; one request sends at most max_prompts().
-    profile=BatchProfile(1, 2, 16),
+    # Up to 64 rows: the served text encoder batches several requests together (dynamic
+    # batching), and one request's long or weighted prompts take several rows each.
+    profile=BatchProfile(1, 2, 64),
     cfg_doubled=True,
 )
 
@@ -40,7 +48,8 @@ UNET = NetworkSpec(
         # One FP32 timestep per sample: requests at different steps can share one batched call,
         # and FP16 would round the fractional timesteps of Euler/LMS-type schedulers.
         TensorSpec("timestep", "FP32", ()),
-        TensorSpec("encoder_hidden_states", ACTIVATION, ("text_length", "text_hidden")),
+        # The prompts' embeddings: text_length per chunk of the prompt, positive and negative padded alike.
+        TensorSpec("encoder_hidden_states", ACTIVATION, ("prompt_length", "text_hidden")),
     ),
     outputs=(TensorSpec("outputs", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),),
     profile=BatchProfile(1, 2, 16),
@@ -118,8 +127,9 @@ MAX_PROMPTS = min(network.max_prompts() for network in NETWORKS.values())
 
 def batched(tensor: TensorSpec, name: str | None = None, optional: bool = False) -> TensorSpec:
     """A network's tensor as a model without a batch dimension sees it: the batch as a leading -1
-    (and, where a Python model or an ensemble names it for its role, under that name)."""
-    return TensorSpec(name or tensor.name, tensor.dtype, (-1, *tensor.dims), optional)
+    (and, where a Python model or an ensemble names it for its role, under that name), its other
+    dims as they travel (a per-row scalar as [batch, 1])."""
+    return TensorSpec(name or tensor.name, tensor.dtype, (-1, *tensor.wire_dims), optional)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,8 @@ CFG_CUTOFF_STEP_RATIO = TensorSpec("cfg_cutoff_step_ratio", "FP32", (1,), option
 # adapter_weights; 1 where left out).
 LORA = TensorSpec("lora", "BYTES", (-1,), optional=True)
 LORA_SCALE = TensorSpec("lora_scale", "FP32", (-1,), optional=True)
+# The text encoder's layer to condition on, counted back from the last (diffusers' clip_skip).
+CLIP_SKIP = TensorSpec("clip_skip", "INT32", (1,), optional=True)
 INIT_IMAGE = TensorSpec("image", "UINT8", (-1, -1, -1, 3))  # [N, H, W, RGB], the image to start from
 STRENGTH = TensorSpec("strength", "FP32", (1,), optional=True)
 # Inpainting: [N, H, W] grey levels, the image's size, white (128 and above) where to repaint.
@@ -162,6 +174,10 @@ WIDTH = TensorSpec("width", "INT32", (1,), optional=True)
 # [N, H, W, RGB], what every pipeline answers, named as diffusers' output names it. (Not "image":
 # an ensemble's tensors are one namespace, and image to image takes an "image" in.)
 IMAGES = TensorSpec("images", "UINT8", (-1, -1, -1, 3))
+# And the text cut from each prompt past the longest served (MAX_PROMPT_CHUNKS chunks), in the
+# order they are encoded: the negative prompts first where guidance uses them, then the prompts;
+# "" where nothing was cut.
+TRUNCATED_TEXT = TensorSpec("truncated_text", "BYTES", (-1,))
 # Streaming: a response every PREVIEW_EVERY denoising steps (0: none but the last) with the steps
 # done so far, of TOTAL_STEPS, and a preview as IMAGES (the latents' size: H/8 x W/8); the last
 # response, FINAL, carries the decoded images.
@@ -186,7 +202,7 @@ CONTROL_INPUTS = (CONTROLNET_NAMES, CONTROL_IMAGE, CONTROL_MODE, CONTROLNET_COND
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
 REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT,
-                  WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE,
+                  WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE, CLIP_SKIP,
                   *CONTROL_INPUTS)
 TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, MASK_IMAGE, STRENGTH))
 # image to image with a mask; ControlNet guides text to image only
@@ -194,7 +210,8 @@ INPAINT_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH, *CO
 IMAGE_TO_IMAGE_INPUTS = tuple(t for t in INPAINT_INPUTS if t is not MASK_IMAGE)
 
 # What flows between the steps of the ensembles, each one a network's tensor with its batch.
-TEXT_EMBEDDINGS = batched(TEXT_ENCODER.outputs[0], "text_embeddings")
+ENCODED_ROWS = batched(TEXT_ENCODER.outputs[0])  # the text encoder's rows, a chunk each
+TEXT_EMBEDDINGS = TensorSpec("text_embeddings", ACTIVATION, (-1, *UNET.inputs[2].dims))  # the UNet's, a row per text
 LATENT_PARAMETERS = batched(VAE_ENCODER.outputs[0])  # the VAE encoder's mean and log-variance
 # Inpainting: the same of the masked image (the pixels to repaint made grey), for an inpainting UNet.
 MASKED_LATENT_PARAMETERS = batched(VAE_ENCODER.outputs[0], "masked_latent_parameters", optional=True)
@@ -204,14 +221,15 @@ NORMALIZED = batched(VAE_ENCODER.inputs[0], "normalized")  # an image in [-1, 1]
 
 # The BLS pipelines: the whole loop in one model. Image to image with a mask_image inpaints: the
 # same model, as the loop is the same one with the mask applied at each step.
-TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
+TEXT_TO_IMAGE = PipelineSpec("pipeline_text_to_image", TEXT_TO_IMAGE_INPUTS, (IMAGES, TRUNCATED_TEXT),
                              networks=(TEXT_ENCODER, UNET, VAE_DECODER))
-IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", INPAINT_INPUTS, (IMAGES,),
+IMAGE_TO_IMAGE = PipelineSpec("pipeline_image_to_image", INPAINT_INPUTS, (IMAGES, TRUNCATED_TEXT),
                               networks=(TEXT_ENCODER, VAE_ENCODER, UNET, VAE_DECODER))
-# With live progress: the same loops, streaming previews, then the images.
+# With live progress: the same loops, streaming previews, then the images (with the text cut).
 TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM = (
     replace(spec, name=f"{spec.name}_stream", inputs=(*spec.inputs, PREVIEW_EVERY),
-            outputs=(STEP, TOTAL_STEPS, IMAGES, FINAL), decoupled=True) for spec in (TEXT_TO_IMAGE, IMAGE_TO_IMAGE))
+            outputs=(STEP, TOTAL_STEPS, IMAGES, FINAL, TRUNCATED_TEXT), decoupled=True)
+    for spec in (TEXT_TO_IMAGE, IMAGE_TO_IMAGE))
 
 # The Python steps of the ensembles: each a thin adapter over the shared loop's code.
 # The ensembles' first steps take every input as optional, and refuse a missing one themselves:
@@ -224,8 +242,12 @@ CHECKED_MASK = replace(MASK_IMAGE, name="checked_mask_image", optional=False)  #
 CHECKED_CONTROL_IMAGE = replace(CONTROL_IMAGE, name="checked_control_image", optional=False)  # and ControlNet's this
 CHECK_REQUEST = PipelineSpec("check_request", tuple(replace(t, optional=True) for t in REQUEST_INPUTS),
                              (CHECKED_PROMPT, CHECKED_IMAGE, CHECKED_MASK, CHECKED_CONTROL_IMAGE))
-TOKENIZER = PipelineSpec("tokenizer", (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE),
-                         (batched(TEXT_ENCODER.inputs[0]),))
+# The prompts' two steps around the text encoder (pipelines/prompts.py): the rows it encodes (a
+# chunk each, and compel's masked variants of weighted ones), then the UNet's embeddings from them.
+_PROMPT_INPUTS = (replace(PROMPT, optional=True), NEGATIVE_PROMPT, GUIDANCE_SCALE)
+TOKENIZER = PipelineSpec("tokenizer", (*_PROMPT_INPUTS, CLIP_SKIP),
+                         (*(batched(t) for t in TEXT_ENCODER.inputs), TRUNCATED_TEXT))
+PROMPT_EMBEDS = PipelineSpec("prompt_embeds", (*_PROMPT_INPUTS, ENCODED_ROWS), (TEXT_EMBEDDINGS,))
 DENOISE = PipelineSpec(  # the loop repeats with a scheduler: no static graph can express it, so BLS
     "denoise", (TEXT_EMBEDDINGS, batched(VAE_ENCODER.outputs[0], optional=True), MASKED_LATENT_PARAMETERS,
                 MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT, WIDTH, GUIDANCE_SCALE,
@@ -241,7 +263,7 @@ PREPROCESS_CONTROL = PipelineSpec("preprocess_control", (replace(CONTROL_IMAGE, 
 PREPROCESS_IMAGE = PipelineSpec("preprocess_image", (replace(INIT_IMAGE, optional=True), MASK_IMAGE), (NORMALIZED,))
 
 BLS_PIPELINES = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, TEXT_TO_IMAGE_STREAM, IMAGE_TO_IMAGE_STREAM)
-ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, DENOISE, POSTPROCESS, PREPROCESS_IMAGE, PREPROCESS_CONTROL)
+ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, PROMPT_EMBEDS, DENOISE, POSTPROCESS, PREPROCESS_IMAGE, PREPROCESS_CONTROL)
 PIPELINES = {spec.name: spec for spec in (*BLS_PIPELINES, *ENSEMBLE_STEPS)}
 
 
@@ -276,11 +298,13 @@ class EnsembleSpec:
         return MAX_PROMPTS
 
 
-_ID = TEXT_ENCODER.inputs[0].name
+_ROWS = tuple(t.name for t in TEXT_ENCODER.inputs)
+_PROMPTS = (PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name)
 ENCODE_PROMPT = EnsembleSpec(
-    "encode_prompt", (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE), (TEXT_EMBEDDINGS,),
-    (step(TOKENIZER, PROMPT.name, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(_ID,)),
-     step(TEXT_ENCODER, _ID, outputs=((TEXT_ENCODER.outputs[0].name, TEXT_EMBEDDINGS.name),))),
+    "encode_prompt", (PROMPT, NEGATIVE_PROMPT, GUIDANCE_SCALE, CLIP_SKIP), (TEXT_EMBEDDINGS, TRUNCATED_TEXT),
+    (step(TOKENIZER, *_PROMPTS, CLIP_SKIP.name, outputs=(*_ROWS, TRUNCATED_TEXT.name)),
+     step(TEXT_ENCODER, *_ROWS, outputs=(ENCODED_ROWS.name,)),
+     step(PROMPT_EMBEDS, *_PROMPTS, ENCODED_ROWS.name, outputs=(TEXT_EMBEDDINGS.name,))),
 )
 DECODE = EnsembleSpec(
     "decode", (LATENTS,), (IMAGES,),
@@ -301,11 +325,12 @@ ENCODE_MASKED_IMAGE = EnsembleSpec(  # the same steps, given the mask too
 _OPTIONS = (SCHEDULER.name, NUM_IMAGES_PER_PROMPT.name, GUIDANCE_SCALE.name, CFG_CUTOFF_STEP_RATIO.name,
             NUM_INFERENCE_STEPS.name, SEED.name, LORA.name, LORA_SCALE.name)
 _CHECKED_PROMPT = (PROMPT.name, CHECKED_PROMPT.name)  # encode_prompt's prompt: the checked one
+_ENCODE_PROMPT_INPUTS = (_CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, CLIP_SKIP.name)
 _PLAIN_INPUTS = tuple(t for t in TEXT_TO_IMAGE_INPUTS if t not in CONTROL_INPUTS)  # ControlNet has its own graph
 ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
-    "ensemble_text_to_image", _PLAIN_INPUTS, (IMAGES,),
+    "ensemble_text_to_image", _PLAIN_INPUTS, (IMAGES, TRUNCATED_TEXT),
     (step(CHECK_REQUEST, *(t.name for t in _PLAIN_INPUTS), outputs=(CHECKED_PROMPT.name,)),
-     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_PROMPT, *_ENCODE_PROMPT_INPUTS, outputs=(TEXT_EMBEDDINGS.name, TRUNCATED_TEXT.name)),
      step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
@@ -313,10 +338,10 @@ ENSEMBLE_TEXT_TO_IMAGE = EnsembleSpec(
 # ready (preprocess_control) for the denoise step, which calls the ControlNets with the UNet. Its own
 # graph: an ensemble cannot skip a step, and a plain request has no control image to prepare.
 ENSEMBLE_CONTROLNET = EnsembleSpec(
-    "ensemble_controlnet", TEXT_TO_IMAGE_INPUTS, (IMAGES,),
+    "ensemble_controlnet", TEXT_TO_IMAGE_INPUTS, (IMAGES, TRUNCATED_TEXT),
     (step(CHECK_REQUEST, *(t.name for t in TEXT_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name,
                                                                          CHECKED_CONTROL_IMAGE.name)),
-     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_PROMPT, *_ENCODE_PROMPT_INPUTS, outputs=(TEXT_EMBEDDINGS.name, TRUNCATED_TEXT.name)),
      step(PREPROCESS_CONTROL, (CONTROL_IMAGE.name, CHECKED_CONTROL_IMAGE.name), CONTROL_MODE.name,
           outputs=(PREPARED_CONTROL_IMAGE.name,)),
      step(DENOISE, TEXT_EMBEDDINGS.name, HEIGHT.name, WIDTH.name, *_OPTIONS, CONTROLNET_NAMES.name,
@@ -325,9 +350,9 @@ ENSEMBLE_CONTROLNET = EnsembleSpec(
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
 )
 ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
-    "ensemble_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES,),
+    "ensemble_image_to_image", IMAGE_TO_IMAGE_INPUTS, (IMAGES, TRUNCATED_TEXT),
     (step(CHECK_REQUEST, *(t.name for t in IMAGE_TO_IMAGE_INPUTS), outputs=(CHECKED_PROMPT.name, CHECKED_IMAGE.name)),
-     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_PROMPT, *_ENCODE_PROMPT_INPUTS, outputs=(TEXT_EMBEDDINGS.name, TRUNCATED_TEXT.name)),
      step(ENCODE_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), outputs=(LATENT_PARAMETERS.name,)),
      step(DENOISE, TEXT_EMBEDDINGS.name, LATENT_PARAMETERS.name, STRENGTH.name, *_OPTIONS, outputs=(LATENTS.name,)),
      step(DECODE, LATENTS.name, outputs=(IMAGES.name,))),
@@ -338,10 +363,10 @@ ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
 # the denoise step only draws from its latent distribution, as diffusers does).
 _CHECKED_MASK = (MASK_IMAGE.name, CHECKED_MASK.name)
 ENSEMBLE_INPAINT = EnsembleSpec(
-    "ensemble_inpaint", INPAINT_INPUTS, (IMAGES,),
+    "ensemble_inpaint", INPAINT_INPUTS, (IMAGES, TRUNCATED_TEXT),
     (step(CHECK_REQUEST, *(t.name for t in INPAINT_INPUTS),
           outputs=(CHECKED_PROMPT.name, CHECKED_IMAGE.name, CHECKED_MASK.name)),
-     step(ENCODE_PROMPT, _CHECKED_PROMPT, NEGATIVE_PROMPT.name, GUIDANCE_SCALE.name, outputs=(TEXT_EMBEDDINGS.name,)),
+     step(ENCODE_PROMPT, *_ENCODE_PROMPT_INPUTS, outputs=(TEXT_EMBEDDINGS.name, TRUNCATED_TEXT.name)),
      step(ENCODE_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), outputs=(LATENT_PARAMETERS.name,)),
      step(ENCODE_MASKED_IMAGE, (INIT_IMAGE.name, CHECKED_IMAGE.name), _CHECKED_MASK,
           outputs=(MASKED_LATENT_PARAMETERS.name,)),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.stable_diffusion import PipelineComponents, StableDiffusion
+from pipelines.components import PipelineComponents
+from pipelines.stable_diffusion import StableDiffusion
 from utils import specs
 from utils.cli import add_generation_arguments, main_entry
 from utils.models import resolve_model

@@ -90,6 +90,10 @@ VALUES: dict[str, Callable[[], str]] = {
     "sd15-image-sizes": lambda: "{0.min}-{0.max}".format(specs.ImageSizes.default(SD15)),
     "sd15-image-size": lambda: f"{SD15.image_height}x{SD15.image_width}",
     "sd15-tokens": lambda: f"{SD15.text_length} tokens",
+    "max-prompt-tokens": lambda: f"{specs.MAX_PROMPT_CHUNKS * (SD15.text_length - 2)} tokens "
+                                 f"({specs.MAX_PROMPT_CHUNKS} windows)",
+    "prompt-lengths": lambda: f"{SD15.text_length} to {specs.MAX_PROMPT_CHUNKS * SD15.text_length}",
+    "text-encoder-rows": lambda: f"{specs.TEXT_ENCODER.profile.max} text encoder rows",
     "sd15-check-size": _check_size,
     "tolerances": _tolerances,
     "cuda-graphs": _cuda_graphs,

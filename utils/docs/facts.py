@@ -19,13 +19,15 @@ SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
 TINY = preset_dims("tiny")
 
 
-# The image's sizes, as the README writes them: h = H / 8 (the latents), w = W / 8.
-SPATIAL_SYMBOLS = {"latent_height": "h", "latent_width": "w", "image_height": "H", "image_width": "W"}
+# The sizes that follow the request, as the README writes them: h = H / 8 (the latents), w = W / 8,
+# L the prompt's length in tokens (77 per chunk).
+DYNAMIC_SYMBOLS = {"latent_height": "h", "latent_width": "w", "image_height": "H", "image_width": "W",
+                   "prompt_length": "L"}
 
 
 def _shape(network: specs.NetworkSpec, tensor: specs.TensorSpec) -> str:
     batch = "2B" if network.cfg_doubled else "B"
-    sizes = [SPATIAL_SYMBOLS.get(d, str(r)) for d, r in zip(tensor.dims, SD15.resolve(tensor.dims))]
+    sizes = [DYNAMIC_SYMBOLS.get(d, str(r)) for d, r in zip(tensor.dims, SD15.resolve(tensor.dims))]
     return "[" + ", ".join([batch, *sizes]) + "]"
 
 

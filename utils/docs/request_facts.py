@@ -22,7 +22,10 @@ def request_table() -> str:
     sizes = specs.ImageSizes.default(SD15)
     size_range = f"a multiple of {sizes.step} in [{sizes.min}, {sizes.max}] (SD1.5's default; --image-sizes)"
     allowed = {
-        specs.PROMPT.name: ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes"),
+        specs.PROMPT.name: ("required", f"1 to {max_prompts} prompts (N), each up to {MAX_PROMPT_BYTES} UTF-8 bytes; "
+                                        f"compel's weighting syntax; up to {specs.MAX_PROMPT_CHUNKS} x "
+                                        f"{SD15.text_length - 2} tokens, the rest cut and reported "
+                                        f"([docs/prompts.md](docs/prompts.md))"),
         specs.NEGATIVE_PROMPT.name: ("none", "one per prompt, or one for all"),
         specs.INIT_IMAGE.name: ("image to image: required", f"uint8 RGB, height and width each {size_range}; one "
                                                             f"per prompt or one for all"),
@@ -49,6 +52,9 @@ def request_table() -> str:
                                                      f"request ([docs/lora.md](docs/lora.md))"),
         specs.LORA_SCALE.name: ("1 per adapter", f"one weight per name in `lora`, finite, in [{LORA_SCALE_RANGE[0]:g}, "
                                                  f"{LORA_SCALE_RANGE[1]:g}]; fused adapters: {FUSED_SCALE:g}"),
+        specs.CLIP_SKIP.name: ("0 (the last layer)", f"[0, {SD15.text_layers - 1}]: the text encoder's layer that "
+                                                     f"many before the last, through its final layer norm (diffusers' "
+                                                     f"`clip_skip`; 1 is A1111's \"clip skip 2\")"),
         **_control_rows(),
     }
     shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]",
@@ -59,8 +65,10 @@ def request_table() -> str:
         shape = shapes.get(tensor.name, "[N]" if tensor.dims == (-1,) else "[1]")
         default, values = allowed[tensor.name]
         rows.append(f"| `{tensor.name}` | {tensor.dtype} | {shape} | {default} | {values} |")
-    (output,) = specs.TEXT_TO_IMAGE.outputs
-    rows.append(f"| output `{output.name}` | {output.dtype} | [N x num_images_per_prompt, H, W, 3] | | |")
+    images, truncated = specs.TEXT_TO_IMAGE.outputs
+    rows.append(f"| output `{images.name}` | {images.dtype} | [N x num_images_per_prompt, H, W, 3] | | |")
+    rows.append(f"| output `{truncated.name}` | {truncated.dtype} | [N] or [2N] | | the text cut from each prompt "
+                f"past the longest served (the negative prompts first, with guidance); empty where none |")
     return "\n".join(rows)
 
 

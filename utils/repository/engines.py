@@ -47,7 +47,7 @@ def profile_levels(network: specs.NetworkSpec, dims: specs.ModelDims,
     sizes = sizes or specs.ImageSizes.default(dims)
     profile = network.profile
     return {"min": (profile.min, dims.at_size(sizes.min, sizes.min)), "opt": (profile.opt, dims),
-            "max": (profile.max, dims.at_size(sizes.max, sizes.max))}
+            "max": (profile.max, dims.at_size(sizes.max, sizes.max, specs.MAX_PROMPT_CHUNKS))}
 
 
 def profile_shapes(network: specs.NetworkSpec, dims: specs.ModelDims,

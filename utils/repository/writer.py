@@ -69,7 +69,7 @@ def onnx_precision(onnx_file: Path, network: specs.NetworkSpec, dims: specs.Mode
         for spec, tensor in zip(expected, actual):
             shape = tensor.type.tensor_type.shape.dim
             got = [d.dim_param or d.dim_value for d in shape]
-            want = [specs.BATCH_AXIS, *(d if d in specs.SPATIAL else r for d, r in zip(spec.dims, dims.resolve(spec.dims)))]
+            want = [specs.BATCH_AXIS, *(d if d in specs.DYNAMIC else r for d, r in zip(spec.dims, dims.resolve(spec.dims)))]
             if got != want:
                 problems.append(f"{spec.name} has shape {got}, the spec says {want}")
             dtype = onnx.TensorProto.DataType.Name(tensor.type.tensor_type.elem_type)

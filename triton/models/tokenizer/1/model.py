@@ -1,5 +1,7 @@
-"""Ensemble step: prompts -> token ids, unconditional rows first when guidance is on (the specs'
-classifier-free-guidance order), ready for the text encoder."""
+"""Ensemble step: prompts -> the rows the text encoder encodes, unconditional prompts first when
+guidance is on (the specs' classifier-free-guidance order): a row per 77-token chunk of each prompt,
+and for a weighted prompt compel's masked variants (pipelines/prompts.py); with the text cut from
+each prompt past the longest served."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
@@ -10,4 +12,6 @@ class TritonPythonModel(PipelineModel):
     required = (specs.PROMPT,)
 
     def compute(self, request, tensors, is_cancelled):
-        return (self.pipeline.tokenize(self.pipeline.check(request)),)
+        rows = self.pipeline.tokenize(self.pipeline.check(request))
+        encoded = (rows.input_ids, rows.attention_mask, rows.skipped_layers)
+        return (*(tensor.to_wire(value) for tensor, value in zip(specs.TEXT_ENCODER.inputs, encoded)), rows.truncated)
