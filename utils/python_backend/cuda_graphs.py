@@ -76,8 +76,8 @@ def compile_recipe(module) -> None:
 class GraphedNetwork:
     """The module's forward in CUDA graphs, replayed on copies of the inputs into static buffers:
     one per batch size at the checkpoint's own image size, captured at load, and one per (batch,
-    size) of the other image sizes, captured at its first request, the most recent
-    ``OTHER_SIZES`` kept.
+    size) of the other image sizes and prompt lengths, captured at its first request, the most
+    recent ``OTHER_SIZES`` kept.
 
     Compiled with ``static_batches``, the checkpoint's size gets one static compilation per batch
     size listed instead, and a batch between two runs in the next one up, in the first rows of its
@@ -93,7 +93,7 @@ class GraphedNetwork:
                  compile_module: bool = False, static_batches: tuple[int, ...] = (), log=print):
         self.module, self.device = module, device
         self.static_batches = tuple(sorted(static_batches)) if compile_module else ()
-        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # by the first input's shape
+        self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # by (rows, every input's shape per row)
         start = time.perf_counter()
         # torch.compile fuses the elementwise and normalization kernels between the matmuls and
         # convolutions. One compilation for every batch size above 1 (the batch is marked dynamic)
@@ -148,15 +148,18 @@ class GraphedNetwork:
                 sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):
             output = forward(*inputs)
         self.pool = graph.pool()
-        self.graphs[tuple(inputs[0].shape)] = entry = (graph, inputs, output)
+        self.graphs[_key(inputs)] = entry = (graph, inputs, output)
         return entry
 
     def __call__(self, *inputs):
-        rows, key = inputs[0].shape[0], tuple(inputs[0].shape)
+        # Every input's shape counts, not only the latents': a long prompt's text embeddings are
+        # longer for the same latents, and need a graph of their own.
+        key = _key(inputs)
+        rows, per_row = key
         entry = self.graphs.get(key)
-        if entry is None and self.static_batches and (self.static_batches[-1], *key[1:]) in self.own_size:
+        if entry is None and self.static_batches and (self.static_batches[-1], per_row) in self.own_size:
             bucket = next(batch for batch in self.static_batches if batch >= rows)  # the next one up
-            entry = self.graphs[(bucket, *key[1:])]  # its first rows
+            entry = self.graphs[(bucket, per_row)]  # its first rows
         elif entry is None:  # another image size: capture its graph, forget the oldest other one
             entry = self._capture(self.module, [torch.zeros_like(value) for value in inputs])
             others = [k for k in self.graphs if k not in self.own_size]
@@ -169,6 +172,11 @@ class GraphedNetwork:
             static[:rows].copy_(value)
         graph.replay()
         return static_output[:rows].clone()  # the next replay overwrites the static output
+
+
+def _key(inputs) -> tuple:
+    """A call's rows, and each input's shape per row."""
+    return inputs[0].shape[0], tuple(tuple(tensor.shape[1:]) for tensor in inputs)
 
 
 def compile_cache_report() -> str:

@@ -66,8 +66,8 @@ def probe_inputs(config: dict, batch: int, seed: int = 0) -> list[grpcclient.Inf
     arrays = {}
     for name, shape in served_shapes(config).items():
         dtype, shape = dtypes[name], [batch, *shape]
-        if np.issubdtype(dtype, np.integer):  # token ids: stay in the vocabulary
-            arrays[name] = rng.integers(0, 100, shape).astype(dtype)
+        if np.issubdtype(dtype, np.integer):  # 0 or 1: in range for token ids, an attention mask, layers skipped
+            arrays[name] = rng.integers(0, 2, shape).astype(dtype)
         else:
             arrays[name] = rng.standard_normal(shape).astype(dtype)
     return infer_inputs(arrays)
