@@ -25,6 +25,7 @@ is reported in the response. clip_skip is the served text encoder's own input (u
 from __future__ import annotations
 
 import numbers
+import re
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -149,11 +150,27 @@ def _fitted(conjunction, tokenizer, dims: specs.ModelDims, index: int):
     for fragment, ids in zip(prompt.children, parts):
         if budget >= len(ids):
             kept.append(fragment)
-        elif budget > 0:
-            kept.append(Fragment(tokenizer.decode(ids[:budget]), fragment.weight))
-        cut += ids[max(budget, 0):]
+        else:  # the longest start of its text, cut between words, that fits what is left
+            end = _fitting_prefix(tokenizer, fragment.text, max(budget, 0))
+            if end:
+                kept.append(Fragment(fragment.text[:end].rstrip(), fragment.weight))
+            cut.append(fragment.text[end:].strip())
         budget -= len(ids)
-    return Conjunction([FlattenedPrompt(kept)]), tokenizer.decode(cut).strip()
+    return Conjunction([FlattenedPrompt(kept)]), " ".join(text for text in cut if text)
+
+
+def _fitting_prefix(tokenizer, text: str, budget: int) -> int:
+    """Where to cut ``text`` (a word boundary, so that the words kept tokenize as in the whole
+    text) for the most of it in ``budget`` tokens."""
+    ends = [match.start() for match in re.finditer(r"\s", text)] + [len(text)]
+    low, high = 0, len(ends)  # ends[:low] fit; found by halving, a tokenization each
+    while low < high:
+        middle = (low + high) // 2
+        if len(_token_ids(tokenizer, text[:ends[middle]])) <= budget:
+            low = middle + 1
+        else:
+            high = middle
+    return ends[low - 1] if low else 0
 
 
 def _parts(prompt) -> list:
@@ -165,7 +182,7 @@ def _parts(prompt) -> list:
 
 
 def _token_ids(tokenizer, fragment) -> list[int]:
-    text = getattr(fragment, "text", None)
+    text = fragment if isinstance(fragment, str) else getattr(fragment, "text", None)
     if text is None:  # a .swap()'s parts: counted as their text
         text = " ".join(getattr(part, "text", "") for part in getattr(fragment, "original", ()))
     return tokenizer(text, add_special_tokens=False, truncation=False).input_ids

@@ -2,8 +2,8 @@
 diffusers given the prompt embeddings compel builds (in process, and served in the three ways); a
 prompt past the longest served is cut and the cut reported; bad values refused by name.
 
-The tiny model's text encoder takes 16 tokens (a chunk holds 14 and its BOS and EOS; the limit is
-3 chunks, 42 tokens), where SD1.5's takes 77 (75 a chunk, 225 in all): the same code, smaller."""
+The tiny model's text encoder takes 77 tokens, as SD1.5's: a window holds 75 and its BOS and EOS,
+and the limit is 3 windows, 225 tokens (its tokenizer makes about a token of each character)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ from utils.networks import load_network
 from utils.request import GenerationRequest, InvalidRequest
 
 MAX_PIXEL_DIFFERENCE = 2
-LONG = "a red door by the sea, sunset, oil painting"  # 35 tokens: 3 chunks of the tiny model's
+SCENE = "a red door by the sea, sunset, oil painting"  # 35 tokens
+LONG = ", ".join([SCENE] * 5)  # 178 tokens: 3 windows
+TOO_LONG = ", ".join([LONG, "golden hour, highly detailed", SCENE, SCENE])  # past 225 tokens
 CASES = {  # prompt, negative prompt, options
-    "long prompt (3 chunks), short negative prompt": (LONG, "blurry", {}),
+    "long prompt (3 windows), short negative prompt": (LONG, "blurry", {}),
     "weighted up and down, long weighted negative prompt": (
-        "a (red door)1.4 in a (green)0.6 wall++", "(blurry)0.5, grainy, (dark)1.2 photo", {}),
-    "long weighted prompt, clip skip 1": ("(a red door)1.3 by the sea, sunset--, oil painting", "", {"clip_skip": 1}),
+        "a (red door)1.4 in a (green)0.6 wall++", f"(blurry)0.5, grainy, (dark)1.2 photo, {SCENE}, {SCENE}", {}),
+    "a 200-token weighted prompt, clip skip 1": (f"(a red door)1.3 by the sea, sunset--, {LONG}", "", {"clip_skip": 1}),
     "two prompts of different lengths, no guidance": (["a cat", LONG], None, {"guidance_scale": 1.0}),
 }
 
@@ -98,7 +100,9 @@ def request_of(case: str, seed: int = 4) -> GenerationRequest:
 @pytest.mark.parametrize("case", CASES)
 def test_prompts_in_process_equal_diffusers_with_compel(case, in_process, diffusers_pipeline):  # noqa: F811
     request = request_of(case)
-    ours = in_process(request).numpy()
+    generated = in_process.generate(request)
+    ours = generated.images.numpy()
+    assert generated.truncated == [""] * len(generated.truncated)  # each within the limit
     expected = diffusers_with_compel(diffusers_pipeline, request.prompt, CASES[case][1], request.seed, 6,
                                      request.clip_skip or 0, request.guidance_scale)
     difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
@@ -112,14 +116,16 @@ def test_a_long_prompt_is_several_chunks_and_one_past_the_limit_is_cut_and_repor
     dims = in_process.components.dims
     request = GenerationRequest(prompt=[LONG], guidance_scale=1.0)
     assert in_process.encode_prompt(request).shape == (1, 3 * dims.text_length, dims.text_hidden)
-    too_long = GenerationRequest(prompt=[LONG + ", golden hour, highly detailed"], guidance_scale=1.0)
+    too_long = GenerationRequest(prompt=[TOO_LONG], guidance_scale=1.0)
     rows = in_process.tokenize(too_long)
-    assert rows.truncated[0] and "detailed" in rows.truncated[0] and "red" not in rows.truncated[0]
-    # The windows are encoded apart, so the cut prompt's embeddings are the first three of the whole one's.
+    cut = rows.truncated[0]
+    assert cut and TOO_LONG.endswith(" " + cut) and len(cut) < len(TOO_LONG) - len(LONG)  # its end, word by word
+    # The windows are encoded apart, and the prompt cut between words: the cut prompt's first
+    # windows are the whole one's, its last one holds the words that fit.
     kept = in_process.encode_prompt(too_long, rows)
     whole = compel_embeddings(diffusers_pipeline, list(too_long.prompt))
     assert whole.shape[1] > kept.shape[1] == 3 * dims.text_length
-    assert torch.allclose(kept, whole[:, :kept.shape[1]], atol=1e-5)
+    assert torch.allclose(kept[:, :2 * dims.text_length], whole[:, :2 * dims.text_length], atol=1e-5)
     assert in_process.tokenize(GenerationRequest(prompt=[LONG])).truncated == ["", ""]  # nothing cut
 
 
@@ -134,14 +140,14 @@ def test_a_bad_clip_skip_is_refused_by_name(clip_skip, message, in_process):
 
 
 def test_a_conjunction_past_the_limit_is_refused_not_cut(in_process):
-    with pytest.raises(InvalidRequest, match=r"in .and\(\) or .blend\(\) parts: at most 42 \(3 chunks of 14\)"):
+    with pytest.raises(InvalidRequest, match=r"in .and\(\) or .blend\(\) parts: at most 225 \(3 chunks of 75\)"):
         in_process.tokenize(GenerationRequest(prompt=[f'("{LONG}", "{LONG}").and()'], guidance_scale=1.0))
 
 
 @pytest.mark.server
 @pytest.mark.parametrize("kind", ["client-side", "BLS", "ensemble"])
 def test_served_prompts_equal_diffusers_with_compel(kind, ways, diffusers_pipeline):  # noqa: F811
-    for case in ("weighted up and down, long weighted negative prompt", "long weighted prompt, clip skip 1"):
+    for case in ("weighted up and down, long weighted negative prompt", "a 200-token weighted prompt, clip skip 1"):
         request = request_of(case, seed=11)
         prompt, negative, options = CASES[case]
         served = ways[kind](prompt=prompt, negative_prompt=negative, seed=11, num_inference_steps=6, **options)
@@ -154,9 +160,9 @@ def test_served_prompts_equal_diffusers_with_compel(kind, ways, diffusers_pipeli
 
 @pytest.mark.server
 def test_served_pipelines_report_what_they_cut(bls, ensemble, client_side):  # noqa: F811
-    too_long = LONG + ", golden hour, highly detailed"
+    too_long = TOO_LONG
     for pipeline in (bls, ensemble, client_side):
-        with pytest.warns(PromptTruncated, match="detailed"):
+        with pytest.warns(PromptTruncated, match="painting"):
             pipeline(prompt=too_long, seed=1, num_inference_steps=2, **({"progress": False} if pipeline is client_side
                                                                         else {}))
     for spec in (specs.TEXT_TO_IMAGE, specs.ENSEMBLES["ensemble_text_to_image"]):  # the tensor itself, as sent
@@ -164,7 +170,7 @@ def test_served_pipelines_report_what_they_cut(bls, ensemble, client_side):  # n
                   specs.NUM_INFERENCE_STEPS.name: np.array([2], dtype=np.int32)}
         result = bls.client.infer(spec.name, _inputs(arrays))
         negative, positive = (text.decode() for text in result.as_numpy(specs.TRUNCATED_TEXT.name))
-        assert negative == "" and "detailed" in positive
+        assert negative == "" and "painting" in positive
 
 
 @pytest.mark.server

@@ -100,7 +100,7 @@ def test_tiny_preset_is_a_diffusers_folder_with_its_own_sizes(tiny_model):
         "model_index.json", "text_encoder", "unet", "vae", "tokenizer", "scheduler",
     }
     dims = specs.ModelDims.from_pretrained(tiny_model)
-    assert dims == specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8,
+    assert dims == specs.ModelDims(text_length=77, text_hidden=32, latent_channels=4, latent_height=8,
                                    latent_width=8, vae_scale_factor=8,
                                    # conv_in, a resnet and the downsampler of block 0, a resnet of block 1, the mid block
                                    residual_layout=((32, 0), (32, 0), (32, 1), (64, 1), (64, 1)), text_layers=2)

@@ -42,12 +42,13 @@ SD15_SCHEDULER = dict(
 SD15_SCHEDULER_EXTRAS = dict(clip_sample=False)  # in its scheduler_config.json too, for the other schedulers
 
 # Architectures. SD1.5's values are those of its config.json files; "tiny" keeps the same
-# structure (4 VAE levels, so h = H/8; cross-attention in the UNet) at toy widths.
+# structure (4 VAE levels, so h = H/8; cross-attention in the UNet; 77 tokens, so that a prompt is
+# long, and chunked, past the same 75 tokens as SD1.5's) at toy widths.
 PRESETS = {
     "tiny": dict(
         text_encoder=dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, vocab_size=1000, projection_dim=32,
+            max_position_embeddings=77, vocab_size=1000, projection_dim=32,
         ),
         unet=dict(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,

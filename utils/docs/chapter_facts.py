@@ -85,6 +85,12 @@ def _model_control() -> str:
     return f"`--model-control-mode={AccessPolicy().model_control}`"
 
 
+def _gateway_body_limit() -> str:
+    from utils.gateway import MAX_BODY_BYTES
+
+    return f"{MAX_BODY_BYTES // 2**20} MiB"
+
+
 # Each a few words of a sentence; the name says what it is.
 VALUES: dict[str, Callable[[], str]] = {
     "sd15-image-sizes": lambda: "{0.min}-{0.max}".format(specs.ImageSizes.default(SD15)),
@@ -94,6 +100,7 @@ VALUES: dict[str, Callable[[], str]] = {
                                  f"({specs.MAX_PROMPT_CHUNKS} windows)",
     "prompt-lengths": lambda: f"{SD15.text_length} to {specs.MAX_PROMPT_CHUNKS * SD15.text_length}",
     "text-encoder-rows": lambda: f"{specs.TEXT_ENCODER.profile.max} text encoder rows",
+    "gateway-body-limit": _gateway_body_limit,
     "sd15-check-size": _check_size,
     "tolerances": _tolerances,
     "cuda-graphs": _cuda_graphs,

@@ -7,6 +7,7 @@ from typing import Callable
 
 from utils import specs
 from utils.docker import SERVE_IMAGE
+from utils.gateway import API_KEY_ENV, DEFAULT_PORT
 from utils.docs.request_facts import request_table
 from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
@@ -331,6 +332,22 @@ def retry_for() -> str:
     return f"{DEFAULT_RETRY_FOR:g} s"
 
 
+# The OpenAI-compatible gateway's examples (scripts/launch_openai_gateway.py), run as written by
+# tests/test_openai_gateway.py: curl with the key in SD_TRITON_API_KEY, and the openai SDK.
+OPENAI_CURL_EXAMPLE = f"""curl -s 127.0.0.1:{DEFAULT_PORT}/v1/images/generations -H "Authorization: Bearer ${API_KEY_ENV}" \\
+  -H "Content-Type: application/json" -d '{{"prompt": "a watercolor fox", "n": 2, "seed": 0}}' \\
+  | python -c "import base64, json, sys
+for i, image in enumerate(json.load(sys.stdin)['data']):
+    open(f'fox-{{i}}.png', 'wb').write(base64.b64decode(image['b64_json']))"
+"""
+OPENAI_SDK_EXAMPLE = f"""from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:{DEFAULT_PORT}/v1", api_key="KEY")  # the key the gateway printed
+response = client.images.generate(prompt="a watercolor fox", n=2, response_format="b64_json",
+                                  extra_body={{"seed": 0, "negative_prompt": "blurry", "clip_skip": 1}})
+print(len(response.data))  # 2"""
+
+
 FACTS: dict[str, Callable[..., str]] = {
     "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
@@ -345,4 +362,6 @@ FACTS: dict[str, Callable[..., str]] = {
     "sd15-unet-size": sd15_unet_size, "image-sizes": image_sizes, "docker-pins": docker_pins,
     "chart-scaling": chart_scaling, "kube-versions": kube_versions, "canary-interval": canary_interval,
     "failures-before-restart": failures_before_restart, "retry-for": retry_for,
+    "openai-curl-example": lambda: f"```bash\n{OPENAI_CURL_EXAMPLE}```",
+    "openai-sdk-example": lambda: f"```python\n{OPENAI_SDK_EXAMPLE}\n```",
 }
