@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 import numpy as np
@@ -33,6 +34,7 @@ from tritonclient.utils import InferenceServerException
 from pipelines.openai_images import (IMAGE, MASK, Generation, OpenAIError, Served, decode_image, edit_inputs,
                                      generation, images_response, stream_event)
 from utils import specs
+from utils.errors import UsageError
 from utils.gateway import API_KEY_ENV, MAX_BODY_BYTES
 from utils.grpc_client import infer_inputs
 from utils.request import request_to_arrays
@@ -132,6 +134,19 @@ def _answer_errors(app: FastAPI) -> None:
     async def malformed(request: Request, error: RequestValidationError):
         return JSONResponse(OpenAIError(400, "The request body is not valid JSON: send a JSON object.").body(),
                             status_code=400)
+
+
+def served_by(repository: Path, model: str) -> Served:
+    """What a repository serves, as the gateway needs it: the image sizes it was written for, and
+    the checkpoint's own size (its config files, in the pipeline model's folder)."""
+    from utils.deployment import served_sizes
+    from utils.layout import PIPELINE_FILES, config_file
+
+    if not config_file(repository, specs.TEXT_TO_IMAGE.name).exists():
+        raise UsageError(f"--repository {repository} has no {specs.TEXT_TO_IMAGE.name} model: pass the repository the "
+                         f"server serves (written by scripts/move_onnx_models_to_triton.py).")
+    dims = specs.ModelDims.from_pretrained(repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
+    return Served(model, served_sizes(repository, specs.TEXT_TO_IMAGE.name, dims), (dims.image_height, dims.image_width))
 
 
 def check_key(header: str | None, api_key: str) -> None:

@@ -19,6 +19,7 @@ from kubernetes_validate.utils import all_versions, latest_version
 
 from utils import metrics, specs
 from utils.docker import SERVE_IMAGE
+from utils.gateway import API_KEY_ENV, DEFAULT_PORT, DEFAULT_SERVED_MODEL
 from utils.layout import PROJECT_ROOT
 from utils.server.access import ADMIN_APIS, ADMIN_HEADER
 from utils.server.install import MEMORY_ENVIRONMENT
@@ -48,6 +49,9 @@ COMBINATIONS = {
     "autoscaling-init-container": {**AUTOSCALING_ON, **INIT_CONTAINER},
     "monitoring-off-init-container": {**MONITORING_OFF, **INIT_CONTAINER},
     "own-admin-key": {"server": {"adminKeySecret": {"name": "triton-admin", "key": "key"}}},
+    "own-keys": {"server": {"adminKeySecret": {"name": "triton-admin", "key": "key"}},
+                 "gateway": {"apiKeySecret": {"name": "openai-keys", "key": "key"}}},
+    "gateway-off": {"gateway": {"enabled": False}},
 }
 
 # The Prometheus Operator's kinds, which kubernetes-validate does not know: what their CRDs require,
@@ -131,9 +135,9 @@ def by_kind(manifests: list[dict]) -> dict[str, dict]:
     return {manifest["kind"]: manifest for manifest in manifests}
 
 
-def container(deployment: dict) -> dict:
-    (tritonserver,) = deployment["spec"]["template"]["spec"]["containers"]
-    return tritonserver
+def container(deployment: dict, name: str = "tritonserver") -> dict:
+    (found,) = [each for each in deployment["spec"]["template"]["spec"]["containers"] if each["name"] == name]
+    return found
 
 
 def rules() -> list[dict]:
@@ -346,9 +350,11 @@ def test_the_service_reaches_the_pods_and_marks_grpc_as_h2c(chart):
     service, deployment = kinds["Service"], kinds["Deployment"]
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     ports = {port["name"]: port for port in service["spec"]["ports"]}
-    assert {name: port["port"] for name, port in ports.items()} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {name: port["port"] for name, port in ports.items()} == {"http": 8000, "grpc": 8001, "metrics": 8002,
+                                                                     "openai": DEFAULT_PORT}
     assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
-    container_ports = {port["name"] for port in container(deployment)["ports"]}
+    container_ports = {port["name"] for each in ("tritonserver", "openai-gateway")
+                       for port in container(deployment, each)["ports"]}
     assert {port["targetPort"] for port in ports.values()} <= container_ports
 
 
@@ -357,11 +363,38 @@ def test_an_admin_key_secret_is_created_unless_one_is_named(chart):
     (reference,) = [variable["valueFrom"]["secretKeyRef"] for variable in container(kinds["Deployment"])["env"]
                     if variable["name"] == "TRITON_ADMIN_KEY"]
     assert kinds["Secret"]["metadata"]["name"] == reference["name"] and reference["key"] in kinds["Secret"]["data"]
-    own = by_kind(render(chart, COMBINATIONS["own-admin-key"]))
+    own = by_kind(render(chart, COMBINATIONS["own-keys"]))
     assert "Secret" not in own
     (reference,) = [variable["valueFrom"]["secretKeyRef"] for variable in container(own["Deployment"])["env"]
                     if variable["name"] == "TRITON_ADMIN_KEY"]
     assert reference == {"name": "triton-admin", "key": "key"}
+    # The gateway's API key: in the chart's Secret beside the admin key, or in the one named.
+    (api_key,) = [variable["valueFrom"]["secretKeyRef"] for variable in
+                  container(kinds["Deployment"], "openai-gateway")["env"] if variable["name"] == API_KEY_ENV]
+    assert api_key["name"] == kinds["Secret"]["metadata"]["name"] and api_key["key"] in kinds["Secret"]["data"]
+    (api_key,) = [variable["valueFrom"]["secretKeyRef"] for variable in
+                  container(own["Deployment"], "openai-gateway")["env"] if variable["name"] == API_KEY_ENV]
+    assert api_key == {"name": "openai-keys", "key": "key"}
+    only_api_key = by_kind(render(chart, COMBINATIONS["own-admin-key"]))["Secret"]["data"]
+    assert set(only_api_key) == {"api-key"}
+
+
+def test_the_gateway_runs_beside_triton_with_its_own_probes(chart):
+    from utils.gateway import IMAGE_LAUNCHER
+
+    deployment = by_kind(render(chart))["Deployment"]
+    gateway = container(deployment, "openai-gateway")
+    assert gateway["image"] == SERVE_IMAGE and gateway["command"] == ["python3", IMAGE_LAUNCHER]
+    assert {"--repository=/models", "--url=127.0.0.1:8001", f"--port={DEFAULT_PORT}",
+            f"--served-model-name={DEFAULT_SERVED_MODEL}"} <= set(gateway["args"])  # the pod's own Triton
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "openai"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "openai"}
+    assert "nvidia.com/gpu" not in gateway["resources"].get("limits", {})  # the GPU is Triton's
+    mounts = {mount["mountPath"]: mount for mount in gateway["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] is True  # it reads the repository's sizes
+    off = by_kind(render(chart, COMBINATIONS["gateway-off"]))
+    assert [each["name"] for each in off["Deployment"]["spec"]["template"]["spec"]["containers"]] == ["tritonserver"]
+    assert "openai" not in {port["name"] for port in off["Service"]["spec"]["ports"]}
 
 
 def test_monitoring_toggles(chart):

@@ -103,6 +103,20 @@ def test_serve_command_is_the_classic_launch_on_localhost_with_safe_defaults(tmp
     assert "127.0.0.1:8000:8000" in server_docker.serve_command(tmp_path, http=True)
 
 
+def test_gateway_command_runs_the_launcher_in_the_serving_image_with_the_key_by_name_only(tmp_path):
+    from utils.gateway import API_KEY_ENV, IMAGE_LAUNCHER
+
+    command = server_docker.gateway_command(tmp_path, "127.0.0.1:8001", "127.0.0.1", 8080, "stable-diffusion")
+    assert command[:3] == ["docker", "run", "--rm"] and "--network=host" in command  # Triton's port on localhost
+    assert command[command.index("-e") + 1] == API_KEY_ENV  # the value stays in the caller's environment
+    assert f"{tmp_path.resolve()}:/models:ro" in command
+    start = command.index(docker.SERVE_IMAGE)
+    assert command[start + 1:start + 5] == ["python3", IMAGE_LAUNCHER, "--repository", "/models"]
+    dockerfile = (ROOT / "docker/triton/Dockerfile").read_text()
+    assert f"COPY scripts/launch_openai_gateway.py {Path(IMAGE_LAUNCHER).relative_to('/opt/sd-triton')}" in dockerfile
+    assert "WORKDIR /opt/sd-triton" in dockerfile
+
+
 def test_export_command_passes_the_token_by_name_only():
     command = docker.export_command(["trtexec", "--help"])
     assert command[command.index("--env") + 1] == "HF_TOKEN"  # the value stays in the caller's environment

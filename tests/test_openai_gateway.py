@@ -19,6 +19,7 @@ from pipelines.bls import BlsPipeline
 from pipelines.openai_gateway import check_key
 from pipelines.openai_images import OpenAIError, Served, edit_inputs, generation
 from utils import specs
+from utils.gateway import DEFAULT_SERVED_MODEL
 from utils.grpc_client import connect
 from utils.layout import PROJECT_ROOT
 from utils.server.process import free_port
@@ -63,6 +64,17 @@ def test_a_bad_request_is_refused_in_openais_format(body, status, param, message
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.slow  # (the session repository: the exports)
+def test_the_served_sizes_are_the_repositorys(repository, tiny_model):
+    from pipelines.openai_gateway import served_by
+
+    served = served_by(repository, "sd")
+    dims = specs.ModelDims.from_pretrained(tiny_model)
+    assert served.sizes == specs.ImageSizes.default(dims) and served.default_size == (64, 64)
+    with pytest.raises(ValueError, match="has no pipeline_text_to_image model"):
+        served_by(repository / "missing", "sd")
+
+
 def test_a_request_becomes_the_pipelines_request():
     made = generation({"prompt": "a red door", "n": 2, "size": "80x48", "quality": "low", "seed": 3,
                        "negative_prompt": "blurry", "clip_skip": 1, "model": "tiny"}, SERVED)
@@ -97,11 +109,11 @@ def test_the_key_is_required_and_compared():
 # Server: the gateway started by its launcher, the SDK as its client.
 
 @pytest.fixture(scope="module")
-def gateway(triton_server, tiny_model):
+def gateway(triton_server, repository):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "scripts/launch_openai_gateway.py"), "--url", triton_server.grpc_url,
-         "--port", str(port), "--model", str(tiny_model)],
+         "--port", str(port), "--repository", str(repository)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         key = None
@@ -155,7 +167,7 @@ def sdk(gateway):
 
 @pytest.mark.server
 def test_the_sdk_generates_the_bls_pipelines_image(sdk, triton_server):
-    response = sdk.images.generate(model="tiny", prompt="a red door", n=2, size="80x48", response_format="b64_json",
+    response = sdk.images.generate(model=DEFAULT_SERVED_MODEL, prompt="a red door", n=2, size="80x48", response_format="b64_json",
                                    extra_body={"seed": 3, "num_inference_steps": 4})
     images = np.stack([decoded(image.b64_json) for image in response.data])
     expected = BlsPipeline(triton_server.grpc_url)(prompt="a red door", num_images_per_prompt=2, height=48, width=80,
@@ -163,7 +175,7 @@ def test_the_sdk_generates_the_bls_pipelines_image(sdk, triton_server):
     report(f"OpenAI gateway: images.generate, 2 images, equal to the BLS pipeline's: "
            f"max pixel difference {int(np.abs(images.astype(int) - expected.astype(int)).max())}")
     assert images.shape == (2, 48, 80, 3) and np.array_equal(images, expected)
-    assert [model.id for model in sdk.models.list()] == ["tiny"]
+    assert [model.id for model in sdk.models.list()] == [DEFAULT_SERVED_MODEL]
 
 
 @pytest.mark.server

@@ -32,3 +32,14 @@ def serve_command(model_repository: Path, gpus: tuple[int, ...] | None = None, a
         *METRICS_ARGUMENTS, *LOAD_ARGUMENTS, *MEMORY_ARGUMENTS,
         *([] if http else ["--allow-http=false"]),
     ]
+
+
+def gateway_command(model_repository: Path, url: str, host: str, port: int, served_model: str) -> list[str]:
+    """The OpenAI-compatible gateway in the serving image, beside a server started with --docker
+    (its gRPC port bound to this machine): the host's network, the API key from the environment."""
+    from utils.gateway import API_KEY_ENV, IMAGE_LAUNCHER
+
+    return ["docker", "run", "--rm", "--network=host", "-e", API_KEY_ENV,
+            "-v", f"{Path(model_repository).resolve()}:/models:ro",
+            SERVE_IMAGE, "python3", IMAGE_LAUNCHER, "--repository", "/models", "--url", url, "--host", host,
+            "--port", str(port), "--served-model-name", served_model]

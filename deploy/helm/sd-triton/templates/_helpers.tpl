@@ -32,6 +32,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-admin-key" (include "sd-triton.fullname" .)) .Values.server.adminKeySecret.name }}
 {{- end }}
 
+{{- /* The gateway's API key: in a Secret of yours, or in the chart's own (named for the admin key,
+which it held first). */}}
+{{- define "sd-triton.apiKeySecretName" -}}
+{{- default (printf "%s-admin-key" (include "sd-triton.fullname" .)) .Values.gateway.apiKeySecret.name }}
+{{- end }}
+
 {{/*
 The APIs behind the admin key: the same list as the local launcher's (utils/server/access.py).
 */}}
