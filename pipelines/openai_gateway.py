@@ -141,11 +141,13 @@ def served_by(repository: Path, model: str) -> Served:
     the checkpoint's own size (its config files, in the pipeline model's folder)."""
     from utils.deployment import served_sizes
     from utils.layout import PIPELINE_FILES, config_file
+    from utils.walkthrough import step
 
-    if not config_file(repository, specs.TEXT_TO_IMAGE.name).exists():
-        raise UsageError(f"--repository {repository} has no {specs.TEXT_TO_IMAGE.name} model: pass the repository the "
-                         f"server serves (written by scripts/move_onnx_models_to_triton.py).")
-    dims = specs.ModelDims.from_pretrained(repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
+    checkpoint = repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES
+    if not (config_file(repository, specs.TEXT_TO_IMAGE.name).exists() and (checkpoint / "model_index.json").exists()):
+        raise UsageError(f"--repository {repository} has no {specs.TEXT_TO_IMAGE.name} model with its checkpoint's "
+                         f"files: pass the repository the server serves, written by `{step('3').commands[0]}`.")
+    dims = specs.ModelDims.from_pretrained(checkpoint)
     return Served(model, served_sizes(repository, specs.TEXT_TO_IMAGE.name, dims), (dims.image_height, dims.image_width))
 
 

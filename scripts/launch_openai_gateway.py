@@ -18,6 +18,16 @@ from utils.grpc_client import DEFAULT_URL, ServerUnavailable, check_server, conn
 from utils.layout import DEFAULT_REPOSITORY
 
 
+def api_key_to_use() -> str:
+    """The environment's key, or a fresh one, printed (as the server's launcher prints its admin key)."""
+    api_key = os.environ.get(API_KEY_ENV)
+    if not api_key:
+        api_key = secrets.token_hex(24)
+        print(f"API key: {api_key}  (send it as the header Authorization: Bearer KEY; set {API_KEY_ENV} to choose "
+              f"one)", flush=True)
+    return api_key
+
+
 def wait_for_server(url: str, seconds: float) -> None:
     """Return once Triton answers at ``url``; past ``seconds``, fail with the command that starts one."""
     deadline = time.monotonic() + seconds
@@ -46,22 +56,18 @@ def main(argv=None):
                         help="run it in the serving image (`make images`), next to a server started with --docker")
     args = parser.parse_args(argv)
 
-    api_key = os.environ.get(API_KEY_ENV)
-    if not api_key:
-        api_key = secrets.token_hex(24)
-        print(f"API key: {api_key}  (send it as the header Authorization: Bearer KEY; set {API_KEY_ENV} to choose "
-              f"one)", flush=True)
     if args.docker:
         from utils.server.docker import gateway_command
 
         command = gateway_command(args.repository, args.url, args.host, args.port, args.served_model_name)
         print("$", " ".join(command), flush=True)
-        raise SystemExit(subprocess.call(command, env={**os.environ, API_KEY_ENV: api_key}))
+        raise SystemExit(subprocess.call(command, env={**os.environ, API_KEY_ENV: api_key_to_use()}))
 
     from pipelines.openai_gateway import create_app, served_by
 
     served = served_by(args.repository, args.served_model_name)
     wait_for_server(args.url, args.wait_for_server)
+    api_key = api_key_to_use()
     print(f"OpenAI images API for {served.model!r} on http://{args.host}:{args.port}/v1, Triton at {args.url}",
           flush=True)
 

@@ -61,6 +61,7 @@ def one_line_error(done: subprocess.CompletedProcess) -> str:
     (["scripts/plot_benchmark.py", "missing.json"], "missing.json: not a benchmark JSON"),
     (["scripts/build_tensorrt_engines.py", "--print-commands"], "does not serve text_encoder, unet"),
     (["optim/convert_unet_to_onnx.py", "--model", "."], "is a folder but not a diffusers pipeline"),
+    (["scripts/launch_openai_gateway.py", "--repository", "."], "has no pipeline_text_to_image model"),
 ])
 def test_user_errors_are_one_line_with_the_fix(arguments, message, tmp_path):
     done = run(sys.executable, str(PROJECT_ROOT / arguments[0]), *arguments[1:], cwd=tmp_path,
