@@ -7,6 +7,8 @@ Adding a contender is a class here and one line in CONTENDERS.
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from contextlib import contextmanager
 
@@ -288,6 +290,64 @@ class EnsembleContender(BlsContender):
         return EnsemblePipeline(self.context.url, timeout=None)
 
 
+class OpenAIGatewayContender(ServedContender):
+    """pipelines/openai_gateway.py: OpenAI's images API in front of the BLS pipelines, called with
+    the openai SDK as its users call it (PNG in base64 back): what the gateway adds to BLS."""
+
+    way = "OpenAI's images API (the gateway, then the BLS pipeline), called with the openai SDK"
+    _address: tuple[str, str] | None = None
+
+    def client(self):
+        from openai import OpenAI
+
+        base_url, api_key = self._gateway()
+        sdk = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=None)
+
+        def generate(prompt, image=None, mask_image=None, **options):
+            if image is None:
+                response = sdk.images.generate(prompt=prompt, response_format="b64_json", extra_body=options)
+            else:
+                files = {"mask": ("mask.png", _png(np.asarray(mask_image).reshape(image.shape[-3:-1])))} \
+                    if mask_image is not None else {}
+                response = sdk.images.edit(image=("image.png", _png(np.asarray(image).reshape(image.shape[-3:]))),
+                                           prompt=prompt, response_format="b64_json", extra_body=options, **files)
+            return np.stack([_unpng(datum.b64_json) for datum in response.data])
+
+        return generate
+
+    def _gateway(self) -> tuple[str, str]:
+        """One gateway for all the clients of the run, in this process, against the measured server."""
+        if self._address is None:
+            import secrets
+
+            from pipelines.openai_gateway import serve_in_thread
+            from pipelines.openai_images import Served
+            from utils import specs
+            from utils.gateway import DEFAULT_SERVED_MODEL
+
+            dims = specs.ModelDims.from_pretrained(self.context.model_dir)
+            served = Served(DEFAULT_SERVED_MODEL, self.context.settings.deployment.sizes(dims),
+                            (dims.image_height, dims.image_width))
+            api_key = secrets.token_hex(24)
+            type(self)._address = (serve_in_thread(self.context.url, api_key, served), api_key)
+        return self._address
+
+
+def _png(image: np.ndarray) -> bytes:
+    """An upload, as a client of OpenAI's API sends it."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _unpng(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
 CONTENDERS = {
     "diffusers": DiffusersContender,
     "diffusers-compiled": CompiledDiffusersContender,
@@ -295,4 +355,7 @@ CONTENDERS = {
     "triton-client-side": ClientSideContender,
     "triton-bls": BlsContender,
     "triton-ensemble": EnsembleContender,
+    "openai-gateway": OpenAIGatewayContender,
 }
+# What a benchmark runs unless --pipelines says otherwise: the gateway is measured where asked for.
+DEFAULT_CONTENDERS = tuple(name for name in CONTENDERS if name != "openai-gateway")

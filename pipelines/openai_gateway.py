@@ -136,6 +136,30 @@ def _answer_errors(app: FastAPI) -> None:
                             status_code=400)
 
 
+def serve_in_thread(triton_url: str, api_key: str, served: Served, host: str = "127.0.0.1") -> str:
+    """The gateway in a thread of this process, on a free port; returns its base URL (…/v1) once it
+    answers. For the benchmark, which measures it as a client of OpenAI's API would call it."""
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    from utils.server.process import free_port
+
+    port = free_port(host)
+    server = uvicorn.Server(uvicorn.Config(create_app(triton_url, api_key, served), host=host, port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, name="openai-gateway", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the gateway did not start on {host}:{port} in 30 s")
+        time.sleep(0.05)
+    with urllib.request.urlopen(f"http://{host}:{port}/health/live", timeout=10):
+        pass
+    return f"http://{host}:{port}/v1"
+
+
 def served_by(repository: Path, model: str) -> Served:
     """What a repository serves, as the gateway needs it: the image sizes it was written for, and
     the checkpoint's own size (its config files, in the pipeline model's folder)."""
@@ -148,7 +172,8 @@ def served_by(repository: Path, model: str) -> Served:
         raise UsageError(f"--repository {repository} has no {specs.TEXT_TO_IMAGE.name} model with its checkpoint's "
                          f"files: pass the repository the server serves, written by `{step('3').commands[0]}`.")
     dims = specs.ModelDims.from_pretrained(checkpoint)
-    return Served(model, served_sizes(repository, specs.TEXT_TO_IMAGE.name, dims), (dims.image_height, dims.image_width))
+    sizes = served_sizes(repository, specs.TEXT_TO_IMAGE.name, dims)
+    return Served(model, sizes, (dims.image_height, dims.image_width))
 
 
 def check_key(header: str | None, api_key: str) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pipelines.contenders import CONTENDERS
+from pipelines.contenders import CONTENDERS, DEFAULT_CONTENDERS
 from utils.benchmark import (
     CONTROLNET,
     TASKS,
@@ -51,7 +51,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--metrics-url", default=None,
                         help="with --url: the server's metrics address, host:port (8002), for the compute of a UNet "
                              "that runs in the loop's process (--pipeline-loop with-unet)")
-    parser.add_argument("--pipelines", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--pipelines", nargs="+", default=list(DEFAULT_CONTENDERS), choices=list(CONTENDERS),
+                        help="the contenders (default: all but openai-gateway, the gateway in front of BLS)")
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
                         help="image-to-image starts every pipeline from the same picture, at --strength; inpaint "
                              "repaints its middle (any checkpoint, e.g. tiny-inpaint); controlnet follows its Canny "
@@ -62,8 +63,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--alternate-lora", nargs="+", default=[], metavar="NAME",
                         help="LoRA adapters of the deployment's (--lora NAME=PATH) that the requests ask for in turn, "
                              "one each (default: none); diffusers switches them with set_adapters")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--runs", type=int, default=defaults.runs)
+    for flag in ("warmup", "runs"):
+        parser.add_argument(f"--{flag}", type=int, default=getattr(defaults, flag))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[],
                         help="concurrent clients of each concurrency run, e.g. 1 4 8 (default: none)")
     parser.add_argument("--requests", type=int, default=0, help="requests in each concurrency run")

@@ -170,3 +170,21 @@ def test_a_benchmark_of_adapters_requested_in_turn_with_few_step_sampling(triton
         assert runs["2"]["errors"] == 0, (name, runs["2"]["error_messages"])
     bound = results["static_batch"]["diffusers-fast"]["2"]  # one image of each adapter: two calls
     assert bound["images"] == 2 and bound["throughput_images_per_s"] > 0
+
+
+def test_the_openai_gateway_is_measured_in_front_of_bls(triton_server, tiny_model, tmp_path):
+    """--pipelines openai-gateway: OpenAI's images API in front of the BLS pipeline, called with the
+    openai SDK, measured alone and under load beside BLS called directly; the same image as diffusers'."""
+    printed, results = run_benchmark([
+        "--model", str(tiny_model), "--url", triton_server.grpc_url, "--admin-key", triton_server.admin_key,
+        "--warmup", "1", "--runs", "2", "--num-inference-steps", "3", "--concurrency", "2", "--requests", "4",
+        "--pipelines", "diffusers", "triton-bls", "openai-gateway", "--min-psnr", "40"], tmp_path)
+    assert results["failed"] == {} and "fidelity check passed" in printed
+    gateway = results["pipelines"]["openai-gateway"]
+    assert "OpenAI's images API" in gateway["configuration"] and gateway["latency"]["mean_s"] > 0
+    assert results["fidelity"]["openai-gateway"]["max_pixel_difference"] <= 2
+    # The gateway's requests are BLS requests to the server: the same stages, one more hop.
+    bls = results["pipelines"]["triton-bls"]
+    assert gateway["stages"]["unet_calls_per_run"] == bls["stages"]["unet_calls_per_run"]
+    run = results["concurrency"]["openai-gateway"]["2"]
+    assert run["errors"] == 0 and run["throughput_images_per_s"] > 0
