@@ -54,9 +54,8 @@ def parse_arguments(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--pipelines", nargs="+", default=list(DEFAULT_CONTENDERS), choices=list(CONTENDERS),
                         help="the contenders (default: all but openai-gateway, the gateway in front of BLS)")
     parser.add_argument("--task", default=defaults.task, choices=TASKS,
-                        help="image-to-image starts every pipeline from the same picture, at --strength; inpaint "
-                             "repaints its middle (any checkpoint, e.g. tiny-inpaint); controlnet follows its Canny "
-                             "edges with the deployment's ControlNet (--controlnet NAME=PATH)")
+                        help="image-to-image: from the same picture, at --strength; inpaint: its middle repainted "
+                             "(e.g. tiny-inpaint); controlnet: its Canny edges (--controlnet NAME=PATH)")
     add_generation_arguments(parser, ("prompt", "num_inference_steps", "guidance_scale", "seed", "scheduler", "strength"),
                              prompt=defaults.prompt, num_inference_steps=defaults.steps,
                              guidance_scale=defaults.guidance_scale, seed=defaults.seed, strength=defaults.strength)
