@@ -7,8 +7,6 @@ Adding a contender is a class here and one line in CONTENDERS.
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from contextlib import contextmanager
 
@@ -300,6 +298,8 @@ class OpenAIGatewayContender(ServedContender):
     def client(self):
         from openai import OpenAI
 
+        from pipelines.openai_images import from_png_base64, png
+
         base_url, api_key = self._gateway()
         sdk = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=None)
 
@@ -307,11 +307,11 @@ class OpenAIGatewayContender(ServedContender):
             if image is None:
                 response = sdk.images.generate(prompt=prompt, response_format="b64_json", extra_body=options)
             else:
-                files = {"mask": ("mask.png", _png(np.asarray(mask_image).reshape(image.shape[-3:-1])))} \
+                files = {"mask": ("mask.png", png(np.asarray(mask_image).reshape(image.shape[-3:-1])))} \
                     if mask_image is not None else {}
-                response = sdk.images.edit(image=("image.png", _png(np.asarray(image).reshape(image.shape[-3:]))),
+                response = sdk.images.edit(image=("image.png", png(np.asarray(image).reshape(image.shape[-3:]))),
                                            prompt=prompt, response_format="b64_json", extra_body=options, **files)
-            return np.stack([_unpng(datum.b64_json) for datum in response.data])
+            return np.stack([from_png_base64(datum.b64_json) for datum in response.data])
 
         return generate
 
@@ -331,21 +331,6 @@ class OpenAIGatewayContender(ServedContender):
             api_key = secrets.token_hex(24)
             type(self)._address = (serve_in_thread(self.context.url, api_key, served), api_key)
         return self._address
-
-
-def _png(image: np.ndarray) -> bytes:
-    """An upload, as a client of OpenAI's API sends it."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _unpng(b64: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 CONTENDERS = {

@@ -167,12 +167,25 @@ def edit_inputs(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray,
     return rgb, np.where(repaint, 255, 0).astype(np.uint8)[None]
 
 
-def png_base64(image: np.ndarray) -> str:
+def png(image: np.ndarray) -> bytes:
+    """uint8 RGB (or grey) [H, W(, 3)] as a PNG file's bytes."""
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(png(image)).decode()
+
+
+def from_png_base64(text: str) -> np.ndarray:
+    """What a client gets back: a b64_json image as uint8 RGB [H, W, 3]."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(text))) as picture:
+        return np.asarray(picture.convert("RGB"))
 
 
 def images_response(images: np.ndarray, size: str, truncated: list[str]) -> dict:

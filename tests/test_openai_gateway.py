@@ -5,7 +5,6 @@ get OpenAI's errors, and none of them reaches Triton."""
 
 from __future__ import annotations
 
-import base64
 import io
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from PIL import Image
 
 from pipelines.bls import BlsPipeline
 from pipelines.openai_gateway import check_key
-from pipelines.openai_images import OpenAIError, Served, edit_inputs, generation
+from pipelines.openai_images import OpenAIError, Served, edit_inputs, from_png_base64, generation, png
 from utils import specs
 from utils.gateway import DEFAULT_SERVED_MODEL
 from utils.grpc_client import connect
@@ -29,16 +28,6 @@ SERVED = Served("tiny", specs.ImageSizes(48, 96, 8), (64, 64))
 
 def picture(size=(64, 64), seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def decoded(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
 # Fast: the translation alone.
@@ -169,7 +158,7 @@ def sdk(gateway):
 def test_the_sdk_generates_the_bls_pipelines_image(sdk, triton_server):
     response = sdk.images.generate(model=DEFAULT_SERVED_MODEL, prompt="a red door", n=2, size="80x48", response_format="b64_json",
                                    extra_body={"seed": 3, "num_inference_steps": 4})
-    images = np.stack([decoded(image.b64_json) for image in response.data])
+    images = np.stack([from_png_base64(image.b64_json) for image in response.data])
     expected = BlsPipeline(triton_server.grpc_url)(prompt="a red door", num_images_per_prompt=2, height=48, width=80,
                                                     seed=3, num_inference_steps=4)
     report(f"OpenAI gateway: images.generate, 2 images, equal to the BLS pipeline's: "
@@ -186,7 +175,7 @@ def test_the_sdk_edits_an_image_with_openais_mask(sdk, triton_server):
     response = sdk.images.edit(image=("photo.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
                                prompt="a blue window", response_format="b64_json",
                                extra_body={"seed": 5, "num_inference_steps": 4})
-    edited = decoded(response.data[0].b64_json)
+    edited = from_png_base64(response.data[0].b64_json)
     repaint = np.zeros((1, 64, 64), np.uint8)
     repaint[0, 16:48, 16:48] = 255
     expected = BlsPipeline(triton_server.grpc_url)(prompt="a blue window", image=image[None], mask_image=repaint,
@@ -194,7 +183,7 @@ def test_the_sdk_edits_an_image_with_openais_mask(sdk, triton_server):
     assert edited.shape == (64, 64, 3) and np.array_equal(edited, expected)
     plain = sdk.images.edit(image=("photo.png", png(image), "image/png"), prompt="a blue window",
                             extra_body={"seed": 5, "num_inference_steps": 4, "strength": 0.5})  # image to image
-    assert decoded(plain.data[0].b64_json).shape == (64, 64, 3)
+    assert from_png_base64(plain.data[0].b64_json).shape == (64, 64, 3)
 
 
 @pytest.mark.server
@@ -204,7 +193,7 @@ def test_the_sdk_streams_partial_images_then_the_image(sdk, triton_server):
     kinds = [event.type for event in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [event.partial_image_index for event in events[:2]] == [0, 1]
-    final = decoded(events[-1].b64_json)
+    final = from_png_base64(events[-1].b64_json)
     expected = BlsPipeline(triton_server.grpc_url)(prompt="a small boat", seed=2, num_inference_steps=6)[0]
     assert np.array_equal(final, expected)
 
