@@ -97,6 +97,7 @@ class StableDiffusion:
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
         request = check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
+        prompts.check_clip_skip(request, self.components.dims)
         self.adapters.check(request.lora, request.lora_scale)
         return check_control(request, self.controlnets, self.sizes)
 

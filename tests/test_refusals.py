@@ -30,7 +30,7 @@ GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
 SERVED = tuple(spec for spec in TOP_LEVEL if spec is not specs.ENSEMBLE_CONTROLNET)
 # What each numeric input allows, by the request's contract: values the sweep does not send.
 ALLOWED = {specs.GUIDANCE_SCALE.name: {0.0}, specs.CFG_CUTOFF_STEP_RATIO.name: {0.0}, specs.SEED.name: {0, INT32_MAX},
-           specs.PREVIEW_EVERY.name: {0, INT32_MAX}}
+           specs.PREVIEW_EVERY.name: {0, INT32_MAX}, specs.CLIP_SKIP.name: {0}}
 SWEEP = {"INT32": (0, -1, INT32_MAX), "INT64": (0, -1, INT32_MAX), "FP32": (0.0, -1.0, math.nan, float(INT32_MAX))}
 
 
