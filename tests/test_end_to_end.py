@@ -314,9 +314,10 @@ def test_torch_runtime_fails_a_bad_request_alone(torch_runtime_server):
     from utils.specs import TEXT_ENCODER
 
     client = grpcclient.InferenceServerClient(torch_runtime_server.grpc_url)
-    (tensor,) = client.get_model_config(TEXT_ENCODER.name, as_json=True)["config"]["input"]
-    ids = np.zeros((1, *map(int, tensor["dims"])), np.int32)
-    requests = [infer_inputs({tensor["name"]: ids + (10**6 if index == 3 else index)}) for index in range(8)]
+    ids, mask, skipped = client.get_model_config(TEXT_ENCODER.name, as_json=True)["config"]["input"]
+    tokens = np.zeros((1, *map(int, ids["dims"])), np.int32)
+    rest = {mask["name"]: np.ones_like(tokens), skipped["name"]: np.zeros((1, 1), np.int32)}
+    requests = [infer_inputs({ids["name"]: tokens + (10**6 if index == 3 else index), **rest}) for index in range(8)]
     done = queue.Queue()
     for index, inputs in enumerate(requests):
         client.async_infer(TEXT_ENCODER.name, inputs,

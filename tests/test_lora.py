@@ -369,7 +369,9 @@ def test_a_network_asked_for_an_adapter_it_does_not_have_refuses_as_invalid(in_p
     from utils.grpc_client import infer_inputs
 
     client = in_place_ways["ensemble"].client
-    tokens = {specs.TEXT_ENCODER.inputs[0].name: np.zeros((1, 16), dtype=np.int32)}
+    ids, mask, skipped = specs.TEXT_ENCODER.inputs
+    tokens = {ids.name: np.zeros((1, 77), dtype=np.int32), mask.name: np.ones((1, 77), dtype=np.int32),
+              skipped.name: skipped.to_wire(np.zeros(1, dtype=np.int32))}
     with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*lora=\['nope'\] is not served"):
         client.infer(specs.TEXT_ENCODER.name, infer_inputs(tokens), parameters={"lora": "nope:1.0"})
     with pytest.raises(InferenceServerException, match=r"INVALID_ARG.*the request parameter lora='nope': write it "
