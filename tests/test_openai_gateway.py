@@ -210,9 +210,21 @@ def test_bad_requests_get_openais_errors_and_never_reach_triton(gateway, sdk, tr
     headers = triton_server.admin_headers()
 
     def served() -> int:
-        return sum(int(client.get_inference_statistics(name, headers=headers, as_json=True)["model_stats"][0]
-                       ["inference_stats"]["success"].get("count", 0))
-                   for name in (specs.TEXT_TO_IMAGE.name, specs.IMAGE_TO_IMAGE.name))
+        """The pipelines' requests so far, once the count is settled (the last test's may still land)."""
+        import time
+
+        def count() -> int:
+            return sum(int(client.get_inference_statistics(name, headers=headers, as_json=True)["model_stats"][0]
+                           ["inference_stats"]["success"].get("count", 0))
+                       for name in (specs.TEXT_TO_IMAGE.name, specs.IMAGE_TO_IMAGE.name))
+
+        last = count()
+        while True:
+            time.sleep(0.5)
+            now = count()
+            if now == last:
+                return now
+            last = now
 
     before = served()
     with pytest.raises(openai.AuthenticationError):
