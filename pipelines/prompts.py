@@ -138,11 +138,11 @@ def _fitted(conjunction, tokenizer, dims: specs.ModelDims, index: int):
     window = dims.text_length - 2  # each chunk's own BOS and EOS
     budget = specs.MAX_PROMPT_CHUNKS * window
     parts = [_token_ids(tokenizer, part) for prompt in conjunction.prompts for part in _parts(prompt)]
-    if sum(len(ids) for ids in parts) <= budget:
+    tokens = sum(len(ids) for ids in parts)
+    if tokens <= budget:
         return conjunction, ""
-    (prompt,) = conjunction.prompts if len(conjunction.prompts) == 1 else (None,)
+    prompt = conjunction.prompts[0] if len(conjunction.prompts) == 1 else None
     if not isinstance(prompt, FlattenedPrompt) or not all(isinstance(f, Fragment) for f in prompt.children):
-        tokens = sum(len(ids) for ids in parts)
         raise InvalidRequest(f"prompt {index} (in the order negative prompts, then prompts) has about {tokens} tokens "
                              f"in .and() or .blend() parts: at most {budget} ({specs.MAX_PROMPT_CHUNKS} chunks of "
                              f"{window}) are served; shorten it.")

@@ -163,21 +163,17 @@ class StableDiffusion:
     # 1. Tokenize: the rows the text encoder encodes, unconditional prompts first (the specs' CFG
     # order): a row per chunk of a long prompt, more for a weighted one (pipelines/prompts.py).
     def tokenize(self, request: GenerationRequest) -> prompts.EncoderRows:
-        prompts.check_clip_skip(request, self.components.dims)
         with self._tokenizing:  # a fast tokenizer sets its padding per call: one thread at a time
             rows = prompts.plan(self.components.tokenizer, request, self.components.dims)
         return prompts.EncoderRows(*(t.to(self.device) for t in (rows.input_ids, rows.attention_mask,
                                                                     rows.skipped_layers)), rows.truncated)
 
-    # 2. The text encoder on those rows (with the request's LoRA adapters, where the text encoder
-    # applies them), at most its batch profile's rows per call; then the UNet's text embeddings.
+    # 2. One text encoder call on those rows (plan refuses more than its batch profile takes), with
+    # the request's LoRA adapters where the text encoder applies them; then the UNet's text embeddings.
     def encode_prompt(self, request: GenerationRequest, rows: prompts.EncoderRows | None = None) -> torch.Tensor:
         rows = rows or self.tokenize(request)
-        inputs = (rows.input_ids, rows.attention_mask, rows.skipped_layers)
-        most = specs.TEXT_ENCODER.profile.max
-        encoded = torch.cat([self.call_network(specs.TEXT_ENCODER, *(t[start:start + most] for t in inputs),
-                                               adapters=request.adapters)[0]
-                             for start in range(0, inputs[0].shape[0], most)])
+        (encoded,) = self.call_network(specs.TEXT_ENCODER, rows.input_ids, rows.attention_mask, rows.skipped_layers,
+                                       adapters=request.adapters)
         return self.prompt_embeds(request, encoded)
 
     def prompt_embeds(self, request: GenerationRequest, encoded: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,7 @@ def test_a_long_prompt_is_several_chunks_and_one_past_the_limit_is_cut_and_repor
 ])
 def test_a_bad_clip_skip_is_refused_by_name(clip_skip, message, in_process):
     with pytest.raises(InvalidRequest, match=message):
-        in_process.tokenize(GenerationRequest(prompt=["a"], clip_skip=clip_skip))
+        in_process.check(GenerationRequest(prompt=["a"], clip_skip=clip_skip))
 
 
 def test_a_conjunction_past_the_limit_is_refused_not_cut(in_process):
