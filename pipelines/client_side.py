@@ -21,7 +21,7 @@ from pipelines.components import PipelineComponents
 from pipelines.prompts import warn_if_truncated
 from pipelines.stable_diffusion import StableDiffusion
 from utils import specs
-from utils.controlnet import CONTROLNETS_PARAMETER
+from utils.controlnet import listed_controlnets
 from utils.errors import UsageError
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
 from utils.layout import served_name
@@ -79,9 +79,7 @@ class TritonNetworks:
         (none without one)."""
         if not self.client.is_model_ready(self.served_name(specs.CONTROLLED_UNET)):
             return ()
-        parameters = self.served_config(specs.CONTROLLED_UNET).get("parameters", {})
-        return tuple(name for name in parameters.get(CONTROLNETS_PARAMETER, {}).get("string_value", "").split(",")
-                     if name)
+        return listed_controlnets(self.served_config(specs.CONTROLLED_UNET))
 
     def __call__(self, network: specs.NetworkSpec, *tensors: torch.Tensor,
                  adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:

@@ -38,6 +38,12 @@ CONTROLNETS_PARAMETER = "controlnets"  # the controlled UNet's config lists the 
 CONDITIONING_SCALE_RANGE = (0.0, 2.0)
 
 
+def listed_controlnets(config: dict) -> tuple[str, ...]:
+    """The ControlNets a controlled UNet's config lists (Triton's JSON form of it), by name."""
+    listed = config.get("parameters", {}).get(CONTROLNETS_PARAMETER, {}).get("string_value", "")
+    return tuple(name for name in listed.split(",") if name)
+
+
 class ControlNetError(UserError, ValueError):
     """A ControlNet that does not fit the checkpoint: nothing is written."""
 

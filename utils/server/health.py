@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import triton_to_np_dtype
 
 from utils import layout, specs
-from utils.controlnet import CONTROLNETS_PARAMETER
+from utils.controlnet import listed_controlnets
 from utils.deployment import served_network_names
 from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
@@ -107,7 +107,7 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
             control = {}
             if spec is specs.ENSEMBLE_CONTROLNET:  # a grey control image, for the first ControlNet served
                 config = client.get_model_config(specs.CONTROLLED_UNET.name, as_json=True, client_timeout=timeout)
-                names = config["config"]["parameters"][CONTROLNETS_PARAMETER]["string_value"].split(",")
+                names = listed_controlnets(config["config"])
                 control = dict(controlnet=names[:1], control_image=np.full((1, *image.shape[1:]), 128, np.uint8))
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0,
