@@ -37,7 +37,7 @@ EXTENSIONS = {"negative_prompt": str, "num_inference_steps": int, "guidance_scal
               "scheduler": str, "strength": float, "clip_skip": int, "lora": list, "lora_scale": list,
               "cfg_cutoff_step_ratio": float}
 # Accepted and ignored: what OpenAI's clients send about models this is not (a style, a background).
-IGNORED = {"model", "user", "style", "background", "moderation", "output_compression", "safety_identifier",
+IGNORED = {"user", "style", "background", "moderation", "output_compression", "safety_identifier",
            "input_fidelity"}
 
 
@@ -82,8 +82,8 @@ def generation(body: dict, served: Served, image: np.ndarray | None = None,
                mask: np.ndarray | None = None) -> Generation:
     """The request an OpenAI body asks for (JSON for generations, form fields for edits), checked
     as the pipelines check it: a refusal here costs Triton nothing."""
-    unknown = sorted(set(body) - {"prompt", "n", "size", "response_format", "quality", "stream", "partial_images",
-                                  *EXTENSIONS, *IGNORED, IMAGE, MASK})
+    unknown = sorted(set(body) - {"model", "prompt", "n", "size", "response_format", "quality", "stream",
+                                  "partial_images", *EXTENSIONS, *IGNORED, IMAGE, MASK})
     if unknown:
         raise OpenAIError(400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
     if body.get("response_format", "b64_json") != "b64_json":
