@@ -10,7 +10,9 @@ import json
 import threading
 from pathlib import Path
 
+from pipelines.prompts import TextEncoding
 from utils import specs
+from utils.families import family_of
 
 _LAZY_IMPORTS = threading.Lock()
 
@@ -26,16 +28,31 @@ class PipelineComponents:
         vae_config = json.loads((self.model_dir / "vae" / "config.json").read_text())
         self.vae_scaling_factor = vae_config.get("scaling_factor", 0.18215)
         self.dims = specs.ModelDims.from_pretrained(self.model_dir)
+        self.family = family_of(self.dims)  # SD1.x or SDXL (or SDXL's refiner): its networks
+        index = json.loads((self.model_dir / "model_index.json").read_text())
+        # SDXL: an absent negative prompt conditions on zeros, not on the empty prompt's embeddings
+        self.zero_negative = bool(index.get("force_zeros_for_empty_prompt", False))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> PipelineComponents:
         return cls(model_dir)
 
     @functools.cached_property
-    def tokenizer(self):
+    def tokenizers(self) -> tuple:
+        """One per text encoder of the family, in its order (SDXL's second: tokenizer_2)."""
         with _LAZY_IMPORTS:  # transformers' lazy module fails two threads importing from it at once
             from transformers import CLIPTokenizer
-        return CLIPTokenizer.from_pretrained(self.model_dir / "tokenizer")
+        folders = [network.name.replace("text_encoder", "tokenizer") for network in self.family.text_encoders]
+        return tuple(CLIPTokenizer.from_pretrained(self.model_dir / folder) for folder in folders)
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def text_encoding(self) -> TextEncoding:
+        """How this checkpoint's prompts are encoded (pipelines/prompts.py)."""
+        return TextEncoding(self.tokenizers, self.family, self.dims, self.zero_negative)
 
     @property
     def scheduler(self):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.request import DEFAULT_PREVIEW_EVERY, InvalidRequest
+
 # A linear fit from SD1.x's (scaled) latent channels to RGB in [-1, 1], rows per channel: the
 # approximation community previewers use (e.g. ComfyUI's latent_rgb_factors for SD1.5).
 LATENT_RGB_FACTORS = ((0.3512, 0.2297, 0.3227),
@@ -21,3 +23,16 @@ def preview(latents: torch.Tensor) -> torch.Tensor:
     factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
     rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def preview_every(value) -> int:
+    """A streaming request's preview_every (a tensor of one value; None: the default)."""
+    if value is None:
+        return DEFAULT_PREVIEW_EVERY
+    if value.numel() != 1:
+        raise InvalidRequest(f"preview_every has {value.numel()} values: send exactly one, shape [1].")
+    every = int(value.reshape(-1)[0])
+    if every < 0:
+        raise InvalidRequest(f"preview_every={every} is not allowed: use a number of steps (1: every step), "
+                             f"or 0 for no previews.")
+    return every

@@ -27,63 +27,152 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
 
 from utils import specs
+from utils.families import Family
 from utils.request import GenerationRequest, InvalidRequest
 
 
 @dataclass(frozen=True)
 class EncoderRows:
-    """What the text encoder is asked to encode for one request, a row per chunk, and what was cut."""
+    """What one text encoder is asked to encode for one request, a row per chunk."""
 
     input_ids: torch.Tensor  # INT32 [rows, text_length]
     attention_mask: torch.Tensor  # INT32 [rows, text_length]: 0 where a down-weighted part is masked out
     skipped_layers: torch.Tensor  # INT32 [rows]: the request's clip_skip
-    truncated: list[str]  # the text cut from each prompt, in texts() order ("" where none)
 
 
-def texts(request: GenerationRequest) -> list[str]:
-    """The texts a request encodes, unconditional first when guidance is on (the specs' CFG order)."""
-    return (request.negative_prompts() if request.do_classifier_free_guidance else []) + list(request.prompt)
+@dataclass(frozen=True)
+class PromptRows:
+    """A request's rows for each text encoder of its family, and the text cut from each prompt."""
+
+    encoders: tuple[EncoderRows, ...]
+    truncated: list[str]  # in texts() order ("" where none); SDXL's prompt_2 texts after, where they differ
 
 
-def check_clip_skip(request: GenerationRequest, dims: specs.ModelDims) -> None:
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """What the UNet is conditioned on, a row per text (texts() order): the text embeddings, and
+    SDXL's pooled text (None for SD1.x)."""
+
+    text: torch.Tensor  # [texts, prompt_length, unet_text_hidden]
+    pooled: torch.Tensor | None = None  # [texts, pooled_dim]
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How a checkpoint's prompts are encoded: its tokenizers, one per text encoder of its family
+    (utils/families.py), and whether an absent negative prompt is zeros (SDXL's
+    force_zeros_for_empty_prompt) rather than the empty prompt's embeddings."""
+
+    tokenizers: tuple
+    family: Family
+    dims: specs.ModelDims
+    zero_negative: bool = False
+
+    def texts(self, request: GenerationRequest, encoder: int = 0) -> list[str]:
+        """The texts the ``encoder``-th text encoder encodes: texts(), without the unconditional
+        ones where they are zeros, and SDXL's prompt_2 texts for its second encoder."""
+        second = encoder == 1
+        negatives = [] if self.zeros(request) else None
+        return texts(request, second=second, negatives=negatives)
+
+    def zeros(self, request: GenerationRequest) -> bool:
+        return self.zero_negative and request.do_classifier_free_guidance and not request.negative_prompt
+
+
+def texts(request: GenerationRequest, second: bool = False, negatives: list[str] | None = None) -> list[str]:
+    """The texts a request encodes, unconditional first when guidance is on (the specs' CFG order);
+    ``second``: SDXL's second text encoder's (prompt_2 and negative_prompt_2, where given)."""
+    if negatives is None:
+        negatives = request.negative_prompts(second) if request.do_classifier_free_guidance else []
+    return negatives + request.prompts(second)
+
+
+def check_clip_skip(request: GenerationRequest, dims: specs.ModelDims, family: Family) -> None:
     value = request.clip_skip
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < dims.text_layers:
-        raise InvalidRequest(f"clip_skip={value!r} is not allowed: use an integer in [0, {dims.text_layers - 1}] (the "
-                             f"text encoder's {dims.text_layers} layers; 0: the last, as diffusers' default; 1: the "
+    layers = dims.text_layers - family.hidden_state_offset  # SDXL counts back from the layer before the last
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < layers:
+        raise InvalidRequest(f"clip_skip={value!r} is not allowed: use an integer in [0, {layers - 1}] (the "
+                             f"text encoder's {dims.text_layers} layers; 0: diffusers' default; 1: the "
                              f"one before, A1111's 'clip skip 2').")
 
 
-def plan(tokenizer, request: GenerationRequest, dims: specs.ModelDims) -> EncoderRows:
-    """The rows to encode for this request's prompts, and the text cut from each."""
-    stand_in = _TextEncoderStandIn(dims.text_hidden)
-    truncated = _embeddings(tokenizer, stand_in, texts(request), dims)[1]
-    if len(stand_in.asked) > specs.TEXT_ENCODER.profile.max:
-        raise InvalidRequest(
-            f"the prompts need {len(stand_in.asked)} text encoder rows (a row per chunk of {dims.text_length - 2} "
-            f"tokens, and one more per chunk for each down-weighted part): at most {specs.TEXT_ENCODER.profile.max} "
-            f"per request; send fewer prompts, shorter ones, or fewer down-weighted parts.")
-    ids = torch.cat([ids for ids, _ in stand_in.asked]).to(torch.int32)
-    mask = torch.cat([mask for _, mask in stand_in.asked]).to(torch.int32)
-    return EncoderRows(ids, mask, torch.full((ids.shape[0],), request.clip_skip or 0, dtype=torch.int32), truncated)
+def plan(encoding: TextEncoding, request: GenerationRequest) -> PromptRows:
+    """The rows to encode for this request's prompts, each text encoder's, and the text cut from each."""
+    passes = _encode(encoding, request)
+    encoders, truncated = [], []
+    for index, (tokenizer, network, (stand_in, _, cut)) in enumerate(zip(encoding.tokenizers,
+                                                                         encoding.family.text_encoders, passes)):
+        dims, prompts = _encoder_dims(encoding, network), encoding.texts(request, index)
+        if index == 0 or prompts != encoding.texts(request, 0):
+            truncated += cut
+        if network is encoding.family.pooled:  # SDXL's pooled text: each text's first 77 tokens, as diffusers'
+            ids = tokenizer(prompts, padding="max_length", max_length=dims.text_length, truncation=True,
+                            return_tensors="pt").input_ids
+            stand_in.asked.append((ids, torch.ones_like(ids)))
+        if len(stand_in.asked) > network.profile.max:
+            raise InvalidRequest(
+                f"the prompts need {len(stand_in.asked)} {network.name} rows (a row per chunk of {dims.text_length - 2} "
+                f"tokens, and one more per chunk for each down-weighted part): at most {network.profile.max} "
+                f"per request; send fewer prompts, shorter ones, or fewer down-weighted parts.")
+        ids = torch.cat([ids for ids, _ in stand_in.asked]).to(torch.int32)
+        mask = torch.cat([mask for _, mask in stand_in.asked]).to(torch.int32)
+        encoders.append(EncoderRows(ids, mask, torch.full((ids.shape[0],), request.clip_skip or 0, dtype=torch.int32)))
+    return PromptRows(tuple(encoders), truncated)
 
 
-def assemble(tokenizer, request: GenerationRequest, dims: specs.ModelDims, encoded: torch.Tensor) -> torch.Tensor:
-    """The UNet's text embeddings [texts, prompt_length, text_hidden] from the rows ``plan`` asked
-    for, encoded in the same order."""
-    stand_in = _TextEncoderStandIn(dims.text_hidden, answers=encoded)
-    embeddings = _embeddings(tokenizer, stand_in, texts(request), dims)[0]
-    if stand_in.answered != encoded.shape[0]:
-        raise InvalidRequest(f"last_hidden_state has {encoded.shape[0]} rows: these prompts need "
-                             f"{stand_in.answered} (the tokenizer step's rows, in its order).")
-    return embeddings.to(encoded.dtype)
+def assemble(encoding: TextEncoding, request: GenerationRequest, encoded: tuple[torch.Tensor, ...],
+             pooled: torch.Tensor | None = None) -> PromptEmbeddings:
+    """The UNet's conditioning from the rows ``plan`` asked for, encoded in the same order: each text
+    encoder's hidden states (``encoded``), and the pooled text encoder's pooled rows (``pooled``)."""
+    answers, pooled_texts = [], None
+    for index, (network, rows) in enumerate(zip(encoding.family.text_encoders, encoded)):
+        if network is encoding.family.pooled:  # its last rows, one per text: the pooled text's
+            count = len(encoding.texts(request, index))
+            if pooled is None or pooled.shape[0] != rows.shape[0] or rows.shape[0] < count:
+                raise InvalidRequest(f"{network.name}'s text_embeds are required, a row per row it encoded.")
+            rows, pooled_texts = rows[:-count], pooled[-count:].float().cpu()
+        answers.append(rows)
+    per_encoder = []
+    for network, rows, (stand_in, embeddings, _) in zip(encoding.family.text_encoders, answers,
+                                                        _encode(encoding, request, answers)):
+        per_encoder.append(embeddings)
+        if stand_in.answered != rows.shape[0]:
+            raise InvalidRequest(f"{network.name}'s last_hidden_state has {rows.shape[0]} rows: these prompts need "
+                                 f"{stand_in.answered} (the tokenizer step's rows, in its order).")
+    text = torch.cat(per_encoder, dim=-1)
+    if encoding.zeros(request):  # SDXL without a negative prompt: zeros, as diffusers' force_zeros_for_empty_prompt
+        text = torch.cat([torch.zeros_like(text), text])
+        pooled_texts = torch.cat([torch.zeros_like(pooled_texts), pooled_texts])
+    dtype = encoded[0].dtype
+    return PromptEmbeddings(text.to(dtype), None if pooled_texts is None else pooled_texts.to(dtype))
+
+
+def _encode(encoding: TextEncoding, request: GenerationRequest, answers: list[torch.Tensor] | None = None) -> list:
+    """compel on each text encoder's stand-in (recording the rows it asks for, or answering them
+    from ``answers``): per text encoder, (stand-in, embeddings padded to the longest of them all,
+    the text cut from each prompt)."""
+    runs = []
+    for index, (tokenizer, network) in enumerate(zip(encoding.tokenizers, encoding.family.text_encoders)):
+        dims = _encoder_dims(encoding, network)
+        stand_in = _TextEncoderStandIn(dims.text_hidden, answers=None if answers is None else answers[index])
+        compel = _compel(tokenizer, stand_in)
+        runs.append((stand_in, compel, *_conditionings(compel, tokenizer, encoding.texts(request, index), dims)))
+    length = max(c.shape[1] for _, _, conditionings, _ in runs for c in conditionings)
+    return [(stand_in, _padded(compel, conditionings, length), cut) for stand_in, compel, conditionings, cut in runs]
+
+
+def _encoder_dims(encoding: TextEncoding, network: specs.NetworkSpec) -> specs.ModelDims:
+    """The dims as compel sees one text encoder: its own features."""
+    hidden = encoding.dims.text_hidden_2 if network.name != specs.TEXT_ENCODER.name else encoding.dims.text_hidden
+    return replace(encoding.dims, text_hidden=hidden)
 
 
 class _TextEncoderStandIn:
@@ -112,13 +201,15 @@ class _TextEncoderStandIn:
         return SimpleNamespace(last_hidden_state=state)
 
 
-def _embeddings(tokenizer, stand_in: _TextEncoderStandIn, prompts: list[str],
-                dims: specs.ModelDims) -> tuple[torch.Tensor, list[str]]:
-    """compel's embeddings of ``prompts``, each cut to MAX_PROMPT_CHUNKS, padded to one length."""
+def _compel(tokenizer, stand_in: _TextEncoderStandIn):
     from compel import Compel, SplitLongTextMode
 
-    compel = Compel(tokenizer=tokenizer, text_encoder=stand_in, truncate_long_prompts=False,
-                    split_long_text_mode=SplitLongTextMode.BRUTAL, device="cpu")
+    return Compel(tokenizer=tokenizer, text_encoder=stand_in, truncate_long_prompts=False,
+                  split_long_text_mode=SplitLongTextMode.BRUTAL, device="cpu")
+
+
+def _conditionings(compel, tokenizer, prompts: list[str], dims: specs.ModelDims) -> tuple[list[torch.Tensor], list[str]]:
+    """compel's embeddings of each of ``prompts``, cut to MAX_PROMPT_CHUNKS, and the text cut from each."""
     conditionings, truncated = [], []
     for index, text in enumerate(prompts):
         conjunction, cut = _fitted(compel.parse_prompt_string(text), tokenizer, dims, index)
@@ -126,7 +217,14 @@ def _embeddings(tokenizer, stand_in: _TextEncoderStandIn, prompts: list[str],
         # (a cut fragment whose text tokenizes longer again: its last window dropped, as the windows are independent)
         conditionings.append(conditioning[:, :specs.MAX_PROMPT_CHUNKS * dims.text_length])
         truncated.append(cut)
-    return torch.cat(compel.pad_conditioning_tensors_to_same_length(conditionings)), truncated
+    return conditionings, truncated
+
+
+def _padded(compel, conditionings: list[torch.Tensor], length: int) -> torch.Tensor:
+    """The embeddings padded to ``length`` tokens with the empty prompt's chunk, as compel pads them
+    (``length``: the longest of the request's, over every text encoder)."""
+    longest = torch.zeros(1, length, conditionings[0].shape[-1])
+    return torch.cat(compel.pad_conditioning_tensors_to_same_length([*conditionings, longest])[:-1])
 
 
 def _fitted(conjunction, tokenizer, dims: specs.ModelDims, index: int):

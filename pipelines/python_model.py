@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipelines.previews import preview
+from pipelines.previews import preview, preview_every
 from pipelines.python_model_metrics import PipelineMetrics
 from pipelines.components import PipelineComponents
 from pipelines.stable_diffusion import CallNetwork, Cancelled, InvalidImage, StableDiffusion
@@ -47,7 +47,7 @@ from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_F
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.python_backend.step_batching import STEPS_QUEUED, StepBatcher, static_batches
-from utils.request import REQUEST_FIELDS, InvalidRequest, preview_every, request_from_arrays
+from utils.request import REQUEST_FIELDS, InvalidRequest, request_from_arrays
 from utils.timing import CANCELLATION_CHECK_SECONDS, PhaseTimes, at_most_every, profiling
 
 STUB_EXIT_SECONDS = 10  # after finalize, the most a stub may take to exit (it takes about 1 s)

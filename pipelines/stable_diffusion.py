@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import prompts
+from pipelines import prompts, schedulers, sdxl
 from pipelines.components import PipelineComponents
 from pipelines.controlnet import Control
 from pipelines.inpainting import Inpainting, masked_image
 from utils import metrics, specs
+from utils.added_conditions import check_added_conditions
 from utils.controlnet import check_control
 from utils.lora import ServedAdapters
 from utils.request import (GenerationRequest, InvalidRequest, check_image, check_options, check_request,
@@ -72,15 +72,18 @@ class StableDiffusion:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  sizes: specs.ImageSizes | None = None,
                  loop_scope: Callable[[], ContextManager] = contextlib.nullcontext,
-                 adapters: ServedAdapters = ServedAdapters(), controlnets: tuple[str, ...] = ()):
+                 adapters: ServedAdapters = ServedAdapters(), controlnets: tuple[str, ...] = (),
+                 refiner: PipelineComponents | None = None):
         """``sizes``: the image sizes the networks are served at (default: ImageSizes.default);
-        ``adapters``: the LoRA adapters served (utils/lora.py); ``controlnets``: the ControlNets, by name.
+        ``adapters``: the LoRA adapters served (utils/lora.py); ``controlnets``: the ControlNets, by name;
+        ``refiner``: SDXL's refiner checkpoint, where served (pipelines/sdxl.py).
         ``loop_scope``: entered around each denoising loop (a UNet in the loop's own process counts
         the loops whose steps it batches, utils/python_backend/step_batching.py)."""
         self.loop_scope = loop_scope
         self.adapters = adapters
         self.controlnets = controlnets
         self.components = components
+        self.family = components.family  # SD1.x or SDXL (utils/families.py): its networks
         self.sizes = sizes or specs.ImageSizes.default(components.dims)
         self._call_network = call_network  # over gRPC, by BLS, or in this process
         self.dtype = dtype  # the precision the networks are served at, as diffusers' dtype argument
@@ -88,6 +91,9 @@ class StableDiffusion:
         self.max_prompts = specs.MAX_PROMPTS
         self.max_steps = max_inference_steps(components.scheduler_config)
         self._tokenizing = threading.Lock()
+        # SDXL's refiner: a loop of its own over the same networks' calls (its UNet served as refiner_unet)
+        self.refiner = None if refiner is None else StableDiffusion(refiner, call_network, dtype, device, sizes,
+                                                                    loop_scope)
 
     def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
                      adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
@@ -96,13 +102,23 @@ class StableDiffusion:
         return tuple(output.to(self.device) for output in self._call_network(network, *inputs, adapters=adapters))
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
-        request = check_request(request, max_prompts=self.max_prompts, max_steps=self.max_steps, sizes=self.sizes)
-        prompts.check_clip_skip(request, self.components.dims)
+        request = check_request(self._strength(request), max_prompts=self.max_prompts, max_steps=self.max_steps,
+                                sizes=self.sizes)
+        prompts.check_clip_skip(request, self.components.dims, self.family)
+        request = check_added_conditions(request, self.family, self.refiner is not None, len(request.prompt))
         self.adapters.check(request.lora, request.lora_scale)
         return check_control(request, self.controlnets, self.sizes)
 
+    def _strength(self, request: GenerationRequest) -> GenerationRequest:
+        """Image to image's strength where the request gives none: the family's diffusers default."""
+        if request.strength is None and request.image is not None and request.mask_image is None:
+            return replace(request, strength=self.family.default_strength)
+        return request
+
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
-        request = check_options(request, self.max_steps, image_to_image, self.sizes)
+        request = check_options(self._strength(request) if image_to_image else request, self.max_steps,
+                                image_to_image, self.sizes)
+        request = check_added_conditions(request, self.family, self.refiner is not None)
         self.adapters.check(request.lora, request.lora_scale)
         self.check_unet_kind(request)
         return check_control(request, self.controlnets, self.sizes)
@@ -132,9 +148,12 @@ class StableDiffusion:
 
         idle = StableDiffusion(self.components, zeros, self.dtype, self.device, self.sizes)
         request = GenerationRequest(prompt="warm-up", num_inference_steps=steps, seed=0)
-        text_embeddings = (idle.encode_prompt(request) if tokenize
-                           else zeros(specs.TEXT_ENCODER, torch.zeros(2))[0])
-        idle.decode(idle.denoise(text_embeddings, request))
+        if tokenize:
+            embeddings = idle.encode_prompt(request)
+        else:
+            embeddings = prompts.PromptEmbeddings(torch.zeros(2, dims.prompt_length, dims.unet_text_hidden),
+                                                  torch.zeros(2, dims.pooled_dim) if dims.pooled_dim else None)
+        idle.decode(idle.denoise(embeddings.text, request, pooled_embeddings=embeddings.pooled))
 
     def __call__(self, request: GenerationRequest, progress: bool = False,
                  is_cancelled: Callable[[], bool] = lambda: False,
@@ -149,38 +168,50 @@ class StableDiffusion:
         request = self.check(request)
         self.check_unet_kind(request)
         rows = self.tokenize(request)
-        text_embeddings = self.encode_prompt(request, rows)
+        embeddings = self.encode_prompt(request, rows)
         inpainting_unet = request.mask_image is not None and self.components.dims.inpainting_unet
         latent_parameters = masked = None  # an inpainting UNet is shown the masked image; a plain one blends
         if request.image is not None and not (inpainting_unet and request.strength == 1.0):  # (from noise)
             latent_parameters = self.encode_image(request.image)
         if inpainting_unet:
             masked = self.encode_image(request.image, request.mask_image)
-        latents = self.denoise(text_embeddings, request, latent_parameters, progress, is_cancelled, on_step,
-                               masked_latent_parameters=masked)
+        latents = self.denoise(embeddings.text, request, latent_parameters, progress, is_cancelled, on_step,
+                               masked_latent_parameters=masked, pooled_embeddings=embeddings.pooled)
+        if request.high_noise_frac is not None:  # SDXL's refiner takes the last steps (pipelines/sdxl.py)
+            refined = self.refiner.encode_prompt(request)
+            latents = self.refiner.denoise(refined.text, request, progress=progress, is_cancelled=is_cancelled,
+                                           on_step=on_step, pooled_embeddings=refined.pooled, base_latents=latents)
         return Generated(self.postprocess(self.decode(latents)), rows.truncated)
 
-    # 1. Tokenize: the rows the text encoder encodes, unconditional prompts first (the specs' CFG
+    # 1. Tokenize: the rows each text encoder encodes, unconditional prompts first (the specs' CFG
     # order): a row per chunk of a long prompt, more for a weighted one (pipelines/prompts.py).
-    def tokenize(self, request: GenerationRequest) -> prompts.EncoderRows:
+    def tokenize(self, request: GenerationRequest) -> prompts.PromptRows:
         with self._tokenizing:  # a fast tokenizer sets its padding per call: one thread at a time
-            rows = prompts.plan(self.components.tokenizer, request, self.components.dims)
-        return prompts.EncoderRows(*(t.to(self.device) for t in (rows.input_ids, rows.attention_mask,
-                                                                    rows.skipped_layers)), rows.truncated)
+            rows = prompts.plan(self.components.text_encoding, request)
+        return prompts.PromptRows(tuple(prompts.EncoderRows(*(t.to(self.device) for t in (
+            encoder.input_ids, encoder.attention_mask, encoder.skipped_layers))) for encoder in rows.encoders),
+            rows.truncated)
 
-    # 2. One text encoder call on those rows (plan refuses more than its batch profile takes), with
-    # the request's LoRA adapters where the text encoder applies them; then the UNet's text embeddings.
-    def encode_prompt(self, request: GenerationRequest, rows: prompts.EncoderRows | None = None) -> torch.Tensor:
+    # 2. One call of each text encoder on its rows (plan refuses more than its batch profile takes),
+    # with the request's LoRA adapters where the text encoder applies them; then the UNet's conditioning.
+    def encode_prompt(self, request: GenerationRequest, rows: prompts.PromptRows | None = None) -> prompts.PromptEmbeddings:
         rows = rows or self.tokenize(request)
-        (encoded,) = self.call_network(specs.TEXT_ENCODER, rows.input_ids, rows.attention_mask, rows.skipped_layers,
-                                       adapters=request.adapters)
-        return self.prompt_embeds(request, encoded)
+        outputs = [self.call_network(network, encoder.input_ids, encoder.attention_mask, encoder.skipped_layers,
+                                     adapters=request.adapters)
+                   for network, encoder in zip(self.family.text_encoders, rows.encoders)]
+        pooled = next((output[1] for output in outputs if len(output) > 1), None)  # SDXL's second text encoder's
+        return self.prompt_embeds(request, tuple(output[0] for output in outputs), pooled)
 
-    def prompt_embeds(self, request: GenerationRequest, encoded: torch.Tensor) -> torch.Tensor:
-        """The UNet's text embeddings from the text encoder's rows (compel's arithmetic, on the CPU)."""
+    def prompt_embeds(self, request: GenerationRequest, encoded: tuple[torch.Tensor, ...],
+                      pooled: torch.Tensor | None = None) -> prompts.PromptEmbeddings:
+        """The UNet's conditioning from the text encoders' rows (compel's arithmetic, on the CPU)."""
         with self._tokenizing:
-            embeddings = prompts.assemble(self.components.tokenizer, request, self.components.dims, encoded.cpu())
-        return embeddings.to(device=self.device, dtype=encoded.dtype)
+            embeddings = prompts.assemble(self.components.text_encoding, request, tuple(e.cpu() for e in encoded),
+                                          None if pooled is None else pooled.cpu())
+        dtype = encoded[0].dtype
+        return prompts.PromptEmbeddings(embeddings.text.to(device=self.device, dtype=dtype),
+                                        None if embeddings.pooled is None else
+                                        embeddings.pooled.to(device=self.device, dtype=dtype))
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
     def preprocess_image(self, images, mask_image=None) -> torch.Tensor:
@@ -201,29 +232,28 @@ class StableDiffusion:
                 latent_parameters: torch.Tensor | None = None, progress: bool = False,
                 is_cancelled: Callable[[], bool] = lambda: False,
                 on_step: Callable[[int, int, torch.Tensor], None] | None = None,
-                masked_latent_parameters: torch.Tensor | None = None) -> torch.Tensor:
+                masked_latent_parameters: torch.Tensor | None = None, pooled_embeddings: torch.Tensor | None = None,
+                base_latents: torch.Tensor | None = None) -> torch.Tensor:
         """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to
         image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength,
         scheduler, images per prompt, for text to image the size (default: the checkpoint's), and
         for inpainting the mask (with an inpainting UNet, ``masked_latent_parameters`` too).
-        ``on_step(done, total, latents)`` after each step (a streaming model's previews)."""
-        text_embeddings = text_embeddings.to(device=self.device, dtype=self.dtype)
+        ``on_step(done, total, latents)`` after each step (a streaming model's previews). SDXL:
+        ``pooled_embeddings``, a row per text as the text embeddings; its refiner continues the
+        base's ``base_latents`` (what the base's denoise returned; pipelines/sdxl.py)."""
         cfg = options.do_classifier_free_guidance
-        rows = text_embeddings.shape[0]
-        if cfg and rows % 2:
-            raise InvalidRequest(f"text_embeddings has {rows} rows: with guidance_scale > 1 send the unconditional "
-                                 f"and the conditional rows of each prompt (an even number).")
-        # num_images_per_prompt: each prompt's rows repeated, as diffusers' encode_prompt does.
-        text_embeddings = text_embeddings.repeat_interleave(options.num_images_per_prompt, dim=0)
+        text_embeddings = self._rows_per_image(text_embeddings, options)
         batch = text_embeddings.shape[0] // 2 if cfg else text_embeddings.shape[0]
-        seed = options.seed if options.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(options.seed if options.seed is not None else secrets.randbits(63))
 
         # 3. A scheduler of this request's own; 4. the initial latents.
-        scheduler = self._request_scheduler(options)
-        step_kwargs = self._step_kwargs(scheduler, generator)
+        scheduler = schedulers.request_scheduler(self.components, options)
+        step_kwargs = schedulers.step_kwargs(scheduler, generator)
         timesteps, latents, inpainting = self._start(options, batch, scheduler, generator, latent_parameters,
-                                                     masked_latent_parameters)
+                                                     masked_latent_parameters, base_latents)
+        scale = self.components.dims.vae_scale_factor  # SDXL's time ids: the image's size in pixels
+        added = sdxl.added_inputs(options, self.family, pooled_embeddings, options.num_images_per_prompt,
+                                  latents.shape[2] * scale, latents.shape[3] * scale, cfg, text_embeddings)
         control = None if options.control_image is None else Control(options, batch, len(timesteps), self.dtype,
                                                                      self.device)
 
@@ -245,7 +275,7 @@ class StableDiffusion:
                 if inpainting is not None:
                     model_input = inpainting.unet_input(model_input)
                 timestep = unet_timesteps[done].expand(model_input.shape[0])
-                noise = self._predict_noise(model_input, timestep, text_embeddings, adapters, control, done)
+                noise = self._predict_noise(model_input, timestep, text_embeddings, adapters, control, done, added)
                 if cfg:
                     noise_uncond, noise_text = noise.chunk(2)
                     noise = noise_uncond + options.guidance_scale * (noise_text - noise_uncond)
@@ -254,34 +284,61 @@ class StableDiffusion:
                     latents = inpainting.blend(latents, done, timesteps, scheduler)
                 if cfg and done == cutoff:
                     cfg, text_embeddings = False, text_embeddings.chunk(2)[1]
+                    added = tuple(tensor.chunk(2)[1] for tensor in added)
                 if on_step is not None:
                     on_step(done + 1, len(timesteps), latents)
         return latents / self.components.vae_scaling_factor
 
+    def _rows_per_image(self, text_embeddings: torch.Tensor, options: GenerationRequest) -> torch.Tensor:
+        """The text embeddings on the loop's device, each prompt's rows repeated num_images_per_prompt
+        times, as diffusers' encode_prompt does."""
+        rows = text_embeddings.shape[0]
+        if options.do_classifier_free_guidance and rows % 2:
+            raise InvalidRequest(f"text_embeddings has {rows} rows: with guidance_scale > 1 send the unconditional "
+                                 f"and the conditional rows of each prompt (an even number).")
+        text_embeddings = text_embeddings.to(device=self.device, dtype=self.dtype)
+        return text_embeddings.repeat_interleave(options.num_images_per_prompt, dim=0)
+
     def _predict_noise(self, model_input: torch.Tensor, timestep: torch.Tensor, text_embeddings: torch.Tensor,
-                       adapters: tuple[tuple[str, float], ...], control: Control | None, done: int) -> torch.Tensor:
-        """The UNet's call at step ``done``; where ControlNets act at this step, with their
-        residuals, after calling them (pipelines/controlnet.py)."""
+                       adapters: tuple[tuple[str, float], ...], control: Control | None, done: int,
+                       added: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """The UNet's call at step ``done`` (SDXL's with its ``added`` conditions); where ControlNets
+        act at this step, with their residuals, after calling them (pipelines/controlnet.py)."""
         residuals = control and control.residuals(self.call_network, done, model_input, timestep, text_embeddings)
         if residuals is None:
-            return self.call_network(specs.UNET, model_input, timestep, text_embeddings, adapters=adapters)[0]
+            return self.call_network(self.family.unet, model_input, timestep, text_embeddings, *added,
+                                     adapters=adapters)[0]
         return self.call_network(specs.CONTROLLED_UNET, model_input, timestep, text_embeddings, residuals)[0]
 
     def _start(self, options: GenerationRequest, batch: int, scheduler, generator: torch.Generator,
-               latent_parameters: torch.Tensor | None, masked_latent_parameters: torch.Tensor | None):
-        """The loop's timesteps, its initial latents from the CPU generator as diffusers draws them
-        (in the served precision), and for inpainting its Inpainting (pipelines/inpainting.py)."""
+               latent_parameters: torch.Tensor | None, masked_latent_parameters: torch.Tensor | None,
+               base_latents: torch.Tensor | None):
+        """The loop's timesteps, its initial latents, and for inpainting its Inpainting; SDXL's base
+        stops where its refiner starts, which continues the base's latents (pipelines/sdxl.py)."""
+        if sdxl.refines(self.family):
+            if base_latents is None:
+                raise InvalidRequest(f"{specs.LATENTS.name} is required: the refiner continues the base's latents.")
+            latents = base_latents.to(device=self.device, dtype=self.dtype) * self.components.vae_scaling_factor
+            return sdxl.refiner_timesteps(scheduler, options), latents, None
+        timesteps, latents, inpainting = self._first_latents(options, batch, scheduler, generator, latent_parameters,
+                                                             masked_latent_parameters)
+        return sdxl.base_timesteps(timesteps, options, self.family, scheduler), latents, inpainting
+
+    def _first_latents(self, options: GenerationRequest, batch: int, scheduler, generator: torch.Generator,
+                       latent_parameters: torch.Tensor | None, masked_latent_parameters: torch.Tensor | None):
+        """The timesteps, the initial latents from the CPU generator as diffusers draws them (in the
+        served precision), and for inpainting its Inpainting (pipelines/inpainting.py)."""
         if options.mask_image is not None:
             from diffusers.utils.torch_utils import randn_tensor
 
-            timesteps = self._img2img_timesteps(scheduler, options)
+            timesteps = schedulers.img2img_timesteps(scheduler, options)
             latents, inpainting = Inpainting.start(
                 batch, functools.partial(self._image_latents, batch=batch, generator=generator),
                 functools.partial(randn_tensor, generator=generator, device=self.device, dtype=self.dtype),
                 latent_parameters, masked_latent_parameters, options, self.components.dims, scheduler, timesteps)
             return timesteps, latents, inpainting
         if latent_parameters is not None:  # image to image
-            timesteps = self._img2img_timesteps(scheduler, options)
+            timesteps = schedulers.img2img_timesteps(scheduler, options)
             return timesteps, self._noised_image_latents(latent_parameters, batch, scheduler, timesteps[:1],
                                                          generator), None
         dims = self.components.dims.at_size(options.height or self.components.dims.image_height,
@@ -289,32 +346,6 @@ class StableDiffusion:
         shape = (batch, dims.latent_channels, dims.latent_height, dims.latent_width)
         latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
         return scheduler.timesteps, latents * scheduler.init_noise_sigma, None
-
-    @staticmethod
-    def _step_kwargs(scheduler, generator: torch.Generator) -> dict:
-        """As StableDiffusionPipeline's prepare_extra_step_kwargs: the generator, and its eta (0),
-        where the scheduler's step takes them (DDIM's and TCD's eta: 0 samples deterministically)."""
-        accepted = inspect.signature(scheduler.step).parameters
-        return {key: value for key, value in (("generator", generator), ("eta", 0.0)) if key in accepted}
-
-    def _request_scheduler(self, options: GenerationRequest):
-        """A new scheduler (PNDM keeps state between steps) with the request's timesteps. They stay
-        on the CPU, where it looks up its tables with them: a GPU timestep would make each step
-        wait for the GPU to tell the CPU its value, which stops a GPU loop from queuing its next
-        step while the UNet runs this one (step_batching.py)."""
-        scheduler = self.components.new_scheduler(options.scheduler)
-        scheduler.set_timesteps(options.num_inference_steps, device="cpu")
-        return scheduler
-
-    @staticmethod
-    def _img2img_timesteps(scheduler, options: GenerationRequest) -> torch.Tensor:
-        """The last int(steps * strength) steps of the schedule, as StableDiffusionImg2ImgPipeline
-        takes them (its get_timesteps)."""
-        steps = options.num_inference_steps
-        start = steps - min(int(steps * options.strength), steps)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start * scheduler.order)
-        return scheduler.timesteps[start * scheduler.order:]
 
     def _noised_image_latents(self, latent_parameters: torch.Tensor, batch: int, scheduler,
                               first_timestep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -140,4 +140,4 @@ def test_build_docker_images_help_builds_nothing(tmp_path):
 def test_hub_patterns_without_weights_name_no_weight_file():
     assert not [p for p in hub_patterns(weights=False) if "safetensors" in p or ".bin" in p]
     assert [p for p in hub_patterns(weights=True) if p.endswith("*.safetensors")] == [
-        "text_encoder/*.safetensors", "unet/*.safetensors", "vae/*.safetensors"]
+        "text_encoder/*.safetensors", "text_encoder_2/*.safetensors", "unet/*.safetensors", "vae/*.safetensors"]

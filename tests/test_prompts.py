@@ -115,14 +115,14 @@ def test_a_long_prompt_is_several_chunks_and_one_past_the_limit_is_cut_and_repor
                                                                                     diffusers_pipeline):  # noqa: F811
     dims = in_process.components.dims
     request = GenerationRequest(prompt=[LONG], guidance_scale=1.0)
-    assert in_process.encode_prompt(request).shape == (1, 3 * dims.text_length, dims.text_hidden)
+    assert in_process.encode_prompt(request).text.shape == (1, 3 * dims.text_length, dims.text_hidden)
     too_long = GenerationRequest(prompt=[TOO_LONG], guidance_scale=1.0)
     rows = in_process.tokenize(too_long)
     cut = rows.truncated[0]
     assert cut and TOO_LONG.endswith(" " + cut) and len(cut) < len(TOO_LONG) - len(LONG)  # its end, word by word
     # The windows are encoded apart, and the prompt cut between words: the cut prompt's first
     # windows are the whole one's, its last one holds the words that fit.
-    kept = in_process.encode_prompt(too_long, rows)
+    kept = in_process.encode_prompt(too_long, rows).text
     whole = compel_embeddings(diffusers_pipeline, list(too_long.prompt))
     assert whole.shape[1] > kept.shape[1] == 3 * dims.text_length
     assert torch.allclose(kept[:, :2 * dims.text_length], whole[:, :2 * dims.text_length], atol=1e-5)

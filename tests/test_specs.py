@@ -142,7 +142,8 @@ def test_local_tokenizer_tokenizes_any_text(tiny_model):
 
 
 @pytest.mark.parametrize("model, message", [
-    ("no-such-preset", r"neither a preset \(tiny, sd15-random, tiny-inpaint, sd15-random-inpaint\)"),
+    ("no-such-preset", r"neither a preset \(tiny, sd15-random, tiny-inpaint, sd15-random-inpaint, tiny-sdxl, tiny-sdxl-refiner, "
+                       r"sdxl-random, sdxl-refiner-random\)"),
     (".", r"not a diffusers pipeline \(no model_index.json\)"),
 ])
 def test_model_source_errors_name_the_value_and_the_fix(model, message):

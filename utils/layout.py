@@ -69,11 +69,16 @@ def parse_named(flag: str, text: str, network: str, example: str) -> tuple[str, 
 def network_of(model_name: str) -> str:
     """The network a served name stands for: ``unet_gpu1`` and ``unet_<adapter>`` -> ``unet``,
     ``controlnet_<name>`` -> ``controlnet``; other names unchanged."""
-    from utils.specs import CONTROL_NETWORKS, NETWORKS
+    from utils.families import FAMILIES
+    from utils.specs import CONTROL_NETWORKS
 
     match = _GPU_COPY.match(model_name)
     name = match["network"] if match else model_name
-    return next((network for network in (*NETWORKS, *CONTROL_NETWORKS) if name.startswith(f"{network}_")), name)
+    networks = {*CONTROL_NETWORKS, *(network for family in FAMILIES.values() for network in family.networks)}
+    if name in networks:  # (text_encoder_2 is a network of its own, not a variant of text_encoder)
+        return name
+    return next((network for network in sorted(networks, key=len, reverse=True) if name.startswith(f"{network}_")),
+                name)
 
 
 def config_file(repository: Path, model: str) -> Path:

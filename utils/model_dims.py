@@ -37,11 +37,25 @@ class ModelDims:
     residual_layout: tuple[tuple[int, int], ...] = ()
     text_layers: int = 0  # the text encoder's transformer layers (12): clip_skip picks an earlier one's output
     prompt_chunks: int = 1  # the text_length-token chunks of a prompt's embeddings (the UNet's prompt_length)
+    # SDXL (utils/families.py): a second text encoder (OpenCLIP bigG, 1280 features, text_encoder_2), whose
+    # pooled, projected output (pooled_dim) conditions the UNet with time_ids (6: original size, crop,
+    # target size; the refiner's 5: original size, crop, aesthetic score). 0: none (SD1.x).
+    text_hidden_2: int = 0
+    pooled_dim: int = 0
+    time_ids: int = 0
+    # The UNet's cross-attention features: the text encoders' features joined (SD1.5 768, SDXL 768 + 1280,
+    # the refiner 1280); 0: text_hidden.
+    cross_attention_dim: int = 0
 
     @property
     def prompt_length(self) -> int:
         """The UNet's text embeddings per sample: a chunk of text_length for each chunk of the prompt."""
         return self.text_length * self.prompt_chunks
+
+    @property
+    def unet_text_hidden(self) -> int:
+        """The features of the UNet's text embeddings (encoder_hidden_states)."""
+        return self.cross_attention_dim or self.text_hidden
 
     @property
     def unet_sample_channels(self) -> int:
@@ -97,13 +111,17 @@ class ModelDims:
         def config(sub: str) -> dict:
             return json.loads((model_dir / sub / "config.json").read_text())
 
-        text, unet, vae = config("text_encoder"), config("unet"), config("vae")
-        tokenizer_config = json.loads((model_dir / "tokenizer" / "tokenizer_config.json").read_text())
+        # SDXL's refiner has the second text encoder only (and its tokenizer_2)
+        first = "text_encoder" if (model_dir / "text_encoder").is_dir() else "text_encoder_2"
+        text, unet, vae = config(first), config("unet"), config("vae")
+        second = config("text_encoder_2") if (model_dir / "text_encoder_2").is_dir() else None
+        tokenizer = "tokenizer" if first == "text_encoder" else "tokenizer_2"
+        tokenizer_config = json.loads((model_dir / tokenizer / "tokenizer_config.json").read_text())
         latent = unet["sample_size"]
         latent_channels = vae.get("latent_channels", 4)
         return cls(
             text_length=min(tokenizer_config["model_max_length"], text["max_position_embeddings"]),
-            text_hidden=text["hidden_size"],
+            text_hidden=text["hidden_size"] if first == "text_encoder" else 0,
             latent_channels=latent_channels,
             unet_in_channels=0 if unet["in_channels"] == latent_channels else unet["in_channels"],
             latent_height=latent,
@@ -111,7 +129,20 @@ class ModelDims:
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
             residual_layout=residual_layout(unet),
             text_layers=text["num_hidden_layers"],
+            **added_conditions(unet, second),
         )
+
+
+def added_conditions(unet_config: dict, text_encoder_2_config: dict | None) -> dict:
+    """SDXL's sizes (ModelDims' text_hidden_2, pooled_dim, time_ids, cross_attention_dim) from its
+    UNet's and second text encoder's configs; none for SD1.x. The UNet's added embedding takes the
+    pooled text and addition_time_embed_dim features per time id."""
+    if unet_config.get("addition_embed_type") != "text_time" or text_encoder_2_config is None:
+        return {}
+    pooled = text_encoder_2_config["projection_dim"]
+    time_ids = (unet_config["projection_class_embeddings_input_dim"] - pooled) // unet_config["addition_time_embed_dim"]
+    return dict(text_hidden_2=text_encoder_2_config["hidden_size"], pooled_dim=pooled, time_ids=time_ids,
+                cross_attention_dim=unet_config["cross_attention_dim"])
 
 
 def _halved(size: int, times: int) -> int:

@@ -10,7 +10,9 @@ SD1.5. The presets need no download:
   need the real compute cost but cannot reach the hub;
 - ``tiny-inpaint`` and ``sd15-random-inpaint``: the same with an inpainting UNet (9 input
   channels: the latents, the mask and the masked image's latents), as SD1.5's inpainting
-  checkpoint has, written as a ``StableDiffusionInpaintPipeline``.
+  checkpoint has, written as a ``StableDiffusionInpaintPipeline``;
+- SDXL's: ``tiny-sdxl``, ``tiny-sdxl-refiner``, ``sdxl-random``, ``sdxl-refiner-random``
+  (utils/sdxl_presets.py).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import Callable
 
 from utils.errors import UsageError, UserError
+from utils.sdxl_presets import SDXL_PRESETS, SDXL_SCHEDULER_EXTRAS, build_sdxl_preset
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # and its refiner: stabilityai/stable-diffusion-xl-refiner-1.0
 DEFAULT_MODELS_DIR = Path("models")
 
 # The scheduler SD1.5 ships (scheduler/scheduler_config.json of the hub checkpoint).
@@ -85,6 +89,9 @@ for _name in ("tiny", "sd15-random"):
     PRESETS[f"{_name}-inpaint"] = {**PRESETS[_name], "unet": {**PRESETS[_name]["unet"], **INPAINTING_UNET}}
 
 
+PRESET_NAMES = (*PRESETS, *SDXL_PRESETS)
+
+
 def preset_dims(name: str):
     """The sizes of a preset's checkpoint, from its architecture (as ModelDims.from_pretrained
     reads them from a written checkpoint), without building it."""
@@ -113,10 +120,10 @@ def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed:
     ``weights=False``: from the hub, only the config, tokenizer and scheduler files, for the steps
     that read nothing else (the model repository of exported graphs, the client-side pipeline).
     """
-    if model in PRESETS:
+    if model in PRESET_NAMES:
         target = Path(models_dir) / model
         if not (target / "model_index.json").exists():
-            build_preset(model, target, seed=seed)
+            build_preset(model, target, seed=seed, models_dir=Path(models_dir))
         return target
     path = Path(model)
     if path.is_dir():
@@ -124,25 +131,25 @@ def resolve_model(model: str, models_dir: str | Path = DEFAULT_MODELS_DIR, seed:
             raise UsageError(
                 f"--model {model!r} is a folder but not a diffusers pipeline (no model_index.json). "
                 f"Pass a folder written by DiffusionPipeline.save_pretrained, a hub id such as "
-                f"{SD15_HUB_ID!r}, or a preset: {', '.join(PRESETS)}."
+                f"{SD15_HUB_ID!r}, or a preset: {', '.join(PRESET_NAMES)}."
             )
         return path
     if "/" not in model:
         raise UsageError(
-            f"--model {model!r} is neither a preset ({', '.join(PRESETS)}), nor an existing folder, "
+            f"--model {model!r} is neither a preset ({', '.join(PRESET_NAMES)}), nor an existing folder, "
             f"nor a hub id of the form 'owner/name' (for SD1.5: {SD15_HUB_ID!r})."
         )
     return download_from_hub(model, weights)
 
 
-NETWORK_FOLDERS = ("text_encoder", "unet", "vae")  # of a diffusers checkpoint
+NETWORK_FOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae")  # of a diffusers checkpoint (SDXL's second)
 
 
 def hub_patterns(weights: bool = True) -> list[str]:
     """The files of a hub checkpoint the project reads: configs, tokenizer, scheduler, and with
     ``weights`` the networks' safetensors (about 4 GB for SD1.5)."""
     names = ("config.json", "*.safetensors") if weights else ("config.json",)
-    return ["model_index.json", "scheduler/*", "tokenizer/*"] + [
+    return ["model_index.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"] + [
         f"{folder}/{name}" for folder in NETWORK_FOLDERS for name in names]
 
 
@@ -158,16 +165,19 @@ def download_from_hub(model_id: str, weights: bool = True) -> Path:
             f"--model {model_id!r}: could not download it from the Hugging Face hub ({error}). "
             f"Check the id and your network, log in with `huggingface-cli login` (HF_TOKEN) if the "
             f"repository is gated, or pass a local diffusers folder or an offline preset "
-            f"({', '.join(PRESETS)})."
+            f"({', '.join(PRESET_NAMES)})."
         ) from error
 
 
-def build_preset(name: str, target: str | Path, seed: int = 0) -> Path:
+def build_preset(name: str, target: str | Path, seed: int = 0, models_dir: Path = DEFAULT_MODELS_DIR) -> Path:
     """Write a random-weight pipeline of the preset's architecture as a diffusers folder.
 
     Deterministic: the same seed writes the same weights. The folder appears atomically, so a
-    half-written preset is never mistaken for a finished one.
+    half-written preset is never mistaken for a finished one. (An SDXL refiner's base is written
+    first, under ``models_dir``, where missing.)
     """
+    if name in SDXL_PRESETS:
+        return _save_preset(build_sdxl_preset(name, models_dir, seed), Path(target), name, seed)
     import torch
     import transformers
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -217,7 +227,8 @@ def _save_preset(pipeline, target: Path, name: str, seed: int) -> Path:
     """The preset written whole, or not at all (write_folder)."""
     def write(staging: Path) -> None:
         pipeline.save_pretrained(staging)
-        _write_sd15_scheduler_extras(staging / "scheduler" / "scheduler_config.json")
+        _write_scheduler_extras(staging / "scheduler" / "scheduler_config.json",
+                                SDXL_SCHEDULER_EXTRAS if name in SDXL_PRESETS else SD15_SCHEDULER_EXTRAS)
         (staging / "preset.json").write_text(json.dumps({"preset": name, "seed": seed}, indent=2) + "\n")
 
     return write_folder(target, write, "model_index.json")
@@ -240,16 +251,17 @@ def write_folder(target: Path, write: Callable[[Path], None], marker: str) -> Pa
     return target
 
 
-def _write_sd15_scheduler_extras(path: Path) -> None:
-    """The keys of SD1.5's scheduler_config.json that PNDM does not take, so do not save: the
-    other schedulers built from it read them. ``clip_sample: false`` most of all: DDIM would clip
-    its samples without it in diffusers' pipelines that do not turn it off themselves (inpainting)."""
+def _write_scheduler_extras(path: Path, extras: dict) -> None:
+    """The keys of the hub checkpoint's scheduler_config.json that its scheduler class does not
+    take, so does not save: the other schedulers built from it read them. ``clip_sample: false``
+    most of all: DDIM would clip its samples without it in diffusers' pipelines that do not turn it
+    off themselves (inpainting)."""
     config = json.loads(path.read_text())
-    config.update({key: value for key, value in SD15_SCHEDULER_EXTRAS.items() if key not in config})
+    config.update({key: value for key, value in extras.items() if key not in config})
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def make_byte_level_clip_tokenizer(model_max_length: int):
+def make_byte_level_clip_tokenizer(model_max_length: int, pad_token: str = "<|endoftext|>"):
     """A CLIP tokenizer with no merges, made locally: one token per byte, like CLIP's base vocab.
 
     The real CLIP vocabulary (49408 tokens) cannot be downloaded here; this one has CLIP's layout
@@ -261,4 +273,5 @@ def make_byte_level_clip_tokenizer(model_max_length: int):
 
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=model_max_length)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=model_max_length,
+                         pad_token=pad_token)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import specs
+from utils import families, specs
 from utils.layout import network_of
 
 
@@ -27,19 +27,26 @@ class TextEncoder(_Network):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype):
         super().__init__()
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        self.text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=dtype)
+        model_class = CLIPTextModelWithProjection if self.spec is families.TEXT_ENCODER_2 else CLIPTextModel
+        self.text_encoder = model_class.from_pretrained(model_dir, subfolder=self.subfolder, dtype=dtype)
+        # SD1.x conditions on the last layer's output, SDXL on the one before (utils/families.py)
+        self.offset = families.family_of(specs.ModelDims.from_pretrained(model_dir)).hidden_state_offset
 
     def forward(self, input_ids, attention_mask, skipped_layers):
-        """The last hidden state where skipped_layers is 0; else the output of the layer that many
-        before the last, through the final layer norm (diffusers' clip_skip), chosen per row."""
-        states = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        """SD1.x: the last hidden state where skipped_layers is 0; else the output of the layer that
+        many before the last, through the final layer norm (diffusers' clip_skip), chosen per row.
+        SDXL: the output of the layer 1 + skipped_layers before the last, as it is."""
+        output = self.text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        states = output.hidden_states
         stacked = torch.stack(states, dim=1)  # [rows, 1 + layers, tokens, features]: the embeddings, then each layer
-        chosen = stacked[torch.arange(stacked.shape[0], device=stacked.device), len(states) - 1 - skipped_layers.long()]
-        # (transformers 5's CLIPTextModel holds its final layer norm itself, where 4's text_model did)
-        final_layer_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return final_layer_norm(chosen)
+        layer = len(states) - 1 - self.offset - skipped_layers.long()
+        chosen = stacked[torch.arange(stacked.shape[0], device=stacked.device), layer]
+        if not self.offset:
+            # (transformers 5's CLIPTextModel holds its final layer norm itself, where 4's text_model did)
+            chosen = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm(chosen)
+        return (chosen, output.text_embeds) if self.spec is families.TEXT_ENCODER_2 else chosen
 
     def for_export(self) -> nn.Module:
         # transformers' eager attention: torch's TorchScript exporter turns SDPA with is_causal into
@@ -56,6 +63,13 @@ class TextEncoder(_Network):
         return ids, mask, torch.randint(0, layers, (batch,), generator=generator, dtype=torch.int32)
 
 
+class TextEncoder2(TextEncoder):
+    """SDXL's second text encoder (utils/families.py): its hidden state, and its pooled output projected."""
+
+    spec = families.TEXT_ENCODER_2
+    subfolder = "text_encoder_2"
+
+
 class UNet(_Network):
     spec = specs.UNET
     subfolder = "unet"  # of the diffusers checkpoint
@@ -65,9 +79,12 @@ class UNet(_Network):
         from diffusers import UNet2DConditionModel
 
         self.unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", dtype=dtype)
+        if self.spec is specs.UNET:  # an SDXL checkpoint's takes the added conditions: its family's contract
+            self.spec = families.family_of(specs.ModelDims.from_pretrained(model_dir)).unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = None if time_ids is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
     def for_export(self) -> nn.Module:
         # diffusers up-samples by a fixed factor of 2 when the latents divide by every
@@ -78,9 +95,20 @@ class UNet(_Network):
         return self
 
     def example_inputs(self, batch: int, dims: specs.ModelDims, generator: torch.Generator):
-        sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in specs.UNET.inputs)
+        sample, _, hidden = (random_input(self.spec, t, batch, dims, generator) for t in self.spec.inputs[:3])
         timestep = torch.randint(0, 1000, (batch,), generator=generator).float()
-        return sample, timestep, hidden
+        if families.TIME_IDS not in self.spec.inputs:
+            return sample, timestep, hidden
+        # SDXL's pooled text, and its time ids: sizes in pixels (the refiner's last one an aesthetic score)
+        pooled = random_input(self.spec, families.TEXT_EMBEDS, batch, dims, generator)
+        ids = torch.randint(0, 1024, self.spec.shape(families.TIME_IDS, batch, dims), generator=generator).float()
+        return sample, timestep, hidden, pooled, ids
+
+
+class RefinerUNet(UNet):
+    """SDXL's refiner's UNet, served beside the base's (the refiner checkpoint's folder is given)."""
+
+    spec = families.REFINER_UNET
 
 
 class ControlledUNet(UNet):
@@ -178,8 +206,8 @@ class VaeDecoder(_Vae):
         return self.vae.decode(sample, return_dict=False)[0]
 
 
-WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, UNet, VaeEncoder, VaeDecoder, ControlNet,
-                                                       ControlledUNet)}
+WRAPPERS = {wrapper.spec.name: wrapper for wrapper in (TextEncoder, TextEncoder2, UNet, RefinerUNet, VaeEncoder,
+                                                       VaeDecoder, ControlNet, ControlledUNet)}
 
 TORCH_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "INT32": torch.int32, "INT64": torch.int64}
 

@@ -78,6 +78,19 @@ class GenerationRequest:
     # The text encoder's layer whose output conditions the UNet, counted back from the last (0), as
     # diffusers' clip_skip (1 is A1111's "clip skip 2"; None: 0); pipelines/prompts.py checks it.
     clip_skip: int | None = None
+    # SDXL (utils/added_conditions.py checks these), as diffusers names them: the second text encoder's
+    # prompts (None: the same); the time ids, each (height, width) in pixels (None: the image's size,
+    # and (0, 0)); the refiner's aesthetic scores (None: 6 and 2.5); and base then refiner, diffusers'
+    # ensemble of expert denoisers, where the deployment serves a refiner: the base denoises the
+    # first high_noise_frac of the steps, the refiner the rest (None: the base alone).
+    prompt_2: Sequence[str] | None = None
+    negative_prompt_2: Sequence[str] | None = None
+    original_size: Sequence[int] | None = None
+    crops_coords_top_left: Sequence[int] | None = None
+    target_size: Sequence[int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    high_noise_frac: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -94,13 +107,19 @@ class GenerationRequest:
         scales = self.lora_scale if self.lora_scale is not None else [1.0] * len(self.lora)
         return tuple(zip(self.lora, scales))
 
-    def negative_prompts(self) -> list[str]:
-        """One negative prompt per prompt ('' when none was given, as diffusers does)."""
-        if not self.negative_prompt:
+    def prompts(self, second: bool = False) -> list[str]:
+        """The prompts; ``second``: SDXL's second text encoder's (prompt_2, or the prompts)."""
+        return list(self.prompt_2 if second and self.prompt_2 else self.prompt)
+
+    def negative_prompts(self, second: bool = False) -> list[str]:
+        """One negative prompt per prompt ('' when none was given, as diffusers does); ``second``:
+        SDXL's second text encoder's (negative_prompt_2, or those)."""
+        negatives = self.negative_prompt_2 if second and self.negative_prompt_2 else self.negative_prompt
+        if not negatives:
             return [""] * self.batch_size
-        if len(self.negative_prompt) == 1:
-            return list(self.negative_prompt) * self.batch_size
-        return list(self.negative_prompt)
+        if len(negatives) == 1:
+            return list(negatives) * self.batch_size
+        return list(negatives)
 
 
 REQUEST_FIELDS = {field.name for field in fields(GenerationRequest)}
@@ -368,16 +387,3 @@ def _number(name: str, value, kind: type):
     if kind is int and isinstance(value, (float, np.floating)) and not float(value).is_integer():
         raise InvalidRequest(f"{name}={value!r} is not an integer.")
     return kind(value)
-
-
-def preview_every(value) -> int:
-    """A streaming request's preview_every (a tensor of one value; None: the default)."""
-    if value is None:
-        return DEFAULT_PREVIEW_EVERY
-    if value.numel() != 1:
-        raise InvalidRequest(f"preview_every has {value.numel()} values: send exactly one, shape [1].")
-    every = int(value.reshape(-1)[0])
-    if every < 0:
-        raise InvalidRequest(f"preview_every={every} is not allowed: use a number of steps (1: every step), "
-                             f"or 0 for no previews.")
-    return every

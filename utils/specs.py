@@ -49,7 +49,7 @@ UNET = NetworkSpec(
         # and FP16 would round the fractional timesteps of Euler/LMS-type schedulers.
         TensorSpec("timestep", "FP32", ()),
         # The prompts' embeddings: text_length per chunk of the prompt, positive and negative padded alike.
-        TensorSpec("encoder_hidden_states", ACTIVATION, ("prompt_length", "text_hidden")),
+        TensorSpec("encoder_hidden_states", ACTIVATION, ("prompt_length", "unet_text_hidden")),
     ),
     outputs=(TensorSpec("outputs", ACTIVATION, ("latent_channels", "latent_height", "latent_width")),),
     profile=BatchProfile(1, 2, 16),
@@ -199,11 +199,23 @@ CONTROL_GUIDANCE_END = TensorSpec("control_guidance_end", "FP32", (-1,), optiona
 CONTROL_INPUTS = (CONTROLNET_NAMES, CONTROL_IMAGE, CONTROL_MODE, CONTROLNET_CONDITIONING_SCALE, CONTROL_GUIDANCE_START,
                   CONTROL_GUIDANCE_END)
 
+# SDXL's (utils/families.py; an SD1.x deployment refuses them by name), as diffusers names them: the second
+# text encoder's prompts, the time ids' sizes [height, width] in pixels, the refiner's aesthetic scores, and
+# the fraction of the steps the base denoises before the refiner (the expert ensemble).
+PROMPT_2 = replace(NEGATIVE_PROMPT, name="prompt_2")
+NEGATIVE_PROMPT_2 = replace(NEGATIVE_PROMPT, name="negative_prompt_2")
+ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT, TARGET_SIZE = (TensorSpec(name, "INT32", (2,), optional=True)
+                                                     for name in ("original_size", "crops_coords_top_left", "target_size"))
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, HIGH_NOISE_FRAC = (
+    replace(STRENGTH, name=name) for name in ("aesthetic_score", "negative_aesthetic_score", "high_noise_frac"))
+SDXL_INPUTS = (PROMPT_2, NEGATIVE_PROMPT_2, ORIGINAL_SIZE, CROPS_COORDS_TOP_LEFT, TARGET_SIZE, AESTHETIC_SCORE,
+               NEGATIVE_AESTHETIC_SCORE, HIGH_NOISE_FRAC)
+
 # Every input a request can have, in one order (GenerationRequest's fields). Image to image takes
 # its size from the image; text to image takes no image.
 REQUEST_INPUTS = (PROMPT, NEGATIVE_PROMPT, INIT_IMAGE, MASK_IMAGE, STRENGTH, SCHEDULER, NUM_IMAGES_PER_PROMPT, HEIGHT,
                   WIDTH, GUIDANCE_SCALE, CFG_CUTOFF_STEP_RATIO, NUM_INFERENCE_STEPS, SEED, LORA, LORA_SCALE, CLIP_SKIP,
-                  *CONTROL_INPUTS)
+                  *CONTROL_INPUTS, *SDXL_INPUTS)
 TEXT_TO_IMAGE_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (INIT_IMAGE, MASK_IMAGE, STRENGTH))
 # image to image with a mask; ControlNet guides text to image only
 INPAINT_INPUTS = tuple(t for t in REQUEST_INPUTS if t not in (HEIGHT, WIDTH, *CONTROL_INPUTS))

@@ -56,8 +56,10 @@ def request_table() -> str:
                                                      f"many before the last, through its final layer norm (diffusers' "
                                                      f"`clip_skip`; 1 is A1111's \"clip skip 2\")"),
         **_control_rows(),
+        **_sdxl_rows(),
     }
-    shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]",
+    shapes = {specs.NEGATIVE_PROMPT.name: "[N] or [1]", specs.PROMPT_2.name: "[N] or [1]",
+              specs.NEGATIVE_PROMPT_2.name: "[N] or [1]", **{t.name: "[2]" for t in specs.SDXL_INPUTS if t.dims == (2,)}, specs.INIT_IMAGE.name: "[N, H, W, 3] or [1, H, W, 3]",
               specs.MASK_IMAGE.name: "[N, H, W] or [1, H, W]", specs.CONTROL_IMAGE.name: "[K, H, W, 3]",
               **{t.name: "[K] or [1]" for t in specs.CONTROL_INPUTS[2:]}, specs.CONTROLNET_NAMES.name: "[K]"}
     rows = ["| input | type | shape | default | allowed |", "| --- | --- | --- | --- | --- |"]
@@ -87,4 +89,26 @@ def _control_rows() -> dict[str, tuple[str, str]]:
         specs.CONTROLNET_CONDITIONING_SCALE.name: ("1", f"each ControlNet's weight, in [{low:g}, {high:g}]"),
         specs.CONTROL_GUIDANCE_START.name: ("0", "[0, 1): the fraction of the steps each ControlNet starts at"),
         specs.CONTROL_GUIDANCE_END.name: ("1", "(0, 1]: and ends at, after its start"),
+    }
+
+
+def _sdxl_rows() -> dict[str, tuple[str, str]]:
+    """The request table's SDXL rows (utils/added_conditions.py's checks); an SD1.x deployment refuses them."""
+    from utils.added_conditions import (AESTHETIC_SCORE_RANGE, DEFAULT_AESTHETIC_SCORE,
+                                        DEFAULT_NEGATIVE_AESTHETIC_SCORE, MAX_SIZE_CONDITION)
+
+    low, high = AESTHETIC_SCORE_RANGE
+    sdxl = "SDXL ([docs/sdxl.md](docs/sdxl.md)): "
+    return {
+        specs.PROMPT_2.name: ("`prompt`", sdxl + "the second text encoder's prompts"),
+        specs.NEGATIVE_PROMPT_2.name: ("`negative_prompt`", sdxl + "the second text encoder's negative prompts"),
+        specs.ORIGINAL_SIZE.name: ("the image's size", sdxl + f"[height, width] in pixels, in [1, {MAX_SIZE_CONDITION}]"),
+        specs.CROPS_COORDS_TOP_LEFT.name: ("[0, 0]", sdxl + f"[top, left] in pixels, in [0, {MAX_SIZE_CONDITION}]"),
+        specs.TARGET_SIZE.name: ("the image's size", sdxl + f"[height, width] in pixels, in [1, {MAX_SIZE_CONDITION}]"),
+        specs.AESTHETIC_SCORE.name: (f"{DEFAULT_AESTHETIC_SCORE:g}", sdxl + f"the refiner's, in [{low:g}, {high:g}]"),
+        specs.NEGATIVE_AESTHETIC_SCORE.name: (f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE:g}",
+                                              sdxl + f"the refiner's unconditional rows', in [{low:g}, {high:g}]"),
+        specs.HIGH_NOISE_FRAC.name: ("none (the base alone)", sdxl + "text to image, with `--refiner`: the base denoises "
+                                                                     "this fraction of the steps, in (0, 1), the refiner "
+                                                                     "the rest"),
     }

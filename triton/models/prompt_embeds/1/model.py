@@ -12,4 +12,4 @@ class TritonPythonModel(PipelineModel):
     required = (specs.PROMPT, specs.ENCODED_ROWS)
 
     def compute(self, request, tensors, is_cancelled):
-        return (self.pipeline.prompt_embeds(self.pipeline.check(request), tensors[specs.ENCODED_ROWS.name]),)
+        return (self.pipeline.prompt_embeds(self.pipeline.check(request), (tensors[specs.ENCODED_ROWS.name],)).text,)

@@ -13,5 +13,6 @@ class TritonPythonModel(PipelineModel):
 
     def compute(self, request, tensors, is_cancelled):
         rows = self.pipeline.tokenize(self.pipeline.check(request))
-        encoded = (rows.input_ids, rows.attention_mask, rows.skipped_layers)
+        (encoder,) = rows.encoders  # SD1.x's one text encoder
+        encoded = (encoder.input_ids, encoder.attention_mask, encoder.skipped_layers)
         return (*(tensor.to_wire(value) for tensor, value in zip(specs.TEXT_ENCODER.inputs, encoded)), rows.truncated)

@@ -1,0 +1,188 @@
+"""SDXL from the same specs: the tiny SDXL base and refiner presets, their networks exported and
+checked as SD1.5's are, the shared loop against diffusers' StableDiffusionXLPipeline,
+StableDiffusionXLImg2ImgPipeline and base + refiner (diffusers' ensemble of expert denoisers) in
+this process, and the SDXL inputs' checks (an SD1.5 deployment refuses them by name)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import report
+
+from pipelines.components import PipelineComponents
+from pipelines.stable_diffusion import StableDiffusion
+from utils import families, specs
+from utils.export import export_network
+from utils.models import build_preset
+from utils.networks import load_network
+from utils.request import GenerationRequest, InvalidRequest
+
+MAX_PIXEL_DIFFERENCE = 2
+GUIDANCE = 7.5  # (diffusers' SDXL pipelines default to 5: both sides are given it)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(models_dir):
+    return build_preset("tiny-sdxl", models_dir / "tiny-sdxl", seed=0, models_dir=models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(models_dir, tiny_sdxl):
+    return build_preset("tiny-sdxl-refiner", models_dir / "tiny-sdxl-refiner", seed=0, models_dir=models_dir)
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_sdxl, tiny_refiner) -> StableDiffusion:
+    """The loop with each network (the refiner's UNet too) a torch module in this process."""
+    networks = {name: load_network(name, tiny_sdxl) for name in families.SDXL.networks}
+    networks[families.REFINER_UNET.name] = load_network(families.REFINER_UNET.name, tiny_refiner)
+
+    def call(network, *inputs, adapters=()):
+        with torch.no_grad():
+            outputs = networks[network.name](*inputs)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+
+    return StableDiffusion(PipelineComponents(tiny_sdxl), call, refiner=PipelineComponents(tiny_refiner))
+
+
+@pytest.fixture(scope="module")
+def diffusers_sdxl(tiny_sdxl, tiny_refiner):
+    """diffusers' three SDXL pipelines on the same folders; the refiner shares the base's second
+    text encoder and VAE, as diffusers' documentation loads it."""
+    import diffusers
+
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    image_to_image = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl)
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_refiner, text_encoder_2=base.text_encoder_2, vae=base.vae)
+    for pipeline in (base, image_to_image, refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    return {"base": base, "image to image": image_to_image, "refiner": refiner}
+
+
+def pictures(output) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in output.images])
+
+
+def photo(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+CASES = {  # name: our request's options; diffusers gets the same, single prompts as strings
+    "text to image": dict(prompt=["a red door by the sea"]),
+    "a negative prompt, 2 images per prompt": dict(prompt=["a red door by the sea"], negative_prompt=["blurry"],
+                                                   num_images_per_prompt=2),
+    "prompt_2 and the size conditions": dict(prompt=["a red door"], prompt_2=["an oil painting"],
+                                             original_size=(128, 96), crops_coords_top_left=(8, 4),
+                                             target_size=(64, 64)),
+    "two prompts, guidance 1": dict(prompt=["a cat", "a red door"], guidance_scale=1.0),
+}
+
+
+def _as_diffusers(options: dict) -> dict:
+    options = {"guidance_scale": GUIDANCE, **options}
+    for name in ("prompt", "prompt_2", "negative_prompt"):
+        if name in options and len(options[name]) == 1:
+            options[name] = options[name][0]
+    return options
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_loop_equals_diffusers_sdxl(case, in_process, diffusers_sdxl):
+    options = {"num_inference_steps": 5, "guidance_scale": GUIDANCE, **CASES[case]}
+    ours = in_process(GenerationRequest(seed=3, **options)).numpy()
+    expected = pictures(diffusers_sdxl["base"](generator=torch.Generator().manual_seed(3), output_type="pil",
+                                               **_as_diffusers(options)))
+    difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
+    report(f"SDXL in process vs diffusers, {case}: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert ours.shape == expected.shape and expected.std() > 5
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+def test_image_to_image_equals_diffusers_sdxl_img2img(in_process, diffusers_sdxl):
+    """With the family's default strength (diffusers' SDXL image to image: 0.3, not SD1.5's 0.8)."""
+    from PIL import Image
+
+    ours = in_process(GenerationRequest(prompt=["a red door"], image=photo()[None], seed=5, num_inference_steps=10,
+                                        guidance_scale=GUIDANCE)).numpy()
+    expected = pictures(diffusers_sdxl["image to image"](
+        prompt="a red door", image=Image.fromarray(photo()), generator=torch.Generator().manual_seed(5),
+        num_inference_steps=10, guidance_scale=GUIDANCE, output_type="pil"))
+    difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
+    report(f"SDXL image to image in process vs diffusers: max pixel difference {difference} "
+           f"(allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.5])
+def test_base_then_refiner_equals_diffusers_ensemble_of_expert_denoisers(fraction, in_process, diffusers_sdxl):
+    options = dict(prompt="a red door", num_inference_steps=10, guidance_scale=GUIDANCE)
+    ours = in_process(GenerationRequest(**{**options, "prompt": [options["prompt"]]}, seed=7,
+                                        high_noise_frac=fraction)).numpy()
+    generator = torch.Generator().manual_seed(7)
+    latents = diffusers_sdxl["base"](**options, denoising_end=fraction, output_type="latent", generator=generator).images
+    expected = pictures(diffusers_sdxl["refiner"](**options, denoising_start=fraction, image=latents,
+                                                  generator=generator, output_type="pil"))
+    base_alone = in_process(GenerationRequest(**{**options, "prompt": [options["prompt"]]}, seed=7)).numpy()
+    difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
+    report(f"SDXL base + refiner (high_noise_frac {fraction}) in process vs diffusers: max pixel difference "
+           f"{difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+    assert difference <= MAX_PIXEL_DIFFERENCE
+    assert np.abs(ours.astype(int) - base_alone.astype(int)).max() > MAX_PIXEL_DIFFERENCE, "the refiner changed nothing"
+
+
+@pytest.mark.parametrize("network", [*families.SDXL.networks, families.REFINER_UNET.name])
+def test_sdxl_networks_export_from_the_specs(network, tiny_sdxl, tiny_refiner, tmp_path):
+    """Each network exports with the specs' names and dynamic axes and matches torch (the refiner's
+    UNet from its own checkpoint)."""
+    import onnx
+
+    spec = families.REFINER_UNET if network == families.REFINER_UNET.name else families.SDXL.networks[network]
+    model_dir = tiny_refiner if spec is families.REFINER_UNET else tiny_sdxl
+    result = export_network(spec, model_dir, tmp_path / f"{network}.onnx")
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    assert [t.name for t in graph.input] == spec.input_names and [t.name for t in graph.output] == spec.output_names
+    assert result.max_abs_error < 1e-4
+
+
+def test_the_family_follows_from_the_checkpoint(tiny_sdxl, tiny_refiner, tiny_model):
+    dims = {name: specs.ModelDims.from_pretrained(folder)
+            for name, folder in (("sdxl", tiny_sdxl), ("refiner", tiny_refiner), ("sd", tiny_model))}
+    assert families.family_of(dims["sdxl"]) is families.SDXL and families.family_of(dims["sd"]) is families.SD
+    assert families.family_of(dims["refiner"]) is families.SDXL_REFINER
+    sdxl = dims["sdxl"]  # the UNet's text features: both text encoders' joined
+    assert sdxl.unet_text_hidden == sdxl.text_hidden + sdxl.text_hidden_2 and sdxl.time_ids == 6
+    assert dims["refiner"].unet_text_hidden == sdxl.text_hidden_2 and dims["refiner"].time_ids == 5
+
+
+REFUSED = {  # request options: what the message must say
+    "prompt_2 on SD1.5": (dict(prompt_2=["x"]), "prompt_2 is an SDXL input"),
+    "original_size on SD1.5": (dict(original_size=(64, 64)), "original_size is an SDXL input"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_an_sd15_deployment_refuses_sdxl_inputs_by_name(case, tiny_model):
+    options, message = REFUSED[case]
+    pipeline = StableDiffusion(PipelineComponents(tiny_model), lambda *a, **k: None)
+    with pytest.raises(InvalidRequest, match=message):
+        pipeline.check(GenerationRequest(prompt=["a cat"], **options))
+
+
+SDXL_REFUSED = {
+    "a size of three values": (dict(original_size=(64, 64, 3)), r"original_size=\[64, 64, 3\] is not allowed"),
+    "a negative crop": (dict(crops_coords_top_left=(-1, 0)), r"crops_coords_top_left=\[-1, 0\] is not allowed"),
+    "refiner not served": (dict(high_noise_frac=0.8), "write the repository with --refiner"),
+    "aesthetic score out of range": (dict(aesthetic_score=11.0), "aesthetic_score=11.0 is not allowed"),
+    "prompt_2 count": (dict(prompt=["a", "b", "c"], prompt_2=["x", "y"]), "prompt_2 has 2 entries for 3 prompts"),
+    "clip_skip past the layers": (dict(clip_skip=1), r"clip_skip=1 is not allowed: use an integer in \[0, 0\]"),
+}
+
+
+@pytest.mark.parametrize("case", SDXL_REFUSED)
+def test_bad_sdxl_inputs_are_refused_by_name(case, tiny_sdxl):
+    options, message = SDXL_REFUSED[case]
+    pipeline = StableDiffusion(PipelineComponents(tiny_sdxl), lambda *a, **k: None)
+    with pytest.raises(InvalidRequest, match=message):
+        pipeline.check(GenerationRequest(**{"prompt": ["a cat"], **options}))
