@@ -104,10 +104,11 @@ class ClientSidePipeline:
 
     def __init__(self, model_dir: str | Path, url: str = DEFAULT_URL, timeout: float | None = 60.0,
                  retry_for: float = DEFAULT_RETRY_FOR, gpu: int | None = None,
-                 sizes: specs.ImageSizes | None = None):
+                 sizes: specs.ImageSizes | None = None, refiner: str | Path | None = None):
         """``gpu``: on a server that serves a copy of each network per GPU (``unet_gpu0``, ...),
         call the copies on this GPU; ``sizes``: the image sizes the server was written for, where
-        not the default (--image-sizes)."""
+        not the default (--image-sizes); ``refiner``: SDXL's refiner's folder, where the server
+        serves it (refiner_unet), for requests with high_noise_frac."""
         self.networks = TritonNetworks(url, timeout, retry_for, gpu)
         check_server(self.networks.client, url)
         try:
@@ -119,7 +120,8 @@ class ClientSidePipeline:
         self.networks.adapters = self.networks.served_adapters()
         self.loop = StableDiffusion(PipelineComponents.from_pretrained(model_dir).load(), self.networks, dtype=dtype,
                                     sizes=sizes, adapters=self.networks.adapters,
-                                    controlnets=self.networks.served_controlnets())
+                                    controlnets=self.networks.served_controlnets(),
+                                    refiner=None if refiner is None else PipelineComponents.from_pretrained(refiner).load())
 
     def __call__(self, prompt: str | list[str], progress: bool = True, **options) -> np.ndarray:
         """Return uint8 images [N, H, W, 3]. ``options``: the other GenerationRequest fields

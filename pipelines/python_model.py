@@ -43,7 +43,8 @@ from utils import specs
 from utils.deployment import Serving
 from utils.lora import ServedAdapters
 from utils.lora_in_place import InPlaceLoader
-from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, SERVING_FILE
+from utils.families import is_unet
+from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, REFINER_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
 from utils.python_backend.step_batching import STEPS_QUEUED, StepBatcher, static_batches
@@ -110,6 +111,8 @@ class PipelineModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         serving = Serving.from_json((version_dir / SERVING_FILE).read_text())
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
+        refiner = version_dir / PIPELINE_FILES / REFINER_FILES  # SDXL's refiner, where served
+        refiner = PipelineComponents.from_pretrained(refiner) if refiner.is_dir() else None
         # This instance's GPU, where the networks it calls live.
         gpu = int(args["model_instance_device_id"]) if args["model_instance_kind"] == "GPU" else None
         device = self._loop_device(serving, gpu)
@@ -128,7 +131,7 @@ class PipelineModel:
         self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
                                         dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
                                         loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
-                                        adapters=self.adapters, controlnets=serving.controlnets)
+                                        adapters=self.adapters, controlnets=serving.controlnets, refiner=refiner)
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -157,7 +160,7 @@ class PipelineModel:
                 adapter, parameters = self.adapters.route(adapters, network.name)
                 name = serving.placement.model_name(network.name, gpu, adapter)
                 outputs = call_by_bls(name, network, memory, self.times, *inputs, parameters=parameters)
-            if network in (specs.UNET, specs.CONTROLLED_UNET):  # a denoising step, with or without ControlNet
+            if is_unet(network) or network is specs.CONTROLLED_UNET:  # a denoising step (with ControlNet, SDXL's)
                 seconds = time.perf_counter() - start
                 with self.times.phase("metrics"):  # queued: made by the metrics thread
                     self.metrics.steps.increment(1)

@@ -14,7 +14,7 @@ import tritonclient.grpc as grpcclient
 from pipelines.prompts import warn_if_truncated
 from utils import specs
 from utils.grpc_client import DEFAULT_RETRY_FOR, DEFAULT_URL, call_with_retries, check_server, connect, infer_inputs
-from utils.request import GenerationRequest, check_request, request_to_arrays
+from utils.request import GenerationRequest, check_before_sending, request_to_arrays
 
 
 class ServedPipeline:
@@ -36,8 +36,7 @@ class ServedPipeline:
         and lora_scale, control_image and the other ControlNet inputs)."""
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
-        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
-                                max_steps=None)
+        request = check_before_sending(GenerationRequest(prompt=prompt, **options))
         spec = (self.controlnet if request.control_image is not None else self.text_to_image if request.image is None
                 else self.image_to_image if request.mask_image is None else self.inpaint)
         return self.infer(request_to_arrays(request, spec), spec, self.parameters(request))

@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 
 from utils import specs
 from utils.grpc_client import DEFAULT_URL, check_server, connect, infer_inputs
-from utils.request import DEFAULT_PREVIEW_EVERY, GenerationRequest, check_request, request_to_arrays
+from utils.request import DEFAULT_PREVIEW_EVERY, GenerationRequest, check_before_sending, request_to_arrays
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ class StreamingPipeline:
                **options) -> Iterator[Progress]:
         """Yield the request's progress, the final images last. ``options``: the other fields of
         GenerationRequest (``image`` and ``strength`` for image to image)."""
-        request = check_request(GenerationRequest(prompt=prompt, **options), max_prompts=specs.MAX_PROMPTS,
-                                max_steps=None)
+        request = check_before_sending(GenerationRequest(prompt=prompt, **options))
         spec = self.text_to_image if request.image is None else self.image_to_image
         arrays = request_to_arrays(request, spec) | {specs.PREVIEW_EVERY.name: np.array([preview_every], np.int32)}
         responses: queue.Queue = queue.Queue()

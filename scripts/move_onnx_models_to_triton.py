@@ -30,7 +30,7 @@ def main(argv=None):
     # The exported graphs carry the weights: only the torch runtime serves the checkpoint's own.
     model_dir = resolve_model(args.model, args.models_dir, weights=deployment.torch_runtime)
     onnx_files = served_onnx_files(args.onnx_dir, args.model, model_dir, deployment.adapters, args.models_dir,
-                                   deployment.control_networks())
+                                   deployment.control_networks(), deployment.refiner)
     report = write_repository(args.repository, model_dir, onnx_files, deployment, force=args.force,
                               models_dir=args.models_dir)
     for path in report.written:

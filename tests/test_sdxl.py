@@ -186,3 +186,77 @@ def test_bad_sdxl_inputs_are_refused_by_name(case, tiny_sdxl):
     pipeline = StableDiffusion(PipelineComponents(tiny_sdxl), lambda *a, **k: None)
     with pytest.raises(InvalidRequest, match=message):
         pipeline.check(GenerationRequest(**{"prompt": ["a cat"], **options}))
+
+
+# Served: the tiny SDXL base and its refiner, exported to ONNX and served by the portable backend
+# (one server for this module), called client-side and by BLS.
+
+@pytest.fixture(scope="module")
+def sdxl_server(tiny_sdxl, tiny_refiner, tmp_path_factory):
+    from utils.deployment import Deployment
+    from utils.export import served_onnx_files
+    from utils.repository.writer import write_repository
+    from utils.server import TritonServer
+
+    onnx_dir, models_dir = tmp_path_factory.mktemp("sdxl-onnx"), tiny_sdxl.parent
+    files = served_onnx_files(onnx_dir, "tiny-sdxl", tiny_sdxl, (), models_dir, refiner="tiny-sdxl-refiner")
+    for name, path in files.items():
+        source = tiny_refiner if name == families.REFINER_UNET.name else tiny_sdxl
+        export_network(specs.served_network(name, families.SDXL), source, path)
+    repository = tmp_path_factory.mktemp("sdxl-repository")
+    write_repository(repository, tiny_sdxl, files, Deployment(refiner="tiny-sdxl-refiner"), models_dir=models_dir)
+    server = TritonServer(repository).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def sdxl_ways(sdxl_server, tiny_sdxl, tiny_refiner):
+    from pipelines.bls import BlsPipeline
+    from pipelines.client_side import ClientSidePipeline
+
+    client_side = ClientSidePipeline(tiny_sdxl, sdxl_server.grpc_url, refiner=tiny_refiner)
+    return {"client-side": lambda *args, **options: client_side(*args, progress=False, **options),
+            "BLS": BlsPipeline(sdxl_server.grpc_url)}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("way", ["client-side", "BLS"])
+def test_served_sdxl_equals_diffusers(way, sdxl_ways, diffusers_sdxl):
+    """Text to image, image to image and base + refiner, each way, against diffusers' SDXL pipelines."""
+    from PIL import Image
+
+    generate = sdxl_ways[way]
+    options = dict(num_inference_steps=5, guidance_scale=GUIDANCE)
+    cases = {
+        "text to image": (generate("a red door", negative_prompt="blurry", seed=3, **options),
+                          diffusers_sdxl["base"](prompt="a red door", negative_prompt="blurry",
+                                                 generator=torch.Generator().manual_seed(3), **options)),
+        "image to image": (generate("a red door", image=photo()[None], seed=5, **options),
+                           diffusers_sdxl["image to image"](prompt="a red door", image=Image.fromarray(photo()),
+                                                            generator=torch.Generator().manual_seed(5), **options)),
+    }
+    generator = torch.Generator().manual_seed(7)
+    latents = diffusers_sdxl["base"](prompt="a red door", denoising_end=0.8, output_type="latent", generator=generator,
+                                     **options).images
+    cases["base + refiner"] = (generate("a red door", seed=7, high_noise_frac=0.8, **options),
+                               diffusers_sdxl["refiner"](prompt="a red door", denoising_start=0.8, image=latents,
+                                                         generator=generator, **options))
+    for case, (ours, expected) in cases.items():
+        expected = pictures(expected)
+        difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
+        report(f"SDXL {case} {way} vs diffusers: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
+        assert ours.shape == expected.shape and difference <= MAX_PIXEL_DIFFERENCE, case
+
+
+@pytest.mark.server
+def test_an_sd15_server_refuses_an_sdxl_input_and_keeps_serving(triton_server):
+    """A request with an SDXL input, to the session's SD1.5 server: a clear error by name, and the server serves on."""
+    from tritonclient.utils import InferenceServerException
+
+    from pipelines.bls import BlsPipeline
+
+    bls = BlsPipeline(triton_server.grpc_url)
+    with pytest.raises(InferenceServerException, match="prompt_2 is an SDXL input: this deployment serves an SD1.x"):
+        bls("a cat", prompt_2="a dog", num_inference_steps=2, seed=0)
+    assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1

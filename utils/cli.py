@@ -15,6 +15,7 @@ from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
+from utils.families import family_of
 from utils.controlnet import AS_SENT, CONTROL_MODES, ServedControlNet
 from utils.lora import LoraAdapter
 from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
@@ -146,6 +147,10 @@ def add_deployment_arguments(parser: argparse.ArgumentParser, backend: bool = Tr
                        "its residuals; requests name it in controlnet=NAME with a control_image (the ONNX routes export "
                        "them with optim/convert_controlnet_to_onnx.py and convert_controlled_unet_to_onnx.py); repeat "
                        "for several")
+    group.add_argument("--refiner", default=None, metavar="MODEL",
+                       help="SDXL's refiner (a preset such as tiny-sdxl-refiner, a folder or a hub id), served as "
+                            "refiner_unet beside an SDXL --model: requests with high_noise_frac hand it their last steps "
+                            "(the ONNX routes export it with optim/convert_refiner_unet_to_onnx.py --model MODEL)")
     group.add_argument("--pipeline-environment", type=Path, default=None,
                        help="a Python environment (utils/repository/environments.py) the pipeline model runs in: one with "
                             "numpy<2 where this one has numpy 2, which the 24.10 stub mangles string inputs with")
@@ -171,7 +176,7 @@ def deployment_from_args(args: argparse.Namespace) -> Deployment:
                       placement=placement, torch_compile=tuple(args.torch_compile),
                       pipeline_environment=args.pipeline_environment, ensembles=args.ensembles,
                       image_sizes=args.image_sizes, adapters=tuple(args.adapters),
-                      controlnets=tuple(getattr(args, "controlnets", ())))
+                      controlnets=tuple(getattr(args, "controlnets", ())), refiner=getattr(args, "refiner", None))
 
 
 def lora_argument(text: str) -> LoraAdapter:
@@ -311,6 +316,8 @@ def export_cli(network: specs.NetworkSpec, argv: list[str] | None = None):
                             "(a ControlNetModel folder or hub id; tiny: a random one; repeat for several)")
     args = parser.parse_args(argv)
     model_dir = resolve_model(args.model, args.models_dir)
+    # The network as the checkpoint's family has it (SDXL's UNet takes the added conditions)
+    network = specs.served_network(network.name, family_of(specs.ModelDims.from_pretrained(model_dir)))
     # (label, the network as served, its source checkpoint, its own weights' folder, the output)
     jobs = [] if network is specs.CONTROLNET else [
         (network.name, network, model_dir, None, onnx_path(args.onnx_dir, args.model, network.name))]

@@ -122,6 +122,9 @@ class Deployment:
     adapters: tuple[LoraAdapter, ...] = ()
     # ControlNets (utils/controlnet.py): each served as controlnet_<name>, with controlled_unet.
     controlnets: tuple[ServedControlNet, ...] = ()
+    # SDXL's refiner (a preset, folder or hub id), served as refiner_unet beside an SDXL base: requests
+    # with high_noise_frac hand it their last steps (pipelines/sdxl.py).
+    refiner: str | None = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -208,7 +211,7 @@ class Deployment:
                 "ensembles": self.serves_ensembles,
                 "image_sizes": list(self.image_sizes) if self.image_sizes else "default",
                 "adapters": [adapter.name for adapter in self.adapters],
-                "controlnets": [controlnet.name for controlnet in self.controlnets]}
+                "controlnets": [controlnet.name for controlnet in self.controlnets], "refiner": self.refiner}
 
     def control_networks(self) -> tuple[specs.NetworkSpec, ...]:
         """The networks ControlNet adds, as served: each ControlNet's, then the UNet that adds their residuals."""

@@ -70,10 +70,17 @@ def adapter_onnx_path(onnx_dir: str | Path, model: str, model_dir: Path, adapter
 
 
 def served_onnx_files(onnx_dir: str | Path, model: str, model_dir: Path, adapters: tuple[LoraAdapter, ...],
-                      models_dir: Path, control_networks: tuple[specs.NetworkSpec, ...] = ()) -> dict[str, Path]:
-    """Per served network name, its exported graph: the four networks', each adapter's UNet, and
-    the ``control_networks`` (Deployment.control_networks: each ControlNet's, the controlled UNet)."""
-    files = {name: onnx_path(onnx_dir, model, name) for name in (*specs.NETWORKS, *(n.name for n in control_networks))}
+                      models_dir: Path, control_networks: tuple[specs.NetworkSpec, ...] = (),
+                      refiner: str | None = None) -> dict[str, Path]:
+    """Per served network name, its exported graph: the family's networks (SD1.x's four, SDXL's
+    five), each adapter's UNet, the ``control_networks`` (Deployment.control_networks: each
+    ControlNet's, the controlled UNet), and SDXL's ``refiner``'s UNet (exported from it, under its name)."""
+    from utils.families import REFINER_UNET, family_of
+
+    family = family_of(specs.ModelDims.from_pretrained(model_dir))
+    files = {name: onnx_path(onnx_dir, model, name) for name in (*family.networks, *(n.name for n in control_networks))}
+    if refiner:
+        files[REFINER_UNET.name] = onnx_path(onnx_dir, refiner, REFINER_UNET.name)
     for adapter in adapters:
         files[served_name(specs.UNET.name, adapter=adapter.name)] = adapter_onnx_path(onnx_dir, model, model_dir,
                                                                                       adapter, models_dir)

@@ -37,6 +37,7 @@ ONNX_DATA_FILE = "model.onnx.data"  # the weights of a graph over 2 GB
 PLAN_FILE = "model.plan"
 CHECKPOINT_DIR = "checkpoint"  # in a torch-runtime network's version folder
 PIPELINE_FILES = "stable_diffusion"  # in a pipeline model's version folder: no weights
+REFINER_FILES = "refiner"  # SDXL's refiner's, where served: in PIPELINE_FILES
 SERVING_FILE = "serving.json"  # in a pipeline model's version folder: precision, devices, GPUs, image sizes
 
 _GPU_COPY = re.compile(r"^(?P<network>.+)_gpu(?P<gpu>\d+)$")

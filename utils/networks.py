@@ -220,8 +220,10 @@ def torch_dtype(tensor: specs.TensorSpec, precision_dtype: torch.dtype) -> torch
 def run_in_chunks(network, inputs: list[torch.Tensor], max_batch: int) -> torch.Tensor:
     """A network called on more rows than its profile takes: ``max_batch`` rows at a time, the
     outputs joined (the torch runtime's batch of requests, the in-process UNet's batch of steps)."""
-    return torch.cat([network(*[t[start:start + max_batch] for t in inputs])
-                      for start in range(0, inputs[0].shape[0], max_batch)])
+    chunks = [network(*[t[start:start + max_batch] for t in inputs]) for start in range(0, inputs[0].shape[0], max_batch)]
+    if isinstance(chunks[0], tuple):  # a network of several outputs (SDXL's second text encoder)
+        return tuple(torch.cat(parts) for parts in zip(*chunks))
+    return torch.cat(chunks)
 
 
 def random_input(spec: specs.NetworkSpec, tensor: specs.TensorSpec, batch: int, dims: specs.ModelDims,

@@ -158,6 +158,14 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
     return request
 
 
+def check_before_sending(request: GenerationRequest) -> GenerationRequest:
+    """A served pipeline's client's checks: a bad value gets the server's message without a round
+    trip (the server checks again, and knows the step cap and the sizes); image to image's default
+    strength stays the server's to choose (the served checkpoint's family's: SDXL's is 0.3)."""
+    checked = check_request(request, max_prompts=specs.MAX_PROMPTS, max_steps=None)
+    return checked if request.strength is not None else replace(checked, strength=None)
+
+
 def default_strength(inpainting: bool) -> float:
     """A request's strength where it gives none, as diffusers' image to image and inpainting
     pipelines default."""

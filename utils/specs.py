@@ -103,12 +103,15 @@ CONTROLLED_UNET = NetworkSpec(
 CONTROL_NETWORKS = {spec.name: spec for spec in (CONTROLNET, CONTROLLED_UNET)}
 
 
-def served_network(served_name: str) -> NetworkSpec:
+def served_network(served_name: str, family=None) -> NetworkSpec:
     """The spec of a served network, by its served name (``unet_gpu0``, ``unet_<adapter>``,
-    ``controlnet_<name>``): its network's, under that name."""
+    ``controlnet_<name>``): its network's, under that name; ``family``: the checkpoint's
+    (utils/families.py; default SD1.x), whose UNet and text encoders it names."""
+    from utils.families import REFINER_UNET, SD
     from utils.layout import network_of
 
-    network = {**NETWORKS, **CONTROL_NETWORKS}[network_of(served_name)]
+    networks = {**NETWORKS, **CONTROL_NETWORKS, **(family or SD).networks, REFINER_UNET.name: REFINER_UNET}
+    network = networks[network_of(served_name)]
     return network if network.name == served_name else replace(network, name=served_name)
 
 

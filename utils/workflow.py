@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from utils import specs
+from utils.families import REFINER_UNET, family_of
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR, export_network, served_onnx_files
 from utils.controlnet import served_folders
@@ -35,13 +36,16 @@ def prepare_repository(model: str, repository: Path, deployment: Deployment = De
         precision = deployment.served_precision
         with step(heading("2")):
             onnx_files = served_onnx_files(onnx_dir, model, model_dir, deployment.adapters, models_dir,
-                                           deployment.control_networks())
+                                           deployment.control_networks(), deployment.refiner)
             sources = {name: model_dir for name in onnx_files}
+            if deployment.refiner:  # SDXL's refiner's UNet: from its own checkpoint
+                sources[REFINER_UNET.name] = resolve_model(deployment.refiner, models_dir)
+            family = family_of(specs.ModelDims.from_pretrained(model_dir))
             sources |= {served_name(specs.UNET.name, adapter=adapter.name): fused_model(model_dir, adapter, models_dir)
                         for adapter in deployment.adapters}  # an adapter's UNet: exported from the fused checkpoint
             weights = served_folders(deployment.controlnets, model_dir, models_dir)  # a ControlNet: its own folder
             for name, path in onnx_files.items():
-                network = specs.served_network(name)
+                network = specs.served_network(name, family)
                 result = export_network(network, sources[name], path, precision=precision, force=force,
                                         weights=weights.get(name))
                 status = "exists, skipped" if result.skipped else f"max |onnxruntime - torch| = {result.max_abs_error:.1e}"

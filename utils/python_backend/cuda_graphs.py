@@ -171,6 +171,8 @@ class GraphedNetwork:
         for static, value in zip(static_inputs, inputs):
             static[:rows].copy_(value)
         graph.replay()
+        if isinstance(static_output, tuple):  # several outputs (SDXL's second text encoder)
+            return tuple(output[:rows].clone() for output in static_output)
         return static_output[:rows].clone()  # the next replay overwrites the static output
 
 

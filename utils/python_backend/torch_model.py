@@ -21,6 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from utils import specs
+from utils.families import family_of
 from utils.layout import CHECKPOINT_DIR
 from utils.lora import CONFIG_PARAMETER, REQUEST_PARAMETER, decode_adapters
 from utils.lora_in_place import InPlaceLoader
@@ -33,8 +34,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        self.spec = specs.served_network(parameters["network"])  # the served name may carry a GPU suffix
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        family = family_of(specs.ModelDims.from_pretrained(version_dir / CHECKPOINT_DIR))  # SD1.x or SDXL
+        self.spec = specs.served_network(parameters["network"], family)  # the served name may carry a GPU suffix
         self.device = torch.device("cpu")
         if parameters.get("device", "cuda") == "cuda":  # this instance's GPU (runnable_network makes it current)
             self.device = torch.device("cuda", int(args["model_instance_device_id"]))
@@ -136,15 +138,16 @@ class TritonPythonModel:
                 merged = [torch.cat(column) for column in zip(*inputs.values())]
             with self._phase("network"):
                 output = run_in_chunks(self.network, merged, self.spec.profile.max)
-        (output_spec,) = self.spec.outputs
+        outputs = output if isinstance(output, tuple) else (output,)  # (SDXL's second text encoder has two)
         responses, start = {}, 0
         with self._phase("answers (DLPack)"):
             for index, size in sizes.items():
                 # Answered in the memory it computed in, as TensorRT and ONNX Runtime answer: Triton
                 # copies to the caller where the caller asks for other memory (a gRPC client, a BLS
                 # request's preferred_memory).
-                piece = output[start:start + size].contiguous()
-                responses[index] = pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(output_spec.name, piece)])
+                responses[index] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor.from_dlpack(spec.name, value[start:start + size].contiguous())
+                    for spec, value in zip(self.spec.outputs, outputs)])
                 start += size
         return responses
 
