@@ -132,6 +132,7 @@ def test_base_then_refiner_equals_diffusers_ensemble_of_expert_denoisers(fractio
     assert np.abs(ours.astype(int) - base_alone.astype(int)).max() > MAX_PIXEL_DIFFERENCE, "the refiner changed nothing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", [*families.SDXL.networks, families.REFINER_UNET.name])
 def test_sdxl_networks_export_from_the_specs(network, tiny_sdxl, tiny_refiner, tmp_path):
     """Each network exports with the specs' names and dynamic axes and matches torch (the refiner's
