@@ -1,5 +1,6 @@
 # The two commands of the README:
 #   make demo   tiny model -> ONNX -> Triton repository -> local Triton -> an image each way, image to image, inpainting, LoRA, ControlNet (CPU, offline)
+#               (MODEL=tiny-sdxl: SDXL's tour, with its refiner)
 #   make test   the test suite, against a real Triton server
 # Both create the virtual environment first if it is missing or out of date.
 
@@ -28,7 +29,7 @@ tools: .tools/.installed
 	touch $@
 
 demo: venv
-	$(BIN)/python scripts/quickstart.py
+	$(BIN)/python scripts/quickstart.py $(if $(MODEL),--model $(MODEL))
 
 test: venv tools
 	$(BIN)/pytest

@@ -5,7 +5,8 @@ repository (portable python backend), starts the local Triton server, generates 
 way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, the BLS image
 with its middle repainted (inpainting), an image with a LoRA adapter (a random one, served as a
 UNet of its own) and one guided by the BLS image's edges (a random ControlNet), saves them all,
-and stops the server.
+and stops the server. An SDXL model (--model tiny-sdxl) gets its own tour: client-side and BLS, image
+to image, and base then refiner (SDXL's ensembles, LoRA, ControlNet and inpainting are SD1.x's).
 Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
@@ -20,7 +21,9 @@ from utils.controlnet import ServedControlNet
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
 from utils.layout import DEFAULT_REPOSITORY
-from utils.models import DEFAULT_MODELS_DIR
+from utils.families import SDXL, family_of
+from utils.model_dims import ModelDims
+from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.mask import box_mask
 from utils.server import TritonServer, stop_on_sigterm
 from utils.timing import StepTimer
@@ -30,6 +33,7 @@ from utils.workflow import prepare_repository
 
 DEMO_ADAPTER = "style=tiny"
 DEMO_CONTROLNET = "edges=tiny"  # a random ControlNet built for the model
+DEMO_REFINERS = {"tiny-sdxl": "tiny-sdxl-refiner", "sdxl-random": "sdxl-refiner-random"}  # SDXL: the preset's refiner
 
 
 def main(argv=None):
@@ -43,8 +47,12 @@ def main(argv=None):
     parser.add_argument("--lora", dest="adapters", action="append", type=lora_argument, metavar="NAME=PATH",
                         default=None, help=f"serve this LoRA adapter and show an image with it (repeatable; default: "
                                            f"{DEMO_ADAPTER}, a random one built for the model)")
+    parser.add_argument("--refiner", default=None, help="SDXL: the refiner to serve (default: the preset's, "
+                                                         "e.g. tiny-sdxl-refiner for tiny-sdxl)")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
+    if family_of(ModelDims.from_pretrained(resolve_model(args.model, args.models_dir))) is SDXL:
+        return sdxl_tour(args)
     args.adapters = args.adapters if args.adapters is not None else [lora_argument(DEMO_ADAPTER)]
     stop_on_sigterm()  # a `kill` stops the server this script started, too
     timer = StepTimer()
@@ -112,6 +120,42 @@ def guided_by_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]
         print(f"    max pixel difference to the BLS image, whose edges guided it: "
               f"{abs(images.astype(int) - bls[:1]).max()}")
         return save_images(images, args.output_dir / "controlnet.png")
+
+
+def sdxl_tour(args) -> None:
+    """SDXL's walkthrough: the base (and its refiner) exported and served, an image client-side and
+    by BLS, image to image from it, then base and refiner (high_noise_frac) with the same seed."""
+    stop_on_sigterm()
+    timer, saved = StepTimer(), []
+    refiner = args.refiner or DEMO_REFINERS.get(args.model)
+    model_dir = prepare_repository(args.model, args.repository, Deployment(refiner=refiner), models_dir=args.models_dir,
+                                   onnx_dir=args.onnx_dir, force=args.force, timer=timer)
+    with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
+        server = TritonServer(args.repository).start()
+        print(f"    gRPC {server.grpc_url}, log {server.log_file}")
+    try:
+        refiner_dir = refiner and resolve_model(refiner, args.models_dir)
+        with timer.step(heading("5")):
+            client_side = ClientSidePipeline(model_dir, server.grpc_url, refiner=refiner_dir)(**generation_options(args))
+            saved += save_images(client_side, args.output_dir / "sdxl_client_side.png")
+        bls = BlsPipeline(server.grpc_url)
+        with timer.step(heading("6")):
+            base = bls(**generation_options(args))
+            saved += save_images(base, args.output_dir / "sdxl_bls.png")
+            print(f"    max pixel difference between the two images: {abs(client_side.astype(int) - base).max()}")
+        with timer.step("7. SDXL image to image from the BLS image"):
+            options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=base[:1], height=None,
+                                                      width=None)
+            saved += save_images(bls(**options), args.output_dir / "sdxl_image_to_image.png")
+        if refiner:
+            with timer.step("7. SDXL base then refiner (high_noise_frac 0.8)"):
+                refined = bls(**generation_options(args) | dict(high_noise_frac=0.8))
+                saved += save_images(refined, args.output_dir / "sdxl_refined.png")
+                print(f"    max pixel difference to the base alone: {abs(refined.astype(int) - base).max()}")
+    finally:
+        with timer.step("stop Triton"):
+            server.stop()
+    print("\nImages:\n" + "\n".join(f"  {path}" for path in saved) + "\n\nTimes:\n" + timer.table())
 
 
 if __name__ == "__main__":

@@ -261,3 +261,20 @@ def test_an_sd15_server_refuses_an_sdxl_input_and_keeps_serving(triton_server):
     with pytest.raises(InferenceServerException, match="prompt_2 is an SDXL input: this deployment serves an SD1.x"):
         bls("a cat", prompt_2="a dog", num_inference_steps=2, seed=0)
     assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
+    """`make demo MODEL=tiny-sdxl`: the quickstart's SDXL tour, in a fresh folder, as a user runs it."""
+    import subprocess
+    import sys
+
+    from utils.layout import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts/quickstart.py"), "--model", "tiny-sdxl",
+                           "--num-inference-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max pixel difference between the two images: 0" in done.stdout  # client-side and BLS: the same loop
+    outputs = sorted(path.name for path in (tmp_path / "outputs").iterdir())
+    assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_image_to_image.png", "sdxl_refined.png"]
