@@ -11,7 +11,9 @@ from pathlib import Path
 
 from utils.cli import add_deployment_arguments, deployment_from_args, main_entry, script_parser
 from utils.export import DEFAULT_ONNX_DIR, served_onnx_files
+from utils.families import family_of
 from utils.layout import DEFAULT_REPOSITORY
+from utils.model_dims import ModelDims
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
 from utils.repository.writer import write_repository
 
@@ -36,8 +38,9 @@ def main(argv=None):
     for path in report.written:
         print(f"wrote     {path}")
     runtime = f", runtime: {deployment.runtime} on {deployment.device}" if deployment.backend == "python" else ""
+    family = family_of(ModelDims.from_pretrained(model_dir)).name + (" with its refiner" if deployment.refiner else "")
     print(f"{len(report.unchanged)} files already up to date; repository ready: {args.repository} "
-          f"(backend: {deployment.backend}{runtime})")
+          f"(serves {family}; backend: {deployment.backend}{runtime})")
 
 
 if __name__ == "__main__":

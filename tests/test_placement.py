@@ -84,7 +84,7 @@ def test_repository_on_two_gpus(tiny_model, tmp_path):
         text_encoder = configs.parse_pbtxt((repository / f"text_encoder_gpu{gpu}" / CONFIG_FILE).read_text())
         assert "torch_compile" not in text_encoder.parameters
     serving = json.loads((repository / specs.TEXT_TO_IMAGE.name / "1" / SERVING_FILE).read_text())
-    assert serving == {"precision": "FP16", "device": "cuda", "gpus": [0, 1], "loop_device": "cpu",
+    assert serving == {"family": "sd", "refiner": False, "precision": "FP16", "device": "cuda", "gpus": [0, 1], "loop_device": "cpu",
                        "image_sizes": {"min": 48, "max": 96, "step": 8}}
     assert gpus.repository_gpus(repository)[specs.TEXT_TO_IMAGE.name] == {0, 1}
     assert gpus.repository_gpus(repository)["vae_decoder_gpu1"] == {1}

@@ -32,7 +32,7 @@ def test_layout(repository):
     assert (files / "scheduler" / "scheduler_config.json").is_file()
     assert not list(files.rglob("*.safetensors")), "the pipeline model needs no weights"
     assert json.loads((pipeline / "1" / SERVING_FILE).read_text()) == {
-        "precision": "FP32", "device": "cpu", "gpus": [], "loop_device": "cpu",
+        "family": "sd", "refiner": False, "precision": "FP32", "device": "cpu", "gpus": [], "loop_device": "cpu",
         "image_sizes": {"min": 48, "max": 96, "step": 8},  # the tiny model's default: 3/4 to 3/2 of its 64
         "adapters": list(ADAPTERS), "adapters_in_place": False,  # the session repository's LoRA adapters, fused: a UNet each
     }

@@ -17,6 +17,7 @@ from utils import layout, specs
 from utils import controlnet
 from utils.controlnet import ServedControlNet
 from utils.errors import UsageError
+from utils.families import family_of
 from utils.lora import LoraAdapter, check_names
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -243,6 +244,8 @@ class Serving:
     adapters: tuple[str, ...] = ()  # the LoRA adapters served: each as unet_<name>, or
     adapters_in_place: bool = False  # by the UNet itself, any mix per request (utils/lora.py)
     controlnets: tuple[str, ...] = ()  # the ControlNets served, each as controlnet_<name>
+    family: str = "sd"  # the checkpoint's (utils/families.py): sd or sdxl
+    refiner: bool = False  # SDXL's refiner served (refiner_unet)
 
     @classmethod
     def of(cls, deployment: Deployment, pipeline: specs.PipelineSpec, precision: str,
@@ -258,15 +261,16 @@ class Serving:
                    gpus=placement.gpus, loop_device="cuda" if on_gpu and placement.loop_on_gpu(pipeline) else "cpu",
                    unet_in_process=unet, adapters=tuple(adapter.name for adapter in deployment.adapters),
                    adapters_in_place=deployment.adapters_in_place,
-                   controlnets=tuple(controlnet.name for controlnet in deployment.controlnets))
+                   controlnets=tuple(controlnet.name for controlnet in deployment.controlnets),
+                   family=family_of(dims).name, refiner=deployment.refiner is not None)
 
     @property
     def placement(self) -> Placement:
         return Placement(gpus=self.gpus)
 
     def to_json(self) -> str:
-        record = {"precision": self.precision, "device": self.device, "gpus": list(self.gpus),
-                  "loop_device": self.loop_device, "image_sizes": asdict(self.image_sizes)}
+        record = {"family": self.family, "refiner": self.refiner, "precision": self.precision, "device": self.device,
+                  "gpus": list(self.gpus), "loop_device": self.loop_device, "image_sizes": asdict(self.image_sizes)}
         if self.adapters:
             record["adapters"] = list(self.adapters)
             record["adapters_in_place"] = self.adapters_in_place
@@ -285,7 +289,8 @@ class Serving:
                    unet_in_process=InProcessUnet(**unet) if unet else None,
                    adapters=tuple(record.get("adapters", ())),
                    adapters_in_place=record.get("adapters_in_place", False),
-                   controlnets=tuple(record.get("controlnets", ())))
+                   controlnets=tuple(record.get("controlnets", ())), family=record.get("family", "sd"),
+                   refiner=record.get("refiner", False))
 
     @classmethod
     def read(cls, repository: Path, pipeline: str) -> Serving | None:

@@ -41,7 +41,9 @@ class Step:
 WALKTHROUGH = (
     Step("1", "Choose a model",
          "the steps that read a checkpoint (the exports, the repository, the client-side pipeline) take `--model`: "
-         "the tiny random preset by default, SD1.5's architecture with random weights, a hub id or a diffusers folder",
+         "the tiny random preset by default, SD1.5's architecture with random weights, a hub id or a diffusers folder; "
+         "SDXL likewise (tiny-sdxl, sdxl-random, its hub id; its refiner with --refiner: [docs/sdxl.md](docs/sdxl.md)), "
+         "and the repository records which family it serves",
          chapter="1-export.md"),
     Step("2", "Export the four networks to ONNX",
          "traces each network with the specs' tensor names and dynamic axes, checks it with ONNX Runtime against "
