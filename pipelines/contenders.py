@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -28,13 +29,19 @@ class DiffusersContender:
         self.torch = torch
         settings = context.settings
         dtype = {"FP32": torch.float32, "FP16": torch.float16}[settings.precision]
-        self.pipeline = StableDiffusionPipeline.from_pretrained(
-            context.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        ).to(settings.device)
+        sdxl = (Path(context.model_dir) / "text_encoder_2").is_dir()  # SDXL's pipelines (utils/families.py)
+        if sdxl:
+            self.pipeline = diffusers.StableDiffusionXLPipeline.from_pretrained(context.model_dir, dtype=dtype)
+        else:
+            self.pipeline = StableDiffusionPipeline.from_pretrained(
+                context.model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        self.pipeline.to(settings.device)
         if settings.task in IMAGE_TASKS:  # the same components, the image-to-image or inpainting loop
             from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
             task = StableDiffusionInpaintPipeline if settings.task == "inpaint" else StableDiffusionImg2ImgPipeline
+            if sdxl and task is StableDiffusionImg2ImgPipeline:
+                task = diffusers.StableDiffusionXLImg2ImgPipeline
             self.pipeline = task(**self.pipeline.components)
         if settings.task == CONTROLNET:  # the same components with the deployment's ControlNet
             from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -103,10 +110,15 @@ class DiffusersContender:
     def stage_timers(self, totals: dict[str, float], calls: dict[str, int]):
         """Time the networks' forward calls (synchronizing the GPU, so only while profiling)."""
         # vae.decoder: all of the VAE decoder network but its first 1x1 convolution (post_quant_conv).
-        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet,
+        modules = {"text_encoder": self.pipeline.text_encoder, **self._text_encoder_2(), "unet": self.pipeline.unet,
                    "vae_encoder": self.pipeline.vae.encoder, "vae_decoder": self.pipeline.vae.decoder,
                    **self._controlnet()}
         return self._timers(modules, totals, calls)
+
+    def _text_encoder_2(self) -> dict:
+        """SDXL's second text encoder, to time it."""
+        encoder = getattr(self.pipeline, "text_encoder_2", None)
+        return {"text_encoder_2": encoder} if encoder is not None else {}
 
     def _controlnet(self) -> dict:
         """The ControlNet's module where the pipeline has one (the controlnet task), to time it."""
@@ -195,7 +207,8 @@ class FastDiffusersContender(CompiledDiffusersContender):
         """As diffusers', but the VAE decoder timed around the compiled ``vae.decode`` (its whole
         network, post_quant_conv included): the hooks of a module inside a compiled graph do not run."""
         vae = self.pipeline.vae
-        modules = {"text_encoder": self.pipeline.text_encoder, "unet": self.pipeline.unet, "vae_encoder": vae.encoder,
+        modules = {"text_encoder": self.pipeline.text_encoder, **self._text_encoder_2(), "unet": self.pipeline.unet,
+                   "vae_encoder": vae.encoder,
                    **self._controlnet()}
         decode = vae.decode
 
