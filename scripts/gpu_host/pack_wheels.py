@@ -6,8 +6,8 @@ other stubs and the libpython 3.13 that one of them needs are 16 MB), and numpy 
 their own test suites. numpy 1.26 is for the pipeline models' environment: the 24.10 stub is built
 against numpy 1 and mangles string inputs under the machine's numpy 2 (docs/gpu-notes.md); scipy
 is for diffusers' LMS scheduler, which a request may choose; peft (with accelerate and psutil) for
-LoRA adapters. Run it from the repository root, with
-any Python 3 (it needs nothing but the standard library and pip):
+LoRA adapters; compel (with pyparsing) for every prompt (pipelines/prompts.py). Run it from the
+repository root, with any Python 3 (it needs nothing but the standard library and pip):
   python scripts/gpu_host/pack_wheels.py && ls -l .whl   # then copy .whl/ to the host along with the tree
 """
 
@@ -23,9 +23,9 @@ from typing import Callable
 # Standard library only: this runs before anything of the project is installed anywhere.
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
 # What a GPU host's own Python (with torch) lacks, at requirements.txt's versions.
-PACKAGES = ("nvidia-pytriton", "diffusers", "tritonclient", "numpy", "scipy", "peft", "accelerate")
-# Not pinned in requirements.txt: tritonclient.grpc imports rapidjson, peft imports psutil.
-DEPENDENCIES = ("python-rapidjson==1.25", "psutil==7.2.2")
+PACKAGES = ("nvidia-pytriton", "diffusers", "tritonclient", "numpy", "scipy", "peft", "accelerate", "compel")
+# Not pinned in requirements.txt: tritonclient.grpc imports rapidjson, peft imports psutil, compel pyparsing.
+DEPENDENCIES = ("python-rapidjson==1.25", "psutil==7.2.2", "pyparsing==3.3.3")
 PYTHON = "3.12"
 
 
