@@ -38,9 +38,9 @@ def main(argv=None):
     for path in report.written:
         print(f"wrote     {path}")
     runtime = f", runtime: {deployment.runtime} on {deployment.device}" if deployment.backend == "python" else ""
-    family = family_of(ModelDims.from_pretrained(model_dir)).name + (" with its refiner" if deployment.refiner else "")
+    family = family_of(ModelDims.from_pretrained(model_dir)).title + (" and its refiner" if deployment.refiner else "")
     print(f"{len(report.unchanged)} files already up to date; repository ready: {args.repository} "
-          f"(serves {family}; backend: {deployment.backend}{runtime})")
+          f"(backend: {deployment.backend}{runtime}); it serves {family}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def good_arrays(spec) -> dict[str, np.ndarray]:
 def cases():
     for spec in SERVED:
         for tensor in spec.inputs:
+            if tensor in specs.SDXL_INPUTS:  # an SD1.5 server refuses them whatever their value (below)
+                continue
             for value in SWEEP.get(tensor.dtype, ()):
                 if value in ALLOWED.get(tensor.name, ()):
                     continue
@@ -90,6 +92,22 @@ def test_an_out_of_range_value_is_refused_by_name_before_any_network(spec, tenso
     assert f"{tensor.name}=" in text and ("use " in text or "split" in text), text  # the input, its value, the fix
     assert "internal" not in text.lower() and "Traceback" not in text
     assert seconds < 5, f"refused after {seconds:.1f} s"
+    assert executions(triton_server) == networks_before, "a network ran for a refused request"
+
+
+SDXL_VALUES = {"BYTES": np.array([b"a dog"], np.object_), "INT32": np.array([64, 64], np.int32),
+               "FP32": np.array([0.5], np.float32)}
+
+
+@pytest.mark.parametrize("spec", SERVED, ids=lambda spec: spec.name)
+def test_an_sd15_server_refuses_every_sdxl_input_by_name_before_any_network(spec, triton_server, networks_before):
+    """Each SDXL input, well formed, sent to the session's SD1.5 deployment: refused by name, with the fix."""
+    for tensor in specs.SDXL_INPUTS:
+        with pytest.raises(InferenceServerException) as caught:
+            send(triton_server.grpc_url, spec, good_arrays(spec) | {tensor.name: SDXL_VALUES[tensor.dtype]})
+        text = caught.value.message()
+        assert f"{tensor.name} is an SDXL input: this deployment serves an SD1.x checkpoint" in text, text
+        assert "leave it out" in text
     assert executions(triton_server) == networks_before, "a network ran for a refused request"
 
 

@@ -43,6 +43,7 @@ class Family:
     """The networks a checkpoint of this family is served as, and what its loop differs in."""
 
     name: str
+    title: str  # as the project's messages name it
     text_encoders: tuple[NetworkSpec, ...]
     unet: NetworkSpec
     # Image to image's default strength where a request gives none: diffusers' pipeline's for the family.
@@ -69,11 +70,13 @@ class Family:
         return next((network for network in self.text_encoders if TEXT_EMBEDS in network.outputs), None)
 
 
-SD = Family("sd", (specs.TEXT_ENCODER,), specs.UNET, default_strength=0.8)
-SDXL = Family("sdxl", (specs.TEXT_ENCODER, TEXT_ENCODER_2), UNET_XL, default_strength=0.3, hidden_state_offset=1)
+SD = Family("sd", "SD1.x", (specs.TEXT_ENCODER,), specs.UNET, default_strength=0.8)
+SDXL = Family("sdxl", "SDXL", (specs.TEXT_ENCODER, TEXT_ENCODER_2), UNET_XL, default_strength=0.3,
+              hidden_state_offset=1)
 # The refiner as a checkpoint of its own (its own UNet, the second text encoder alone); served beside
 # an SDXL base, its UNet as refiner_unet and its text encoder the base's.
-SDXL_REFINER = Family("sdxl-refiner", (TEXT_ENCODER_2,), REFINER_UNET, default_strength=0.3, hidden_state_offset=1)
+SDXL_REFINER = Family("sdxl-refiner", "SDXL's refiner", (TEXT_ENCODER_2,), REFINER_UNET, default_strength=0.3,
+                      hidden_state_offset=1)
 FAMILIES = {family.name: family for family in (SD, SDXL, SDXL_REFINER)}
 
 

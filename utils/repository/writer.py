@@ -334,7 +334,7 @@ def check_family(family: families.Family, deployment: Deployment, models_dir: Pa
     if family is not families.SD and (deployment.adapters or deployment.controlnets or
                                       deployment.placement.loop_with_unet):
         raise UserError("LoRA adapters, ControlNets and --pipeline-loop with-unet serve SD1.x checkpoints; this one is "
-                        f"{family.name}: leave them out.")
+                        f"{family.title}: leave them out.")
     if deployment.refiner is None:
         return None
     refiner_dir = resolve_model(deployment.refiner, models_dir)
