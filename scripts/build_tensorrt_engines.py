@@ -17,10 +17,10 @@ from utils import specs
 from utils.cli import main_entry, script_parser
 from utils.deployment import served_sizes
 from utils.docker import export_command
-from utils.repository.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path,
+from utils.repository.engines import (DEFAULT_TIMING_CACHE, ENGINE_PRECISIONS, build_engine, plan_path, served_dims,
                                       tensorrt_networks, trtexec_command)
 from utils.errors import UsageError
-from utils.layout import PIPELINE_FILES, PRODUCTION_REPOSITORY
+from utils.layout import PRODUCTION_REPOSITORY
 
 
 def main(argv=None):
@@ -55,13 +55,14 @@ def main(argv=None):
             f"scripts/move_onnx_models_to_triton.py --backend tensorrt --repository {args.repository} (same --model).")
     # The sizes of the checkpoint the repository serves (step 3 copied its config files), and the
     # image sizes it was written for (--image-sizes): the profiles' spatial range.
-    dims = specs.ModelDims.from_pretrained(args.repository / specs.TEXT_TO_IMAGE.name / "1" / PIPELINE_FILES)
+    dims = served_dims(args.repository)
     sizes = served_sizes(args.repository, specs.TEXT_TO_IMAGE.name, dims)
+    dims_of = {network.name: served_dims(args.repository, network) for network in networks}  # SDXL's refiner: its own
     wrap = export_command if args.docker else (lambda command: command)
     if args.print_commands:
         for network in networks:
-            print("$ " + shlex.join(wrap(trtexec_command(network, dims, args.repository, args.precision,
-                                                         args.timing_cache, sizes=sizes))))
+            print("$ " + shlex.join(wrap(trtexec_command(network, dims_of[network.name], args.repository,
+                                                         args.precision, args.timing_cache, sizes=sizes))))
         return
     if not args.docker and shutil.which("trtexec") is None:
         raise UsageError("trtexec is not on PATH. Run this inside the export image "
@@ -72,8 +73,8 @@ def main(argv=None):
             tqdm.write(f"{network.name}: {plan} exists, skipped (pass --force to rebuild)")
             continue
         log_file = Path("engines/logs") / f"{network.name}.log"
-        built = build_engine(network, dims, args.repository, log_file, args.precision, args.timing_cache, wrap,
-                             sizes=sizes)
+        built = build_engine(network, dims_of[network.name], args.repository, log_file, args.precision,
+                             args.timing_cache, wrap, sizes=sizes)
         tqdm.write(f"{network.name}: wrote {plan} (TensorRT {built.tensorrt_version}, {built.gpu_name}, "
                    f"compute capability {built.compute_capability})")
 

@@ -278,3 +278,42 @@ def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
     assert "max pixel difference between the two images: 0" in done.stdout  # client-side and BLS: the same loop
     outputs = sorted(path.name for path in (tmp_path / "outputs").iterdir())
     assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_image_to_image.png", "sdxl_refined.png"]
+
+
+def test_tensorrt_profiles_of_sdxl_come_from_the_specs(tiny_sdxl, tiny_refiner, tmp_path):
+    """trtexec's shapes for SDXL's UNet carry the added conditions, the refiner's its own sizes."""
+    from utils.repository.engines import trtexec_command
+
+    base, refiner = (specs.ModelDims.from_pretrained(folder) for folder in (tiny_sdxl, tiny_refiner))
+    unet = " ".join(trtexec_command(families.UNET_XL, base, tmp_path))
+    assert f"text_embeds:16x{base.pooled_dim},time_ids:16x6" in unet
+    assert f"encoder_hidden_states:16x{3 * base.text_length}x{base.text_hidden + base.text_hidden_2}" in unet
+    refined = " ".join(trtexec_command(families.REFINER_UNET, refiner, tmp_path))
+    assert f"encoder_hidden_states:2x{refiner.text_length}x{refiner.text_hidden_2}" in refined
+    assert "time_ids:2x5" in refined and "refiner_unet/2/model.plan" in refined
+    second = " ".join(trtexec_command(families.TEXT_ENCODER_2, base, tmp_path))
+    assert "input_ids:64x77" in second and "text_encoder_2/2/model.plan" in second
+
+
+FAMILY_REFUSALS = {  # deployment options, model (or the refiner as it): what the message must say
+    "the refiner as the model": (dict(), "refiner", "pass the base as --model and the refiner as --refiner"),
+    "a refiner beside SD1.5": (dict(refiner="tiny-sdxl-refiner"), "sd", "an SDXL refiner refines an SDXL base"),
+    "LoRA with SDXL": (dict(adapters=("style",)), "sdxl", "LoRA adapters, ControlNets and --pipeline-loop with-unet"),
+}
+
+
+@pytest.mark.parametrize("case", FAMILY_REFUSALS)
+def test_what_a_family_cannot_serve_is_refused_before_anything_is_written(case, tiny_sdxl, tiny_refiner, tiny_model,
+                                                                         tmp_path):
+    from utils.deployment import Deployment
+    from utils.errors import UserError
+    from utils.lora import LoraAdapter
+    from utils.repository.writer import write_repository
+
+    options, model, message = FAMILY_REFUSALS[case]
+    if "adapters" in options:
+        options = {"adapters": (LoraAdapter("style", "tiny"),)}
+    model_dir = {"refiner": tiny_refiner, "sd": tiny_model, "sdxl": tiny_sdxl}[model]
+    with pytest.raises(UserError, match=message):
+        write_repository(tmp_path / "repository", model_dir, {}, Deployment(**options), models_dir=tiny_sdxl.parent)
+    assert not (tmp_path / "repository").exists()

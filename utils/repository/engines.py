@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils import layout, specs
+from utils import families, layout, specs
 from utils.repository import configs
 from utils.errors import UsageError, UserError
 
@@ -149,15 +149,25 @@ def _release(version: str) -> str:
 def tensorrt_networks(repository: Path) -> list[specs.NetworkSpec]:
     """The networks that the repository serves with TensorRT (config platform tensorrt_plan), each
     named as served: a LoRA adapter's UNet is the UNet's spec under its own name (``unet_<name>``),
-    with an engine of its own, and so is each ControlNet (``controlnet_<name>``)."""
+    with an engine of its own, and so is each ControlNet (``controlnet_<name>``); an SDXL
+    repository's are SDXL's (utils/families.py), its refiner's UNet among them."""
+    family = families.family_of(served_dims(repository)) if served_dims(repository) else families.SD
+    order = [*family.networks, *specs.CONTROL_NETWORKS, families.REFINER_UNET.name]  # the walkthrough's order
     found = []
     for config_file in layout.config_files(repository):
         config = configs.parse_pbtxt(config_file.read_text())
-        if layout.network_of(config.name) in (*specs.NETWORKS, *specs.CONTROL_NETWORKS) and \
-                config.platform == "tensorrt_plan":
-            found.append(specs.served_network(config.name))
-    order = [*specs.NETWORKS, *specs.CONTROL_NETWORKS]  # the walkthrough's order, each network's variants after it
+        if layout.network_of(config.name) in order and config.platform == "tensorrt_plan":
+            found.append(specs.served_network(config.name, family))
     return sorted(found, key=lambda network: (order.index(layout.network_of(network.name)), network.name))
+
+
+def served_dims(repository: Path, network: specs.NetworkSpec | None = None) -> specs.ModelDims | None:
+    """The sizes of the checkpoint a repository serves (step 3 copied its config files to the text
+    to image pipeline), or of SDXL's refiner for its UNet; None where it has no pipeline model."""
+    files = Path(repository) / specs.TEXT_TO_IMAGE.name / str(layout.ONNX_VERSION) / layout.PIPELINE_FILES
+    if network is not None and network.name == families.REFINER_UNET.name:
+        files = files / layout.REFINER_FILES
+    return specs.ModelDims.from_pretrained(files) if (files / "model_index.json").exists() else None
 
 
 def check_engines(repository: Path, target: Target) -> list[str]:
