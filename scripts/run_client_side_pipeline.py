@@ -17,11 +17,14 @@ def main(argv=None):
     parser.add_argument("--output", default=Path("outputs/client_side.png"), type=Path)
     parser.add_argument("--gpu", type=int, default=None,
                         help="on a server with a copy of each network per GPU (--gpus 0,1): call GPU N's copies")
+    parser.add_argument("--refiner", default=None,
+                        help="SDXL's refiner the server serves (its tokenizer and scheduler), for --high-noise-frac")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
 
     model_dir = resolve_model(args.model, args.models_dir, weights=False)  # the tokenizer and configs
-    pipeline = ClientSidePipeline(model_dir, args.url, gpu=args.gpu)
+    refiner = args.refiner and resolve_model(args.refiner, args.models_dir, weights=False)
+    pipeline = ClientSidePipeline(model_dir, args.url, gpu=args.gpu, refiner=refiner)
     generate_and_save(pipeline, args)
 
 

@@ -74,7 +74,22 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
         type=float, nargs="+", default=None, metavar="FRACTION", help="the fraction of the steps each starts at (0)")),
     control_guidance_end=(("--control-guidance-end",), dict(
         type=float, nargs="+", default=None, metavar="FRACTION", help="and ends at (default: 1)")),
+    # SDXL's (docs/sdxl.md); an SD1.5 deployment refuses them
+    prompt_2=(("--prompt-2",), dict(default=None, help="SDXL: the second text encoder's prompt (default: --prompt)")),
+    negative_prompt_2=(("--negative-prompt-2",), dict(default=None, help="SDXL: and its negative prompt")),
+    original_size=(("--original-size",), dict(type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                                              help="SDXL's size condition (default: the image's)")),
+    crops_coords_top_left=(("--crops-coords-top-left",), dict(type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                                                              help="SDXL's crop condition (default: 0 0)")),
+    target_size=(("--target-size",), dict(type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                                          help="SDXL's target size condition (default: the image's)")),
+    aesthetic_score=(("--aesthetic-score",), dict(type=float, default=None, help="SDXL's refiner's (default: 6)")),
+    negative_aesthetic_score=(("--negative-aesthetic-score",), dict(type=float, default=None,
+                                                                    help="and its unconditional rows' (default: 2.5)")),
+    high_noise_frac=(("--high-noise-frac",), dict(type=float, default=None, help=(
+        "SDXL with a refiner served: the base denoises this fraction of the steps, the refiner the rest (e.g. 0.8)"))),
 )
+SDXL_FLAGS = tuple(t.name for t in specs.SDXL_INPUTS)
 CONTROL_FLAGS = tuple(t.name for t in specs.CONTROL_INPUTS if t is not specs.CONTROL_IMAGE)  # besides the files
 
 
@@ -229,6 +244,7 @@ def generation_options(args: argparse.Namespace) -> dict:
             options.update(mask_image=load_image(args.mask_image, grey=True, flag="--mask-image"))
     else:
         options.update(height=args.height, width=args.width)
+    options.update({name: getattr(args, name) for name in SDXL_FLAGS if getattr(args, name, None) is not None})
     if hasattr(args, "control_image"):  # (its other flags go too, so that one without an image is refused by name)
         options.update({name: getattr(args, name) for name in CONTROL_FLAGS})
     if getattr(args, "control_image", None):  # one file per ControlNet, each of the image's size
