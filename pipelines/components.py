@@ -37,6 +37,11 @@ class PipelineComponents:
     def from_pretrained(cls, model_dir: str | Path) -> PipelineComponents:
         return cls(model_dir)
 
+    @classmethod
+    def where(cls, model_dir: Path) -> PipelineComponents | None:
+        """The components of a folder that may be absent (SDXL's refiner, where none is served)."""
+        return cls(model_dir) if Path(model_dir).is_dir() else None
+
     @functools.cached_property
     def tokenizers(self) -> tuple:
         """One per text encoder of the family, in its order (SDXL's second: tokenizer_2)."""

@@ -44,6 +44,7 @@ from utils.deployment import Serving
 from utils.lora import ServedAdapters
 from utils.lora_in_place import InPlaceLoader
 from utils.families import is_unet
+from utils.sdxl_ensembles import step_spec
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, REFINER_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
@@ -110,9 +111,8 @@ class PipelineModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         serving = Serving.from_json((version_dir / SERVING_FILE).read_text())
+        self.spec = step_spec(self.spec, serving.family)  # an SDXL repository's steps carry its tensors
         components = PipelineComponents.from_pretrained(version_dir / PIPELINE_FILES)
-        refiner = version_dir / PIPELINE_FILES / REFINER_FILES  # SDXL's refiner, where served
-        refiner = PipelineComponents.from_pretrained(refiner) if refiner.is_dir() else None
         # This instance's GPU, where the networks it calls live.
         gpu = int(args["model_instance_device_id"]) if args["model_instance_kind"] == "GPU" else None
         device = self._loop_device(serving, gpu)
@@ -131,7 +131,8 @@ class PipelineModel:
         self.pipeline = StableDiffusion(components, self._network_call(serving, gpu, device),
                                         dtype=TORCH_DTYPES[serving.precision], device=device, sizes=serving.image_sizes,
                                         loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
-                                        adapters=self.adapters, controlnets=serving.controlnets, refiner=refiner)
+                                        adapters=self.adapters, controlnets=serving.controlnets,
+                                        refiner=PipelineComponents.where(version_dir / PIPELINE_FILES / REFINER_FILES))
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -192,11 +193,10 @@ class PipelineModel:
 
     def finalize(self) -> None:
         """At unload: the request threads, the UNet's worker and the metrics thread end, and every
-        tensor they and this model held is freed now, while the stub still runs. A tensor that a
-        BLS call returned (the prompt's embeddings, the decoded image) hands its memory back to
-        Triton through the stub when it is freed; freed later, in the interpreter's exit (this
-        model is in a reference cycle: the loop's network call is a closure over it), it found
-        the stub gone, and on a GPU the stub then hung until Triton's exit timeout (30 s)."""
+        tensor they and this model held is freed now, while the stub still runs. A tensor a BLS call
+        returned hands its memory back to Triton through the stub when freed; freed later, in the
+        interpreter's exit (a reference cycle: the loop's network call is a closure over this model),
+        it found the stub gone, and on a GPU the stub hung until Triton's exit timeout (30 s)."""
         if self.threads is not None:  # the requests it holds still get their answers
             self.threads.shutdown(wait=True)
         if self.unet is not None:

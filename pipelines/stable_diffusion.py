@@ -109,15 +109,15 @@ class StableDiffusion:
         self.adapters.check(request.lora, request.lora_scale)
         return check_control(request, self.controlnets, self.sizes)
 
-    def _strength(self, request: GenerationRequest) -> GenerationRequest:
-        """Image to image's strength where the request gives none: the family's diffusers default."""
-        if request.strength is None and request.image is not None and request.mask_image is None:
+    def _strength(self, request: GenerationRequest, image_to_image: bool = False) -> GenerationRequest:
+        """Image to image's strength where the request gives none: the family's diffusers default
+        (``image_to_image``: a step given the image's latents, not the image)."""
+        if request.strength is None and (request.image is not None or image_to_image) and request.mask_image is None:
             return replace(request, strength=self.family.default_strength)
         return request
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
-        request = check_options(self._strength(request) if image_to_image else request, self.max_steps,
-                                image_to_image, self.sizes)
+        request = check_options(self._strength(request, image_to_image), self.max_steps, image_to_image, self.sizes)
         request = check_added_conditions(request, self.family, self.refiner is not None)
         self.adapters.check(request.lora, request.lora_scale)
         self.check_unet_kind(request)

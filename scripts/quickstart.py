@@ -5,8 +5,8 @@ repository (portable python backend), starts the local Triton server, generates 
 way (client-side, BLS, ensemble), then an image-to-image result from the BLS image, the BLS image
 with its middle repainted (inpainting), an image with a LoRA adapter (a random one, served as a
 UNet of its own) and one guided by the BLS image's edges (a random ControlNet), saves them all,
-and stops the server. An SDXL model (--model tiny-sdxl) gets its own tour: client-side and BLS, image
-to image, and base then refiner (SDXL's ensembles, LoRA, ControlNet and inpainting are SD1.x's).
+and stops the server. An SDXL model (--model tiny-sdxl) gets its own tour: an image each way, image
+to image, and base then refiner (LoRA, ControlNet and inpainting are SD1.x's).
 Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them); this runs them in a row.
 """
 
@@ -123,8 +123,9 @@ def guided_by_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]
 
 
 def sdxl_tour(args) -> None:
-    """SDXL's walkthrough: the base (and its refiner) exported and served, an image client-side and
-    by BLS, image to image from it, then base and refiner (high_noise_frac) with the same seed."""
+    """SDXL's walkthrough: the base (and its refiner) exported and served, an image each way
+    (client-side, BLS, ensemble), image to image from it, then base and refiner (high_noise_frac,
+    by BLS) with the same seed."""
     stop_on_sigterm()
     timer, saved = StepTimer(), []
     refiner = args.refiner or DEMO_REFINERS.get(args.model)
@@ -143,10 +144,15 @@ def sdxl_tour(args) -> None:
             base = bls(**generation_options(args))
             saved += save_images(base, args.output_dir / "sdxl_bls.png")
             print(f"    max pixel difference between the two images: {abs(client_side.astype(int) - base).max()}")
-        with timer.step("7. SDXL image to image from the BLS image"):
+        with timer.step(heading("7", "the ensemble")):
+            ensemble = EnsemblePipeline(server.grpc_url)(**generation_options(args))
+            saved += save_images(ensemble, args.output_dir / "sdxl_ensemble.png")
+            print(f"    max pixel difference to the BLS image: {abs(ensemble.astype(int) - base).max()}")
+        with timer.step("7. SDXL image to image from the BLS image, through the ensemble"):
             options = generation_options(args) | dict(prompt=IMAGE_TO_IMAGE_PROMPT, image=base[:1], height=None,
                                                       width=None)
-            saved += save_images(bls(**options), args.output_dir / "sdxl_image_to_image.png")
+            saved += save_images(EnsemblePipeline(server.grpc_url)(**options),
+                                 args.output_dir / "sdxl_image_to_image.png")
         if refiner:
             with timer.step("7. SDXL base then refiner (high_noise_frac 0.8)"):
                 refined = bls(**generation_options(args) | dict(high_noise_frac=0.8))

@@ -215,16 +215,18 @@ def sdxl_server(tiny_sdxl, tiny_refiner, tmp_path_factory):
 def sdxl_ways(sdxl_server, tiny_sdxl, tiny_refiner):
     from pipelines.bls import BlsPipeline
     from pipelines.client_side import ClientSidePipeline
+    from pipelines.ensemble import EnsemblePipeline
 
     client_side = ClientSidePipeline(tiny_sdxl, sdxl_server.grpc_url, refiner=tiny_refiner)
     return {"client-side": lambda *args, **options: client_side(*args, progress=False, **options),
-            "BLS": BlsPipeline(sdxl_server.grpc_url)}
+            "BLS": BlsPipeline(sdxl_server.grpc_url), "ensemble": EnsemblePipeline(sdxl_server.grpc_url)}
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("way", ["client-side", "BLS"])
+@pytest.mark.parametrize("way", ["client-side", "BLS", "ensemble"])
 def test_served_sdxl_equals_diffusers(way, sdxl_ways, diffusers_sdxl):
-    """Text to image, image to image and base + refiner, each way, against diffusers' SDXL pipelines."""
+    """Text to image, image to image and base + refiner, each way, against diffusers' SDXL pipelines
+    (the ensembles refuse base + refiner by name: its ensemble of ensembles is not built yet)."""
     from PIL import Image
 
     generate = sdxl_ways[way]
@@ -237,12 +239,18 @@ def test_served_sdxl_equals_diffusers(way, sdxl_ways, diffusers_sdxl):
                            diffusers_sdxl["image to image"](prompt="a red door", image=Image.fromarray(photo()),
                                                             generator=torch.Generator().manual_seed(5), **options)),
     }
-    generator = torch.Generator().manual_seed(7)
-    latents = diffusers_sdxl["base"](prompt="a red door", denoising_end=0.8, output_type="latent", generator=generator,
-                                     **options).images
-    cases["base + refiner"] = (generate("a red door", seed=7, high_noise_frac=0.8, **options),
-                               diffusers_sdxl["refiner"](prompt="a red door", denoising_start=0.8, image=latents,
-                                                         generator=generator, **options))
+    if way == "ensemble":
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="the ensembles do not hand steps to SDXL's refiner yet"):
+            generate("a red door", seed=7, high_noise_frac=0.8, **options)
+    else:
+        generator = torch.Generator().manual_seed(7)
+        latents = diffusers_sdxl["base"](prompt="a red door", denoising_end=0.8, output_type="latent",
+                                         generator=generator, **options).images
+        cases["base + refiner"] = (generate("a red door", seed=7, high_noise_frac=0.8, **options),
+                                   diffusers_sdxl["refiner"](prompt="a red door", denoising_start=0.8, image=latents,
+                                                             generator=generator, **options))
     for case, (ours, expected) in cases.items():
         expected = pictures(expected)
         difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
@@ -277,7 +285,9 @@ def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "max pixel difference between the two images: 0" in done.stdout  # client-side and BLS: the same loop
     outputs = sorted(path.name for path in (tmp_path / "outputs").iterdir())
-    assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_image_to_image.png", "sdxl_refined.png"]
+    assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_ensemble.png", "sdxl_image_to_image.png",
+                       "sdxl_refined.png"]
+    assert "max pixel difference to the BLS image: 0" in done.stdout  # the ensemble: the same loop too
 
 
 def test_tensorrt_profiles_of_sdxl_come_from_the_specs(tiny_sdxl, tiny_refiner, tmp_path):
@@ -317,3 +327,25 @@ def test_what_a_family_cannot_serve_is_refused_before_anything_is_written(case, 
     with pytest.raises(UserError, match=message):
         write_repository(tmp_path / "repository", model_dir, {}, Deployment(**options), models_dir=tiny_sdxl.parent)
     assert not (tmp_path / "repository").exists()
+
+
+@pytest.mark.parametrize("name", ["encode_prompt", "ensemble_text_to_image", "ensemble_image_to_image"])
+def test_sdxl_ensembles_connect(name):
+    """SDXL's ensembles (utils/sdxl_ensembles.py), as the repository step writes them: each step's
+    maps name tensors its model has, every tensor read was made before, every input feeds a step."""
+    from utils import sdxl_ensembles
+    from utils.repository import configs
+
+    steps, graphs = sdxl_ensembles.ensembles_of("sdxl")
+    models = {**families.SDXL.networks, **{step.name: step for step in (*specs.BLS_PIPELINES, *steps)}, **graphs}
+    config = configs.ensemble_config(graphs[name])
+    available, consumed = {t.name for t in config.input}, set()
+    for step in config.ensemble_scheduling.step:
+        model = models[step.model_name]
+        assert set(step.input_map) <= {t.name for t in model.inputs}, step.model_name
+        assert set(step.output_map) <= {t.name for t in model.outputs}, step.model_name
+        assert {t.name for t in model.inputs if not t.optional} <= set(step.input_map), step.model_name
+        assert set(step.input_map.values()) <= available, (step.model_name, "reads a tensor nothing made yet")
+        consumed |= set(step.input_map.values())
+        available |= set(step.output_map.values())
+    assert {t.name for t in config.input} <= consumed and {t.name for t in config.output} <= available

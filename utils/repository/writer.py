@@ -19,6 +19,7 @@ from pathlib import Path
 
 from utils import families, layout, specs
 from utils.repository import configs, environments
+from utils.sdxl_ensembles import ensembles_of
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
 from utils.controlnet import served_folders
@@ -314,10 +315,11 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             add_network(repository, network, Path(onnx_files[name]), network_dims, precision, deployment, report,
                         force, adapter)
     ensembles = deployment.serves_ensembles
-    for pipeline in specs.BLS_PIPELINES + (specs.ENSEMBLE_STEPS if ensembles else ()):
+    steps, graphs = ensembles_of(family.name)  # SDXL's carry its tensors (utils/sdxl_ensembles.py)
+    for pipeline in specs.BLS_PIPELINES + (steps if ensembles else ()):
         if serves(pipeline, dims, deployment):
             add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force, refiner_dir)
-    for ensemble in specs.ENSEMBLES.values() if ensembles else ():
+    for ensemble in graphs.values() if ensembles else ():
         if serves(ensemble, dims, deployment):
             add_ensemble(repository, ensemble, precision, report, force)
     return report
@@ -353,8 +355,8 @@ def serves(pipeline: specs.PipelineSpec | specs.EnsembleSpec, dims: specs.ModelD
     ensemble, not text to image's nor plain image to image's ensemble."""
     if pipeline in (specs.ENSEMBLE_CONTROLNET, specs.PREPROCESS_CONTROL) and not deployment.controlnets:
         return False
-    if families.family_of(dims) is not families.SD:  # SDXL: the BLS pipelines (its ensembles are not built yet)
-        return pipeline in specs.BLS_PIPELINES
+    if families.family_of(dims) is not families.SD:  # SDXL's ensembles are its own (no inpainting, no ControlNet)
+        return True
     if not dims.inpainting_unet:
         return True
     return pipeline not in (specs.TEXT_TO_IMAGE, specs.TEXT_TO_IMAGE_STREAM, specs.ENSEMBLE_TEXT_TO_IMAGE,

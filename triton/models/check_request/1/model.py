@@ -20,6 +20,10 @@ class TritonPythonModel(PipelineModel):
             if output.name in requested and getattr(request, tensor.name) is None:
                 raise InvalidRequest(f"{tensor.name} is required: send a {tensor.dtype} tensor of shape "
                                      f"{list(tensor.dims)}.")
+        if request.high_noise_frac is not None and self.pipeline.family.added_conditions:
+            raise InvalidRequest(f"high_noise_frac={request.high_noise_frac!r}: the ensembles do not hand steps to "
+                                 f"SDXL's refiner yet; send the request to {specs.TEXT_TO_IMAGE.name} (BLS), which "
+                                 f"does, or leave it out.")
         checked = self.pipeline.check(request)
         self.pipeline.check_unet_kind(checked)
         if self.adapters.in_place:

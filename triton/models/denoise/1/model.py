@@ -4,11 +4,12 @@ loop repeats with a scheduler, which no static ensemble graph can express: it ru
 the UNet by BLS at every step."""
 
 from pipelines.python_model import PipelineModel
-from utils import specs
+from utils import sdxl_ensembles, specs
 from utils.request import check_image_count
 
 TEXT_EMBEDDINGS, LATENT_PARAMETERS = specs.TEXT_EMBEDDINGS.name, specs.LATENT_PARAMETERS.name
 MASKED_LATENT_PARAMETERS = specs.MASKED_LATENT_PARAMETERS.name
+POOLED_EMBEDDINGS = sdxl_ensembles.POOLED_EMBEDDINGS.name  # SDXL's pooled text
 
 
 class TritonPythonModel(PipelineModel):
@@ -25,4 +26,5 @@ class TritonPythonModel(PipelineModel):
         check_image_count(rows // 2 if options.do_classifier_free_guidance else rows, options.num_images_per_prompt,
                           specs.MAX_PROMPTS)  # before the loop: a client may call this step directly
         return (self.pipeline.denoise(tensors[TEXT_EMBEDDINGS], options, latent_parameters, is_cancelled=is_cancelled,
-                                      masked_latent_parameters=tensors.get(MASKED_LATENT_PARAMETERS)),)
+                                      masked_latent_parameters=tensors.get(MASKED_LATENT_PARAMETERS),
+                                      pooled_embeddings=tensors.get(POOLED_EMBEDDINGS)),)

@@ -5,6 +5,7 @@ the tokenizer step planned them."""
 
 from pipelines.python_model import PipelineModel
 from utils import specs
+from utils.sdxl_ensembles import ENCODED_ROWS_2, POOLED_ROWS  # SDXL's second text encoder's
 
 
 class TritonPythonModel(PipelineModel):
@@ -12,4 +13,6 @@ class TritonPythonModel(PipelineModel):
     required = (specs.PROMPT, specs.ENCODED_ROWS)
 
     def compute(self, request, tensors, is_cancelled):
-        return (self.pipeline.prompt_embeds(self.pipeline.check(request), (tensors[specs.ENCODED_ROWS.name],)).text,)
+        encoded = tuple(tensors[t.name] for t in (specs.ENCODED_ROWS, ENCODED_ROWS_2) if t.name in tensors)
+        embeddings = self.pipeline.prompt_embeds(self.pipeline.check(request), encoded, tensors.get(POOLED_ROWS.name))
+        return (embeddings.text,) if embeddings.pooled is None else (embeddings.text, embeddings.pooled)
