@@ -349,3 +349,15 @@ def test_sdxl_ensembles_connect(name):
         consumed |= set(step.input_map.values())
         available |= set(step.output_map.values())
     assert {t.name for t in config.input} <= consumed and {t.name for t in config.output} <= available
+
+
+@pytest.mark.server
+def test_sdxl_streams_previews_then_the_bls_image(sdxl_server, sdxl_ways):
+    """The streaming pipeline runs SDXL's loop too: previews every 2 steps, then the BLS pipeline's image."""
+    from pipelines.streaming import StreamingPipeline
+
+    options = dict(prompt="a red door", num_inference_steps=4, guidance_scale=GUIDANCE, seed=3)
+    received = list(StreamingPipeline(sdxl_server.grpc_url).stream(preview_every=2, **options))
+    assert [progress.final for progress in received] == [False, True]
+    assert received[0].images.shape == (1, 8, 8, 3)  # the latents' size
+    assert np.array_equal(received[-1].images, sdxl_ways["BLS"](**options))
