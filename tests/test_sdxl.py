@@ -100,6 +100,26 @@ def test_the_loop_equals_diffusers_sdxl(case, in_process, diffusers_sdxl):
     assert difference <= MAX_PIXEL_DIFFERENCE
 
 
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"])
+def test_another_scheduler_and_size_equal_diffusers_sdxl(scheduler, in_process, diffusers_sdxl):
+    """A scheduler the request chooses, at a size other than the checkpoint's (48x80 for its 64x64)."""
+    import diffusers
+
+    options = dict(num_inference_steps=6, guidance_scale=GUIDANCE, height=48, width=80)
+    ours = in_process(GenerationRequest(prompt=["a red door"], seed=4, scheduler=scheduler, **options)).numpy()
+    pipeline = diffusers_sdxl["base"]
+    default = pipeline.scheduler
+    pipeline.scheduler = getattr(diffusers, scheduler).from_config(default.config)
+    try:
+        expected = pictures(pipeline(prompt="a red door", generator=torch.Generator().manual_seed(4), **options))
+    finally:
+        pipeline.scheduler = default
+    difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
+    report(f"SDXL in process vs diffusers, {scheduler} at 48x80: max pixel difference {difference} "
+           f"(allowed {MAX_PIXEL_DIFFERENCE})")
+    assert ours.shape == expected.shape == (1, 48, 80, 3) and difference <= MAX_PIXEL_DIFFERENCE
+
+
 def test_image_to_image_equals_diffusers_sdxl_img2img(in_process, diffusers_sdxl):
     """With the family's default strength (diffusers' SDXL image to image: 0.3, not SD1.5's 0.8)."""
     from PIL import Image
