@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
+from utils.families import SDXL, family_of
+from utils.model_dims import ModelDims
 from utils.benchmark.settings import CONTROLNET, IMAGE_TASKS, Context
 
 
@@ -29,7 +30,7 @@ class DiffusersContender:
         self.torch = torch
         settings = context.settings
         dtype = {"FP32": torch.float32, "FP16": torch.float16}[settings.precision]
-        sdxl = (Path(context.model_dir) / "text_encoder_2").is_dir()  # SDXL's pipelines (utils/families.py)
+        sdxl = family_of(ModelDims.from_pretrained(context.model_dir)) is SDXL  # (utils/families.py)
         if sdxl:
             self.pipeline = diffusers.StableDiffusionXLPipeline.from_pretrained(context.model_dir, dtype=dtype)
         else:

@@ -62,6 +62,9 @@ class PromptEmbeddings:
     text: torch.Tensor  # [texts, prompt_length, unet_text_hidden]
     pooled: torch.Tensor | None = None  # [texts, pooled_dim]
 
+    def to(self, device) -> PromptEmbeddings:
+        return PromptEmbeddings(self.text.to(device), None if self.pooled is None else self.pooled.to(device))
+
 
 @dataclass(frozen=True)
 class TextEncoding:

@@ -16,15 +16,15 @@ from utils.added_conditions import time_ids
 from utils.families import SDXL, SDXL_REFINER, Family
 
 
-def added_inputs(options, family: Family, pooled: torch.Tensor | None, images_per_prompt: int, height: int,
-                 width: int, cfg: bool, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def added_inputs(options, family: Family, pooled: torch.Tensor | None, height: int, width: int, cfg: bool,
+                 like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The UNet's inputs after its text embeddings, for every row of a step (``like``: the text
     embeddings, repeated per image: their dtype and device): none for SD1.x."""
     if not family.added_conditions:
         return ()
     if pooled is None:
         raise ValueError("an SDXL UNet needs the pooled text embeddings (text_embeds) with the text embeddings")
-    pooled = pooled.to(device=like.device, dtype=like.dtype).repeat_interleave(images_per_prompt, dim=0)
+    pooled = pooled.to(device=like.device, dtype=like.dtype).repeat_interleave(options.num_images_per_prompt, dim=0)
     unconditional, conditional = time_ids(options, family, height, width)
     rows = pooled.shape[0] // 2 if cfg else pooled.shape[0]
     ids = [unconditional] * rows + [conditional] * rows if cfg else [conditional] * rows

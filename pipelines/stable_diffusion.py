@@ -194,7 +194,8 @@ class StableDiffusion:
 
     # 2. One call of each text encoder on its rows (plan refuses more than its batch profile takes),
     # with the request's LoRA adapters where the text encoder applies them; then the UNet's conditioning.
-    def encode_prompt(self, request: GenerationRequest, rows: prompts.PromptRows | None = None) -> prompts.PromptEmbeddings:
+    def encode_prompt(self, request: GenerationRequest,
+                      rows: prompts.PromptRows | None = None) -> prompts.PromptEmbeddings:
         rows = rows or self.tokenize(request)
         outputs = [self.call_network(network, encoder.input_ids, encoder.attention_mask, encoder.skipped_layers,
                                      adapters=request.adapters)
@@ -208,10 +209,7 @@ class StableDiffusion:
         with self._tokenizing:
             embeddings = prompts.assemble(self.components.text_encoding, request, tuple(e.cpu() for e in encoded),
                                           None if pooled is None else pooled.cpu())
-        dtype = encoded[0].dtype
-        return prompts.PromptEmbeddings(embeddings.text.to(device=self.device, dtype=dtype),
-                                        None if embeddings.pooled is None else
-                                        embeddings.pooled.to(device=self.device, dtype=dtype))
+        return embeddings.to(self.device)
 
     # Image to image: the image in [-1, 1], then the VAE encoder's mean and log-variance.
     def preprocess_image(self, images, mask_image=None) -> torch.Tensor:
@@ -252,8 +250,8 @@ class StableDiffusion:
         timesteps, latents, inpainting = self._start(options, batch, scheduler, generator, latent_parameters,
                                                      masked_latent_parameters, base_latents)
         scale = self.components.dims.vae_scale_factor  # SDXL's time ids: the image's size in pixels
-        added = sdxl.added_inputs(options, self.family, pooled_embeddings, options.num_images_per_prompt,
-                                  latents.shape[2] * scale, latents.shape[3] * scale, cfg, text_embeddings)
+        added = sdxl.added_inputs(options, self.family, pooled_embeddings, latents.shape[2] * scale,
+                                  latents.shape[3] * scale, cfg, text_embeddings)
         control = None if options.control_image is None else Control(options, batch, len(timesteps), self.dtype,
                                                                      self.device)
 

@@ -11,6 +11,7 @@ Each stage is the code of a walkthrough step (utils/walkthrough.py numbers them)
 """
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.bls import BlsPipeline
@@ -54,17 +55,9 @@ def main(argv=None):
     if family_of(ModelDims.from_pretrained(resolve_model(args.model, args.models_dir))) is SDXL:
         return sdxl_tour(args)
     args.adapters = args.adapters if args.adapters is not None else [lora_argument(DEMO_ADAPTER)]
-    stop_on_sigterm()  # a `kill` stops the server this script started, too
-    timer = StepTimer()
-    saved = []
-
+    timer, saved = StepTimer(), []
     deployment = Deployment(adapters=tuple(args.adapters), controlnets=(ServedControlNet.parse(DEMO_CONTROLNET),))
-    model_dir = prepare_repository(args.model, args.repository, deployment, models_dir=args.models_dir,
-                                   onnx_dir=args.onnx_dir, force=args.force, timer=timer)
-    with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
-        server = TritonServer(args.repository).start()
-        print(f"    gRPC {server.grpc_url}, log {server.log_file}")
-    try:
+    with served(args, deployment, timer) as (model_dir, server):
         with timer.step(heading("5")):
             client_side = ClientSidePipeline(model_dir, server.grpc_url)(**generation_options(args))
             saved += save_images(client_side, args.output_dir / "client_side.png")
@@ -84,10 +77,27 @@ def main(argv=None):
                 images = BlsPipeline(server.grpc_url)(**generation_options(args) | dict(lora=[adapter.name]))
                 saved += save_images(images, args.output_dir / f"lora_{adapter.name}.png")
                 print(f"    max pixel difference to the BLS image without it: {abs(images.astype(int) - bls).max()}")
+    summary(saved, timer)
+
+
+@contextmanager
+def served(args, deployment: Deployment, timer: StepTimer):
+    """Steps 1-4 for ``deployment``: the model, its exports and repository, then a local Triton
+    serving it, stopped on leaving (and on a `kill`); yields the model's folder and the server."""
+    stop_on_sigterm()  # a `kill` stops the server this script started, too
+    model_dir = prepare_repository(args.model, args.repository, deployment, models_dir=args.models_dir,
+                                   onnx_dir=args.onnx_dir, force=args.force, timer=timer)
+    with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
+        server = TritonServer(args.repository).start()
+        print(f"    gRPC {server.grpc_url}, log {server.log_file}")
+    try:
+        yield model_dir, server
     finally:
         with timer.step("stop Triton"):
             server.stop()
 
+
+def summary(saved: list[Path], timer: StepTimer) -> None:
     print("\nImages:")
     for path in saved:
         print(f"  {path}")
@@ -126,15 +136,9 @@ def sdxl_tour(args) -> None:
     """SDXL's walkthrough: the base (and its refiner) exported and served, an image each way
     (client-side, BLS, ensemble), image to image from it, then base and refiner (high_noise_frac,
     by BLS) with the same seed."""
-    stop_on_sigterm()
     timer, saved = StepTimer(), []
     refiner = args.refiner or DEMO_REFINERS.get(args.model)
-    model_dir = prepare_repository(args.model, args.repository, Deployment(refiner=refiner), models_dir=args.models_dir,
-                                   onnx_dir=args.onnx_dir, force=args.force, timer=timer)
-    with timer.step(heading("4", "tritonserver of nvidia-pytriton, on 127.0.0.1")):
-        server = TritonServer(args.repository).start()
-        print(f"    gRPC {server.grpc_url}, log {server.log_file}")
-    try:
+    with served(args, Deployment(refiner=refiner), timer) as (model_dir, server):
         refiner_dir = refiner and resolve_model(refiner, args.models_dir)
         with timer.step(heading("5")):
             client_side = ClientSidePipeline(model_dir, server.grpc_url, refiner=refiner_dir)(**generation_options(args))
@@ -158,10 +162,7 @@ def sdxl_tour(args) -> None:
                 refined = bls(**generation_options(args) | dict(high_noise_frac=0.8))
                 saved += save_images(refined, args.output_dir / "sdxl_refined.png")
                 print(f"    max pixel difference to the base alone: {abs(refined.astype(int) - base).max()}")
-    finally:
-        with timer.step("stop Triton"):
-            server.stop()
-    print("\nImages:\n" + "\n".join(f"  {path}" for path in saved) + "\n\nTimes:\n" + timer.table())
+    summary(saved, timer)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def tensorrt_networks(repository: Path) -> list[specs.NetworkSpec]:
     named as served: a LoRA adapter's UNet is the UNet's spec under its own name (``unet_<name>``),
     with an engine of its own, and so is each ControlNet (``controlnet_<name>``); an SDXL
     repository's are SDXL's (utils/families.py), its refiner's UNet among them."""
-    family = families.family_of(served_dims(repository)) if served_dims(repository) else families.SD
+    dims = served_dims(repository)
+    family = families.family_of(dims) if dims else families.SD
     order = [*family.networks, *specs.CONTROL_NETWORKS, families.REFINER_UNET.name]  # the walkthrough's order
     found = []
     for config_file in layout.config_files(repository):
