@@ -21,7 +21,7 @@ from utils.cli import add_generation_arguments, generation_options, lora_argumen
 from utils.controlnet import ServedControlNet
 from utils.deployment import Deployment
 from utils.export import DEFAULT_ONNX_DIR
-from utils.layout import DEFAULT_REPOSITORY
+from utils.layout import DEFAULT_REPOSITORY, SDXL_REPOSITORY
 from utils.families import SDXL, family_of
 from utils.model_dims import ModelDims
 from utils.models import DEFAULT_MODELS_DIR, resolve_model
@@ -42,7 +42,8 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", help="preset, local diffusers folder or hub id (default: tiny)")
     parser.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, type=Path)
     parser.add_argument("--onnx-dir", default=DEFAULT_ONNX_DIR, type=Path)
-    parser.add_argument("--repository", default=DEFAULT_REPOSITORY, type=Path)
+    parser.add_argument("--repository", default=None, type=Path,
+                        help=f"default: {DEFAULT_REPOSITORY} ({SDXL_REPOSITORY} for an SDXL model)")
     parser.add_argument("--output-dir", default=Path("outputs"), type=Path, help="where the images go")
     parser.add_argument("--force", action="store_true", help="redo finished exports and overwrite repository files")
     parser.add_argument("--lora", dest="adapters", action="append", type=lora_argument, metavar="NAME=PATH",
@@ -53,7 +54,9 @@ def main(argv=None):
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     if family_of(ModelDims.from_pretrained(resolve_model(args.model, args.models_dir))) is SDXL:
+        args.repository = args.repository or SDXL_REPOSITORY
         return sdxl_tour(args)
+    args.repository = args.repository or DEFAULT_REPOSITORY
     args.adapters = args.adapters if args.adapters is not None else [lora_argument(DEMO_ADAPTER)]
     timer, saved = StepTimer(), []
     deployment = Deployment(adapters=tuple(args.adapters), controlnets=(ServedControlNet.parse(DEMO_CONTROLNET),))

@@ -294,12 +294,18 @@ def test_an_sd15_server_refuses_an_sdxl_input_and_keeps_serving(triton_server):
 @pytest.mark.slow
 @pytest.mark.server
 def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
-    """`make demo MODEL=tiny-sdxl`: the quickstart's SDXL tour, in a fresh folder, as a user runs it."""
+    """`make demo MODEL=tiny-sdxl`: the quickstart's SDXL tour, as a user runs it in a fresh clone,
+    whose triton/models holds the committed SD1.x pipeline models: it writes a repository of its own
+    and leaves those untouched."""
+    import filecmp
+    import shutil
     import subprocess
     import sys
 
-    from utils.layout import PROJECT_ROOT
+    from utils.layout import DEFAULT_REPOSITORY, PROJECT_MODELS, PROJECT_ROOT, SDXL_REPOSITORY
 
+    shutil.copytree(PROJECT_MODELS, tmp_path / DEFAULT_REPOSITORY)
+    committed = sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / DEFAULT_REPOSITORY).rglob("*"))
     done = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts/quickstart.py"), "--model", "tiny-sdxl",
                            "--num-inference-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -308,6 +314,9 @@ def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
     assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_ensemble.png", "sdxl_image_to_image.png",
                        "sdxl_refined.png"]
     assert "max pixel difference to the BLS image: 0" in done.stdout  # the ensemble: the same loop too
+    assert (tmp_path / SDXL_REPOSITORY / "text_encoder_2" / "config.pbtxt").exists()
+    assert sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / DEFAULT_REPOSITORY).rglob("*")) == committed
+    assert not filecmp.dircmp(PROJECT_MODELS / "tokenizer", tmp_path / DEFAULT_REPOSITORY / "tokenizer").diff_files
 
 
 def test_tensorrt_profiles_of_sdxl_come_from_the_specs(tiny_sdxl, tiny_refiner, tmp_path):

@@ -28,6 +28,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_MODELS = PROJECT_ROOT / "triton" / "models"  # the committed pipeline models
 DEFAULT_REPOSITORY = Path("triton/models")  # the walkthrough's repository (relative to the project)
 PRODUCTION_REPOSITORY = Path("triton/production")  # the production path's (TensorRT engines)
+# SDXL's walkthrough repository: its pipeline models' configs carry SDXL's tensors, so they cannot go
+# where the committed SD1.x ones are (triton/models).
+SDXL_REPOSITORY = Path("triton/sdxl")
 
 CONFIG_FILE = "config.pbtxt"  # every model's, at the top of its folder
 ONNX_VERSION = 1  # 1/model.onnx (ONNX Runtime, and the python backend's runtimes)
