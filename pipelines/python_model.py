@@ -1,15 +1,15 @@
 """The Triton side of every Python model that is not a network: the BLS pipelines and the
 ensembles' Python steps.
 
-Each ``triton/models/<name>/1/model.py`` is a few lines: a subclass of ``PipelineModel`` that
-names its spec (utils/specs.py) and says, in ``compute``, which steps of the shared loop
-(pipelines/stable_diffusion.py) it runs. Everything else is here, once, in the order a reader
-meets it: how a network is called by BLS (``call_by_bls``, the one place that checks
-``has_error()``); what a model does at load (``PipelineModel.initialize``); how it answers a
-request: reading its tensors, packing the response, and turning each failure into a per-request
-error that says what went wrong: INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a
-called model fails, INTERNAL for an image that is not a picture or a bug (whose traceback goes to
-the server log, not the client). The metrics plumbing is pipelines/python_model_metrics.py.
+Each ``triton/models/<name>/1/model.py`` is a few lines: a subclass of ``PipelineModel`` that names
+its spec (utils/specs.py) and says, in ``compute``, which steps of the shared loop
+(pipelines/stable_diffusion.py) it runs. Everything else is here, once, in the order a reader meets
+it: how a network is called by BLS (``call_by_bls``, the one place that checks ``has_error()``);
+what a model does at load (``PipelineModel.initialize``); how it answers a request: reading its
+tensors, packing the response, and turning each failure into a per-request error that says what
+went wrong: INVALID_ARG for a bad request, CANCELLED, UNAVAILABLE when a called model fails,
+INTERNAL for an image that is not a picture or a bug (its traceback goes to the server log, not the
+client). The metrics plumbing is pipelines/python_model_metrics.py.
 
 Where it runs comes from ``1/serving.json`` (utils/deployment.py's ``Serving``): the loop's
 tensors on the CPU or on the GPU, and, on several GPUs, the networks of this instance's GPU
@@ -43,8 +43,8 @@ from utils import specs
 from utils.deployment import Serving
 from utils.lora import ServedAdapters
 from utils.lora_in_place import InPlaceLoader
-from utils.families import is_unet
-from utils.sdxl_ensembles import step_spec
+from utils.families import FAMILIES, is_unet
+from utils.sdxl_ensembles import REFINER_STEPS, step_spec
 from utils.layout import CHECKPOINT_DIR, ONNX_VERSION, PIPELINE_FILES, REFINER_FILES, SERVING_FILE
 from utils.networks import TORCH_DTYPES, torch_dtype
 from utils.python_backend.cuda_graphs import runnable_network
@@ -59,7 +59,7 @@ IN_PROCESS_UNET_PHASE = f"unet (in process, batched; on a GPU, waits for its ste
 
 
 class SubModelError(RuntimeError):
-    pass
+    """A model called by BLS answered an error."""
 
 
 def call_by_bls(model_name: str, network: specs.NetworkSpec, memory: "pb_utils.PreferredMemory",
@@ -69,8 +69,7 @@ def call_by_bls(model_name: str, network: specs.NetworkSpec, memory: "pb_utils.P
     request's (a UNet that applies LoRA adapters in place reads them there)."""
     with times.phase("inputs to Triton tensors"):
         request = pb_utils.InferenceRequest(
-            model_name=model_name,
-            requested_output_names=network.output_names,
+            model_name=model_name, requested_output_names=network.output_names,
             inputs=[
                 pb_utils.Tensor.from_dlpack(spec.name, spec.to_wire(tensor).contiguous())
                 for spec, tensor in zip(network.inputs, inputs)
@@ -133,6 +132,8 @@ class PipelineModel:
                                         loop_scope=self.unet.loop if self.unet is not None else contextlib.nullcontext,
                                         adapters=self.adapters, controlnets=serving.controlnets,
                                         refiner=PipelineComponents.where(version_dir / PIPELINE_FILES / REFINER_FILES))
+        if self.spec in REFINER_STEPS:  # base then refiner's own steps (served with it) run the refiner's loop
+            self.pipeline = self.pipeline.refiner
         self.logger = pb_utils.Logger
         self.prepare()
 
@@ -154,7 +155,7 @@ class PipelineModel:
 
         def call(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple:
             start = time.perf_counter()
-            if network is specs.UNET and self.unet is not None:  # its adapters applied in place there
+            if network.name == specs.UNET.name and self.unet is not None:  # (SDXL's too) adapters applied in place
                 with self.times.phase(IN_PROCESS_UNET_PHASE):
                     outputs = (self.unet(*inputs, adapters=adapters),)
             else:
@@ -173,15 +174,15 @@ class PipelineModel:
     def _in_process_unet(self, repository: Path, serving: Serving, gpu: int | None) -> StepBatcher:
         """The served UNet's weights loaded into this process, as the torch runtime runs them, behind
         a StepBatcher that the loops of this model's requests in flight share."""
-        unet, precision = serving.unet_in_process, serving.precision
+        unet, precision, spec = serving.unet_in_process, serving.precision, FAMILIES[serving.family].unet  # SDXL's too
         device = torch.device("cuda", gpu or 0) if serving.device == "cuda" else torch.device("cpu")
         checkpoint = repository / unet.model / str(ONNX_VERSION) / CHECKPOINT_DIR
         batches = static_batches(unet.loops_in_flight)
         lora = InPlaceLoader(checkpoint.parent, serving.adapters)  # the served UNet's adapters, in place here too
-        network = runnable_network(specs.UNET, checkpoint, precision, device, compile_module=unet.compile,
+        network = runnable_network(spec, checkpoint, precision, device, compile_module=unet.compile,
                                    static_batches=batches, log=pb_utils.Logger.log_info, prepare=lora)
         return StepBatcher(network, max(batches), device,
-                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in specs.UNET.inputs], lora=lora.adapters)
+                           [torch_dtype(t, TORCH_DTYPES[precision]) for t in spec.inputs], lora=lora.adapters)
 
     @property
     def times(self) -> PhaseTimes:
@@ -199,8 +200,7 @@ class PipelineModel:
         it found the stub gone, and on a GPU the stub hung until Triton's exit timeout (30 s)."""
         if self.threads is not None:  # the requests it holds still get their answers
             self.threads.shutdown(wait=True)
-        if self.unet is not None:
-            self.unet.close(wait=True)
+            self.unet.close(wait=True)  # (threads: the UNet in this process, which they share)
         self.metrics.writer.close(wait=True)
         self.pipeline = self.unet = self.threads = None  # the cycle broken
         self._request = threading.local()
@@ -381,7 +381,7 @@ class StreamingPipelineModel(BlsPipelineModel):
         def on_step(done, total, latents):
             progress.update(done=done, total=total)
             if every and done % every == 0 and done < total:  # the last step's picture is the final image
-                self.send((done, total, preview(latents), False))
+                self.send((done, total, preview(latents, self.pipeline.family.name), False))
 
         generated = self.pipeline.generate(request, is_cancelled=is_cancelled, on_step=on_step)
         return progress["done"], progress["total"], generated.images, True, generated.truncated

@@ -37,9 +37,13 @@ class ServedPipeline:
         # The shared checks first, as the client-side pipeline does: a bad value gets the server's
         # message without a round trip (the server checks again, and knows the step cap and sizes).
         request = check_before_sending(GenerationRequest(prompt=prompt, **options))
-        spec = (self.controlnet if request.control_image is not None else self.text_to_image if request.image is None
-                else self.image_to_image if request.mask_image is None else self.inpaint)
+        spec = self.model_for(request)
         return self.infer(request_to_arrays(request, spec), spec, self.parameters(request))
+
+    def model_for(self, request: GenerationRequest) -> specs.PipelineSpec | specs.EnsembleSpec:
+        """The served model a request goes to."""
+        return (self.controlnet if request.control_image is not None else self.text_to_image if request.image is None
+                else self.image_to_image if request.mask_image is None else self.inpaint)
 
     def parameters(self, request: GenerationRequest) -> dict[str, str]:
         """The request parameters that go with the inputs (none here)."""

@@ -91,9 +91,9 @@ class StableDiffusion:
         self.max_prompts = specs.MAX_PROMPTS
         self.max_steps = max_inference_steps(components.scheduler_config)
         self._tokenizing = threading.Lock()
-        # SDXL's refiner: a loop of its own over the same networks' calls (its UNet served as refiner_unet)
-        self.refiner = None if refiner is None else StableDiffusion(refiner, call_network, dtype, device, sizes,
-                                                                    loop_scope)
+        # SDXL's refiner: a loop of its own over the same networks' calls (its UNet served as refiner_unet,
+        # so its loop stays out of loop_scope's count: a UNet in this process gets none of its steps)
+        self.refiner = None if refiner is None else StableDiffusion(refiner, call_network, dtype, device, sizes)
 
     def call_network(self, network: specs.NetworkSpec, *inputs: torch.Tensor,
                      adapters: tuple[tuple[str, float], ...] = ()) -> tuple[torch.Tensor, ...]:
@@ -101,11 +101,17 @@ class StableDiffusion:
         TensorRT, and ONNX Runtime on a GPU, answer in the GPU memory they computed in."""
         return tuple(output.to(self.device) for output in self._call_network(network, *inputs, adapters=adapters))
 
+    @property
+    def takes_high_noise_frac(self) -> bool:
+        """Whether a request's high_noise_frac can be served: a base served with its refiner, or the
+        refiner's own loop (which starts there)."""
+        return self.refiner is not None or sdxl.refines(self.family)
+
     def check(self, request: GenerationRequest) -> GenerationRequest:
         request = check_request(self._strength(request), max_prompts=self.max_prompts, max_steps=self.max_steps,
                                 sizes=self.sizes)
         prompts.check_clip_skip(request, self.components.dims, self.family)
-        request = check_added_conditions(request, self.family, self.refiner is not None, len(request.prompt))
+        request = check_added_conditions(request, self.family, self.takes_high_noise_frac, len(request.prompt))
         self.adapters.check(request.lora, request.lora_scale)
         return check_control(request, self.controlnets, self.sizes)
 
@@ -118,7 +124,7 @@ class StableDiffusion:
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
         request = check_options(self._strength(request, image_to_image), self.max_steps, image_to_image, self.sizes)
-        request = check_added_conditions(request, self.family, self.refiner is not None)
+        request = check_added_conditions(request, self.family, self.takes_high_noise_frac)
         self.adapters.check(request.lora, request.lora_scale)
         self.check_unet_kind(request)
         return check_control(request, self.controlnets, self.sizes)

@@ -137,8 +137,8 @@ def guided_by_the_bls_image(url: str, bls, args, timer: StepTimer) -> list[Path]
 
 def sdxl_tour(args) -> None:
     """SDXL's walkthrough: the base (and its refiner) exported and served, an image each way
-    (client-side, BLS, ensemble), image to image from it, then base and refiner (high_noise_frac,
-    by BLS) with the same seed."""
+    (client-side, BLS, ensemble), image to image from it, then base and refiner (high_noise_frac) by
+    BLS and through its ensemble of ensembles, with the same seed."""
     timer, saved = StepTimer(), []
     refiner = args.refiner or DEMO_REFINERS.get(args.model)
     with served(args, Deployment(refiner=refiner), timer) as (model_dir, server):
@@ -165,6 +165,9 @@ def sdxl_tour(args) -> None:
                 refined = bls(**generation_options(args) | dict(high_noise_frac=0.8))
                 saved += save_images(refined, args.output_dir / "sdxl_refined.png")
                 print(f"    max pixel difference to the base alone: {abs(refined.astype(int) - base).max()}")
+            with timer.step("7. SDXL base then refiner, through the ensemble of ensembles"):
+                ensemble = EnsemblePipeline(server.grpc_url)(**generation_options(args) | dict(high_noise_frac=0.8))
+                print(f"    max pixel difference to the BLS pipeline's: {abs(ensemble.astype(int) - refined).max()}")
     summary(saved, timer)
 
 

@@ -65,6 +65,17 @@ def tiny_inpaint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(models_dir):
+    """SDXL's tiny base, and below its refiner (tests/test_sdxl.py, test_sdxl_served.py)."""
+    return build_preset("tiny-sdxl", models_dir / "tiny-sdxl", seed=0, models_dir=models_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(models_dir, tiny_sdxl):
+    return build_preset("tiny-sdxl-refiner", models_dir / "tiny-sdxl-refiner", seed=0, models_dir=models_dir)
+
+
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     """Where the adapters and the checkpoints with an adapter fused in are written."""
     return tmp_path_factory.mktemp("lora-models")

@@ -14,22 +14,11 @@ from pipelines.components import PipelineComponents
 from pipelines.stable_diffusion import StableDiffusion
 from utils import families, specs
 from utils.export import export_network
-from utils.models import build_preset
 from utils.networks import load_network
 from utils.request import GenerationRequest, InvalidRequest
 
 MAX_PIXEL_DIFFERENCE = 2
 GUIDANCE = 7.5  # (diffusers' SDXL pipelines default to 5: both sides are given it)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(models_dir):
-    return build_preset("tiny-sdxl", models_dir / "tiny-sdxl", seed=0, models_dir=models_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_refiner(models_dir, tiny_sdxl):
-    return build_preset("tiny-sdxl-refiner", models_dir / "tiny-sdxl-refiner", seed=0, models_dir=models_dir)
 
 
 @pytest.fixture(scope="module")
@@ -209,116 +198,6 @@ def test_bad_sdxl_inputs_are_refused_by_name(case, tiny_sdxl):
         pipeline.check(GenerationRequest(**{"prompt": ["a cat"], **options}))
 
 
-# Served: the tiny SDXL base and its refiner, exported to ONNX and served by the portable backend
-# (one server for this module), called client-side and by BLS.
-
-@pytest.fixture(scope="module")
-def sdxl_server(tiny_sdxl, tiny_refiner, tmp_path_factory):
-    from utils.deployment import Deployment
-    from utils.export import served_onnx_files
-    from utils.repository.writer import write_repository
-    from utils.server import TritonServer
-
-    onnx_dir, models_dir = tmp_path_factory.mktemp("sdxl-onnx"), tiny_sdxl.parent
-    files = served_onnx_files(onnx_dir, "tiny-sdxl", tiny_sdxl, (), models_dir, refiner="tiny-sdxl-refiner")
-    for name, path in files.items():
-        source = tiny_refiner if name == families.REFINER_UNET.name else tiny_sdxl
-        export_network(specs.served_network(name, families.SDXL), source, path)
-    repository = tmp_path_factory.mktemp("sdxl-repository")
-    write_repository(repository, tiny_sdxl, files, Deployment(refiner="tiny-sdxl-refiner"), models_dir=models_dir)
-    server = TritonServer(repository).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def sdxl_ways(sdxl_server, tiny_sdxl, tiny_refiner):
-    from pipelines.bls import BlsPipeline
-    from pipelines.client_side import ClientSidePipeline
-    from pipelines.ensemble import EnsemblePipeline
-
-    client_side = ClientSidePipeline(tiny_sdxl, sdxl_server.grpc_url, refiner=tiny_refiner)
-    return {"client-side": lambda *args, **options: client_side(*args, progress=False, **options),
-            "BLS": BlsPipeline(sdxl_server.grpc_url), "ensemble": EnsemblePipeline(sdxl_server.grpc_url)}
-
-
-@pytest.mark.server
-@pytest.mark.parametrize("way", ["client-side", "BLS", "ensemble"])
-def test_served_sdxl_equals_diffusers(way, sdxl_ways, diffusers_sdxl):
-    """Text to image, image to image and base + refiner, each way, against diffusers' SDXL pipelines
-    (the ensembles refuse base + refiner by name: its ensemble of ensembles is not built yet)."""
-    from PIL import Image
-
-    generate = sdxl_ways[way]
-    options = dict(num_inference_steps=5, guidance_scale=GUIDANCE)
-    cases = {
-        "text to image": (generate("a red door", negative_prompt="blurry", seed=3, **options),
-                          diffusers_sdxl["base"](prompt="a red door", negative_prompt="blurry",
-                                                 generator=torch.Generator().manual_seed(3), **options)),
-        "image to image": (generate("a red door", image=photo()[None], seed=5, **options),
-                           diffusers_sdxl["image to image"](prompt="a red door", image=Image.fromarray(photo()),
-                                                            generator=torch.Generator().manual_seed(5), **options)),
-    }
-    if way == "ensemble":
-        from tritonclient.utils import InferenceServerException
-
-        with pytest.raises(InferenceServerException, match="the ensembles do not hand steps to SDXL's refiner yet"):
-            generate("a red door", seed=7, high_noise_frac=0.8, **options)
-    else:
-        generator = torch.Generator().manual_seed(7)
-        latents = diffusers_sdxl["base"](prompt="a red door", denoising_end=0.8, output_type="latent",
-                                         generator=generator, **options).images
-        cases["base + refiner"] = (generate("a red door", seed=7, high_noise_frac=0.8, **options),
-                                   diffusers_sdxl["refiner"](prompt="a red door", denoising_start=0.8, image=latents,
-                                                             generator=generator, **options))
-    for case, (ours, expected) in cases.items():
-        expected = pictures(expected)
-        difference = int(np.abs(ours.astype(int) - expected.astype(int)).max())
-        report(f"SDXL {case} {way} vs diffusers: max pixel difference {difference} (allowed {MAX_PIXEL_DIFFERENCE})")
-        assert ours.shape == expected.shape and difference <= MAX_PIXEL_DIFFERENCE, case
-
-
-@pytest.mark.server
-def test_an_sd15_server_refuses_an_sdxl_input_and_keeps_serving(triton_server):
-    """A request with an SDXL input, to the session's SD1.5 server: a clear error by name, and the server serves on."""
-    from tritonclient.utils import InferenceServerException
-
-    from pipelines.bls import BlsPipeline
-
-    bls = BlsPipeline(triton_server.grpc_url)
-    with pytest.raises(InferenceServerException, match="prompt_2 is an SDXL input: this deployment serves an SD1.x"):
-        bls("a cat", prompt_2="a dog", num_inference_steps=2, seed=0)
-    assert bls("a cat", num_inference_steps=2, seed=0).shape[0] == 1
-
-
-@pytest.mark.slow
-@pytest.mark.server
-def test_the_demo_runs_the_tiny_sdxl_end_to_end(tmp_path):
-    """`make demo MODEL=tiny-sdxl`: the quickstart's SDXL tour, as a user runs it in a fresh clone,
-    whose triton/models holds the committed SD1.x pipeline models: it writes a repository of its own
-    and leaves those untouched."""
-    import filecmp
-    import shutil
-    import subprocess
-    import sys
-
-    from utils.layout import DEFAULT_REPOSITORY, PROJECT_MODELS, PROJECT_ROOT, SDXL_REPOSITORY
-
-    shutil.copytree(PROJECT_MODELS, tmp_path / DEFAULT_REPOSITORY)
-    committed = sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / DEFAULT_REPOSITORY).rglob("*"))
-    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts/quickstart.py"), "--model", "tiny-sdxl",
-                           "--num-inference-steps", "10"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "max pixel difference between the two images: 0" in done.stdout  # client-side and BLS: the same loop
-    outputs = sorted(path.name for path in (tmp_path / "outputs").iterdir())
-    assert outputs == ["sdxl_bls.png", "sdxl_client_side.png", "sdxl_ensemble.png", "sdxl_image_to_image.png",
-                       "sdxl_refined.png"]
-    assert "max pixel difference to the BLS image: 0" in done.stdout  # the ensemble: the same loop too
-    assert (tmp_path / SDXL_REPOSITORY / "text_encoder_2" / "config.pbtxt").exists()
-    assert sorted(str(path.relative_to(tmp_path)) for path in (tmp_path / DEFAULT_REPOSITORY).rglob("*")) == committed
-    assert not filecmp.dircmp(PROJECT_MODELS / "tokenizer", tmp_path / DEFAULT_REPOSITORY / "tokenizer").diff_files
-
-
 def test_tensorrt_profiles_of_sdxl_come_from_the_specs(tiny_sdxl, tiny_refiner, tmp_path):
     """trtexec's shapes for SDXL's UNet carry the added conditions, the refiner's its own sizes."""
     from utils.repository.engines import trtexec_command
@@ -337,7 +216,7 @@ def test_tensorrt_profiles_of_sdxl_come_from_the_specs(tiny_sdxl, tiny_refiner, 
 FAMILY_REFUSALS = {  # deployment options, model (or the refiner as it): what the message must say
     "the refiner as the model": (dict(), "refiner", "pass the base as --model and the refiner as --refiner"),
     "a refiner beside SD1.5": (dict(refiner="tiny-sdxl-refiner"), "sd", "an SDXL refiner refines an SDXL base"),
-    "LoRA with SDXL": (dict(adapters=("style",)), "sdxl", "LoRA adapters, ControlNets and --pipeline-loop with-unet"),
+    "LoRA with SDXL": (dict(adapters=("style",)), "sdxl", "LoRA adapters and ControlNets serve SD1.x checkpoints"),
 }
 
 
@@ -358,14 +237,17 @@ def test_what_a_family_cannot_serve_is_refused_before_anything_is_written(case, 
     assert not (tmp_path / "repository").exists()
 
 
-@pytest.mark.parametrize("name", ["encode_prompt", "ensemble_text_to_image", "ensemble_image_to_image"])
+@pytest.mark.parametrize("name", ["encode_prompt", "ensemble_text_to_image", "ensemble_image_to_image",
+                                  "refiner_encode_prompt", "text_to_latents", "refine_latents",
+                                  "ensemble_text_to_image_refined"])
 def test_sdxl_ensembles_connect(name):
-    """SDXL's ensembles (utils/sdxl_ensembles.py), as the repository step writes them: each step's
-    maps name tensors its model has, every tensor read was made before, every input feeds a step."""
+    """SDXL's ensembles (utils/sdxl_ensembles.py), base then refiner's among them, as the repository
+    step writes them: each step's maps name tensors its model has, every tensor read was made before,
+    every input feeds a step."""
     from utils import sdxl_ensembles
     from utils.repository import configs
 
-    steps, graphs = sdxl_ensembles.ensembles_of("sdxl")
+    steps, graphs = sdxl_ensembles.ensembles_of("sdxl", refiner=True)
     models = {**families.SDXL.networks, **{step.name: step for step in (*specs.BLS_PIPELINES, *steps)}, **graphs}
     config = configs.ensemble_config(graphs[name])
     available, consumed = {t.name for t in config.input}, set()
@@ -380,13 +262,29 @@ def test_sdxl_ensembles_connect(name):
     assert {t.name for t in config.input} <= consumed and {t.name for t in config.output} <= available
 
 
-@pytest.mark.server
-def test_sdxl_streams_previews_then_the_bls_image(sdxl_server, sdxl_ways):
-    """The streaming pipeline runs SDXL's loop too: previews every 2 steps, then the BLS pipeline's image."""
-    from pipelines.streaming import StreamingPipeline
+def test_base_then_refiners_models_are_committed_apart_as_generated():
+    """Base then refiner's steps and ensembles are committed in triton/refiner_models, each config
+    as the specs generate it, beside none of triton/models (whose every model a server loads)."""
+    from utils import sdxl_ensembles
+    from utils.layout import CONFIG_FILE, PROJECT_MODELS, REFINER_MODELS
+    from utils.repository import configs
 
-    options = dict(prompt="a red door", num_inference_steps=4, guidance_scale=GUIDANCE, seed=3)
-    received = list(StreamingPipeline(sdxl_server.grpc_url).stream(preview_every=2, **options))
-    assert [progress.final for progress in received] == [False, True]
-    assert received[0].images.shape == (1, 8, 8, 3)  # the latents' size
-    assert np.array_equal(received[-1].images, sdxl_ways["BLS"](**options))
+    names = [*(step.name for step in sdxl_ensembles.REFINER_STEPS), *sdxl_ensembles.REFINER_ENSEMBLES]
+    assert sorted(path.name for path in REFINER_MODELS.iterdir()) == sorted(names)
+    for name in names:
+        assert configs.committed_folder(name) == REFINER_MODELS / name and not (PROJECT_MODELS / name).exists()
+        committed = (REFINER_MODELS / name / CONFIG_FILE).read_text()
+        assert committed == configs.to_pbtxt(configs.committed_config(name)), "run scripts/write_pipeline_configs.py"
+        assert (REFINER_MODELS / name / "1" / "model.py").exists() == (name not in sdxl_ensembles.REFINER_ENSEMBLES)
+
+
+
+def test_previews_use_each_familys_latent_colours():
+    """A streaming preview maps latents to RGB by the family's own fit (SDXL's VAE is not SD1.5's):
+    zero latents are SD1.5's grey and SDXL's bias colour; the refiner shares SDXL's VAE."""
+    from pipelines.previews import preview
+
+    zeros = torch.zeros(1, 4, 2, 2)
+    assert preview(zeros, "sd")[0, 0, 0].tolist() == [128, 128, 128]
+    assert preview(zeros, "sdxl")[0, 0, 0].tolist() == [141, 125, 127]
+    assert torch.equal(preview(zeros, "sdxl-refiner"), preview(zeros, "sdxl"))

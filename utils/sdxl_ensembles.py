@@ -7,11 +7,15 @@ contracts gain SDXL's tensors:
 - ``encode_prompt`` = tokenizer -> text_encoder and text_encoder_2 (side by side) -> prompt_embeds,
   which also answers the pooled text (``pooled_embeddings``);
 - ``denoise`` takes the pooled text and the size conditions, and makes the time ids;
-- text to image and image to image: check_request -> encode_prompt (, encode_image) -> denoise -> decode.
+- text to image and image to image: check_request -> encode_prompt (, encode_image) -> denoise -> decode;
+- base then refiner (diffusers' ensemble of expert denoisers), where the refiner is served, as an
+  ensemble of ensembles: check_request -> text_to_latents (encode_prompt -> denoise, which stops
+  where high_noise_frac of the noise is left) -> refine_latents (refiner_encode_prompt ->
+  refiner_denoise, from there on) -> decode. The refiner's three Python steps run its own
+  checkpoint's tokenizer and scheduler (its loop: pipelines/sdxl.py); they and these ensembles are
+  committed under triton/refiner_models, as a server loads triton/models whole.
 
-Inpainting and ControlNet are SD1.x's, and so are their ensembles. Base then refiner runs in the
-BLS pipelines; its ensemble of ensembles is not built yet, so the ensembles' first step refuses
-high_noise_frac by name.
+Inpainting and ControlNet are SD1.x's, and so are their ensembles.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from utils import specs
-from utils.families import TEXT_ENCODER_2, TEXT_EMBEDS
+from utils.families import REFINER_UNET, TEXT_ENCODER_2, TEXT_EMBEDS
 from utils.spec_types import ACTIVATION, TensorSpec
-from utils.specs import EnsembleSpec, batched, step
+from utils.specs import EnsembleSpec, PipelineSpec, batched, step
 
 # What flows between the steps, besides SD1.x's: the second text encoder's rows and what it encodes.
 ROWS_2 = tuple(batched(t, f"{t.name}_2") for t in TEXT_ENCODER_2.inputs)
@@ -36,7 +40,10 @@ TOKENIZER = replace(specs.TOKENIZER, inputs=(*specs.TOKENIZER.inputs, *_PROMPTS_
 PROMPT_EMBEDS = replace(specs.PROMPT_EMBEDS, inputs=(*specs.PROMPT_EMBEDS.inputs, *_PROMPTS_2, ENCODED_ROWS_2,
                                                      POOLED_ROWS),
                         outputs=(specs.TEXT_EMBEDDINGS, POOLED_EMBEDDINGS))
-DENOISE = replace(specs.DENOISE, inputs=(*specs.DENOISE.inputs, POOLED_EMBEDDINGS, *_SIZES))
+DENOISE = replace(specs.DENOISE, inputs=(*specs.DENOISE.inputs, POOLED_EMBEDDINGS, *_SIZES, specs.HIGH_NOISE_FRAC))
+# The first step answers the checked fraction to the ensemble of base then refiner, which asks for it.
+CHECKED_HIGH_NOISE_FRAC = replace(specs.HIGH_NOISE_FRAC, name="checked_high_noise_frac", optional=False)
+CHECK_REQUEST = replace(specs.CHECK_REQUEST, outputs=(*specs.CHECK_REQUEST.outputs, CHECKED_HIGH_NOISE_FRAC))
 
 _ROWS = tuple(t.name for t in specs.TEXT_ENCODER.inputs)
 _PROMPTS = (specs.PROMPT.name, specs.NEGATIVE_PROMPT.name, specs.GUIDANCE_SCALE.name)
@@ -80,15 +87,80 @@ ENSEMBLE_IMAGE_TO_IMAGE = EnsembleSpec(
      step(specs.DECODE, specs.LATENTS.name, outputs=(specs.IMAGES.name,))),
 )
 
-# What an SDXL repository serves of the ensembles, inner ones first, and their Python steps.
+
+# Base then refiner. The refiner's steps: its text encoder's rows (the second text encoder's, which
+# it shares with the base, for the prompts: not prompt_2, as diffusers' refiner), its conditioning,
+# and its loop, which continues the base's latents (base_latents) with the refiner's UNet.
+_INPUTS = {t.name: t for t in specs.REQUEST_INPUTS}
+
+
+def _request_inputs(*names: str) -> tuple[TensorSpec, ...]:
+    return tuple(_INPUTS[name] for name in dict.fromkeys(names))  # each once, in order
+
+
+BASE_LATENTS = replace(specs.LATENTS, name="base_latents")
+REFINER_TOKENIZER = PipelineSpec("refiner_tokenizer", specs.TOKENIZER.inputs, (*ROWS_2, specs.TRUNCATED_TEXT))
+REFINER_PROMPT_EMBEDS = PipelineSpec("refiner_prompt_embeds", (*specs.PROMPT_EMBEDS.inputs[:-1], ENCODED_ROWS_2,
+                                                               POOLED_ROWS), (specs.TEXT_EMBEDDINGS, POOLED_EMBEDDINGS))
+_REFINER_OPTIONS = (specs.SCHEDULER.name, specs.NUM_IMAGES_PER_PROMPT.name, specs.GUIDANCE_SCALE.name,
+                    specs.CFG_CUTOFF_STEP_RATIO.name, specs.NUM_INFERENCE_STEPS.name, specs.SEED.name,
+                    specs.ORIGINAL_SIZE.name, specs.CROPS_COORDS_TOP_LEFT.name, specs.AESTHETIC_SCORE.name,
+                    specs.NEGATIVE_AESTHETIC_SCORE.name, specs.HIGH_NOISE_FRAC.name)
+REFINER_DENOISE = PipelineSpec(
+    "refiner_denoise", (specs.TEXT_EMBEDDINGS, POOLED_EMBEDDINGS, BASE_LATENTS, *_request_inputs(*_REFINER_OPTIONS)),
+    (specs.LATENTS,), networks=(REFINER_UNET,))
+REFINER_ENCODE_PROMPT = EnsembleSpec(
+    "refiner_encode_prompt", specs.ENCODE_PROMPT.inputs, (specs.TEXT_EMBEDDINGS, POOLED_EMBEDDINGS),
+    (step(REFINER_TOKENIZER, *_PROMPTS, specs.CLIP_SKIP.name, outputs=tuple(t.name for t in ROWS_2)),
+     step(TEXT_ENCODER_2, *((t.name, row.name) for t, row in zip(TEXT_ENCODER_2.inputs, ROWS_2)),
+          outputs=((TEXT_ENCODER_2.outputs[0].name, ENCODED_ROWS_2.name), TEXT_EMBEDS.name)),
+     step(REFINER_PROMPT_EMBEDS, *_PROMPTS, ENCODED_ROWS_2.name, POOLED_ROWS.name,
+          outputs=(specs.TEXT_EMBEDDINGS.name, POOLED_EMBEDDINGS.name))),
+)
+_PROMPT_NAMES = tuple(t.name for t in specs.ENCODE_PROMPT.inputs)
+_BASE_OPTIONS = (specs.HEIGHT.name, specs.WIDTH.name, *_OPTIONS, specs.HIGH_NOISE_FRAC.name)
+TEXT_TO_LATENTS = EnsembleSpec(  # the base's part: text to image's graph up to the latents
+    "text_to_latents", _request_inputs(*_PROMPT_NAMES, *_NAMES_2, *_BASE_OPTIONS),
+    (specs.LATENTS, specs.TRUNCATED_TEXT),
+    (step(ENCODE_PROMPT, *_PROMPT_NAMES, *_NAMES_2, outputs=_ENCODED),
+     step(DENOISE, specs.TEXT_EMBEDDINGS.name, POOLED_EMBEDDINGS.name, *_BASE_OPTIONS, outputs=(specs.LATENTS.name,))),
+)
+REFINE_LATENTS = EnsembleSpec(  # the refiner's part: latents in, latents out
+    "refine_latents", (BASE_LATENTS, *_request_inputs(*_PROMPT_NAMES, *_REFINER_OPTIONS)),
+    (specs.LATENTS,),
+    (step(REFINER_ENCODE_PROMPT, *_PROMPT_NAMES, outputs=(specs.TEXT_EMBEDDINGS.name, POOLED_EMBEDDINGS.name)),
+     step(REFINER_DENOISE, specs.TEXT_EMBEDDINGS.name, POOLED_EMBEDDINGS.name, BASE_LATENTS.name, *_REFINER_OPTIONS,
+          outputs=(specs.LATENTS.name,))),
+)
+_CHECKED = ((specs.PROMPT.name, specs.CHECKED_PROMPT.name),
+            (specs.HIGH_NOISE_FRAC.name, CHECKED_HIGH_NOISE_FRAC.name))  # the checked ones go on
+ENSEMBLE_TEXT_TO_IMAGE_REFINED = EnsembleSpec(
+    "ensemble_text_to_image_refined", _PLAIN_INPUTS, (specs.IMAGES, specs.TRUNCATED_TEXT),
+    (step(CHECK_REQUEST, *(t.name for t in _PLAIN_INPUTS),
+          outputs=(specs.CHECKED_PROMPT.name, CHECKED_HIGH_NOISE_FRAC.name)),
+     step(TEXT_TO_LATENTS, _CHECKED[0], *_PROMPT_NAMES[1:], *_NAMES_2, *_BASE_OPTIONS[:-1], _CHECKED[1],
+          outputs=((specs.LATENTS.name, BASE_LATENTS.name), specs.TRUNCATED_TEXT.name)),
+     step(REFINE_LATENTS, _CHECKED[0], *_PROMPT_NAMES[1:], BASE_LATENTS.name, *_REFINER_OPTIONS[:-1], _CHECKED[1],
+          outputs=(specs.LATENTS.name,)),
+     step(specs.DECODE, specs.LATENTS.name, outputs=(specs.IMAGES.name,))),
+)
+
+# What an SDXL repository serves of the ensembles, inner ones first, and their Python steps; with
+# its refiner, base then refiner's too (committed in triton/refiner_models).
 ENSEMBLES = {spec.name: spec for spec in (ENCODE_PROMPT, specs.DECODE, specs.ENCODE_IMAGE, ENSEMBLE_TEXT_TO_IMAGE,
                                           ENSEMBLE_IMAGE_TO_IMAGE)}
-ENSEMBLE_STEPS = (specs.CHECK_REQUEST, TOKENIZER, PROMPT_EMBEDS, DENOISE, specs.POSTPROCESS, specs.PREPROCESS_IMAGE)
+ENSEMBLE_STEPS = (CHECK_REQUEST, TOKENIZER, PROMPT_EMBEDS, DENOISE, specs.POSTPROCESS, specs.PREPROCESS_IMAGE)
+REFINER_STEPS = (REFINER_TOKENIZER, REFINER_PROMPT_EMBEDS, REFINER_DENOISE)
+REFINER_ENSEMBLES = {spec.name: spec for spec in (REFINER_ENCODE_PROMPT, TEXT_TO_LATENTS, REFINE_LATENTS,
+                                                  ENSEMBLE_TEXT_TO_IMAGE_REFINED)}
 
 
-def ensembles_of(family: str) -> tuple[tuple[specs.PipelineSpec, ...], dict[str, EnsembleSpec]]:
-    """The ensembles' Python steps and the ensembles a repository of this family (sd or sdxl) serves."""
-    return (ENSEMBLE_STEPS, ENSEMBLES) if family == "sdxl" else (specs.ENSEMBLE_STEPS, specs.ENSEMBLES)
+def ensembles_of(family: str, refiner: bool = False) -> tuple[tuple[specs.PipelineSpec, ...], dict[str, EnsembleSpec]]:
+    """The ensembles' Python steps and the ensembles a repository of this family (sd or sdxl) serves
+    (``refiner``: with SDXL's refiner)."""
+    if family != "sdxl":
+        return specs.ENSEMBLE_STEPS, specs.ENSEMBLES
+    return (ENSEMBLE_STEPS + REFINER_STEPS, ENSEMBLES | REFINER_ENSEMBLES) if refiner else (ENSEMBLE_STEPS, ENSEMBLES)
 
 
 def step_spec(spec: specs.PipelineSpec, family: str) -> specs.PipelineSpec:

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from utils import layout, specs, walkthrough
+from utils import families, layout, sdxl_ensembles, specs, walkthrough
 from utils.repository import configs
 from utils.docker import TRITON_VERSION
 from utils.docs.facts import scheduler_timesteps
@@ -208,29 +208,34 @@ class Edge:
 
 
 def _kind(model: str) -> str:
-    if model in specs.NETWORKS:
+    if model in specs.NETWORKS or model in families.SDXL.networks:
         return "network"
-    calls = specs.PIPELINES[model].networks
+    calls = configs.committed_models()[model].networks  # (SDXL's steps call what SD1.x's do, by the same names)
     return "python" + (f"; calls {', '.join(n.name for n in calls)} by BLS" if calls else "")
+
+
+def _graphs(name: str) -> dict[str, specs.EnsembleSpec]:
+    """The ensembles an ensemble of this name is made of: SD1.x's, or SDXL's (base then refiner's)."""
+    return specs.ENSEMBLES if name in specs.ENSEMBLES else sdxl_ensembles.ensembles_of("sdxl", refiner=True)[1]
 
 
 def ensemble_flow(name: str) -> tuple[list[str], list[Edge]]:
     """An ensemble's models, its nested ensembles opened, and the tensors between them, read from
     the generated configs (``ensemble_scheduling.step``: model_name, input_map, output_map).
     Returns Mermaid's lines for the subgraphs and boxes, and the edges."""
-    boxes, edges = [], []
+    boxes, edges, graphs = [], [], _graphs(name)
 
     def walk(ensemble: str, path: str, inputs: dict[str, tuple], depth: int) -> dict[str, tuple]:
         """``inputs``: the node that produces each of this ensemble's inputs, and its name for it;
         returns the same for each of its tensors, outputs included."""
         producer = dict(inputs)
         boxes.append(f'{"  " * depth}subgraph {path}["{ensemble} (ensemble)"]')
-        for step in configs.ensemble_config(specs.ENSEMBLES[ensemble]).ensemble_scheduling.step:
+        for step in configs.ensemble_config(graphs[ensemble]).ensemble_scheduling.step:
             node = f"{path}__{step.model_name}"
             # Sorted by the model's tensor names, as the config's text has them: a protobuf map's
             # own order is not defined, and the document must render the same every time.
             input_map, output_map = sorted(step.input_map.items()), sorted(step.output_map.items())
-            if step.model_name in specs.ENSEMBLES:  # its inputs keep their producers, under its names
+            if step.model_name in graphs:  # its inputs keep their producers, under its names
                 made = walk(step.model_name, node, {key: producer[value] for key, value in input_map}, depth + 1)
                 producer.update({value: made[key] for key, value in output_map})
                 continue
@@ -242,7 +247,7 @@ def ensemble_flow(name: str) -> tuple[list[str], list[Edge]]:
         boxes.append(f'{"  " * depth}end')
         return producer
 
-    config = configs.ensemble_config(specs.ENSEMBLES[name])
+    config = configs.ensemble_config(graphs[name])
     made = walk(name, name, {tensor.name: ("request", tensor.name) for tensor in config.input}, 0)
     edges.extend(Edge(made[tensor.name][0], "response", tensor.name) for tensor in config.output)
     return boxes, edges

@@ -9,6 +9,7 @@ import ast
 from typing import Callable
 
 from utils import layout, specs
+from utils.repository import configs
 from utils.docker import TRITON_VERSION
 from utils.docs.facts import network_calls, unet_calls
 from utils.layout import PROJECT_ROOT
@@ -106,11 +107,13 @@ PACKAGES = ("scripts", "optim", "pipelines", "utils", "triton")
 def _package_imports() -> dict[tuple[str, str], int]:
     """Import statements from one of the project's top folders into another, counted."""
     edges: dict[tuple[str, str], int] = {}
-    # The networks' model.py files are written by step 3 (where it has run), not part of the code.
-    generated = {PROJECT_ROOT / layout.DEFAULT_REPOSITORY / network for network in specs.NETWORKS}
+    # Of triton/, the committed models only: step 3 writes the networks' model.py files beside them,
+    # and the SDXL and production repositories (git-ignored) where they have been written.
+    committed = {configs.committed_folder(name) for name in configs.committed_models()} | {PROJECT_ROOT / "triton" /
+                                                                                          "examples"}
     for source in PACKAGES:
         for path in (PROJECT_ROOT / source).rglob("*.py"):
-            if generated & set(path.parents):
+            if source == "triton" and not committed & set(path.parents):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 module = node.module if isinstance(node, ast.ImportFrom) and node.level == 0 else None
@@ -125,7 +128,7 @@ def _package_imports() -> dict[tuple[str, str], int]:
 def packages() -> str:
     """The project's top folders and which imports which, counted from the code."""
     described = {"scripts": "scripts/<br/>the steps", "optim": "optim/<br/>the four exports",
-                 "triton": "triton/models/<br/>the Python models", "pipelines": "pipelines/<br/>the loop, the clients,<br/>"
+                 "triton": "triton/<br/>the Python models", "pipelines": "pipelines/<br/>the loop, the clients,<br/>"
                  "the Triton side", "utils": "utils/<br/>specs, layout, server,<br/>repository, benchmark"}
     lines = ["flowchart TD"] + [f'  {name}["{label}"]' for name, label in described.items()]
     lines += [f"  {source} -- {count} --> {target}" for (source, target), count in sorted(_package_imports().items())]

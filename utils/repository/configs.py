@@ -14,10 +14,12 @@ The pipeline models and their clients are the same whichever backend runs the ne
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from utils import layout, specs
+from utils import layout, sdxl_ensembles, specs
 from utils.deployment import CPU, Deployment, Placement
 from utils.controlnet import CONTROLNETS_PARAMETER
 from utils.lora import CONFIG_PARAMETER
@@ -169,11 +171,22 @@ def ensemble_config(ensemble: specs.EnsembleSpec, precision: str = "FP32") -> mc
     return config
 
 
+def committed_models() -> dict[str, specs.PipelineSpec | specs.EnsembleSpec]:
+    """Every committed pipeline model and ensemble, by name: SD1.x's (triton/models), and base then
+    refiner's, SDXL's own (triton/refiner_models)."""
+    return {**specs.PIPELINES, **specs.ENSEMBLES, **{step.name: step for step in sdxl_ensembles.REFINER_STEPS},
+            **sdxl_ensembles.REFINER_ENSEMBLES}
+
+
+def committed_folder(name: str) -> Path:
+    """Where a pipeline model or ensemble is committed."""
+    return (layout.PROJECT_MODELS if name in specs.PIPELINES or name in specs.ENSEMBLES else layout.REFINER_MODELS) / name
+
+
 def committed_config(name: str) -> mc.ModelConfig:
-    """The config committed under triton/models/<name>: the CPU placement's, in FP32."""
-    if name in specs.ENSEMBLES:
-        return ensemble_config(specs.ENSEMBLES[name])
-    return pipeline_config(specs.PIPELINES[name])
+    """The config committed for a pipeline model or ensemble: the CPU placement's, in FP32."""
+    model = committed_models()[name]
+    return ensemble_config(model) if isinstance(model, specs.EnsembleSpec) else pipeline_config(model)
 
 
 def to_pbtxt(config: mc.ModelConfig) -> str:

@@ -253,7 +253,7 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     install_file(None, target / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
     for source in pipeline_files(model_dir):
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
-    for source in pipeline_files(refiner_dir) if refiner_dir and pipeline.networks else ():  # SDXL's refiner's too
+    for source in pipeline_files(refiner_dir) if refiner_dir else ():  # SDXL's refiner's too (its steps run its loop)
         install_file(source, version_dir / layout.PIPELINE_FILES / layout.REFINER_FILES /
                      source.relative_to(refiner_dir), report, force)
     serving = Serving.of(deployment, pipeline, precision, specs.ModelDims.from_pretrained(model_dir))
@@ -262,7 +262,7 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
 
 def _committed(name: str) -> Path:
     """The committed folder of a pipeline model or ensemble, checked against the specs."""
-    committed = layout.PROJECT_MODELS / name
+    committed = configs.committed_folder(name)
     config_file = committed / layout.CONFIG_FILE
     if config_file.read_text() != configs.to_pbtxt(configs.committed_config(name)):
         raise RuntimeError(f"{config_file} differs from the specs: run `python scripts/write_pipeline_configs.py`.")
@@ -315,7 +315,7 @@ def write_repository(repository: str | Path, model_dir: str | Path, onnx_files: 
             add_network(repository, network, Path(onnx_files[name]), network_dims, precision, deployment, report,
                         force, adapter)
     ensembles = deployment.serves_ensembles
-    steps, graphs = ensembles_of(family.name)  # SDXL's carry its tensors (utils/sdxl_ensembles.py)
+    steps, graphs = ensembles_of(family.name, refiner_dir is not None)  # SDXL's carry its tensors (sdxl_ensembles.py)
     for pipeline in specs.BLS_PIPELINES + (steps if ensembles else ()):
         if serves(pipeline, dims, deployment):
             add_pipeline(repository, pipeline, model_dir, precision, deployment, report, force, refiner_dir)
@@ -333,10 +333,9 @@ def check_family(family: families.Family, deployment: Deployment, models_dir: Pa
     if family is families.SDXL_REFINER:
         raise UserError("the model is SDXL's refiner, which refines an SDXL base's latents: pass the base as --model "
                         "and the refiner as --refiner.")
-    if family is not families.SD and (deployment.adapters or deployment.controlnets or
-                                      deployment.placement.loop_with_unet):
-        raise UserError("LoRA adapters, ControlNets and --pipeline-loop with-unet serve SD1.x checkpoints; this one is "
-                        f"{family.title}: leave them out.")
+    if family is not families.SD and (deployment.adapters or deployment.controlnets):
+        raise UserError(f"LoRA adapters and ControlNets serve SD1.x checkpoints; this one is {family.title}: leave them "
+                        f"out.")
     if deployment.refiner is None:
         return None
     refiner_dir = resolve_model(deployment.refiner, models_dir)

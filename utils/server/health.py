@@ -27,11 +27,12 @@ from utils.errors import UsageError
 from utils.grpc_client import connect, infer_inputs
 from utils.mask import box_mask
 from utils.request import GenerationRequest, request_to_arrays
+from utils.sdxl_ensembles import ENSEMBLE_TEXT_TO_IMAGE_REFINED
 from utils.walkthrough import step
 
 # The models a user calls: the BLS pipelines (the streaming one over a gRPC stream) and the ensembles.
 TOP_LEVEL = (*specs.BLS_PIPELINES, specs.ENSEMBLE_TEXT_TO_IMAGE, specs.ENSEMBLE_IMAGE_TO_IMAGE, specs.ENSEMBLE_INPAINT,
-             specs.ENSEMBLE_CONTROLNET)
+             specs.ENSEMBLE_CONTROLNET, ENSEMBLE_TEXT_TO_IMAGE_REFINED)
 
 
 class CanaryFailed(RuntimeError):
@@ -109,9 +110,11 @@ def canary(url: str, timeout: float = 30.0, networks: list[str] | None = None,
                 config = client.get_model_config(specs.CONTROLLED_UNET.name, as_json=True, client_timeout=timeout)
                 names = listed_controlnets(config["config"])
                 control = dict(controlnet=names[:1], control_image=np.full((1, *image.shape[1:]), 128, np.uint8))
+            refined = dict(high_noise_frac=0.5) if spec is ENSEMBLE_TEXT_TO_IMAGE_REFINED else {}  # base, refiner
             request = GenerationRequest(prompt="canary", num_inference_steps=1, seed=0,
                                         image=image if takes_image else None, strength=1.0,
-                                        mask_image=box_mask(*image.shape[1:3]) if needs_mask else None, **control)
+                                        mask_image=box_mask(*image.shape[1:3]) if needs_mask else None, **control,
+                                        **refined)
             arrays = request_to_arrays(request, spec)
             if spec.decoupled:  # a stream (never an ensemble): no previews, its final answer
                 stream_once(client, spec.name, arrays | {specs.PREVIEW_EVERY.name: np.array([0], np.int32)}, timeout)
