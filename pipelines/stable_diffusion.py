@@ -103,27 +103,28 @@ class StableDiffusion:
 
     @property
     def takes_high_noise_frac(self) -> bool:
-        """Whether a request's high_noise_frac can be served: a base served with its refiner, or the
-        refiner's own loop (which starts there)."""
+        """Whether high_noise_frac can be served: by a base with its refiner, or the refiner's loop."""
         return self.refiner is not None or sdxl.refines(self.family)
 
     def check(self, request: GenerationRequest) -> GenerationRequest:
-        request = check_request(self._strength(request), max_prompts=self.max_prompts, max_steps=self.max_steps,
+        request = check_request(self._defaults(request), max_prompts=self.max_prompts, max_steps=self.max_steps,
                                 sizes=self.sizes)
         prompts.check_clip_skip(request, self.components.dims, self.family)
         request = check_added_conditions(request, self.family, self.takes_high_noise_frac, len(request.prompt))
         self.adapters.check(request.lora, request.lora_scale)
         return check_control(request, self.controlnets, self.sizes)
 
-    def _strength(self, request: GenerationRequest, image_to_image: bool = False) -> GenerationRequest:
-        """Image to image's strength where the request gives none: the family's diffusers default
-        (``image_to_image``: a step given the image's latents, not the image)."""
+    def _defaults(self, request: GenerationRequest, image_to_image: bool = False) -> GenerationRequest:
+        """The family's diffusers defaults where the request gives none: its guidance scale, and
+        image to image's strength (``image_to_image``: a step given the image's latents, not the image)."""
+        if request.guidance_scale is None:
+            request = replace(request, guidance_scale=self.family.default_guidance_scale)
         if request.strength is None and (request.image is not None or image_to_image) and request.mask_image is None:
             return replace(request, strength=self.family.default_strength)
         return request
 
     def check_options(self, request: GenerationRequest, image_to_image: bool) -> GenerationRequest:
-        request = check_options(self._strength(request, image_to_image), self.max_steps, image_to_image, self.sizes)
+        request = check_options(self._defaults(request, image_to_image), self.max_steps, image_to_image, self.sizes)
         request = check_added_conditions(request, self.family, self.takes_high_noise_frac)
         self.adapters.check(request.lora, request.lora_scale)
         self.check_unet_kind(request)
@@ -148,8 +149,7 @@ class StableDiffusion:
         dims = self.components.dims
 
         def zeros(network: specs.NetworkSpec, *inputs: torch.Tensor, adapters=()) -> tuple[torch.Tensor, ...]:
-            batch = inputs[0].shape[0]
-            return tuple(torch.zeros(network.shape(t, batch, dims), dtype=self.dtype, device=self.device)
+            return tuple(torch.zeros(network.shape(t, inputs[0].shape[0], dims), dtype=self.dtype, device=self.device)
                          for t in network.outputs)
 
         idle = StableDiffusion(self.components, zeros, self.dtype, self.device, self.sizes)
@@ -238,13 +238,13 @@ class StableDiffusion:
                 on_step: Callable[[int, int, torch.Tensor], None] | None = None,
                 masked_latent_parameters: torch.Tensor | None = None, pooled_embeddings: torch.Tensor | None = None,
                 base_latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to
-        image, the VAE encoder's parameters); ``options``: guidance, steps, seed, strength,
-        scheduler, images per prompt, for text to image the size (default: the checkpoint's), and
-        for inpainting the mask (with an inpainting UNet, ``masked_latent_parameters`` too).
-        ``on_step(done, total, latents)`` after each step (a streaming model's previews). SDXL:
-        ``pooled_embeddings``, a row per text as the text embeddings; its refiner continues the
-        base's ``base_latents`` (what the base's denoise returned; pipelines/sdxl.py)."""
+        """Latents for the VAE decoder (unscaled) from the text embeddings (and, for image to image, the
+        VAE encoder's parameters); ``options``: guidance, steps, seed, strength, scheduler, images per
+        prompt, for text to image the size (default: the checkpoint's), and for inpainting the mask (with
+        an inpainting UNet, ``masked_latent_parameters`` too). ``on_step(done, total, latents)`` after each
+        step (a streaming model's previews). SDXL: ``pooled_embeddings``, a row per text as the text
+        embeddings; its refiner continues the base's ``base_latents`` (its denoise's; pipelines/sdxl.py)."""
+        options = self._defaults(options)  # (a caller that did not check it: the family's guidance)
         cfg = options.do_classifier_free_guidance
         text_embeddings = self._rows_per_image(text_embeddings, options)
         batch = text_embeddings.shape[0] // 2 if cfg else text_embeddings.shape[0]

@@ -144,6 +144,7 @@ def main(argv=None):
         return TritonServer(repository, startup_timeout=180 + 240 * len(deployment.torch_compile))
 
     model_dir = resolve_model(args.model, args.models_dir)
+    settings = settings.for_model(model_dir)  # the family's guidance scale, where none was given
     placement, one_gpu = deployment.placement, None
     if served and args.url is None and placement.per_gpu_models and args.concurrency:
         # GPU scaling: the same deployment on the first GPU alone, under the same load.

@@ -40,3 +40,12 @@ def test_ensembles_are_not_among_the_models_that_work():
     assert re.fullmatch(dashboard.WORKING_MODELS, "unet_gpu1") and re.fullmatch(dashboard.WORKING_MODELS, "denoise")
     assert not re.fullmatch(dashboard.WORKING_MODELS, "ensemble_text_to_image")
     assert not re.fullmatch(dashboard.WORKING_MODELS, "decode")
+
+
+def test_sdxl_models_are_on_the_dashboard():
+    """SDXL's own models: its second text encoder, the refiner's UNet and steps do work; base then
+    refiner's ensembles are what a client calls."""
+    for model in ("text_encoder_2", "refiner_unet", "refiner_denoise", "refiner_tokenizer"):
+        assert re.fullmatch(dashboard.WORKING_MODELS, model) and not re.fullmatch(dashboard.ENTRY_MODELS, model)
+    for model in ("ensemble_text_to_image_refined", "refine_latents"):
+        assert re.fullmatch(dashboard.ENTRY_MODELS, model) and not re.fullmatch(dashboard.WORKING_MODELS, model)

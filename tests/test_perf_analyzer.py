@@ -56,8 +56,7 @@ def test_pipeline_command_and_its_input_data(tmp_path):
     one = {"shape": [1]}
     assert perf_analyzer.pipeline_input_data(request) == {"data": [{
         specs.PROMPT.name: {"content": ["a red fox"], **one},
-        specs.NUM_IMAGES_PER_PROMPT.name: {"content": [1], **one},
-        specs.GUIDANCE_SCALE.name: {"content": [7.5], **one},
+        specs.NUM_IMAGES_PER_PROMPT.name: {"content": [1], **one},  # (no guidance_scale: the served family's)
         specs.NUM_INFERENCE_STEPS.name: {"content": [2], **one},
         specs.SEED.name: {"content": [7], **one},
     }]}

@@ -69,7 +69,10 @@ def compel_embeddings(pipeline, texts: list[str], clip_skip: int = 0) -> torch.T
 
 
 def diffusers_with_compel(pipeline, prompt, negative_prompt, seed: int, steps: int, clip_skip: int = 0,
-                          guidance_scale: float = 7.5) -> np.ndarray:
+                          guidance_scale: float | None = None) -> np.ndarray:
+    from utils.families import SD
+
+    guidance_scale = SD.default_guidance_scale if guidance_scale is None else guidance_scale  # (a request's None)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt or ""] * len(prompts) if guidance_scale > 1 else []
     embeddings = compel_embeddings(pipeline, prompts + negatives, clip_skip)

@@ -18,6 +18,7 @@ from utils.layout import network_of
 from utils.grpc_client import infer_inputs
 from utils.mask import box_mask
 from utils.request import GenerationRequest, request_to_arrays
+from utils.sdxl_ensembles import ENSEMBLE_TEXT_TO_IMAGE_REFINED
 from utils.server.health import TOP_LEVEL, stream_once
 
 pytestmark = pytest.mark.server  # uses the session's tritonserver
@@ -26,8 +27,9 @@ INT32_MAX = 2**31 - 1
 IMAGE = np.full((1, 64, 64, 3), 128, np.uint8)
 GOOD = dict(prompt="a cat", num_inference_steps=2, seed=1)
 # What clients call: the BLS pipelines, the streams and the ensembles (ControlNet's where a server has
-# ControlNets: tests/test_controlnet_served.py refuses its bad inputs).
-SERVED = tuple(spec for spec in TOP_LEVEL if spec is not specs.ENSEMBLE_CONTROLNET)
+# ControlNets: tests/test_controlnet_served.py refuses its bad inputs; SDXL's base then refiner where
+# an SDXL server has its refiner: tests/test_sdxl_served.py).
+SERVED = tuple(spec for spec in TOP_LEVEL if spec not in (specs.ENSEMBLE_CONTROLNET, ENSEMBLE_TEXT_TO_IMAGE_REFINED))
 # What each numeric input allows, by the request's contract: values the sweep does not send.
 ALLOWED = {specs.GUIDANCE_SCALE.name: {0.0}, specs.CFG_CUTOFF_STEP_RATIO.name: {0.0}, specs.SEED.name: {0, INT32_MAX},
            specs.PREVIEW_EVERY.name: {0, INT32_MAX}, specs.CLIP_SKIP.name: {0}}

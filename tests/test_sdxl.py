@@ -18,7 +18,7 @@ from utils.networks import load_network
 from utils.request import GenerationRequest, InvalidRequest
 
 MAX_PIXEL_DIFFERENCE = 2
-GUIDANCE = 7.5  # (diffusers' SDXL pipelines default to 5: both sides are given it)
+GUIDANCE = 7.5  # not SDXL's default (5): both sides are given it, except where a case leaves it out
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,12 @@ CASES = {  # name: our request's options; diffusers gets the same, single prompt
                                              original_size=(128, 96), crops_coords_top_left=(8, 4),
                                              target_size=(64, 64)),
     "two prompts, guidance 1": dict(prompt=["a cat", "a red door"], guidance_scale=1.0),
+    "no guidance scale: SDXL's default": dict(prompt=["a red door by the sea"], guidance_scale=None),
 }
 
 
 def _as_diffusers(options: dict) -> dict:
-    options = {"guidance_scale": GUIDANCE, **options}
+    options = {name: value for name, value in {"guidance_scale": GUIDANCE, **options}.items() if value is not None}
     for name in ("prompt", "prompt_2", "negative_prompt"):
         if name in options and len(options[name]) == 1:
             options[name] = options[name][0]

@@ -15,10 +15,10 @@ from utils import specs
 from utils.deployment import (BACKENDS, GPU_PIPELINE_INSTANCES, PIPELINE_INSTANCES, PIPELINE_LOOPS, RUNTIMES,
                               Deployment, Placement)
 from utils.errors import UsageError, UserError
-from utils.families import family_of
+from utils.families import SD, SDXL, family_of
 from utils.controlnet import AS_SENT, CONTROL_MODES, ServedControlNet
 from utils.lora import LoraAdapter
-from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
+from utils.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
                            DEFAULT_STRENGTH, SCHEDULERS, default_strength)
 from utils.specs import PRECISIONS
 
@@ -32,7 +32,9 @@ GENERATION_FLAGS: dict[str, tuple[tuple[str, ...], dict]] = dict(
     num_inference_steps=(("--num-inference-steps", "--steps"),
                          dict(type=int, default=DEFAULT_NUM_INFERENCE_STEPS,
                               help="denoising steps (--steps for short)")),
-    guidance_scale=(("--guidance-scale",), dict(type=float, default=DEFAULT_GUIDANCE_SCALE)),
+    guidance_scale=(("--guidance-scale",), dict(type=float, default=None, help=(
+        f"classifier-free guidance (default: the model family's, as diffusers': {SD.default_guidance_scale:g} for "
+        f"SD1.x, {SDXL.default_guidance_scale:g} for SDXL)"))),
     cfg_cutoff_step_ratio=(("--cfg-cutoff-step-ratio",), dict(
         type=float, default=None, help="stop guidance after this fraction of the steps, in [0, 1] (default: never)")),
     seed=(("--seed",), dict(type=int, default=0)),

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from utils import specs
+from utils.request import DEFAULT_GUIDANCE_SCALE, DEFAULT_STRENGTH
 from utils.spec_types import ACTIVATION, NetworkSpec, TensorSpec
 
 # The second text encoder: the same rows as the first (each tokenized by its own tokenizer), the
@@ -46,8 +47,10 @@ class Family:
     title: str  # as the project's messages name it
     text_encoders: tuple[NetworkSpec, ...]
     unet: NetworkSpec
-    # Image to image's default strength where a request gives none: diffusers' pipeline's for the family.
+    # Image to image's default strength and the guidance scale where a request gives none: diffusers'
+    # pipelines' for the family.
     default_strength: float
+    default_guidance_scale: float
     # Where the text encoders' hidden state is taken, counted back from the last layer's output
     # (clip_skip adds to it): SD1.x's last layer through the final layer norm (0); SDXL's the one
     # before, as it is (1, no layer norm).
@@ -70,13 +73,14 @@ class Family:
         return next((network for network in self.text_encoders if TEXT_EMBEDS in network.outputs), None)
 
 
-SD = Family("sd", "SD1.x", (specs.TEXT_ENCODER,), specs.UNET, default_strength=0.8)
+SD = Family("sd", "SD1.x", (specs.TEXT_ENCODER,), specs.UNET, default_strength=DEFAULT_STRENGTH,
+            default_guidance_scale=DEFAULT_GUIDANCE_SCALE)
 SDXL = Family("sdxl", "SDXL", (specs.TEXT_ENCODER, TEXT_ENCODER_2), UNET_XL, default_strength=0.3,
-              hidden_state_offset=1)
+              default_guidance_scale=5.0, hidden_state_offset=1)
 # The refiner as a checkpoint of its own (its own UNet, the second text encoder alone); served beside
 # an SDXL base, its UNet as refiner_unet and its text encoder the base's.
 SDXL_REFINER = Family("sdxl-refiner", "SDXL's refiner", (TEXT_ENCODER_2,), REFINER_UNET, default_strength=0.3,
-                      hidden_state_offset=1)
+                      default_guidance_scale=5.0, hidden_state_offset=1)
 FAMILIES = {family.name: family for family in (SD, SDXL, SDXL_REFINER)}
 
 

@@ -20,7 +20,7 @@ from utils.errors import InvalidRequest
 from utils.layout import SERVED_NAME
 from utils.mask import check_mask
 
-DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_GUIDANCE_SCALE = 7.5  # SD1.x's (diffusers' StableDiffusionPipeline's); a family's own: utils/families.py
 DEFAULT_NUM_INFERENCE_STEPS = 50
 DEFAULT_STRENGTH = 0.8  # diffusers' StableDiffusionImg2ImgPipeline's
 DEFAULT_INPAINT_STRENGTH = 1.0  # and StableDiffusionInpaintPipeline's: the masked part from pure noise
@@ -57,7 +57,7 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     height: int | None = None  # text to image: the size in pixels; None: the checkpoint's
     width: int | None = None
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_scale: float | None = None  # None: the served family's default (SD1.x 7.5, SDXL 5), as diffusers'
     # Guidance stops after the step at this fraction of the steps (diffusers' SDCFGCutoffCallback:
     # the UNet then runs the conditional rows alone); None: guidance to the end.
     cfg_cutoff_step_ratio: float | None = None
@@ -99,7 +99,8 @@ class GenerationRequest:
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self.guidance_scale > 1.0  # as diffusers: guidance 1 (or less) needs no unconditional pass
+        # As diffusers: guidance 1 (or less) needs no unconditional pass; every family's default guides.
+        return self.guidance_scale is None or self.guidance_scale > 1.0
 
     @property
     def adapters(self) -> tuple[tuple[str, float], ...]:
@@ -160,10 +161,11 @@ def check_request(request: GenerationRequest, max_prompts: int, max_steps: int |
 
 def check_before_sending(request: GenerationRequest) -> GenerationRequest:
     """A served pipeline's client's checks: a bad value gets the server's message without a round
-    trip (the server checks again, and knows the step cap and the sizes); image to image's default
-    strength stays the server's to choose (the served checkpoint's family's: SDXL's is 0.3)."""
+    trip (the server checks again, and knows the step cap and the sizes); the default guidance
+    scale and image to image's strength stay the server's to choose (the served checkpoint's
+    family's: SDXL's are 5 and 0.3)."""
     checked = check_request(request, max_prompts=specs.MAX_PROMPTS, max_steps=None)
-    return checked if request.strength is not None else replace(checked, strength=None)
+    return replace(checked, **{name: None for name in ("strength", "guidance_scale") if getattr(request, name) is None})
 
 
 def default_strength(inpainting: bool) -> float:
@@ -185,7 +187,8 @@ def check_options(request: GenerationRequest, max_steps: int | None, image_to_im
     """The numeric options alone (what a step without prompts, such as denoise, receives); the
     strength only matters, and is only checked, from an image, whose size the height and width
     then are."""
-    guidance = _number("guidance_scale", request.guidance_scale, float)
+    guidance = _number("guidance_scale", DEFAULT_GUIDANCE_SCALE if request.guidance_scale is None
+                       else request.guidance_scale, float)
     low, high = GUIDANCE_SCALE_RANGE
     if not (math.isfinite(guidance) and low <= guidance <= high):
         raise InvalidRequest(f"guidance_scale={guidance!r} is not allowed: use a finite number in [{low:g}, {high:g}].")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from utils import specs
 from utils.deployment import Deployment
 
 TASKS = ("text-to-image", "image-to-image", "inpaint", "controlnet")
@@ -28,7 +29,7 @@ class Settings:
     model: str = "tiny"
     prompt: str = "a photo of an astronaut riding a horse on mars"
     steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model family's (for_model fills it in)
     seed: int = 0
     warmup: int = 5
     runs: int = 20
@@ -48,6 +49,14 @@ class Settings:
     control: np.ndarray | None = field(default=None, compare=False)  # ControlNet: the control image (edges)
     # How the served pipelines are deployed; diffusers runs on the same device and precision.
     deployment: Deployment = field(default_factory=Deployment)
+
+    def for_model(self, model_dir) -> "Settings":
+        """These settings for the checkpoint in ``model_dir``: its family's guidance scale where none is given."""
+        if self.guidance_scale is not None:
+            return self
+        from utils.families import family_of
+
+        return replace(self, guidance_scale=family_of(specs.ModelDims.from_pretrained(model_dir)).default_guidance_scale)
 
     @property
     def device(self) -> str:
@@ -71,8 +80,9 @@ class Settings:
 
     def options(self, request: int = 0) -> dict:
         """The options of the ``request``-th request (they differ only in their adapter)."""
-        options = dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                       seed=self.seed)
+        options = dict(prompt=self.prompt, num_inference_steps=self.steps, seed=self.seed)
+        if self.guidance_scale is not None:  # (none: each contender's default, the family's)
+            options.update(guidance_scale=self.guidance_scale)
         if self.scheduler is not None:
             options.update(scheduler=self.scheduler)
         if self.lora:

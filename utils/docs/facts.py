@@ -8,7 +8,7 @@ from typing import Callable
 from utils import specs
 from utils.docker import SERVE_IMAGE
 from utils.gateway import API_KEY_ENV, DEFAULT_PORT
-from utils.docs.request_facts import request_table
+from utils.docs.request_facts import family_defaults, request_table
 from utils.repository.engines import trtexec_command
 from utils.layout import DEFAULT_REPOSITORY, PRODUCTION_REPOSITORY, PROJECT_ROOT
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
@@ -349,7 +349,7 @@ print(len(response.data))  # 2"""
 
 
 FACTS: dict[str, Callable[..., str]] = {
-    "tensors": tensor_table, "request": request_table, "invalid-steps": invalid_steps_error,
+    "tensors": tensor_table, "request": request_table, "family-defaults": family_defaults, "invalid-steps": invalid_steps_error,
     "unet-trtexec": unet_trtexec, "profiles": profile_words, "caps": caps_words, "batch-error": batch_error,
     "tiny-sizes": tiny_sizes, "docker-serve": docker_serve, "ensemble-config": ensemble_config,
     "python-example": python_example,

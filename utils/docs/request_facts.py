@@ -4,11 +4,12 @@ default and what is allowed, from the checks' own constants."""
 from __future__ import annotations
 
 from utils import specs
+from utils.families import SD, SDXL
 from utils.lora import FUSED_SCALE
 from utils.mask import MASK_THRESHOLD
 from utils.models import SD15_SCHEDULER, SD15_SCHEDULER_CLASS, preset_dims
-from utils.request import (DEFAULT_GUIDANCE_SCALE, DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
-                           DEFAULT_STRENGTH, FEW_STEP_MAX_STEPS, FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE,
+from utils.request import (DEFAULT_INPAINT_STRENGTH, DEFAULT_NUM_INFERENCE_STEPS,
+                           FEW_STEP_MAX_STEPS, FEW_STEP_SCHEDULERS, GUIDANCE_SCALE_RANGE,
                            LORA_SCALE_RANGE, MAX_LORAS, MAX_PROMPT_BYTES, SCHEDULERS, max_inference_steps)
 
 SD15 = preset_dims("sd15-random")  # SD1.5's architecture, so its sizes
@@ -32,13 +33,15 @@ def request_table() -> str:
         specs.MASK_IMAGE.name: ("none", f"inpainting, with `image`: uint8 grey levels of the image's size, white "
                                         f"({MASK_THRESHOLD} and up) where to repaint; one per image or one for all; "
                                         f"not all black, not all white ([docs/inpainting.md](docs/inpainting.md))"),
-        specs.STRENGTH.name: (f"{DEFAULT_STRENGTH}; inpainting {DEFAULT_INPAINT_STRENGTH}",
+        specs.STRENGTH.name: (f"the family's: {SD.default_strength:g} (SD1.x), {SDXL.default_strength:g} (SDXL); "
+                              f"inpainting {DEFAULT_INPAINT_STRENGTH:g}",
                               "image to image: in (0, 1]; keeps int(steps x strength) of the steps"),
         specs.SCHEDULER.name: (f"the checkpoint's (SD1.5: {SD15_SCHEDULER_CLASS})", ", ".join(f"`{name}`" for name in SCHEDULERS)),
         specs.NUM_IMAGES_PER_PROMPT.name: ("1", f"at least 1, with N x num_images_per_prompt <= {max_prompts}"),
         specs.HEIGHT.name: (f"the checkpoint's ({SD15.image_height})", f"text to image: {size_range}"),
         specs.WIDTH.name: (f"the checkpoint's ({SD15.image_width})", f"text to image: {size_range}"),
-        specs.GUIDANCE_SCALE.name: (f"{DEFAULT_GUIDANCE_SCALE}", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
+        specs.GUIDANCE_SCALE.name: (f"the family's: {SD.default_guidance_scale:g} (SD1.x), "
+                                    f"{SDXL.default_guidance_scale:g} (SDXL)", f"a finite number in [{low:g}, {high:g}]; 1 or less: "
                                                                  f"no guidance (half the UNet rows)"),
         specs.CFG_CUTOFF_STEP_RATIO.name: ("none (guidance to the end)",
                                            "[0, 1]: guidance stops after the step at this fraction of the steps, "
@@ -112,3 +115,18 @@ def _sdxl_rows() -> dict[str, tuple[str, str]]:
                                                                      "this fraction of the steps, in (0, 1), the refiner "
                                                                      "the rest"),
     }
+
+
+def family_defaults() -> str:
+    """What a request left without a guidance scale or (image to image) a strength gets, per family:
+    diffusers' pipelines' defaults (utils/families.py)."""
+    from utils.families import SDXL_REFINER
+
+    families = (SD, SDXL, SDXL_REFINER)
+    rows = [("guidance scale", "default_guidance_scale"), ("image to image's strength", "default_strength")]
+    lines = ["| where a request gives none | " + " | ".join(family.title for family in families) + " |",
+             "| --- |" + " --- |" * len(families)]
+    lines += [f"| {label} | " + " | ".join(f"{getattr(family, field):g}" for family in families) + " |"
+              for label, field in rows]
+    return "\n".join(lines)
+

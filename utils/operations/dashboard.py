@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from utils import metrics, specs
+from utils import families, metrics, sdxl_ensembles, specs
 from utils.layout import PROJECT_ROOT
 
 PATH = PROJECT_ROOT / "deploy" / "grafana" / "sd-triton.json"
@@ -27,10 +27,12 @@ def models_regex(*names: str) -> str:
     return "|".join(f"{name}(_gpu[0-9]+)?" for name in names)
 
 
-# What a client calls: the BLS pipelines and the ensembles.
-ENTRY_MODELS = models_regex(*(spec.name for spec in specs.BLS_PIPELINES), *specs.ENSEMBLES)
-# What does work: the networks and the Python models (the BLS pipelines and the ensembles' steps).
-WORKING_MODELS = models_regex(*specs.NETWORKS, *specs.PIPELINES)
+# What a client calls: the BLS pipelines and the ensembles (SDXL's base then refiner's too).
+ENTRY_MODELS = models_regex(*(spec.name for spec in specs.BLS_PIPELINES), *specs.ENSEMBLES,
+                            *sdxl_ensembles.REFINER_ENSEMBLES)
+# What does work: the networks and the Python models (the BLS pipelines and the ensembles' steps), SDXL's too.
+WORKING_MODELS = models_regex(*specs.NETWORKS, families.TEXT_ENCODER_2.name, families.REFINER_UNET.name,
+                              *specs.PIPELINES, *(step.name for step in sdxl_ensembles.REFINER_STEPS))
 UNET = models_regex(specs.UNET.name)
 GPU_PANELS = ("GPU utilization", "GPU memory used")  # Triton reports them only where it sees a GPU
 IN_PROCESS_UNET = "UNet in the loop's process, share of the time computing"  # only --pipeline-loop with-unet
