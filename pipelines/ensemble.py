@@ -1,5 +1,5 @@
-"""Client of the Triton ensembles (triton/models/ensemble_text_to_image, ensemble_image_to_image,
-ensemble_inpaint and ensemble_controlnet).
+"""Client of the Triton ensembles (triton/models/ensemble_text_to_image, ensemble_image_to_image and
+ensemble_inpaint; where served, ensemble_controlnet and SDXL's ensemble_text_to_image_refined).
 
 An ensemble is a data-flow graph that Triton runs itself: each step's outputs become the next
 steps' inputs, with no client round trip between them. Its steps are ensembles too

@@ -10,7 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from utils import specs
 from utils.repository import configs
 from utils.deployment import BACKENDS, Deployment
-from utils.layout import CONFIG_FILE, ENGINE_VERSION, ONNX_VERSION, PROJECT_MODELS
+from utils.layout import CONFIG_FILE, ENGINE_VERSION, ONNX_VERSION
 from utils.repository.writer import write_repository
 
 TINY = specs.ModelDims(text_length=16, text_hidden=32, latent_channels=4, latent_height=8, latent_width=8,
@@ -67,7 +67,7 @@ def test_schema_is_enforced():
 
 @pytest.mark.parametrize("pipeline", specs.PIPELINES.values(), ids=list(specs.PIPELINES))
 def test_committed_pipeline_config_is_generated_from_the_specs(pipeline):
-    committed = (PROJECT_MODELS / pipeline.name / CONFIG_FILE).read_text()
+    committed = (configs.committed_folder(pipeline.name) / CONFIG_FILE).read_text()
     assert committed == configs.to_pbtxt(configs.pipeline_config(pipeline)), \
         "run `python scripts/write_pipeline_configs.py`"
     config = configs.parse_pbtxt(committed)
@@ -85,7 +85,7 @@ def test_committed_ensemble_config_is_generated_from_the_specs_and_connects(ense
     """Each step's maps name inputs and outputs its model has; every ensemble input feeds a step;
     every tensor a step reads is an ensemble input or an earlier step's output; the ensemble's
     outputs are produced; every input is optional (the steps refuse a missing one by name)."""
-    committed = (PROJECT_MODELS / ensemble.name / CONFIG_FILE).read_text()
+    committed = (configs.committed_folder(ensemble.name) / CONFIG_FILE).read_text()
     assert committed == configs.to_pbtxt(configs.ensemble_config(ensemble)), \
         "run `python scripts/write_pipeline_configs.py`"
     config = configs.parse_pbtxt(committed)

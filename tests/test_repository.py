@@ -98,3 +98,19 @@ def test_with_ensembles_every_ensemble_and_its_steps(repository):
     assert (set(specs.ENSEMBLES) | set(specs.PIPELINES)) - control | set(specs.NETWORKS) | adapters == names
     for ensemble in set(specs.ENSEMBLES) - control:
         assert (repository / ensemble / "1").is_dir()  # the empty version folder Triton needs
+
+
+def test_the_walkthroughs_repository_loads_every_model_it_holds(tiny_model, exports, tmp_path):
+    """Step 3 writes into triton/models, whose committed models a server loads whole: written there
+    without ControlNets, as the walkthrough does, every pipeline model in it has its serving files
+    (ControlNet's own models are committed apart, in triton/controlnet_models, and installed with
+    --controlnet). A model left without them failed the server's start."""
+    from utils.layout import CONTROLNET_MODELS, ONNX_VERSION, PROJECT_MODELS
+
+    repository = tmp_path / "models"
+    shutil.copytree(PROJECT_MODELS, repository)
+    write_repository(repository, tiny_model, onnx_files(exports), Deployment())
+    committed = configs.committed_models()
+    pipelines = [path.name for path in PROJECT_MODELS.iterdir() if isinstance(committed[path.name], specs.PipelineSpec)]
+    assert pipelines and all((repository / name / str(ONNX_VERSION) / SERVING_FILE).exists() for name in pipelines)
+    assert not any((repository / path.name).exists() for path in CONTROLNET_MODELS.iterdir())

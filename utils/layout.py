@@ -26,9 +26,10 @@ from utils.errors import UsageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_MODELS = PROJECT_ROOT / "triton" / "models"  # the committed pipeline models
-# Those only a deployment with SDXL's refiner serves (base then refiner's ensembles and steps): apart,
-# as a server loads every model of its repository, and triton/models is the SD1.x walkthrough's.
-REFINER_MODELS = PROJECT_ROOT / "triton" / "refiner_models"
+# Those only some deployments serve, apart: a server loads every model of its repository, and
+# triton/models is the SD1.x walkthrough's, which a deployment without them is written into too.
+CONTROLNET_MODELS = PROJECT_ROOT / "triton" / "controlnet_models"  # with --controlnet: its ensemble and step
+REFINER_MODELS = PROJECT_ROOT / "triton" / "refiner_models"  # with SDXL's --refiner: base then refiner's
 DEFAULT_REPOSITORY = Path("triton/models")  # the walkthrough's repository (relative to the project)
 PRODUCTION_REPOSITORY = Path("triton/production")  # the production path's (TensorRT engines)
 # SDXL's walkthrough repository: its pipeline models' configs carry SDXL's tensors, so they cannot go

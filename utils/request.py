@@ -57,7 +57,7 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     height: int | None = None  # text to image: the size in pixels; None: the checkpoint's
     width: int | None = None
-    guidance_scale: float | None = None  # None: the served family's default (SD1.x 7.5, SDXL 5), as diffusers'
+    guidance_scale: float | None = None  # None: the served family's default, diffusers' (utils/families.py)
     # Guidance stops after the step at this fraction of the steps (diffusers' SDCFGCutoffCallback:
     # the UNet then runs the conditional rows alone); None: guidance to the end.
     cfg_cutoff_step_ratio: float | None = None
@@ -163,7 +163,7 @@ def check_before_sending(request: GenerationRequest) -> GenerationRequest:
     """A served pipeline's client's checks: a bad value gets the server's message without a round
     trip (the server checks again, and knows the step cap and the sizes); the default guidance
     scale and image to image's strength stay the server's to choose (the served checkpoint's
-    family's: SDXL's are 5 and 0.3)."""
+    family's: utils/families.py)."""
     checked = check_request(request, max_prompts=specs.MAX_PROMPTS, max_steps=None)
     return replace(checked, **{name: None for name in ("strength", "guidance_scale") if getattr(request, name) is None})
 

@@ -179,7 +179,10 @@ def committed_models() -> dict[str, specs.PipelineSpec | specs.EnsembleSpec]:
 
 
 def committed_folder(name: str) -> Path:
-    """Where a pipeline model or ensemble is committed."""
+    """Where a pipeline model or ensemble is committed: triton/models holds what every SD1.x
+    deployment serves, ControlNet's and the refiner's models are apart (utils/layout.py)."""
+    if name in (specs.ENSEMBLE_CONTROLNET.name, specs.PREPROCESS_CONTROL.name):
+        return layout.CONTROLNET_MODELS / name
     return (layout.PROJECT_MODELS if name in specs.PIPELINES or name in specs.ENSEMBLES else layout.REFINER_MODELS) / name
 
 
