@@ -108,9 +108,10 @@ def test_the_walkthroughs_repository_loads_every_model_it_holds(tiny_model, expo
     from utils.layout import CONTROLNET_MODELS, ONNX_VERSION, PROJECT_MODELS
 
     repository = tmp_path / "models"
-    shutil.copytree(PROJECT_MODELS, repository)
+    committed = [name for name in configs.committed_models() if configs.committed_folder(name).parent == PROJECT_MODELS]
+    for name in committed:  # as a clone has them (the project's own may hold what step 3 wrote beside them)
+        shutil.copytree(PROJECT_MODELS / name, repository / name)
     write_repository(repository, tiny_model, onnx_files(exports), Deployment())
-    committed = configs.committed_models()
-    pipelines = [path.name for path in PROJECT_MODELS.iterdir() if isinstance(committed[path.name], specs.PipelineSpec)]
+    pipelines = [name for name in committed if isinstance(configs.committed_models()[name], specs.PipelineSpec)]
     assert pipelines and all((repository / name / str(ONNX_VERSION) / SERVING_FILE).exists() for name in pipelines)
     assert not any((repository / path.name).exists() for path in CONTROLNET_MODELS.iterdir())
