@@ -39,7 +39,8 @@ if [ -n "$PIPELINE_INSTANCES" ]; then INSTANCES=(--pipeline-instances "$PIPELINE
 ADAPTERS=()  # --lora NAME=tiny for each, then the requests' turn
 for name in ${LORA-}; do ADAPTERS+=(--lora "$name=tiny"); done
 if [ -n "${LORA-}" ]; then ADAPTERS+=(--alternate-lora $LORA); fi
-SAMPLING=(--num-inference-steps "${STEPS:-50}" --guidance-scale "${GUIDANCE:-7.5}")
+SAMPLING=(--num-inference-steps "${STEPS:-50}")
+if [ -n "${GUIDANCE-}" ]; then SAMPLING+=(--guidance-scale "$GUIDANCE"); fi  # none: the model family's
 if [ -n "${SCHEDULER-}" ]; then SAMPLING+=(--scheduler "$SCHEDULER"); fi
 # A repository of its own: the GPU placement's pipeline config differs from the committed one.
 status=0
