@@ -19,7 +19,7 @@ from pathlib import Path
 
 from utils import families, layout, specs
 from utils.repository import configs, environments
-from utils.sdxl_ensembles import ensembles_of
+from utils.sdxl_ensembles import REFINER_STEPS, ensembles_of
 from utils.deployment import Deployment, Serving
 from utils.errors import UserError
 from utils.controlnet import served_folders
@@ -253,7 +253,9 @@ def add_pipeline(repository: Path, pipeline: specs.PipelineSpec, model_dir: Path
     install_file(None, target / layout.CONFIG_FILE, report, force, text=configs.to_pbtxt(config))
     for source in pipeline_files(model_dir):
         install_file(source, version_dir / layout.PIPELINE_FILES / source.relative_to(model_dir), report, force)
-    for source in pipeline_files(refiner_dir) if refiner_dir else ():  # SDXL's refiner's too (its steps run its loop)
+    # SDXL's refiner's too, where a model checks high_noise_frac or runs the refiner's loop (its steps)
+    uses_refiner = pipeline in REFINER_STEPS or any(t.name == specs.HIGH_NOISE_FRAC.name for t in pipeline.inputs)
+    for source in pipeline_files(refiner_dir) if refiner_dir and uses_refiner else ():
         install_file(source, version_dir / layout.PIPELINE_FILES / layout.REFINER_FILES /
                      source.relative_to(refiner_dir), report, force)
     serving = Serving.of(deployment, pipeline, precision, specs.ModelDims.from_pretrained(model_dir))
